@@ -1,0 +1,120 @@
+"""Backend discovery and resolution shared by every op.
+
+`resolve_backend` turns the user's ``backend=`` argument into the backend that will run, or
+raises a ValueError/RuntimeError that says why the requested one cannot run here.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda", "flash")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> str | None:
+    """None if triton imports, else the reason it does not."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return f"triton is not importable ({exc.__class__.__name__}: {exc})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_extension():
+    """The compiled `llm2comp_kernels._C` module, or None if it was not built."""
+    try:
+        return importlib.import_module("llm2comp_kernels._C")
+    except ImportError:
+        return None
+
+
+def cuda_extension_ops() -> frozenset[str]:
+    """Names of the ops the compiled extension registered (empty when not built)."""
+    if cuda_extension() is None:
+        return frozenset()
+    return frozenset(name for name in dir(torch.ops.llm2comp) if not name.startswith("_"))
+
+
+@functools.lru_cache(maxsize=None)
+def flash_attn_error() -> str | None:
+    try:
+        import flash_attn  # noqa: F401
+    except Exception as exc:
+        return f"flash_attn is not importable ({exc.__class__.__name__})"
+    return None
+
+
+def why_not(backend: str, device: torch.device, dtype: torch.dtype, cuda_op: str | None,
+            unsupported: dict[str, str] | None = None) -> str | None:
+    """Reason `backend` cannot run on tensors of `device`/`dtype`, or None if it can.
+
+    `cuda_op` names the extension op backing the ``cuda`` backend (None: the op has no CUDA
+    kernel). `unsupported` maps a backend to an input-specific reason computed by the op
+    (for example a head dim the CUDA kernel was not instantiated for).
+    """
+    if unsupported and backend in unsupported:
+        return unsupported[backend]
+    if backend == "torch":
+        return None
+    if dtype not in KERNEL_DTYPES:
+        return f"the {backend} backend supports float32/float16/bfloat16, got {dtype} (use backend='torch')"
+    if backend == "triton":
+        if (err := triton_import_error()) is not None:
+            return err
+        if device.type != "cuda" and not triton_interpret():
+            return (f"Triton kernels need CUDA tensors (got {device.type}); "
+                    "set TRITON_INTERPRET=1 to run them on the CPU interpreter")
+        return None
+    if backend == "cuda":
+        if cuda_op is None:
+            return "this op has no CUDA C++ kernel (use 'triton' or 'torch')"
+        if cuda_extension() is None:
+            return ("the CUDA extension llm2comp_kernels._C was not built "
+                    "(reinstall with CUDA torch and nvcc: pip install --no-build-isolation -e .)")
+        if cuda_op not in cuda_extension_ops():
+            return f"the CUDA extension has no op {cuda_op!r}"
+        if device.type != "cuda":
+            return f"the CUDA kernels need CUDA tensors, got {device.type}"
+        return None
+    if backend == "flash":
+        return flash_attn_error() or ("flash_attn needs CUDA tensors" if device.type != "cuda" else None)
+    return f"unknown backend {backend!r}"
+
+
+def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype, *,
+                    cuda_op: str | None = None, allowed: tuple[str, ...] = ("torch", "triton", "cuda"),
+                    unsupported: dict[str, str] | None = None) -> str:
+    """The backend that runs `op`: the requested one, or for ``"auto"`` cuda > triton > torch.
+
+    ``"auto"`` never picks Triton for CPU tensors, even under the interpreter (it is a test tool).
+    """
+    if not isinstance(backend, str) or backend not in ("auto",) + allowed:
+        raise ValueError(f"{op}: backend must be one of {('auto',) + allowed}, got {backend!r}")
+    if backend != "auto":
+        reason = why_not(backend, device, dtype, cuda_op, unsupported)
+        if reason is not None:
+            raise RuntimeError(f"{op}: backend={backend!r} cannot run here: {reason}")
+        return backend
+    if device.type == "cuda":
+        for candidate in ("cuda", "triton"):
+            if candidate in allowed and why_not(candidate, device, dtype, cuda_op, unsupported) is None:
+                return candidate
+    return "torch"
+
+
+def available_for(device: torch.device, cuda_op: str | None, allowed: tuple[str, ...]) -> list[str]:
+    """Backends usable for float32 tensors on `device`."""
+    return [b for b in allowed if why_not(b, device, torch.float32, cuda_op) is None]

@@ -1,0 +1,73 @@
+"""Small argument checks shared by the ops' ``checks.py`` modules.
+
+Every failure is a TypeError (wrong kind of object or dtype) or ValueError (wrong shape or value)
+whose message names the op, the argument and what was expected.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+INT_DTYPES = (torch.int32, torch.int64)
+
+
+def tensor(op: str, name: str, x, ndim: int, dtypes=FLOAT_DTYPES, shape_doc: str = "") -> torch.Tensor:
+    """Check that `x` is a tensor of rank `ndim` with a dtype in `dtypes`."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        doc = f" {shape_doc}" if shape_doc else ""
+        raise ValueError(f"{op}: {name} must have {ndim} dims{doc}, got shape {tuple(x.shape)}")
+    if x.dtype not in dtypes:
+        names = "/".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: {name} must be {names}, got {x.dtype}")
+    return x
+
+
+def same_dtype(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, x in others.items():
+        if x.dtype != ref.dtype:
+            raise TypeError(f"{op}: {name} has dtype {x.dtype} but {ref_name} has {ref.dtype}; they must match")
+
+
+def same_device(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, x in others.items():
+        if x.device != ref.device:
+            raise ValueError(f"{op}: {name} is on {x.device} but {ref_name} is on {ref.device}; they must match")
+
+
+def size(op: str, name: str, got: int, expected: int, what: str) -> None:
+    if got != expected:
+        raise ValueError(f"{op}: {name} must have {what} = {expected}, got {got}")
+
+
+def non_empty(op: str, name: str, n: int, what: str = "batch size") -> None:
+    if n == 0:
+        raise ValueError(f"{op}: {name} is empty ({what} 0); pass at least one row")
+
+
+def in_range(op: str, name: str, x: torch.Tensor, low: torch.Tensor | int, high: torch.Tensor | int,
+             rule: str) -> None:
+    """Raise unless ``low <= x <= high`` elementwise; `rule` states the constraint in words.
+
+    Reads the values back to the host once (one synchronisation) to report the first offender.
+    """
+    bad = (x < low) | (x > high)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{op}: {name}[{i}] = {int(x[i])} breaks {rule}")
+
+
+def positive_float(op: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"{op}: {name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def choice(op: str, name: str, value, options: tuple[str, ...]) -> str:
+    if value not in options:
+        raise ValueError(f"{op}: {name} must be one of {options}, got {value!r}")
+    return value

@@ -1,0 +1,3 @@
+from .api import contrastive_loss
+
+__all__ = ["contrastive_loss"]

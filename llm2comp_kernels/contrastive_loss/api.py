@@ -1,0 +1,43 @@
+"""Public entry point of `contrastive_loss`."""
+
+from __future__ import annotations
+
+import torch
+
+from .._backends import resolve_backend
+from .checks import check_contrastive_loss
+
+
+def contrastive_loss(queries: torch.Tensor, docs: torch.Tensor, *, labels: torch.Tensor | None = None,
+                     temperature: float = 0.05, normalize: bool = True, symmetric: bool = False,
+                     reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
+    """InfoNCE over in-batch and hard negatives.
+
+    Args:
+        queries: `[B, D]` float32/float16/bfloat16 (float64 on the torch backend).
+        docs: `[N, D]`, same dtype and device. Every doc that is not a query's positive is one of
+            its negatives.
+        labels: int `[B]`, ``labels[i]`` is the row of docs holding query i's positive; default
+            ``arange(B)`` (then ``N >= B``).
+        temperature: > 0; logits are ``s_ij / temperature``.
+        normalize: if True, ``s_ij`` is the cosine similarity, else the dot product.
+        symmetric: also score each positive doc ``docs[labels[i]]`` against all queries (target
+            query i) and average both directions per sample.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (`[B]`).
+        backend: ``"auto"`` (cuda > triton for CUDA tensors, else torch), ``"torch"``, ``"triton"``
+            or ``"cuda"``. The torch backend materialises the `[B, N]` logits; the kernels never do.
+
+    Returns:
+        The loss in the inputs' dtype, computed in fp32; gradients reach queries and docs.
+    """
+    labels = check_contrastive_loss(queries, docs, labels, temperature, normalize, symmetric, reduction)
+    chosen = resolve_backend("contrastive_loss", backend, queries.device, queries.dtype, cuda_op="contrastive_loss_fwd")
+    args = (queries, docs, labels, float(temperature), normalize, symmetric, reduction)
+    if chosen == "triton":
+        from .triton import contrastive_loss_triton
+        return contrastive_loss_triton(*args)
+    if chosen == "cuda":
+        from .cuda import contrastive_loss_cuda
+        return contrastive_loss_cuda(*args)
+    from .reference import contrastive_loss_reference
+    return contrastive_loss_reference(*args)

@@ -1,0 +1,3 @@
+from .api import memory_attention
+
+__all__ = ["memory_attention"]

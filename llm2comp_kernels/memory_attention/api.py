@@ -1,0 +1,59 @@
+"""Public entry point of `memory_attention`."""
+
+from __future__ import annotations
+
+import torch
+
+from .._backends import resolve_backend
+from .checks import check_memory_attention
+
+CUDA_HEAD_DIMS = (64, 128)
+TRITON_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 256)
+
+
+def _unsupported(q: torch.Tensor) -> dict[str, str]:
+    d = q.shape[-1]
+    reasons = {}
+    if d not in TRITON_HEAD_DIMS:
+        reasons["triton"] = f"the Triton kernel supports head dims {TRITON_HEAD_DIMS}, got {d}"
+    if d not in CUDA_HEAD_DIMS or q.dtype not in (torch.float16, torch.bfloat16):
+        reasons["cuda"] = (f"the CUDA kernel supports float16/bfloat16 with head dims {CUDA_HEAD_DIMS}, "
+                           f"got {q.dtype} with d={d}")
+    return reasons
+
+
+def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, *,
+                     causal: bool = False, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Attention over right-padded sequences, bidirectional by default, with grouped-query heads.
+
+    Args:
+        q: `[B, Hq, L, d]` float32/float16/bfloat16 (float64 on the torch backend).
+        k, v: `[B, Hkv, L, d]`, same dtype and device, `Hq % Hkv == 0`. Query head h reads
+            key/value head ``h // (Hq // Hkv)``; k/v are never repeated in memory by the kernels.
+        seq_lens: int32/int64 `[B]`, ``1 <= seq_lens[b] <= L``: row b holds real tokens at
+            positions ``0 .. seq_lens[b]-1`` and padding after them.
+        causal: if True, query i also sees only keys ``j <= i``.
+        scale: softmax scale, default ``d ** -0.5``.
+        backend: ``"auto"`` (cuda > triton for CUDA tensors, else torch), ``"torch"``, ``"triton"``,
+            ``"cuda"`` (forward kernel; its backward runs the Triton kernel) or ``"flash"``
+            (``flash_attn_varlen_func``, when flash-attn is installed).
+
+    Returns:
+        `[B, Hq, L, d]` in q's dtype. Rows at positions ``>= seq_lens[b]`` are exactly zero and
+        pass zero gradient; padded keys get zero gradient. Softmax and accumulation run in fp32.
+    """
+    scale = check_memory_attention(q, k, v, seq_lens, causal, scale)
+    allowed = ("torch", "triton", "cuda", "flash")
+    chosen = resolve_backend("memory_attention", backend, q.device, q.dtype, cuda_op="memory_attention_fwd",
+                             allowed=allowed, unsupported=_unsupported(q))
+    if chosen == "triton":
+        from .triton import memory_attention_triton
+        return memory_attention_triton(q, k, v, seq_lens, causal, scale)
+    if chosen == "cuda":
+        from .cuda import memory_attention_cuda
+        return memory_attention_cuda(q, k, v, seq_lens, causal, scale)
+    if chosen == "flash":
+        from .flash import memory_attention_flash
+        return memory_attention_flash(q, k, v, seq_lens, causal, scale)
+    from .reference import memory_attention_reference
+    return memory_attention_reference(q, k, v, seq_lens, causal, scale)

@@ -1,0 +1,3 @@
+from .api import span_mean_pool
+
+__all__ = ["span_mean_pool"]
