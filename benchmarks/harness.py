@@ -1,0 +1,130 @@
+"""Timing, memory and reporting shared by every `benchmarks/bench_<op>.py`.
+
+A bench module exposes ``run(quick: bool) -> list[dict]``; each row holds at least ``op``,
+``shape``, ``dtype``, ``provider``, ``mode`` and the measurement keys that `measure` returns.
+Run one with ``python -m benchmarks.bench_<op> [--quick] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def measure(fn: Callable[[], object], device: str | torch.device, *, warmup_ms: float = 25,
+            rep_ms: float = 100) -> dict:
+    """Median/p20/p80 time in ms and peak memory in MiB of calling `fn`.
+
+    On CUDA: CUDA-event timing via `triton.testing.do_bench` (L2 flushed between calls) and
+    `torch.cuda.max_memory_allocated` above what was allocated before. On CPU: wall clock over
+    repeated calls and the process's peak resident memory (a high-water mark for the process).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        import triton.testing
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        p20, median, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
+        return {"ms": median, "ms_p20": p20, "ms_p80": p80, "peak_mem_mib": peak}
+    fn()  # warm-up
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1e3
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 100):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"ms": statistics.median(times), "ms_p20": q[0], "ms_p80": q[3], "process_peak_rss_mib": peak}
+
+
+def not_installed(row: dict, package: str) -> dict:
+    """A row recording that a peer could not be measured, instead of a crash or a made-up figure."""
+    return {**row, "status": f"not installed ({package})"}
+
+
+def failed(row: dict, exc: BaseException) -> dict:
+    return {**row, "status": f"failed: {exc.__class__.__name__}: {str(exc)[:200]}"}
+
+
+def add_ratios(rows: list[dict], peer: str, key: str = "ms") -> None:
+    """Set ``vs_<peer>`` = peer time / row time for rows that share op, shape, dtype and mode."""
+    def group(r):
+        return (r.get("op"), str(r.get("shape")), r.get("dtype"), r.get("mode"))
+    peers = {group(r): r[key] for r in rows if r.get("provider") == peer and key in r}
+    for r in rows:
+        if key in r and group(r) in peers:
+            r[f"vs_{peer}"] = peers[group(r)] / r[key]
+
+
+def environment() -> dict:
+    """Device, library versions, git commit and the exact command, stored with every result file."""
+    env = {
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor()})",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+    }
+    for name in ("triton", "transformers", "flash_attn", "liger_kernel", "inf_cl"):
+        try:
+            env[name] = __import__(name).__version__
+        except Exception:
+            env[name] = None
+    try:
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                           cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        env["git_commit"] = None
+    return env
+
+
+def format_table(rows: list[dict]) -> str:
+    keys = [k for k in ("op", "mode", "shape", "dtype", "provider", "ms", "tflops", "gbps", "peak_mem_mib",
+                        "process_peak_rss_mib", "status") if any(k in r for r in rows)]
+    keys += sorted({k for r in rows for k in r if k.startswith("vs_")})
+    def cell(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+    table = [keys] + [[cell(r.get(k, "")) for k in keys] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(keys))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in table)
+
+
+def write_results(name: str, rows: list[dict], out_dir: Path | str | None = None) -> Path:
+    out_dir = Path(out_dir or RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = "gpu" if torch.cuda.is_available() else "cpu"
+    path = out_dir / f"{name}_{tag}.json"
+    path.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=1))
+    return path
+
+
+def main(name: str, run: Callable[[bool], list[dict]]) -> None:
+    """Command line of a bench module: runs it, prints the table, writes the JSON."""
+    parser = argparse.ArgumentParser(description=f"Benchmark {name}")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: proves the harness, claims no timings")
+    parser.add_argument("--out", default=None, help=f"result folder (default {RESULTS_DIR})")
+    args = parser.parse_args()
+    rows = run(args.quick)
+    print(format_table(rows))
+    print(f"wrote {write_results(name, rows, args.out)}")
