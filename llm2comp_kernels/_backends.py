@@ -22,7 +22,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_import_error() -> str | None:
     """None if triton imports, else the reason it does not."""
     try:
@@ -32,7 +32,7 @@ def triton_import_error() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cuda_extension():
     """The compiled `llm2comp_kernels._C` module, or None if it was not built."""
     try:
@@ -48,7 +48,7 @@ def cuda_extension_ops() -> frozenset[str]:
     return frozenset(name for name in dir(torch.ops.llm2comp) if not name.startswith("_"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def flash_attn_error() -> str | None:
     try:
         import flash_attn  # noqa: F401
