@@ -52,7 +52,11 @@ def in_range(op: str, name: str, x: torch.Tensor, low: torch.Tensor | int, high:
     """Raise unless ``low <= x <= high`` elementwise; `rule` states the constraint in words.
 
     Reads the values back to the host once (one synchronisation) to report the first offender.
+    Skipped while `torch.compile` traces, where reading values back would break the graph: compiled
+    code checks shapes and dtypes only, so validate index values eagerly first if they may be wrong.
     """
+    if torch.compiler.is_compiling():
+        return
     bad = (x < low) | (x > high)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
