@@ -1,0 +1,199 @@
+"""Benchmark `memory_attention` (bidirectional, GQA, right-padded batches) against the usual alternatives.
+
+GPU: B=32, Hq=32, Hkv=8, d=128, bf16, L in {128, 512, 2048} with lengths uniform in [L/4, L], plus a
+no-padding batch at the largest L; forward and forward+backward. Providers, each given q/k/v as the
+model has them (transposes of `[B, L, H, d]` projections) and charged for whatever reshaping it needs:
+
+- ``ours``: `memory_attention(backend="triton")`.
+- ``cuda``: `memory_attention(backend="cuda")`, when the extension has ``memory_attention_fwd``.
+- ``sdpa_mask``: what llm2vec does: kv heads repeated to Hq, `F.scaled_dot_product_attention` with a
+  bool key-padding mask broadcast from `[B, 1, 1, L]` (mask construction and repeats timed).
+- ``flex``: compiled `flex_attention` with a block mask from the lengths (`create_block_mask` timed:
+  lengths change every batch); GQA without repeating.
+- ``varlen``: `torch.nn.attention.varlen.varlen_attn` after unpadding to `[total, H, d]` (unpad and
+  scatter back timed), when this torch has it.
+- ``flash``: `flash_attn_varlen_func` through `memory_attention(backend="flash")` (same unpadding).
+
+TFLOP/s counts real tokens only: ``4 * len^2 * d * Hq`` per sequence forward, backward 2.5x forward.
+A last pair of rows runs ours with every sequence at L/2; its ``vs_no_padding`` (time at full length / time at
+half) should approach 4 (a quarter of the attention flops), well above 2: cost tracks the real tokens.
+On CPU, ``--quick`` runs a tiny shape under the Triton interpreter to check the harness; its times mean nothing.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import harness
+from llm2comp_kernels._backends import cuda_extension_ops, flash_attn_error
+from llm2comp_kernels.memory_attention import memory_attention
+from llm2comp_kernels.memory_attention.checks import padding_mask
+
+OP = "memory_attention"
+CPU_NOTE = "CPU --quick harness check under the interpreter: not a timing"
+
+
+def _inputs(B, Hq, Hkv, L, d, dtype, device, seq_lens):
+    """q `[B, Hq, L, d]`, k/v `[B, Hkv, L, d]` as transposed views of `[B, L, H, d]`, leaves with grads."""
+    g = torch.Generator(device=device).manual_seed(0)
+    def proj(h):
+        x = torch.randn(B, L, h, d, generator=g, device=device, dtype=dtype)
+        return x.requires_grad_().transpose(1, 2)
+    return proj(Hq), proj(Hkv), proj(Hkv), seq_lens
+
+
+def _ours(backend):
+    def fn(q, k, v, seq_lens):
+        return memory_attention(q, k, v, seq_lens, backend=backend)
+    return fn
+
+
+def _sdpa_mask(q, k, v, seq_lens):
+    B, Hq, L, _ = q.shape
+    group = Hq // k.shape[1]
+    mask = padding_mask(seq_lens, L)[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                          attn_mask=mask)
+
+
+def _flex():
+    """Compiled flex_attention with a per-batch block mask, or None if this torch lacks it."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def fn(q, k, v, seq_lens):
+        B, _, L, _ = q.shape
+        def real(b, h, q_idx, kv_idx):
+            # Padded query rows too, so their blocks are skipped (their output is left undefined).
+            return (q_idx < seq_lens[b]) & (kv_idx < seq_lens[b])
+        block_mask = create_block_mask(real, B, None, L, L, device=q.device)
+        return compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
+    return fn
+
+
+def _varlen():
+    """torch's varlen_attn after unpadding, or None if this torch lacks it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    gqa = "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+    def fn(q, k, v, seq_lens):
+        B, Hq, L, d = q.shape
+        valid = padding_mask(seq_lens, L)
+        cu = F.pad(seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
+        group = 1 if gqa else Hq // k.shape[1]
+        def unpad(x, repeat=1):
+            return x.transpose(1, 2)[valid].repeat_interleave(repeat, 1)
+        extra = {"enable_gqa": True} if gqa else {}
+        out = varlen_attn(unpad(q), unpad(k, group), unpad(v, group), cu, cu, L, L, **extra)
+        full = out.new_zeros(B, L, Hq, d)
+        full[valid] = out
+        return full.transpose(1, 2)
+    return fn
+
+
+def _providers(device):
+    """name -> callable(q, k, v, seq_lens) or a reason string it cannot run here."""
+    cpu = device.type != "cuda"
+    flex, varlen = (None, None) if cpu else (_flex(), _varlen())
+    return {
+        "ours": _ours("triton"),
+        "cuda": _ours("cuda") if "memory_attention_fwd" in cuda_extension_ops() and not cpu
+        else "not installed (llm2comp_kernels._C memory_attention_fwd)",
+        "sdpa_mask": _sdpa_mask,
+        "flex": flex or ("skipped: needs CUDA" if cpu else "not installed (torch flex_attention)"),
+        "varlen": varlen or ("skipped: needs CUDA" if cpu else "not installed (torch.nn.attention.varlen)"),
+        "flash": _ours("flash") if flash_attn_error() is None and not cpu else "not installed (flash_attn)",
+    }
+
+
+def _flops(seq_lens, Hq, d, mode):
+    fwd = 4 * d * Hq * float((seq_lens.double() ** 2).sum())
+    return fwd if mode == "forward" else 3.5 * fwd
+
+
+def _measure(fn, inputs, mode, device):
+    q, k, v, seq_lens = inputs
+    if mode == "forward":
+        def step():
+            with torch.no_grad():
+                fn(q, k, v, seq_lens)
+    else:
+        grad = torch.randn(q.shape, device=device, dtype=q.dtype)
+        def step():
+            torch.autograd.grad(fn(q, k, v, seq_lens), (q, k, v), grad)
+    return harness.measure(step, device)
+
+
+def _rows_for(shape_name, inputs, providers, device, modes, extra=None):
+    q, k, v, seq_lens = inputs
+    rows = []
+    for mode in modes:
+        for name, fn in providers.items():
+            row = {"op": OP, "mode": mode, "shape": shape_name, "dtype": str(q.dtype).replace("torch.", ""),
+                   "provider": name, **(extra or {})}
+            if isinstance(fn, str):
+                rows.append({**row, "status": fn})
+                continue
+            try:
+                m = _measure(fn, inputs, mode, device)
+            except Exception as exc:  # a peer failing on this shape is a result, not a crash
+                rows.append(harness.failed(row, exc))
+                continue
+            row.update(m)
+            if device.type == "cuda":
+                row["tflops"] = _flops(seq_lens, q.shape[1], q.shape[3], mode) / (m["ms"] * 1e-3) / 1e12
+            else:
+                row["status"] = CPU_NOTE
+            rows.append(row)
+    return rows
+
+
+def run(quick: bool) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda":
+        if not quick:
+            raise SystemExit("bench_attention measures on a CUDA GPU; on CPU use --quick (harness check only)")
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    B, Hq, Hkv, d = (32, 32, 8, 128) if not quick else (2, 4, 2, 16)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    lengths = (128, 512, 2048) if not quick else (32,)
+    providers = _providers(device)
+    modes = ("forward", "forward+backward")
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for L in lengths:
+        seq_lens = torch.randint(L // 4, L + 1, (B,), generator=g, dtype=torch.int32).to(device)
+        shape = f"B{B} Hq{Hq}/Hkv{Hkv} d{d} L{L} lens U[L/4,L]"
+        rows += _rows_for(shape, _inputs(B, Hq, Hkv, L, d, dtype, device, seq_lens), providers, device, modes)
+    L = lengths[-1]
+    full = torch.full((B,), L, dtype=torch.int32, device=device)
+    rows += _rows_for(f"B{B} Hq{Hq}/Hkv{Hkv} d{d} L{L} no padding", _inputs(B, Hq, Hkv, L, d, dtype, device, full),
+                      providers, device, modes)
+    # Ours at 50% padding vs its no-padding row above: half the tokens per row is a quarter of the flops.
+    half = torch.full((B,), L // 2, dtype=torch.int32, device=device)
+    half_rows = _rows_for(f"B{B} Hq{Hq}/Hkv{Hkv} d{d} L{L} 50% padding",
+                          _inputs(B, Hq, Hkv, L, d, dtype, device, half), {"ours": providers["ours"]}, device, modes)
+    for row in half_rows:
+        base = next(r for r in rows
+                    if r["provider"] == "ours" and r["mode"] == row["mode"] and "no padding" in r["shape"])
+        if "ms" in row and "ms" in base:
+            row["vs_no_padding"] = base["ms"] / row["ms"]
+    rows += half_rows
+    if device.type == "cuda":
+        harness.add_ratios(rows, "sdpa_mask")
+        harness.add_ratios(rows, "flash")
+    return rows
+
+
+if __name__ == "__main__":
+    harness.main("bench_attention", run)

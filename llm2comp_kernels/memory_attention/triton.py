@@ -1,0 +1,383 @@
+"""Triton backend of `memory_attention`: flash-attention style forward and backward over right-padded rows.
+
+Three kernels plus a tiny preprocess, none with atomics:
+
+- `_memory_attention_fwd_kernel`: one program per (query block, batch row, q head). Online softmax in fp32
+  over key blocks ``0 .. seq_lens[b]`` only (causal: up to the block's last query too); saves the per-row
+  log-sum-exp (base 2) for the backward.
+- `_memory_attention_bwd_delta_kernel`: ``delta = rowsum(dO * O)`` per query row.
+- `_memory_attention_bwd_dkdv_kernel`: one program per (key block, batch row, kv head); it loops over the
+  kv head's group of q heads, so the GQA sum happens in registers instead of through atomics.
+- `_memory_attention_bwd_dq_kernel`: one program per (query block, batch row, q head).
+
+Padding is skipped: blocks past ``seq_lens[b]`` load nothing and only write zeros, and rows past it inside a
+partial block are loaded as zeros (whatever the padding holds, even NaN, never reaches a result). The head
+dim is padded to the next power of two inside the kernels with masked loads. Block sizes are autotuned on a
+GPU (keyed on the padded head dim, causal, dtypes and a power-of-two bucket of L); under ``TRITON_INTERPRET=1``
+or with ``LLM2COMP_TRITON_AUTOTUNE=0`` a fixed small config (`_FIXED_BLOCKS`) is used, with unequal
+query/key blocks so the tests exercise block edges that do not line up.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backends import triton_interpret
+
+_LOG2E = 1.4426950408889634
+
+# Fixed (BLOCK_M, BLOCK_N) per kernel when not autotuning: always under the CPU interpreter (tuning there
+# would only time numpy), and on a GPU when LLM2COMP_TRITON_AUTOTUNE=0 (the tests set it: tuning compiles
+# every config for each head dim, dtype and causal flag). Query and key blocks differ on purpose so that
+# causal and padding edges fall mid-block.
+_FIXED_BLOCKS = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (16, 32)}
+
+
+def _configs(pairs):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): few per kernel, since each one compiles per head dim, dtype and
+# causal flag. `_prune_for_head_dim` drops tiles whose fp32 accumulators would not fit in registers.
+_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)])
+_DQ_CONFIGS = _configs([(128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)])
+_DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 3)])
+_TUNE_KEY = ["BLOCK_D", "CAUSAL", "L_BUCKET"]
+_MAX_ACC_ELEMENTS = 128 * 128  # per accumulator tile [rows, BLOCK_D]
+
+
+def _prune_for_head_dim(configs, named_args, **kwargs):
+    """Keep configs whose [BLOCK_M or BLOCK_N, BLOCK_D] accumulator fits; always keep the smallest."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    def rows(c):
+        return max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
+    kept = [c for c in configs if rows(c) * block_d <= _MAX_ACC_ELEMENTS]
+    return kept or [min(configs, key=rows)]
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    """fp32-accumulated ``a @ b``. float32 operands use IEEE fp32 products (as torch does by default; TF32
+    would cost ~1e-3 relative error). UPCAST (CPU interpreter with bfloat16 only) multiplies fp32 copies,
+    since the triton 3.9 interpreter computes bfloat16 dots wrongly; products of bf16 values are exact in
+    fp32, so this matches the tensor-core result up to summation order."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _memory_attention_fwd_kernel(
+    Q, K, V, O, LSE, SEQ_LENS,  # Q/O [B, Hq, L, D], K/V [B, Hkv, L, D] (any strides), LSE fp32 [B, Hq, L], SEQ_LENS [B]
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_ob, stride_oh, stride_ol, stride_od,
+    Hq, GROUP, L, D, L_BUCKET, scale_log2,
+    CAUSAL: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // GROUP
+    seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_real = offs_m < seq_len
+    d_real = offs_d < D
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                mask=row_real[:, None] & d_real[None, :], other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+
+    # A query block entirely in the padding runs no iteration: nothing of its row is loaded.
+    end_n = tl.where(start_m < seq_len, seq_len, 0)
+    if CAUSAL:
+        end_n = tl.minimum(end_n, start_m + BLOCK_M)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, end_n, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_real = offs_n < seq_len
+        kv_mask = col_real[:, None] & d_real[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), DOT_UPCAST) * scale_log2
+        allowed = col_real[None, :]
+        if CAUSAL:
+            allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
+        s = tl.where(allowed, s, float("-inf"))
+        # Key 0 is in the first block and allowed for every row, so m_new is finite from the first step on.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_UPCAST)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = tl.where(row_real[:, None], acc / l_safe[:, None], 0.0)
+    row_in = offs_m < L
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od,
+             out.to(O.dtype.element_ty), mask=row_in[:, None] & d_real[None, :])
+    lse = tl.where(row_real, m_i + tl.log2(l_safe), 0.0)
+    tl.store(LSE + pid_bh * L + offs_m, lse, mask=row_in)
+
+
+@triton.jit
+def _memory_attention_bwd_delta_kernel(
+    O, DO, DELTA, SEQ_LENS,  # O/DO [B, Hq, L, D] (any strides), DELTA fp32 [B, Hq, L], SEQ_LENS [B]
+    stride_ob, stride_oh, stride_ol, stride_od,
+    stride_dob, stride_doh, stride_dol, stride_dod,
+    Hq, L, D,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < seq_len)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh * L + offs_m, delta, mask=offs_m < L)
+
+
+@triton.jit
+def _memory_attention_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, SEQ_LENS,  # Q/DO [B, Hq, L, D], K/V/DK/DV [B, Hkv, L, D], LSE/DELTA [B, Hq, L]
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_dob, stride_doh, stride_dol, stride_dod,
+    stride_dkb, stride_dkh, stride_dkl, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvl, stride_dvd,
+    Hq, Hkv, GROUP, L, D, L_BUCKET, scale, scale_log2,
+    CAUSAL: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_real = offs_n < seq_len
+    d_real = offs_d < D
+    kv_mask = col_real[:, None] & d_real[None, :]
+    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                mask=kv_mask, other=0.0)
+
+    # Causal: queries before this key block never see it, so start at the query block holding start_n.
+    start_q = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0
+    end_q = tl.where(start_n < seq_len, seq_len, 0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # Work in the transposed layout (keys on rows) so no [BLOCK_M, BLOCK_N] tile needs a transpose.
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        row_base = (b * Hq + h) * L
+        for start_m in range(start_q, end_q, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_real = offs_m < seq_len
+            q_mask = row_real[:, None] & d_real[None, :]
+            q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dol + offs_d[None, :] * stride_dod,
+                         mask=q_mask, other=0.0)
+            lse = tl.load(LSE + row_base + offs_m, mask=row_real, other=0.0)
+            delta = tl.load(DELTA + row_base + offs_m, mask=row_real, other=0.0)
+            s_t = _dot(k, tl.trans(q), DOT_UPCAST) * scale_log2
+            allowed = col_real[:, None] & row_real[None, :]
+            if CAUSAL:
+                allowed = allowed & (offs_m[None, :] >= offs_n[:, None])
+            p_t = tl.where(allowed, tl.exp2(s_t - lse[None, :]), 0.0)
+            dv += _dot(p_t.to(do.dtype), do, DOT_UPCAST)
+            dp_t = _dot(v, tl.trans(do), DOT_UPCAST)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += _dot(ds_t.to(q.dtype), q, DOT_UPCAST)
+
+    # Padded key rows got no contribution (p_t is 0 there), so they store exact zeros.
+    row_in = (offs_n < L)[:, None] & d_real[None, :]
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :] * stride_dkd,
+             (dk * scale).to(DK.dtype.element_ty), mask=row_in)
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvl + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=row_in)
+
+
+@triton.jit
+def _memory_attention_bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, SEQ_LENS,  # Q/DO/DQ [B, Hq, L, D], K/V [B, Hkv, L, D], LSE/DELTA fp32 [B, Hq, L]
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_dob, stride_doh, stride_dol, stride_dod,
+    stride_dqb, stride_dqh, stride_dql, stride_dqd,
+    Hq, GROUP, L, D, L_BUCKET, scale, scale_log2,
+    CAUSAL: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // GROUP
+    seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_real = offs_m < seq_len
+    d_real = offs_d < D
+    q_mask = row_real[:, None] & d_real[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                mask=q_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :] * stride_dod,
+                 mask=q_mask, other=0.0)
+    lse = tl.load(LSE + pid_bh * L + offs_m, mask=row_real, other=0.0)
+    delta = tl.load(DELTA + pid_bh * L + offs_m, mask=row_real, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+
+    end_n = tl.where(start_m < seq_len, seq_len, 0)
+    if CAUSAL:
+        end_n = tl.minimum(end_n, start_m + BLOCK_M)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, end_n, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_real = offs_n < seq_len
+        kv_mask = col_real[:, None] & d_real[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), DOT_UPCAST) * scale_log2
+        allowed = row_real[:, None] & col_real[None, :]
+        if CAUSAL:
+            allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
+        p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), DOT_UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, DOT_UPCAST)
+
+    row_in = (offs_m < L)[:, None] & d_real[None, :]
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :] * stride_dqd,
+             (dq * scale).to(DQ.dtype.element_ty), mask=row_in)
+
+
+def _tuned(configs, kernel):
+    return triton.autotune(configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})(kernel)
+
+
+_fwd_tuned = _tuned(_FWD_CONFIGS, _memory_attention_fwd_kernel)
+_dq_tuned = _tuned(_DQ_CONFIGS, _memory_attention_bwd_dq_kernel)
+_dkdv_tuned = _tuned(_DKDV_CONFIGS, _memory_attention_bwd_dkdv_kernel)
+
+
+def _autotune() -> bool:
+    return not triton_interpret() and os.environ.get("LLM2COMP_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _launch(name: str, kernel, tuned, rows_key: str, L: int, heads: int, B: int, *args, **constexprs) -> None:
+    """Run `tuned` (autotuned), or `kernel` with `_FIXED_BLOCKS`; one program per block of `rows_key`
+    ("BLOCK_M" or "BLOCK_N") rows, per batch row and head."""
+    if _autotune():
+        tuned[lambda meta: (triton.cdiv(L, meta[rows_key]), B * heads)](*args, **constexprs)
+    else:
+        block_m, block_n = _FIXED_BLOCKS[name]
+        blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+        kernel[(triton.cdiv(L, blocks[rows_key]), B * heads)](*args, **constexprs, **blocks)
+
+
+def _dot_upcast(dtype: torch.dtype) -> bool:
+    return triton_interpret() and dtype == torch.bfloat16
+
+
+def _l_bucket(L: int) -> int:
+    """Autotune bucket for the sequence length: powers of two from 64 to 8192, so tuning runs a few times."""
+    return min(max(triton.next_power_of_2(L), 64), 8192)
+
+
+@dataclass(frozen=True)
+class _AttentionParams:
+    causal: bool
+    scale: float
+
+
+def _forward(q, k, v, seq_lens, params: _AttentionParams):
+    B, Hq, L, d = q.shape
+    Hkv = k.shape[1]
+    # Output as a transposed view of [B, L, Hq, d]: the model merges heads with a free reshape.
+    o = q.new_empty(B, L, Hq, d).transpose(1, 2)
+    lse = torch.empty(B, Hq, L, device=q.device, dtype=torch.float32)
+    _launch("fwd", _memory_attention_fwd_kernel, _fwd_tuned, "BLOCK_M", L, Hq, B,
+            q, k, v, o, lse, seq_lens, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            Hq, Hq // Hkv, L, d, _l_bucket(L), params.scale * _LOG2E,
+            CAUSAL=params.causal, DOT_UPCAST=_dot_upcast(q.dtype), BLOCK_D=max(16, triton.next_power_of_2(d)))
+    return o, lse
+
+
+def _backward(q, k, v, o, lse, seq_lens, do, params: _AttentionParams):
+    B, Hq, L, d = q.shape
+    Hkv = k.shape[1]
+    block_d = max(16, triton.next_power_of_2(d))
+    delta = torch.empty_like(lse)
+    delta_block = 16 if triton_interpret() else 64
+    _memory_attention_bwd_delta_kernel[(triton.cdiv(L, delta_block), B * Hq)](
+        o, do, delta, seq_lens, *o.stride(), *do.stride(), Hq, L, d, BLOCK_D=block_d, BLOCK_M=delta_block)
+    # empty_like keeps the inputs' strides when they are dense, so each grad matches its input's layout.
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    common = dict(CAUSAL=params.causal, DOT_UPCAST=_dot_upcast(q.dtype), BLOCK_D=block_d)
+    _launch("dkdv", _memory_attention_bwd_dkdv_kernel, _dkdv_tuned, "BLOCK_N", L, Hkv, B,
+            q, k, v, do, dk, dv, lse, delta, seq_lens,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+            Hq, Hkv, Hq // Hkv, L, d, _l_bucket(L), params.scale, params.scale * _LOG2E, **common)
+    _launch("dq", _memory_attention_bwd_dq_kernel, _dq_tuned, "BLOCK_M", L, Hq, B,
+            q, k, v, do, dq, lse, delta, seq_lens,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            Hq, Hq // Hkv, L, d, _l_bucket(L), params.scale, params.scale * _LOG2E, **common)
+    return dq, dk, dv
+
+
+class _MemoryAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, seq_lens, params: _AttentionParams):
+        o, lse = _forward(q, k, v, seq_lens, params)
+        ctx.save_for_backward(q, k, v, o, lse, seq_lens)
+        ctx.params = params
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, seq_lens = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, o, lse, seq_lens, do, ctx.params)
+        return dq, dk, dv, None, None
+
+
+def memory_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor,
+                            causal: bool, scale: float) -> torch.Tensor:
+    """q `[B, Hq, L, d]`, k/v `[B, Hkv, L, d]` (any strides, float32/float16/bfloat16), seq_lens int `[B]`
+    -> `[B, Hq, L, d]` in q's dtype (a transposed view of a `[B, L, Hq, d]` buffer). Differentiable in q, k, v.
+
+    Arguments are assumed validated by `check_memory_attention`.
+    """
+    return _MemoryAttentionFn.apply(q, k, v, seq_lens.contiguous(), _AttentionParams(causal, scale))
