@@ -53,8 +53,8 @@ def cuda_build():
         "llm2comp_kernels._C",
         sources,
         include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+        extra_compile_args={"cxx": ["-O3"],
+                            "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": TolerantBuild}}
 

@@ -41,11 +41,15 @@ def cuda_extension():
         return None
 
 
+@functools.cache
 def cuda_extension_ops() -> frozenset[str]:
     """Names of the ops the compiled extension registered (empty when not built)."""
     if cuda_extension() is None:
         return frozenset()
-    return frozenset(name for name in dir(torch.ops.llm2comp) if not name.startswith("_"))
+    # dir(torch.ops.llm2comp) lists only ops already looked up (torch resolves them lazily): ask the dispatcher,
+    # once (listing every op name takes milliseconds; the set is fixed once the extension is loaded).
+    return frozenset(name.split("::", 1)[1].split(".", 1)[0] for name in torch._C._dispatch_get_all_op_names()
+                     if name.startswith("llm2comp::"))
 
 
 @functools.cache

@@ -1,0 +1,182 @@
+"""Benchmark `linear_kl_loss` (KL(teacher || student) through a shared LM head) against the usual alternatives.
+
+GPU: N=8192 rows, H=4096, V in {32000, 128256}, bf16, temperature 1, every row selected; forward+backward
+(the chunked providers compute the gradients in forward, so only fwd+bwd is meaningful), median ms and peak
+memory above the inputs. Providers:
+
+- ``triton``: `linear_kl_loss(backend="triton")` (cuBLAS GEMMs + one fused softmax/KL/gradient kernel per chunk).
+- ``torch``: `linear_kl_loss(backend="torch")`, the row-chunked PyTorch backend.
+- ``naive``: full `[N, V]` logits, fp32 log_softmax, `F.kl_div(log_target=True)`, autograd (OOM -> status row).
+- ``naive_compiled``: `torch.compile` of the naive function.
+- ``liger``: `LigerFusedLinearJSDLoss(beta=0, weight_hard_loss=0, weight_soft_loss=1)`, given the same weight as
+  student and teacher head. In Liger's generalized JSD, beta=0 is ``F.kl_div(log p_s, log p_t, log_target=True)``,
+  i.e. KL(teacher || student), summed over V and divided by the number of non-ignored labels (all rows here):
+  the same objective. Its gradient goes to the student input and student weight only.
+
+Each row also has ``loss_rel_err``: its loss against the torch backend's (a check that all compute the same thing).
+
+CPU ``--quick`` proves the harness on a tiny shape (Triton under the interpreter): its times mean nothing. It also
+measures real CPU memory at N=2048, V=32000, H=64 fp32 (naive logits 250 MiB per tensor): for the torch backend
+and the naive formulation, each in its own subprocess, peak resident memory during one fwd+bwd minus the resident
+memory just before it (Linux VmHWM / VmRSS of /proc/self/status), so the allocations of torch itself and the
+inputs are not counted. The torch backend runs with its default CPU chunk (a 512 MiB working-buffer budget),
+recorded in the row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import harness
+from llm2comp_kernels.linear_kl_loss import linear_kl_loss
+from llm2comp_kernels.linear_kl_loss.checks import resolve_chunk_size
+from llm2comp_kernels.testing import make_linear_kl_inputs, rel_err
+
+OP = "linear_kl_loss"
+CPU_NOTE = "CPU --quick harness check under the interpreter: not a timing"
+LIGER_NOTE = "LigerFusedLinearJSDLoss(beta=0, weight_hard_loss=0, weight_soft_loss=1): KL(teacher||student)"
+MEMORY_SHAPE = (2048, 64, 32000)   # N, H, V of the CPU memory measurement
+
+
+def _ours(backend):
+    def fn(student, teacher, weight):
+        return linear_kl_loss(student, teacher, weight, backend=backend)
+    return fn
+
+
+def _naive(student, teacher, weight):
+    """Full-logits formulation: what one writes without a fused loss."""
+    log_ps = torch.log_softmax((student @ weight.T).float(), dim=-1)
+    with torch.no_grad():
+        log_pt = torch.log_softmax((teacher @ weight.T).float(), dim=-1)
+    return F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True).to(student.dtype)
+
+
+def _liger():
+    """Liger's fused linear JSD configured to forward KL, or None if liger-kernel is missing."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+    except ImportError:
+        return None
+    loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, temperature=1.0)
+
+    def fn(student, teacher, weight):
+        labels = torch.zeros(student.shape[0], dtype=torch.long, device=student.device)   # none ignored
+        return loss(student, weight, teacher, weight, labels)
+    return fn
+
+
+def _providers(device):
+    providers = {"triton": _ours("triton"), "torch": _ours("torch"), "naive": _naive,
+                 "naive_compiled": torch.compile(_naive)}
+    liger = _liger()
+    providers["liger"] = liger if liger is not None else "not installed"
+    if liger is not None and device.type != "cuda":
+        providers["liger"] = "skipped: Liger's kernels need CUDA"
+    return providers
+
+
+def _fwd_bwd(fn, student, teacher, weight):
+    def step():
+        student.grad = None
+        weight.grad = None
+        loss = fn(student, teacher, weight)
+        loss.backward()
+        return loss
+    return step
+
+
+def _bench_shape(N, H, V, dtype, device, quick) -> list[dict]:
+    student, teacher, weight = make_linear_kl_inputs(N, H, V, dtype=dtype, device=device)
+    with torch.no_grad():
+        expected = linear_kl_loss(student, teacher, weight, backend="torch")
+    rows = []
+    for name, fn in _providers(device).items():
+        row = {"op": OP, "mode": "fwd+bwd", "shape": f"N={N} H={H} V={V}", "dtype": str(dtype).split(".")[-1],
+               "provider": name}
+        if name == "liger":
+            row["config"] = LIGER_NOTE
+        if fn == "not installed":
+            rows.append(harness.not_installed(row, "liger-kernel"))
+            continue
+        if isinstance(fn, str):
+            rows.append({**row, "status": fn})
+            continue
+        step = _fwd_bwd(fn, student, teacher, weight)
+        try:
+            row["loss_rel_err"] = rel_err(step().detach(), expected)
+            student.grad = weight.grad = None   # so the memory baseline of `measure` holds the inputs only
+            row.update(harness.measure(step, device))
+        except Exception as exc:  # an OOM of the full-logits providers, or a peer failing: a result, not a crash
+            row = harness.failed(row, exc)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if quick:
+            row["status"] = CPU_NOTE
+        rows.append(row)
+    return rows
+
+
+def _child_peak(provider: str) -> None:
+    """Run in a subprocess: print the peak RSS increase (MiB) of one fwd+bwd of `provider` as JSON."""
+    torch.set_num_threads(2)
+    N, H, V = MEMORY_SHAPE
+    student, teacher, weight = make_linear_kl_inputs(N, H, V)
+    fn = {"torch": _ours("torch"), "naive": _naive}[provider]
+
+    def status(key):
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
+        return int(line.split()[1]) / 1024
+    before = status("VmRSS:")
+    _fwd_bwd(fn, student, teacher, weight)()
+    print(json.dumps({"peak_mem_mib": status("VmHWM:") - before}))
+
+
+def _cpu_memory_rows() -> list[dict]:
+    N, H, V = MEMORY_SHAPE
+    rows = []
+    for provider in ("torch", "naive"):
+        row = {"op": OP, "mode": "fwd+bwd memory", "shape": f"N={N} H={H} V={V}", "dtype": "float32",
+               "provider": provider, "measured": "VmHWM - VmRSS before, one fwd+bwd in a fresh subprocess"}
+        if provider == "torch":
+            row["chunk_size"] = resolve_chunk_size(None, V, torch.device("cpu"))
+        if not Path("/proc/self/status").exists():
+            rows.append({**row, "status": "skipped: needs Linux /proc"})
+            continue
+        code = f"from benchmarks.bench_linear_kl_loss import _child_peak; _child_peak({provider!r})"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              cwd=Path(__file__).parent.parent)
+        if done.returncode != 0:
+            rows.append({**row, "status": f"failed: {done.stderr.strip().splitlines()[-1][:200]}"})
+            continue
+        rows.append({**row, **json.loads(done.stdout.strip().splitlines()[-1])})
+    return rows
+
+
+def run(quick: bool) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda":
+        if not quick:
+            raise SystemExit("bench_linear_kl_loss measures on a CUDA GPU; on CPU use --quick (harness check only)")
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if quick:
+        rows = _bench_shape(64, 32, 1000, torch.float32, device, quick=True)
+        if device.type != "cuda":
+            rows += _cpu_memory_rows()
+    else:
+        rows = []
+        for V in (32000, 128256):
+            rows += _bench_shape(8192, 4096, V, torch.bfloat16, device, quick=False)
+    harness.add_ratios(rows, "liger")
+    return rows
+
+
+if __name__ == "__main__":
+    harness.main("bench_linear_kl_loss", run)

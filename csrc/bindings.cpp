@@ -1,0 +1,265 @@
+// Torch side of llm2comp_kernels._C, the only file that includes torch.
+//
+// Layout of csrc/:
+//   launchers.h                    plain C++ launchers (raw device pointers, sizes, cudaStream_t)
+//   mma_tile.cuh                   warp-level mma.sync tile products shared by the kernels
+//   span_mean_pool/*.cu            span mean forward/backward (vectorised, bandwidth-bound)
+//   contrastive_loss/*.cu          InfoNCE forward (online LSE) and backward (recomputed tiles)
+//   memory_attention/*.cu          flash-attention forward over right-padded rows, GQA, causal option
+//   bindings.cpp                   this file: argument checks, current stream, TORCH_LIBRARY schemas
+// The .cu files compile with plain `nvcc -c` (see .ci/compile_cuda.sh). Python wrappers with fake
+// kernels and autograd live in llm2comp_kernels/<op>/cuda.py.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <string>
+#include <tuple>
+
+#include "launchers.h"
+
+namespace llm2comp {
+namespace {
+
+#define LLM2COMP_CHECK_CUDA(x) TORCH_CHECK((x).is_cuda(), OP, ": ", #x " must be a CUDA tensor, got ", (x).device())
+#define LLM2COMP_CHECK_CONTIGUOUS(x) TORCH_CHECK((x).is_contiguous(), OP, ": ", #x " must be contiguous")
+#define LLM2COMP_CHECK_DTYPE(x, dt) \
+    TORCH_CHECK((x).scalar_type() == (dt), OP, ": ", #x " must be ", (dt), ", got ", (x).scalar_type())
+#define LLM2COMP_CHECK_DIM(x, n) \
+    TORCH_CHECK((x).dim() == (n), OP, ": ", #x " must have ", num(n), " dims, got ", num((x).dim()))
+#define LLM2COMP_CHECK_SIZE(x, i, n) \
+    TORCH_CHECK((x).size(i) == (n), OP, ": ", #x ".size(", num(i), ") must be ", num(n), ", got ", num((x).size(i)))
+#define LLM2COMP_CHECK_SAME_DEVICE(x, ref) \
+    TORCH_CHECK((x).device() == (ref).device(), OP, ": ", #x " is on ", (x).device(), " but " #ref " is on ", (ref).device())
+#define LLM2COMP_CHECK_LAUNCH(err) TORCH_CHECK((err) == cudaSuccess, OP, ": kernel launch failed: ", cudaGetErrorString(err))
+
+// Numbers and shapes enter the error messages as std::string: streaming integers through TORCH_CHECK's
+// message builder segfaulted in an extension built against torch 2.11 (the GPU run's setup), while
+// strings, devices and dtypes were fine.
+std::string num(int64_t v) { return std::to_string(v); }
+std::string real(double v) { return std::to_string(v); }
+std::string shape(c10::IntArrayRef s) {
+    std::string r = "[";
+    for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+    return r + "]";
+}
+
+DType float_dtype(const char* op, const char* name, const at::Tensor& x) {
+    switch (x.scalar_type()) {
+        case at::kFloat: return DType::kFloat32;
+        case at::kHalf: return DType::kFloat16;
+        case at::kBFloat16: return DType::kBFloat16;
+        default: TORCH_CHECK(false, op, ": ", name, " must be float32/float16/bfloat16, got ", x.scalar_type());
+    }
+}
+
+// An int64 [n] vector on x's device (the Python wrappers convert int32 inputs).
+void check_index(const char* OP, const char* name, const at::Tensor& idx, const at::Tensor& ref, int64_t n) {
+    TORCH_CHECK(idx.is_cuda(), OP, ": ", name, " must be a CUDA tensor, got ", idx.device());
+    TORCH_CHECK(idx.device() == ref.device(), OP, ": ", name, " is on ", idx.device(), " but the data is on ", ref.device());
+    TORCH_CHECK(idx.scalar_type() == at::kLong, OP, ": ", name, " must be int64, got ", idx.scalar_type());
+    TORCH_CHECK(idx.dim() == 1 && idx.size(0) == n && idx.is_contiguous(), OP, ": ", name,
+                " must be a contiguous [", num(n), "] vector, got shape ", shape(idx.sizes()));
+}
+
+// ---- span_mean_pool --------------------------------------------------------------------------------
+
+at::Tensor span_mean_pool_fwd_op(const at::Tensor& hidden, const at::Tensor& start, const at::Tensor& length) {
+    constexpr const char* OP = "llm2comp::span_mean_pool_fwd";
+    LLM2COMP_CHECK_CUDA(hidden);
+    LLM2COMP_CHECK_DIM(hidden, 3);
+    LLM2COMP_CHECK_CONTIGUOUS(hidden);
+    const DType dtype = float_dtype(OP, "hidden", hidden);
+    const int64_t B = hidden.size(0), L = hidden.size(1), D = hidden.size(2);
+    check_index(OP, "start", start, hidden, B);
+    check_index(OP, "length", length, hidden, B);
+    const c10::cuda::CUDAGuard guard(hidden.device());
+    at::Tensor out = at::empty({B, D}, hidden.options());
+    if (B == 0 || D == 0) return out;
+    const cudaError_t err = span_mean_pool_fwd(dtype, hidden.data_ptr(), start.data_ptr<int64_t>(),
+                                               length.data_ptr<int64_t>(), out.data_ptr(), B, L, D,
+                                               at::cuda::getCurrentCUDAStream());
+    LLM2COMP_CHECK_LAUNCH(err);
+    return out;
+}
+
+at::Tensor span_mean_pool_bwd_op(const at::Tensor& grad_out, const at::Tensor& start, const at::Tensor& length,
+                                 int64_t L) {
+    constexpr const char* OP = "llm2comp::span_mean_pool_bwd";
+    LLM2COMP_CHECK_CUDA(grad_out);
+    LLM2COMP_CHECK_DIM(grad_out, 2);
+    LLM2COMP_CHECK_CONTIGUOUS(grad_out);
+    TORCH_CHECK(L >= 1, OP, ": L must be >= 1, got ", num(L));
+    const DType dtype = float_dtype(OP, "grad_out", grad_out);
+    const int64_t B = grad_out.size(0), D = grad_out.size(1);
+    check_index(OP, "start", start, grad_out, B);
+    check_index(OP, "length", length, grad_out, B);
+    const c10::cuda::CUDAGuard guard(grad_out.device());
+    at::Tensor grad_hidden = at::empty({B, L, D}, grad_out.options());  // the kernel writes every element
+    if (B == 0 || D == 0) return grad_hidden;
+    const cudaError_t err = span_mean_pool_bwd(dtype, grad_out.data_ptr(), start.data_ptr<int64_t>(),
+                                               length.data_ptr<int64_t>(), grad_hidden.data_ptr(), B, L, D,
+                                               at::cuda::getCurrentCUDAStream());
+    LLM2COMP_CHECK_LAUNCH(err);
+    return grad_hidden;
+}
+
+// ---- contrastive_loss ------------------------------------------------------------------------------
+
+void check_pair(const char* OP, const at::Tensor& queries, const at::Tensor& docs) {
+    LLM2COMP_CHECK_CUDA(queries);
+    LLM2COMP_CHECK_CUDA(docs);
+    LLM2COMP_CHECK_SAME_DEVICE(docs, queries);
+    LLM2COMP_CHECK_DIM(queries, 2);
+    LLM2COMP_CHECK_DIM(docs, 2);
+    LLM2COMP_CHECK_CONTIGUOUS(queries);
+    LLM2COMP_CHECK_CONTIGUOUS(docs);
+    LLM2COMP_CHECK_DTYPE(docs, queries.scalar_type());
+    LLM2COMP_CHECK_SIZE(docs, 1, queries.size(1));
+    TORCH_CHECK(queries.size(0) >= 1 && docs.size(0) >= 1 && queries.size(1) >= 1, OP,
+                ": queries and docs must be non-empty, got ", shape(queries.sizes()), " and ", shape(docs.sizes()));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_fwd_op(const at::Tensor& queries,
+                                                                       const at::Tensor& docs,
+                                                                       const at::Tensor& labels, double temperature,
+                                                                       bool symmetric) {
+    constexpr const char* OP = "llm2comp::contrastive_loss_fwd";
+    check_pair(OP, queries, docs);
+    const DType dtype = float_dtype(OP, "queries", queries);
+    const int64_t B = queries.size(0), N = docs.size(0), D = queries.size(1);
+    check_index(OP, "labels", labels, queries, B);
+    TORCH_CHECK(temperature > 0, OP, ": temperature must be > 0, got ", real(temperature));
+    const c10::cuda::CUDAGuard guard(queries.device());
+    const auto f32 = queries.options().dtype(at::kFloat);
+    at::Tensor loss = at::empty({B}, f32), row_lse = at::empty({B}, f32);
+    at::Tensor col_lse = at::empty({symmetric ? N : 0}, f32);
+    const cudaError_t err = contrastive_loss_fwd(
+        dtype, queries.data_ptr(), docs.data_ptr(), labels.data_ptr<int64_t>(), loss.data_ptr<float>(),
+        row_lse.data_ptr<float>(), symmetric ? col_lse.data_ptr<float>() : nullptr, B, N, D,
+        static_cast<float>(temperature), symmetric, at::cuda::getCurrentCUDAStream());
+    LLM2COMP_CHECK_LAUNCH(err);
+    return {loss, row_lse, col_lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> contrastive_loss_bwd_op(const at::Tensor& grad_loss, const at::Tensor& queries,
+                                                           const at::Tensor& docs, const at::Tensor& labels,
+                                                           const at::Tensor& row_lse, const at::Tensor& col_lse,
+                                                           double temperature, bool symmetric) {
+    constexpr const char* OP = "llm2comp::contrastive_loss_bwd";
+    check_pair(OP, queries, docs);
+    const DType dtype = float_dtype(OP, "queries", queries);
+    const int64_t B = queries.size(0), N = docs.size(0), D = queries.size(1);
+    check_index(OP, "labels", labels, queries, B);
+    for (const auto& [name, x, n] : {std::make_tuple("grad_loss", &grad_loss, B), std::make_tuple("row_lse", &row_lse, B),
+                                     std::make_tuple("col_lse", &col_lse, symmetric ? N : int64_t(0))}) {
+        TORCH_CHECK(x->is_cuda() && x->device() == queries.device(), OP, ": ", name,
+                    " must be on the queries' CUDA device, got ", x->device());
+        TORCH_CHECK(x->scalar_type() == at::kFloat, OP, ": ", name, " must be float32, got ", x->scalar_type());
+        TORCH_CHECK(x->dim() == 1 && x->size(0) == n && x->is_contiguous(), OP, ": ", name,
+                    " must be a contiguous [", num(n), "] vector, got shape ", shape(x->sizes()));
+    }
+    TORCH_CHECK(temperature > 0, OP, ": temperature must be > 0, got ", real(temperature));
+    const c10::cuda::CUDAGuard guard(queries.device());
+    const auto f32 = queries.options().dtype(at::kFloat);
+    const int64_t Dp = contrastive_loss_padded_dim(D);
+    at::Tensor dq_acc = at::zeros({contrastive_loss_padded_rows(B), Dp}, f32);
+    at::Tensor dd_acc = at::zeros({contrastive_loss_padded_rows(N), Dp}, f32);
+    at::Tensor work = at::zeros({B + N}, f32);
+    const cudaError_t err = contrastive_loss_bwd(
+        dtype, grad_loss.data_ptr<float>(), queries.data_ptr(), docs.data_ptr(), labels.data_ptr<int64_t>(),
+        row_lse.data_ptr<float>(), symmetric ? col_lse.data_ptr<float>() : nullptr, dq_acc.data_ptr<float>(),
+        dd_acc.data_ptr<float>(), work.data_ptr<float>(), B, N, D, static_cast<float>(temperature), symmetric,
+        at::cuda::getCurrentCUDAStream());
+    LLM2COMP_CHECK_LAUNCH(err);
+    // fp32 gradients whatever the input dtype: the caller may still chain them through a normalisation,
+    // where rounding them to bf16 first would cost accuracy.
+    return {dq_acc.narrow(0, 0, B).narrow(1, 0, D).contiguous(), dd_acc.narrow(0, 0, N).narrow(1, 0, D).contiguous()};
+}
+
+// ---- memory_attention ------------------------------------------------------------------------------
+
+AttentionStrides attention_strides(const char* OP, const char* name, const at::Tensor& x) {
+    TORCH_CHECK(x.stride(3) == 1, OP, ": ", name, " must have unit stride along the head dim, got strides ",
+                shape(x.strides()));
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && x.stride(0) % 8 == 0 &&
+                    x.stride(1) % 8 == 0 && x.stride(2) % 8 == 0,
+                OP, ": ", name, " must be 16-byte aligned with strides that are multiples of 8 elements, got strides ",
+                shape(x.strides()));
+    return {x.stride(0), x.stride(1), x.stride(2)};
+}
+
+at::Tensor memory_attention_fwd_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& seq_lens, bool causal, double scale) {
+    constexpr const char* OP = "llm2comp::memory_attention_fwd";
+    LLM2COMP_CHECK_CUDA(q);
+    LLM2COMP_CHECK_CUDA(k);
+    LLM2COMP_CHECK_CUDA(v);
+    LLM2COMP_CHECK_SAME_DEVICE(k, q);
+    LLM2COMP_CHECK_SAME_DEVICE(v, q);
+    LLM2COMP_CHECK_DIM(q, 4);
+    LLM2COMP_CHECK_DIM(k, 4);
+    LLM2COMP_CHECK_DIM(v, 4);
+    TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, OP,
+                ": q must be float16/bfloat16, got ", q.scalar_type());
+    LLM2COMP_CHECK_DTYPE(k, q.scalar_type());
+    LLM2COMP_CHECK_DTYPE(v, q.scalar_type());
+    const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), d = q.size(3), Hkv = k.size(1);
+    TORCH_CHECK(d == 64 || d == 128, OP, ": head dim must be 64 or 128, got ", num(d));
+    TORCH_CHECK(k.sizes() == v.sizes(), OP, ": k and v must have the same shape, got ", shape(k.sizes()), " and ",
+                shape(v.sizes()));
+    LLM2COMP_CHECK_SIZE(k, 0, B);
+    LLM2COMP_CHECK_SIZE(k, 2, L);
+    LLM2COMP_CHECK_SIZE(k, 3, d);
+    TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, OP, ": q heads (", num(Hq), ") must be a multiple of kv heads (", num(Hkv),
+                ")");
+    TORCH_CHECK(L >= 1 && L <= INT32_MAX, OP, ": sequence length must be in [1, 2^31), got ", num(L));
+    check_index(OP, "seq_lens", seq_lens, q, B);
+    TORCH_CHECK(scale > 0, OP, ": scale must be > 0, got ", real(scale));
+    const AttentionStrides sq = attention_strides(OP, "q", q), sk = attention_strides(OP, "k", k),
+                           sv = attention_strides(OP, "v", v);
+    const c10::cuda::CUDAGuard guard(q.device());
+    at::Tensor out = at::empty({B, Hq, L, d}, q.options());
+    if (B == 0 || Hq == 0) return out;
+    const DType dtype = q.scalar_type() == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
+    const cudaError_t err = memory_attention_fwd(dtype, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                                 seq_lens.data_ptr<int64_t>(), out.data_ptr(), B, Hq, Hkv, L, d, sq,
+                                                 sk, sv, causal, static_cast<float>(scale),
+                                                 at::cuda::getCurrentCUDAStream());
+    LLM2COMP_CHECK_LAUNCH(err);
+    return out;
+}
+
+}  // namespace
+}  // namespace llm2comp
+
+TORCH_LIBRARY(llm2comp, m) {
+    m.def("span_mean_pool_fwd(Tensor hidden, Tensor start, Tensor length) -> Tensor");
+    m.def("span_mean_pool_bwd(Tensor grad_out, Tensor start, Tensor length, int L) -> Tensor");
+    m.def("contrastive_loss_fwd(Tensor queries, Tensor docs, Tensor labels, float temperature, bool symmetric)"
+          " -> (Tensor, Tensor, Tensor)");
+    m.def("contrastive_loss_bwd(Tensor grad_loss, Tensor queries, Tensor docs, Tensor labels, Tensor row_lse,"
+          " Tensor col_lse, float temperature, bool symmetric) -> (Tensor, Tensor)");
+    m.def("memory_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor seq_lens, bool causal, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llm2comp, CUDA, m) {
+    m.impl("span_mean_pool_fwd", &llm2comp::span_mean_pool_fwd_op);
+    m.impl("span_mean_pool_bwd", &llm2comp::span_mean_pool_bwd_op);
+    m.impl("contrastive_loss_fwd", &llm2comp::contrastive_loss_fwd_op);
+    m.impl("contrastive_loss_bwd", &llm2comp::contrastive_loss_bwd_op);
+    m.impl("memory_attention_fwd", &llm2comp::memory_attention_fwd_op);
+}
+
+// The same entry points under CPU, so that CPU tensors get the checks' "must be a CUDA tensor" error
+// instead of the dispatcher's generic "no CPU kernel".
+TORCH_LIBRARY_IMPL(llm2comp, CPU, m) {
+    m.impl("span_mean_pool_fwd", &llm2comp::span_mean_pool_fwd_op);
+    m.impl("span_mean_pool_bwd", &llm2comp::span_mean_pool_bwd_op);
+    m.impl("contrastive_loss_fwd", &llm2comp::contrastive_loss_fwd_op);
+    m.impl("contrastive_loss_bwd", &llm2comp::contrastive_loss_bwd_op);
+    m.impl("memory_attention_fwd", &llm2comp::memory_attention_fwd_op);
+}
+
+// An importable module: `import llm2comp_kernels._C` loads the library and runs the registrations above.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}

@@ -1,0 +1,66 @@
+"""CUDA C++ backend of `contrastive_loss`: torch.ops.llm2comp bindings, fake kernels and autograd.
+
+The kernels (``csrc/contrastive_loss``) take the already normalised embeddings: with
+``normalize=True`` F.normalize runs once here in torch, in fp32, and autograd carries the gradient
+through it. The backward op returns fp32 gradients, so that chain rule also runs in fp32: rounding the
+gradient of the unit vectors to bf16 before projecting out their radial part would lose most digits.
+Forward: per-query losses (fp32) from online row (and, if symmetric, column) log-sum-exps over
+tensor-core tiles, never the `[B, N]` logits. Backward: the kernels recompute the tiles and fold the
+softmax and the upstream per-query gradient into dq/dd. Only the mean/sum reduction is torch here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._backends import cuda_extension
+
+cuda_extension()  # importing llm2comp_kernels._C registers torch.ops.llm2comp.*
+
+
+@torch.library.register_fake("llm2comp::contrastive_loss_fwd")
+def _contrastive_loss_fwd_fake(queries, docs, labels, temperature, symmetric):
+    B, N = queries.shape[0], docs.shape[0]
+    f32 = dict(dtype=torch.float32)
+    return queries.new_empty(B, **f32), queries.new_empty(B, **f32), queries.new_empty(N if symmetric else 0, **f32)
+
+
+@torch.library.register_fake("llm2comp::contrastive_loss_bwd")
+def _contrastive_loss_bwd_fake(grad_loss, queries, docs, labels, row_lse, col_lse, temperature, symmetric):
+    return (torch.empty_like(queries, dtype=torch.float32, memory_format=torch.contiguous_format),
+            torch.empty_like(docs, dtype=torch.float32, memory_format=torch.contiguous_format))
+
+
+class _ContrastiveLossFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, queries, docs, labels, temperature, symmetric, dtype):
+        # The kernels run in `dtype`; queries/docs may be fp32 (normalised) and get fp32 gradients back.
+        ctx.input_dtypes = (queries.dtype, docs.dtype)
+        queries, docs = queries.to(dtype).contiguous(), docs.to(dtype).contiguous()
+        loss, row_lse, col_lse = torch.ops.llm2comp.contrastive_loss_fwd(queries, docs, labels, temperature, symmetric)
+        ctx.save_for_backward(queries, docs, labels, row_lse, col_lse)
+        ctx.temperature, ctx.symmetric = temperature, symmetric
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        queries, docs, labels, row_lse, col_lse = ctx.saved_tensors
+        dq, dd = torch.ops.llm2comp.contrastive_loss_bwd(grad_loss.float().contiguous(), queries, docs, labels,
+                                                         row_lse, col_lse, ctx.temperature, ctx.symmetric)
+        return dq.to(ctx.input_dtypes[0]), dd.to(ctx.input_dtypes[1]), None, None, None, None
+
+
+def contrastive_loss_cuda(queries: torch.Tensor, docs: torch.Tensor, labels: torch.Tensor, temperature: float,
+                          normalize: bool, symmetric: bool, reduction: str) -> torch.Tensor:
+    """queries `[B, D]`, docs `[N, D]`, labels int64 `[B]` -> scalar (`[B]` for "none") in queries' dtype."""
+    dtype = queries.dtype
+    if normalize:
+        queries, docs = F.normalize(queries.float(), dim=-1), F.normalize(docs.float(), dim=-1)
+    per_query = _ContrastiveLossFn.apply(queries, docs, labels.to(torch.int64).contiguous(), float(temperature),
+                                         symmetric, dtype)                                     # fp32 [B]
+    if reduction == "mean":
+        per_query = per_query.mean()
+    elif reduction == "sum":
+        per_query = per_query.sum()
+    return per_query.to(dtype)
