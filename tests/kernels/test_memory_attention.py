@@ -309,3 +309,13 @@ def test_triton_strided_inputs_match_contiguous(device):
     assert not strided[0].is_contiguous()
     for name, a, b in zip(("out", "dq", "dk", "dv"), contiguous, _run_triton(*strided, seq_lens, True, grad_out)):
         assert_rel_close(b, a, tol=1e-6, name=name)
+
+
+def test_seq_lens_checked_again_after_in_place_change():
+    # The range check is cached per tensor object and version: an in-place edit must be re-checked.
+    q, k, v, seq_lens = make_attention_inputs(2, 2, 2, 5, 16, requires_grad=False)
+    memory_attention(q, k, v, seq_lens, backend="torch")
+    memory_attention(q, k, v, seq_lens, backend="torch")
+    seq_lens[0] = 6
+    with pytest.raises(ValueError, match="seq_lens"):
+        memory_attention(q, k, v, seq_lens, backend="torch")
