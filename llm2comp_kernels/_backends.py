@@ -22,6 +22,14 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def triton_autotune() -> bool:
+    """Whether Triton launchers autotune their block sizes: on a GPU unless ``LLM2COMP_TRITON_AUTOTUNE=0``.
+
+    Under the interpreter a fixed, documented config is used (timing numpy would tune nothing).
+    """
+    return not triton_interpret() and os.environ.get("LLM2COMP_TRITON_AUTOTUNE", "1") != "0"
+
+
 @functools.cache
 def triton_import_error() -> str | None:
     """None if triton imports, else the reason it does not."""

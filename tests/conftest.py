@@ -24,3 +24,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture
+def poison_empty():
+    """torch.empty & co. return NaN-filled memory (torch's deterministic mode), so an output element a
+    kernel forgets to write shows up as NaN instead of as whatever the allocator handed back. warn_only:
+    nondeterministic torch ops (cuBLAS without CUBLAS_WORKSPACE_CONFIG, index_put_ ...) still run."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])

@@ -20,14 +20,13 @@ query/key blocks so the tests exercise block edges that do not line up.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .._backends import triton_interpret
+from .._backends import triton_autotune, triton_interpret
 
 _LOG2E = 1.4426950408889634
 
@@ -293,14 +292,10 @@ _dq_tuned = _tuned(_DQ_CONFIGS, _memory_attention_bwd_dq_kernel)
 _dkdv_tuned = _tuned(_DKDV_CONFIGS, _memory_attention_bwd_dkdv_kernel)
 
 
-def _autotune() -> bool:
-    return not triton_interpret() and os.environ.get("LLM2COMP_TRITON_AUTOTUNE", "1") != "0"
-
-
 def _launch(name: str, kernel, tuned, rows_key: str, L: int, heads: int, B: int, *args, **constexprs) -> None:
     """Run `tuned` (autotuned), or `kernel` with `_FIXED_BLOCKS`; one program per block of `rows_key`
     ("BLOCK_M" or "BLOCK_N") rows, per batch row and head."""
-    if _autotune():
+    if triton_autotune():
         tuned[lambda meta: (triton.cdiv(L, meta[rows_key]), B * heads)](*args, **constexprs)
     else:
         block_m, block_n = _FIXED_BLOCKS[name]

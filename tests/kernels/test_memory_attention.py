@@ -19,12 +19,6 @@ from tests.utils import assert_rel_close, backend_cases
 
 BACKENDS = backend_cases("memory_attention_fwd")
 
-
-@pytest.fixture(autouse=True)
-def fixed_triton_blocks(monkeypatch):
-    """Fixed Triton blocks (no autotuning) except where a test re-enables it: tuning compiles every config
-    for each head dim, dtype and causal flag of the matrix, minutes of GPU test time."""
-    monkeypatch.setenv("LLM2COMP_TRITON_AUTOTUNE", "0")
 _TRITON_UNAVAILABLE = why_not("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32,
                               None)
 needs_triton = pytest.mark.skipif(_TRITON_UNAVAILABLE is not None, reason=str(_TRITON_UNAVAILABLE))

@@ -1,0 +1,128 @@
+"""Benchmark `contrastive_loss` (InfoNCE over in-batch negatives) against eager PyTorch and Inf-CL.
+
+GPU: B in {1k, 8k, 32k} queries, N = B docs, D in {1024, 4096}, bf16, cosine similarity, temperature 0.05,
+labels ``arange(B)``, mean reduction, asymmetric: the configuration Inf-CL computes. Forward+backward only (the
+training step; the kernels' forward alone is the cheaper half), median ms and peak memory above the inputs.
+Providers:
+
+- ``triton`` / ``cuda``: `contrastive_loss(backend=...)`, tiled, the `[B, N]` logits never stored (the cuda row
+  only when the extension has ``contrastive_loss_fwd``).
+- ``eager``: the torch reference (materialises fp32 `[B, N]` logits; an out-of-memory is a status row).
+- ``compiled``: `torch.compile(dynamic=True)` of the reference (one compilation for every shape).
+- ``inf_cl``: Inf-CL's ``cal_inf_loss(q, k, labels, scale)``: it computes the mean cross-entropy of
+  ``scale * q @ k.T`` with targets ``labels``; given L2-normalised q, k (normalisation inside the timed step,
+  as ours) and ``scale = 1 / temperature`` that is the same loss.
+
+Each row also has ``loss``, the value it computed, so rows can be checked to agree. Ratios: ``vs_inf_cl`` and
+``vs_eager`` are the peer's time over the row's.
+
+CPU ``--quick`` proves the harness on a tiny shape (Triton under the interpreter): its times mean nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import harness
+from llm2comp_kernels._backends import why_not
+from llm2comp_kernels.contrastive_loss import contrastive_loss
+from llm2comp_kernels.contrastive_loss.reference import contrastive_loss_reference
+from llm2comp_kernels.testing import make_contrastive_inputs
+
+OP = "contrastive_loss"
+CPU_NOTE = "CPU --quick harness check under the interpreter: not a timing"
+TEMPERATURE = 0.05
+GPU_SHAPES = [(B, D) for B in (1024, 8192, 32768) for D in (1024, 4096)]
+QUICK_SHAPES = [(40, 32)]
+
+
+def _ours(backend):
+    def fn(q, d, labels):
+        return contrastive_loss(q, d, labels=labels, temperature=TEMPERATURE, backend=backend)
+    return fn
+
+
+def _eager(q, d, labels):
+    return contrastive_loss_reference(q, d, labels, TEMPERATURE, True, False, "mean")
+
+
+def _inf_cl(device):
+    """Inf-CL configured to our loss, or a status string when it cannot run here."""
+    try:
+        from inf_cl import cal_inf_loss
+    except ImportError:
+        return "not installed"
+    if device.type != "cuda":
+        return "skipped: Inf-CL's kernels need CUDA"
+    scale = torch.tensor(1.0 / TEMPERATURE, device=device)
+
+    def fn(q, d, labels):
+        return cal_inf_loss(F.normalize(q, dim=-1), F.normalize(d, dim=-1), labels=labels, scale=scale)
+    return fn
+
+
+def _providers(device, quick) -> dict:
+    providers = {"triton": _ours("triton"), "cuda": _ours("cuda"), "eager": _eager,
+                 # Inductor on the CPU runner would spend the --quick budget compiling and proves nothing there.
+                 "compiled": "skipped on CPU --quick" if quick else torch.compile(_eager, dynamic=True),
+                 "inf_cl": _inf_cl(device)}
+    reason = why_not("cuda", device, torch.bfloat16, "contrastive_loss_fwd")
+    if reason is not None:
+        providers["cuda"] = f"skipped: {reason}"
+    return providers
+
+
+def _bench_shape(B, D, dtype, device, quick) -> list[dict]:
+    q, d = make_contrastive_inputs(B, B, D, dtype=dtype, device=device)
+    labels = torch.arange(B, device=device)
+    rows = []
+    for name, fn in _providers(device, quick).items():
+        row = {"op": OP, "mode": "fwd+bwd", "shape": f"B={B} N={B} D={D}", "dtype": str(dtype).split(".")[-1],
+               "provider": name}
+        if fn == "not installed":
+            rows.append(harness.not_installed(row, "inf-cl"))
+            continue
+        if isinstance(fn, str):
+            rows.append({**row, "status": fn})
+            continue
+
+        def step(fn=fn):
+            q.grad = d.grad = None
+            loss = fn(q, d, labels)
+            loss.backward()
+            return loss
+        try:
+            row["loss"] = step().item()
+            q.grad = d.grad = None  # so the memory baseline of `measure` holds the inputs only
+            row.update(harness.measure(step, device))
+        except torch.cuda.OutOfMemoryError:
+            row["status"] = "oom"
+        except Exception as exc:  # a peer failing is a result, not a crash
+            row = harness.failed(row, exc)
+        q.grad = d.grad = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if quick and "ms" in row:
+            row["status"] = CPU_NOTE
+        rows.append(row)
+    return rows
+
+
+def run(quick: bool) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda":
+        if not quick:
+            raise SystemExit("bench_contrastive_loss measures on a CUDA GPU; on CPU use --quick (harness check only)")
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    shapes = QUICK_SHAPES if quick else GPU_SHAPES
+    rows = [r for B, D in shapes for r in _bench_shape(B, D, torch.bfloat16, device, quick)]
+    harness.add_ratios(rows, "inf_cl")
+    harness.add_ratios(rows, "eager")
+    return rows
+
+
+if __name__ == "__main__":
+    harness.main(OP, run)

@@ -1,0 +1,109 @@
+"""Benchmark `span_mean_pool` (LLM2Comp pooling: the mean of the memory-token span) against eager PyTorch.
+
+GPU: B=512 rows, L=512, span 8 and 16 (memory tokens at varied offsets), D=4096, bf16; forward and
+forward+backward. Providers: ``triton`` and ``cuda`` (`span_mean_pool(backend=...)`, the cuda row only if the
+extension is built), ``eager`` (the torch reference: `[B, L]` weights contracted with hidden) and ``compiled``
+(`torch.compile` of that reference). Each row has median ms, peak memory above the inputs, ``gbps`` = the
+bytes the op must move / time, and ``pct_copy`` = gbps as a percentage of a device-to-device copy
+(`Tensor.copy_` of 1 GiB) measured in the same run. Bytes that must move: forward reads the span and writes
+`[B, D]`; the backward reads `[B, D]` and writes the whole `[B, L, D]` gradient (zeros outside the span).
+
+CPU ``--quick`` proves the harness on a tiny shape (Triton under the interpreter): its times mean nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from benchmarks import harness
+from llm2comp_kernels._backends import why_not
+from llm2comp_kernels.span_mean_pool import span_mean_pool
+from llm2comp_kernels.span_mean_pool.reference import span_mean_pool_reference
+from llm2comp_kernels.testing import make_pool_inputs
+
+OP = "span_mean_pool"
+CPU_NOTE = "CPU --quick harness check under the interpreter: not a timing"
+
+
+def _providers(device) -> dict:
+    def ours(backend):
+        return lambda h, s, n: span_mean_pool(h, s, n, backend=backend)
+    providers = {"triton": ours("triton"), "cuda": ours("cuda"), "eager": span_mean_pool_reference,
+                 "compiled": torch.compile(span_mean_pool_reference)}
+    reason = why_not("cuda", device, torch.bfloat16, "span_mean_pool_fwd")
+    if reason is not None:
+        providers["cuda"] = f"skipped: {reason}"
+    return providers
+
+
+def _copy_gbps(device, quick: bool) -> float:
+    """Device-to-device copy bandwidth (read + write bytes / time) of a 1 GiB buffer (1 MiB with --quick)."""
+    numel = (2**20 if quick else 2**30) // 2
+    src = torch.empty(numel, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = harness.measure(lambda: dst.copy_(src), device)["ms"]
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+def _bytes(B, L, D, span, elem, mode) -> int:
+    fwd = B * span * D * elem + B * D * elem
+    return fwd if mode == "fwd" else fwd + B * D * elem + B * L * D * elem
+
+
+def _bench_shape(B, L, D, span, dtype, device, copy_gbps, quick) -> list[dict]:
+    hidden, start, length = make_pool_inputs(B, L, D, dtype=dtype, device=device, span=span, requires_grad=False)
+    grad = torch.randn(B, D, device=device, dtype=dtype)
+    rows = []
+    for mode in ("fwd", "fwd+bwd"):
+        for name, fn in _providers(device).items():
+            row = {"op": OP, "mode": mode, "shape": f"B={B} L={L} D={D} span={span}",
+                   "dtype": str(dtype).split(".")[-1], "provider": name}
+            if isinstance(fn, str):
+                rows.append({**row, "status": fn})
+                continue
+            if mode == "fwd":
+                h = hidden
+                def step(fn=fn, h=hidden):
+                    with torch.no_grad():
+                        return fn(h, start, length)
+            else:
+                h = hidden.detach().requires_grad_(True)
+                def step(fn=fn, h=h):
+                    h.grad = None
+                    fn(h, start, length).backward(grad)
+            try:
+                step()
+                h.grad = None  # so the memory baseline of `measure` holds the inputs only
+                row.update(harness.measure(step, device))
+                row["gbps"] = _bytes(B, L, D, span, hidden.element_size(), mode) / (row["ms"] * 1e-3) / 1e9
+                row["pct_copy"] = 100 * row["gbps"] / copy_gbps
+            except Exception as exc:  # a provider failing (e.g. torch.compile without a compiler) is a result
+                row = harness.failed(row, exc)
+            if quick:
+                row["status"] = CPU_NOTE
+            rows.append(row)
+    return rows
+
+
+def run(quick: bool) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda":
+        if not quick:
+            raise SystemExit("bench_span_mean_pool measures on a CUDA GPU; on CPU use --quick (harness check only)")
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    copy_gbps = _copy_gbps(device, quick)
+    rows = [{"op": OP, "mode": "copy", "shape": "1 GiB" if not quick else "1 MiB", "dtype": "bfloat16",
+             "provider": "copy_", "gbps": copy_gbps, **({"status": CPU_NOTE} if quick else {})}]
+    if quick:
+        rows += _bench_shape(4, 24, 64, 8, torch.bfloat16, device, copy_gbps, quick=True)
+    else:
+        for span in (8, 16):
+            rows += _bench_shape(512, 512, 4096, span, torch.bfloat16, device, copy_gbps, quick=False)
+    harness.add_ratios(rows, "eager")
+    return rows
+
+
+if __name__ == "__main__":
+    harness.main("bench_span_mean_pool", run)

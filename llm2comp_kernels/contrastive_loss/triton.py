@@ -1,0 +1,324 @@
+"""Triton backend of `contrastive_loss`: tiled InfoNCE that never materialises the `[B, N]` logits.
+
+Notation: ``s_ij = q_i . d_j / T`` (q, d already normalised when ``normalize=True``), row LSE
+``r_i = logsumexp_j s_ij``, column LSE ``c_j = logsumexp_k s_kj``, labels ``l_i``. Per query
+``loss_i = r_i - s_{i,l_i}``; symmetric: ``0.5 * (r_i - s_{i,l_i} + c_{l_i} - s_{i,l_i})``.
+
+Forward (extra memory O(B + N)):
+
+- `_contrastive_row_kernel`: one program per BLOCK_M queries; online softmax (base 2, fp32) over doc
+  tiles gives ``r_i`` as a running max and a sum of exponentials (kept apart, see `_ContrastiveLossFn`),
+  and the positive logit ``s_{i,l_i}`` is picked out of the same tiles.
+- `_contrastive_col_kernel` (symmetric only): one program per BLOCK_N docs, looping over query tiles,
+  gives ``c_j`` for all N docs. Why all N rather than only the B labelled docs: gathering ``docs[labels]``
+  would copy B x D values, recompute duplicated labels, and leave the backward without a per-doc LSE to
+  index; one doc-major pass costs the same tile products as the row pass, needs no atomics (each program
+  owns its columns) and its `[N]` result is read directly by both backward kernels.
+
+Backward (recompute, no atomics): with upstream ``g_i``, ``a_i = g_i`` (``g_i / 2`` if symmetric) and
+``G_j = sum_{i: l_i = j} a_i`` (symmetric only, an O(B) scatter in torch),
+``dS_ij = a_i exp(s_ij - r_i) + G_j exp(s_ij - c_j) - g_i [j = l_i]`` (the G term only if symmetric),
+``dq = dS @ d / T`` and ``dd = dS^T @ q / T``.
+
+- `_contrastive_dq_kernel`: one program per BLOCK_M queries, looping over doc tiles.
+- `_contrastive_dd_kernel`: one program per BLOCK_N docs, looping over query tiles.
+
+Recomputing beats computing gradients in forward here: the forward would have to keep, per query tile, a
+`[BLOCK_M, D]` gradient whose softmax weights are only final after the last doc tile (a second pass anyway),
+and the column terms need ``c_j``, known only after the column pass.
+
+The hidden size D is not held in registers (D = 4096 is common): each tile of logits is accumulated over D
+in BLOCK_K chunks, and the gradient kernels add ``dS @ d[:, chunk]`` into their own rows of the fp32
+gradient buffer chunk by chunk (each program owns those rows, so no atomics are needed).
+
+Normalisation is done once, in torch, in fp32 (`contrastive_loss_triton`), and autograd differentiates it;
+the kernels return fp32 gradients so that chain rule runs in fp32. Block sizes are autotuned on a GPU (keyed
+on D); under ``TRITON_INTERPRET=1`` or with ``LLM2COMP_TRITON_AUTOTUNE=0`` a fixed small config is used,
+with unequal query/doc blocks so the tests cross tile edges that do not line up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .._backends import triton_autotune, triton_interpret
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+# (BLOCK_M, BLOCK_N, BLOCK_K) when not autotuning; every tl.dot dim must be >= 16. Every tuned config has the
+# same BLOCK_K, so forward and backward sum each logit over D in the same chunk order (the backward's
+# exp2(s - max) is then 1 at the max, not 1 +- the rounding of a differently summed logit). Wide doc tiles
+# (BLOCK_N 256) halve how often the gradient kernels read and write their fp32 rows per doc, the memory traffic
+# that bounds them at large D.
+_FIXED = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
+_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
+                                  (64, 64, 64, 4, 4), (64, 256, 64, 8, 3)]]
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    """fp32-accumulated ``a @ b``. float32 operands use IEEE fp32 products (TF32 would cost ~1e-3 relative
+    error). UPCAST (CPU interpreter with bfloat16 only) multiplies fp32 copies, since the triton 3.9
+    interpreter computes bfloat16 dots wrongly; bf16 products are exact in fp32."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _logits_tile(Q, Dm, offs_m, offs_n, B, N, D, stride_qb, stride_qd, stride_db, stride_dd, scale_log2,
+                 UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``s_ij * log2(e)`` for the `[BLOCK_M, BLOCK_N]` tile (fp32), summed over D in BLOCK_K chunks.
+    Rows/columns past B/N read zeros; callers mask them."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    m_in = offs_m < B
+    n_in = offs_n < N
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_in = offs_k < D
+        q = tl.load(Q + offs_m[:, None] * stride_qb + offs_k[None, :] * stride_qd,
+                    mask=m_in[:, None] & k_in[None, :], other=0.0)
+        d = tl.load(Dm + offs_n[:, None] * stride_db + offs_k[None, :] * stride_dd,
+                    mask=n_in[:, None] & k_in[None, :], other=0.0)
+        acc += _dot(q, tl.trans(d), UPCAST)
+    return acc * scale_log2
+
+
+@triton.jit
+def _contrastive_row_kernel(
+    Q, Dm, LABELS, ROW_MAX, ROW_SUM, POS,  # Q [B, D], Dm [N, D] (any strides), LABELS int64 [B], the rest fp32 [B]
+    stride_qb, stride_qd, stride_db, stride_dd,
+    B, N, D, scale_log2,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_in = offs_m < B
+    label = tl.load(LABELS + offs_m, mask=m_in, other=-1)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    pos = tl.zeros([BLOCK_M], tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        s = _logits_tile(Q, Dm, offs_m, offs_n, B, N, D, stride_qb, stride_qd, stride_db, stride_dd, scale_log2,
+                         UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        s = tl.where((offs_n < N)[None, :], s, float("-inf"))
+        pos += tl.sum(tl.where(offs_n[None, :] == label[:, None], s, 0.0), 1)
+        # Doc 0 is in the first tile, so m_new is finite from the first step on.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+        m_i = m_new
+    tl.store(ROW_MAX + offs_m, m_i, mask=m_in)
+    tl.store(ROW_SUM + offs_m, l_i, mask=m_in)
+    tl.store(POS + offs_m, pos, mask=m_in)
+
+
+@triton.jit
+def _contrastive_col_kernel(
+    Q, Dm, COL_MAX, COL_SUM,  # Q [B, D], Dm [N, D] (any strides), COL_MAX/COL_SUM fp32 [N]
+    stride_qb, stride_qd, stride_db, stride_dd,
+    B, N, D, scale_log2,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_j = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    l_j = tl.zeros([BLOCK_N], tl.float32)
+    for b0 in range(0, B, BLOCK_M):
+        offs_m = b0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        s = _logits_tile(Q, Dm, offs_m, offs_n, B, N, D, stride_qb, stride_qd, stride_db, stride_dd, scale_log2,
+                         UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        s = tl.where((offs_m < B)[:, None], s, float("-inf"))
+        # Query 0 is in the first tile, so m_new is finite from the first step on.
+        m_new = tl.maximum(m_j, tl.max(s, 0))
+        l_j = l_j * tl.exp2(m_j - m_new) + tl.sum(tl.exp2(s - m_new[None, :]), 0)
+        m_j = m_new
+    tl.store(COL_MAX + offs_n, m_j, mask=offs_n < N)
+    tl.store(COL_SUM + offs_n, l_j, mask=offs_n < N)
+
+
+@triton.jit
+def _grad_logits_tile(Q, Dm, LABELS, ROW_MAX, COL_MAX, A, G, COL_W, offs_m, offs_n, B, N, D,
+                      stride_qb, stride_qd, stride_db, stride_dd, scale_log2,
+                      SYMMETRIC: tl.constexpr, UPCAST: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``dS_ij`` (fp32, see the module docstring) for one tile, zero outside the B x N range. A and COL_W
+    come divided by the row / column sums, so the softmax is ``exp2(s - max) * A``."""
+    m_in = offs_m < B
+    n_in = offs_n < N
+    s = _logits_tile(Q, Dm, offs_m, offs_n, B, N, D, stride_qb, stride_qd, stride_db, stride_dd, scale_log2,
+                     UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    row_max = tl.load(ROW_MAX + offs_m, mask=m_in, other=0.0)
+    a = tl.load(A + offs_m, mask=m_in, other=0.0)
+    g = tl.load(G + offs_m, mask=m_in, other=0.0)
+    label = tl.load(LABELS + offs_m, mask=m_in, other=-1)
+    ds = a[:, None] * tl.exp2(s - row_max[:, None])
+    if SYMMETRIC:
+        col_max = tl.load(COL_MAX + offs_n, mask=n_in, other=0.0)
+        col_w = tl.load(COL_W + offs_n, mask=n_in, other=0.0)
+        ds += col_w[None, :] * tl.exp2(s - col_max[None, :])
+    ds -= tl.where(offs_n[None, :] == label[:, None], g[:, None], 0.0)
+    # where, not a product: exp2 of padded rows/columns may overflow, and inf * 0 would be NaN.
+    return tl.where(m_in[:, None] & n_in[None, :], ds, 0.0)
+
+
+@triton.jit
+def _contrastive_dq_kernel(
+    Q, Dm, LABELS, ROW_MAX, COL_MAX, A, G, COL_W, DQ,  # Q [B, D], Dm [N, D] (any strides), LABELS int64 [B],
+    # ROW_MAX/A/G fp32 [B], COL_MAX/COL_W fp32 [N] (symmetric only), DQ fp32 [B, D] contiguous, zeros
+    stride_qb, stride_qd, stride_db, stride_dd,
+    B, N, D, scale_log2, scale,
+    SYMMETRIC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_in = offs_m < B
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        ds = _grad_logits_tile(Q, Dm, LABELS, ROW_MAX, COL_MAX, A, G, COL_W, offs_m, offs_n, B, N, D,
+                               stride_qb, stride_qd, stride_db, stride_dd, scale_log2,
+                               SYMMETRIC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        ds = (ds * scale).to(Dm.dtype.element_ty)
+        n_in = offs_n < N
+        for k0 in range(0, D, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_in = offs_k < D
+            d = tl.load(Dm + offs_n[:, None] * stride_db + offs_k[None, :] * stride_dd,
+                        mask=n_in[:, None] & k_in[None, :], other=0.0)
+            ptrs = DQ + offs_m[:, None] * D + offs_k[None, :]
+            mask = m_in[:, None] & k_in[None, :]
+            tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + _dot(ds, d, UPCAST), mask=mask)
+
+
+@triton.jit
+def _contrastive_dd_kernel(
+    Q, Dm, LABELS, ROW_MAX, COL_MAX, A, G, COL_W, DD,  # as `_contrastive_dq_kernel`; DD fp32 [N, D], zeros
+    stride_qb, stride_qd, stride_db, stride_dd,
+    B, N, D, scale_log2, scale,
+    SYMMETRIC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_in = offs_n < N
+    for b0 in range(0, B, BLOCK_M):
+        offs_m = b0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        ds = _grad_logits_tile(Q, Dm, LABELS, ROW_MAX, COL_MAX, A, G, COL_W, offs_m, offs_n, B, N, D,
+                               stride_qb, stride_qd, stride_db, stride_dd, scale_log2,
+                               SYMMETRIC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        ds_t = tl.trans((ds * scale).to(Q.dtype.element_ty))
+        m_in = offs_m < B
+        for k0 in range(0, D, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_in = offs_k < D
+            q = tl.load(Q + offs_m[:, None] * stride_qb + offs_k[None, :] * stride_qd,
+                        mask=m_in[:, None] & k_in[None, :], other=0.0)
+            ptrs = DD + offs_n[:, None] * D + offs_k[None, :]
+            mask = n_in[:, None] & k_in[None, :]
+            tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + _dot(ds_t, q, UPCAST), mask=mask)
+
+
+def _tuned(kernel, reset=None):
+    # The gradient kernels accumulate into their (zeroed) output, so autotuning, which runs a kernel several
+    # times, must zero it before each run.
+    return triton.autotune(_CONFIGS, key=["D"], reset_to_zero=reset)(kernel)
+
+
+_row_tuned = _tuned(_contrastive_row_kernel)
+_col_tuned = _tuned(_contrastive_col_kernel)
+_dq_tuned = _tuned(_contrastive_dq_kernel, ["DQ"])
+_dd_tuned = _tuned(_contrastive_dd_kernel, ["DD"])
+
+
+def _launch(kernel, tuned, rows: int, rows_key: str, *args, **constexprs) -> None:
+    """One program per block of `rows_key` ("BLOCK_M": queries, "BLOCK_N": docs) of the `rows` rows."""
+    if triton_autotune():
+        tuned[lambda meta: (triton.cdiv(rows, meta[rows_key]),)](*args, **constexprs)
+    else:
+        kernel[(triton.cdiv(rows, _FIXED[rows_key]),)](*args, **constexprs, **_FIXED)
+
+
+@dataclass(frozen=True)
+class _ContrastiveParams:
+    temperature: float
+    symmetric: bool
+    dtype: torch.dtype  # the dtype the kernels compute in (the caller's inputs')
+
+
+class _ContrastiveLossFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, queries, docs, labels, params: _ContrastiveParams):
+        # queries/docs may be fp32 (normalised) copies of lower-precision inputs: the kernels read `params.dtype`
+        # and the gradients go back in fp32, cast to these tensors' dtypes.
+        ctx.input_dtypes = (queries.dtype, docs.dtype)
+        q, d = queries.to(params.dtype), docs.to(params.dtype)
+        B, D = q.shape
+        N = d.shape[0]
+        scale_log2 = _LOG2E / params.temperature
+        upcast = triton_interpret() and params.dtype == torch.bfloat16
+        strides = (*q.stride(), *d.stride())
+        # Softmax statistics in base 2: running max and sum of exp2(s - max), kept apart (not folded into one
+        # log-sum-exp) so that `max - pos` is exactly 0 when the positive is the largest logit, and the softmax of
+        # the backward is exp2(s - max) / sum: a well separated positive keeps the precision of its small
+        # loss and of its 1 - p gradient instead of losing it to the rounding of a log-sum-exp of size |s|.
+        row_max = torch.empty(B, device=q.device, dtype=torch.float32)
+        row_sum, pos = torch.empty_like(row_max), torch.empty_like(row_max)
+        _launch(_contrastive_row_kernel, _row_tuned, B, "BLOCK_M", q, d, labels, row_max, row_sum, pos, *strides,
+                B, N, D, scale_log2, UPCAST=upcast)
+        per_query = (row_max - pos) + torch.log2(row_sum)
+        col_max = col_sum = None
+        if params.symmetric:
+            col_max = torch.empty(N, device=q.device, dtype=torch.float32)
+            col_sum = torch.empty_like(col_max)
+            _launch(_contrastive_col_kernel, _col_tuned, N, "BLOCK_N", q, d, col_max, col_sum, *strides,
+                    B, N, D, scale_log2, UPCAST=upcast)
+            per_query = 0.5 * (per_query + (col_max[labels] - pos) + torch.log2(col_sum[labels]))
+        ctx.save_for_backward(q, d, labels, row_max, row_sum, col_max, col_sum)
+        ctx.params = params
+        return per_query * _LN2
+
+    @staticmethod
+    def backward(ctx, grad_per_query):
+        q, d, labels, row_max, row_sum, col_max, col_sum = ctx.saved_tensors
+        params = ctx.params
+        B, D = q.shape
+        N = d.shape[0]
+        g = grad_per_query.float().contiguous()
+        a, col_w = g, None
+        if params.symmetric:
+            a = 0.5 * g
+            # G_j = sum of a_i over the queries whose positive is doc j (duplicate labels add up).
+            col_w = torch.zeros(N, device=g.device, dtype=torch.float32).index_put_((labels,), a, accumulate=True)
+            col_w = col_w / col_sum
+        dq = torch.zeros(B, D, device=q.device, dtype=torch.float32)
+        dd = torch.zeros(N, D, device=q.device, dtype=torch.float32)
+        args = (q, d, labels, row_max, col_max, a / row_sum, g, col_w)
+        consts = (*q.stride(), *d.stride(), B, N, D, _LOG2E / params.temperature, 1.0 / params.temperature)
+        flags = dict(SYMMETRIC=params.symmetric, UPCAST=triton_interpret() and params.dtype == torch.bfloat16)
+        _launch(_contrastive_dq_kernel, _dq_tuned, B, "BLOCK_M", *args, dq, *consts, **flags)
+        _launch(_contrastive_dd_kernel, _dd_tuned, N, "BLOCK_N", *args, dd, *consts, **flags)
+        return dq.to(ctx.input_dtypes[0]), dd.to(ctx.input_dtypes[1]), None, None
+
+
+def contrastive_loss_triton(queries: torch.Tensor, docs: torch.Tensor, labels: torch.Tensor, temperature: float,
+                            normalize: bool, symmetric: bool, reduction: str) -> torch.Tensor:
+    """queries `[B, D]`, docs `[N, D]` (float32/float16/bfloat16, any strides), labels int64 `[B]` -> scalar
+    (`[B]` for reduction "none") in queries' dtype, computed in fp32. Differentiable in queries and docs.
+
+    Arguments are assumed validated by `check_contrastive_loss`.
+    """
+    params = _ContrastiveParams(float(temperature), symmetric, queries.dtype)
+    if normalize:
+        queries, docs = F.normalize(queries.float(), dim=-1), F.normalize(docs.float(), dim=-1)
+    per_query = _ContrastiveLossFn.apply(queries, docs, labels.to(torch.int64).contiguous(), params)  # fp32 [B]
+    if reduction == "mean":
+        per_query = per_query.mean()
+    elif reduction == "sum":
+        per_query = per_query.sum()
+    return per_query.to(params.dtype)

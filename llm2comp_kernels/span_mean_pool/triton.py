@@ -1,0 +1,116 @@
+"""Triton backend of `span_mean_pool`: one bandwidth-bound launch forward, one backward.
+
+- `_span_mean_pool_fwd_kernel`: one program per (batch row, tile of BLOCK_D features). It reads only the
+  span, BLOCK_L positions at a time as one `[BLOCK_L, BLOCK_D]` masked load (many independent loads in
+  flight, which is what keeps HBM busy for spans of 8-16 positions), accumulates in fp32 and stores
+  ``sum / length`` in the output dtype.
+- `_span_mean_pool_bwd_kernel`: same grid; writes ``grad_out[b] / length[b]`` into the span positions of a
+  zero-initialised `[B, L, D]` buffer (positions outside the span are never touched, they stay zero).
+
+Both stores are plain writes (no accumulation), so autotuning, which runs a kernel several times, is safe.
+Block sizes are autotuned on a GPU (keyed on D); under ``TRITON_INTERPRET=1`` or with
+``LLM2COMP_TRITON_AUTOTUNE=0`` a fixed small config is used, so CPU tests cross several D tiles and span blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backends import triton_autotune
+
+# (BLOCK_L, BLOCK_D) when not autotuning: small, so that interpreter tests with D ~ 40 and spans of a few
+# positions cover partial D tiles and several span blocks.
+_FIXED = {"BLOCK_L": 4, "BLOCK_D": 16}
+_CONFIGS = [triton.Config({"BLOCK_L": bl, "BLOCK_D": bd}, num_warps=w)
+            for bl, bd, w in [(8, 512, 4), (16, 512, 8), (8, 1024, 8), (16, 256, 4), (4, 1024, 4)]]
+
+
+@triton.jit
+def _span_mean_pool_fwd_kernel(
+    H, START, LENGTH, OUT,  # H [B, L, D] (any strides), START/LENGTH int [B], OUT [B, D] contiguous
+    stride_hb, stride_hl, stride_hd,
+    D,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_in = offs_d < D
+    start = tl.load(START + b).to(tl.int64)
+    length = tl.load(LENGTH + b).to(tl.int32)
+    base = H + b * stride_hb + start * stride_hl + offs_d[None, :] * stride_hd
+    acc = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
+    for l0 in range(0, length, BLOCK_L):
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        x = tl.load(base + offs_l[:, None].to(tl.int64) * stride_hl, mask=(offs_l < length)[:, None] & d_in[None, :],
+                    other=0.0)
+        acc += x.to(tl.float32)
+    mean = tl.sum(acc, 0) / length.to(tl.float32)
+    tl.store(OUT + b * D + offs_d, mean.to(OUT.dtype.element_ty), mask=d_in)
+
+
+@triton.jit
+def _span_mean_pool_bwd_kernel(
+    GRAD, START, LENGTH, DH,  # GRAD [B, D] (any strides), START/LENGTH int [B], DH [B, L, D] (any strides, zeros)
+    stride_gb, stride_gd,
+    stride_db, stride_dl, stride_dd,
+    D,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_in = offs_d < D
+    start = tl.load(START + b).to(tl.int64)
+    length = tl.load(LENGTH + b).to(tl.int32)
+    g = tl.load(GRAD + b * stride_gb + offs_d * stride_gd, mask=d_in, other=0.0).to(tl.float32)
+    g = (g / length.to(tl.float32)).to(DH.dtype.element_ty)
+    tile = tl.zeros([BLOCK_L, BLOCK_D], DH.dtype.element_ty) + g[None, :]
+    base = DH + b * stride_db + start * stride_dl + offs_d[None, :] * stride_dd
+    for l0 in range(0, length, BLOCK_L):
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        tl.store(base + offs_l[:, None].to(tl.int64) * stride_dl, tile,
+                 mask=(offs_l < length)[:, None] & d_in[None, :])
+
+
+_fwd_tuned = triton.autotune(_CONFIGS, key=["D"])(_span_mean_pool_fwd_kernel)
+_bwd_tuned = triton.autotune(_CONFIGS, key=["D"])(_span_mean_pool_bwd_kernel)
+
+
+def _launch(kernel, tuned, B: int, D: int, *args) -> None:
+    """One program per (batch row, BLOCK_D features)."""
+    if triton_autotune():
+        tuned[lambda meta: (B, triton.cdiv(D, meta["BLOCK_D"]))](*args)
+    else:
+        kernel[(B, triton.cdiv(D, _FIXED["BLOCK_D"]))](*args, **_FIXED)
+
+
+class _SpanMeanPoolFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, start, length):
+        B, L, D = hidden.shape
+        out = hidden.new_empty(B, D)
+        _launch(_span_mean_pool_fwd_kernel, _fwd_tuned, B, D, hidden, start, length, out, *hidden.stride(), D)
+        ctx.save_for_backward(start, length)
+        ctx.shape = (B, L, D)
+        ctx.dtype = hidden.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        start, length = ctx.saved_tensors
+        B, L, D = ctx.shape
+        # Zeros outside the spans; the kernel overwrites only the span positions.
+        dh = torch.zeros(B, L, D, device=grad_out.device, dtype=ctx.dtype)
+        _launch(_span_mean_pool_bwd_kernel, _bwd_tuned, B, D, grad_out, start, length, dh,
+                *grad_out.stride(), *dh.stride(), D)
+        return dh, None, None
+
+
+def span_mean_pool_triton(hidden: torch.Tensor, start: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """hidden `[B, L, D]` (any strides; float32/float16/bfloat16), start/length int `[B]` -> `[B, D]` in
+    hidden's dtype. Differentiable in hidden (the gradient is a contiguous `[B, L, D]`).
+
+    Arguments are assumed validated by `check_span_mean_pool`.
+    """
+    return _SpanMeanPoolFn.apply(hidden, start.contiguous(), length.contiguous())
