@@ -23,7 +23,6 @@ On CPU, ``--quick`` runs a tiny shape under the Triton interpreter to check the 
 from __future__ import annotations
 
 import inspect
-import os
 
 import torch
 import torch.nn.functional as F
@@ -159,11 +158,7 @@ def _rows_for(shape_name, inputs, providers, device, modes, extra=None):
 
 
 def run(quick: bool) -> list[dict]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda":
-        if not quick:
-            raise SystemExit("bench_attention measures on a CUDA GPU; on CPU use --quick (harness check only)")
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    device = harness.kernel_device("bench_attention", quick)
     B, Hq, Hkv, d = (32, 32, 8, 128) if not quick else (2, 4, 2, 16)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     lengths = (128, 512, 2048) if not quick else (32,)

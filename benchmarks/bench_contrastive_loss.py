@@ -21,8 +21,6 @@ CPU ``--quick`` proves the harness on a tiny shape (Triton under the interpreter
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -112,11 +110,7 @@ def _bench_shape(B, D, dtype, device, quick) -> list[dict]:
 
 
 def run(quick: bool) -> list[dict]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda":
-        if not quick:
-            raise SystemExit("bench_contrastive_loss measures on a CUDA GPU; on CPU use --quick (harness check only)")
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    device = harness.kernel_device("bench_contrastive_loss", quick)
     shapes = QUICK_SHAPES if quick else GPU_SHAPES
     rows = [r for B, D in shapes for r in _bench_shape(B, D, torch.bfloat16, device, quick)]
     harness.add_ratios(rows, "inf_cl")

@@ -26,7 +26,6 @@ recorded in the row.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -161,11 +160,7 @@ def _cpu_memory_rows() -> list[dict]:
 
 
 def run(quick: bool) -> list[dict]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda":
-        if not quick:
-            raise SystemExit("bench_linear_kl_loss measures on a CUDA GPU; on CPU use --quick (harness check only)")
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    device = harness.kernel_device("bench_linear_kl_loss", quick)
     if quick:
         rows = _bench_shape(64, 32, 1000, torch.float32, device, quick=True)
         if device.type != "cuda":

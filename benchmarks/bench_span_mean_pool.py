@@ -13,8 +13,6 @@ CPU ``--quick`` proves the harness on a tiny shape (Triton under the interpreter
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from benchmarks import harness
@@ -88,11 +86,7 @@ def _bench_shape(B, L, D, span, dtype, device, copy_gbps, quick) -> list[dict]:
 
 
 def run(quick: bool) -> list[dict]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda":
-        if not quick:
-            raise SystemExit("bench_span_mean_pool measures on a CUDA GPU; on CPU use --quick (harness check only)")
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    device = harness.kernel_device("bench_span_mean_pool", quick)
     copy_gbps = _copy_gbps(device, quick)
     rows = [{"op": OP, "mode": "copy", "shape": "1 GiB" if not quick else "1 MiB", "dtype": "bfloat16",
              "provider": "copy_", "gbps": copy_gbps, **({"status": CPU_NOTE} if quick else {})}]

@@ -57,6 +57,19 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup_ms: 
     return {"ms": statistics.median(times), "ms_p20": q[0], "ms_p80": q[3], "process_peak_rss_mib": peak}
 
 
+def kernel_device(name: str, quick: bool) -> torch.device:
+    """The device a kernel benchmark runs on: CUDA, or the CPU interpreter under `--quick` only.
+
+    The triton kernels need ``TRITON_INTERPRET=1`` on the CPU; it must be set before they are imported.
+    """
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if not quick:
+        raise SystemExit(f"{name} measures on a CUDA GPU; on CPU use --quick (harness check only)")
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    return torch.device("cpu")
+
+
 def not_installed(row: dict, package: str) -> dict:
     """A row recording that a peer could not be measured, instead of a crash or a made-up figure."""
     return {**row, "status": f"not installed ({package})"}
@@ -100,8 +113,8 @@ def environment() -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    keys = [k for k in ("op", "mode", "shape", "dtype", "provider", "ms", "tflops", "gbps", "peak_mem_mib",
-                        "process_peak_rss_mib", "status") if any(k in r for r in rows)]
+    keys = [k for k in ("op", "mode", "shape", "dtype", "provider", "ms", "tflops", "gbps", "texts_per_s",
+                        "tokens_per_s", "peak_mem_mib", "process_peak_rss_mib", "status") if any(k in r for r in rows)]
     keys += sorted({k for r in rows for k in r if k.startswith("vs_")})
     def cell(v):
         return f"{v:.3f}" if isinstance(v, float) else str(v)

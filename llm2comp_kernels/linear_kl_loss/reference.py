@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._autograd import GradsFromForward
+
 
 @dataclass(frozen=True)
 class KLOptions:
@@ -18,7 +20,7 @@ class KLOptions:
     needs_grad: bool
 
 
-class _LinearKLTorchFn(torch.autograd.Function):
+class _LinearKLTorchFn(GradsFromForward):
     @staticmethod
     def forward(ctx, student, teacher, weight, rows, opts: KLOptions):
         compute = torch.float64 if student.dtype == torch.float64 else torch.float32
@@ -48,15 +50,6 @@ class _LinearKLTorchFn(torch.autograd.Function):
             grad_weight.to(weight.dtype) if grad_weight is not None else None,
         )
         return loss.to(student.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_student, grad_weight = ctx.saved_tensors
-        if grad_student is not None:
-            grad_student = grad_student * grad_loss
-        if grad_weight is not None:
-            grad_weight = grad_weight * grad_loss
-        return grad_student, None, grad_weight, None, None
 
 
 def selected_rows(mask: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:

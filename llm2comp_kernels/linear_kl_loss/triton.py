@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._autograd import GradsFromForward
+
 # Largest V block a program holds in registers per pass (two loads of this many fp32 lanes).
 _MAX_BLOCK_V = 4096
 
@@ -96,7 +98,7 @@ class _KLParams:
     needs_grad: bool
 
 
-class _LinearKLTritonFn(torch.autograd.Function):
+class _LinearKLTritonFn(GradsFromForward):
     @staticmethod
     def forward(ctx, student, teacher, weight, rows, params: _KLParams):
         n = rows.numel()
@@ -127,15 +129,6 @@ class _LinearKLTritonFn(torch.autograd.Function):
         loss = kl.sum() / n if n > 0 else kl.sum()
         ctx.save_for_backward(grad_student, grad_weight.to(weight.dtype) if grad_weight is not None else None)
         return loss.to(student.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_student, grad_weight = ctx.saved_tensors
-        if grad_student is not None:
-            grad_student = grad_student * grad_loss
-        if grad_weight is not None:
-            grad_weight = grad_weight * grad_loss
-        return grad_student, None, grad_weight, None, None
 
 
 def linear_kl_loss_triton(student_hidden, teacher_hidden, weight, mask, temperature: float,
