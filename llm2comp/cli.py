@@ -1,0 +1,158 @@
+"""The ``llm2comp`` command: ``encode``, ``eval``, ``train``, ``demo``, ``bench``.
+
+Subcommands come from `COMMANDS`: ``(name, "module:function")``, where the function takes the
+argparse subparsers object, adds its parser and sets ``func`` (called with the parsed namespace;
+a non-zero int return is the exit code). Modules are imported when the parser is built; one that
+cannot be imported is listed as unavailable (with the reason) instead of breaking ``--help``.
+Heavy imports (torch, transformers) happen inside the ``func`` handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+COMMANDS = [
+    ("encode", "llm2comp.cli:add_encode_parser"),
+    ("eval", "llm2comp.cli:add_eval_parser"),
+    ("train", "llm2comp.training.cli:add_train_parser"),
+    ("demo", "llm2comp.training.cli:add_demo_parser"),
+    ("bench", "llm2comp.cli:add_bench_parser"),
+]
+POOLINGS = ("memory", "mean", "last")
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="LLM2Comp directory, transformers model (hub id or local dir) or smollm2-135m")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model, for GGUF checkpoints")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--batch-size", type=int, default=16)
+
+
+def _load(args: argparse.Namespace):
+    import torch
+
+    from .model import LLM2Comp
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    return LLM2Comp.from_pretrained(args.model, device=device, **extra)
+
+
+def _run_encode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    texts = list(args.texts)
+    if args.input:
+        texts += [line.rstrip("\n") for line in Path(args.input).read_text(encoding="utf-8").splitlines()
+                  if line.strip()]
+    if not texts:
+        print("llm2comp encode: no texts (give them as arguments or with --input)", file=sys.stderr)
+        return 2
+    emb = _load(args).encode(texts, instruction=args.instruction, batch_size=args.batch_size,
+                             max_length=args.max_length, pooling=args.pooling,
+                             normalize_embeddings=args.normalize)
+    if args.output:
+        np.save(args.output, emb)
+        print(f"wrote {emb.shape[0]} x {emb.shape[1]} float32 embeddings to {args.output}")
+    else:
+        for row in emb:
+            print(json.dumps([round(float(x), 6) for x in row]))
+    return 0
+
+
+def add_encode_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("encode", help="embed texts (one JSON list per line, or a .npy file)")
+    _add_model_args(parser)
+    parser.add_argument("texts", nargs="*", help="texts to embed")
+    parser.add_argument("--input", help="file with one text per line")
+    parser.add_argument("--output", help="write a float32 [n, D] .npy file instead of printing")
+    parser.add_argument("--instruction", default=None, help="prefix for every text, e.g. 'Query: '")
+    parser.add_argument("--pooling", choices=POOLINGS, default=None, help="default: the model's (memory)")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
+    parser.set_defaults(func=_run_encode)
+    return parser
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_lee
+
+    model = _load(args)
+    poolings = POOLINGS if args.pooling == "all" else (args.pooling,)
+    print(f"Lee benchmark (1225 pairs), model {args.model}")
+    print(f"{'pooling':<8} {'pearson':>8} {'spearman':>9}")
+    for pooling in poolings:
+        scores = evaluate_lee(model, data_dir=args.data_dir, pooling=pooling, batch_size=args.batch_size)
+        print(f"{pooling:<8} {scores['pearson']:>8.4f} {scores['spearman']:>9.4f}", flush=True)
+    return 0
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("eval", help="Lee document similarity benchmark (Pearson / Spearman)")
+    _add_model_args(parser)
+    parser.add_argument("--pooling", choices=(*POOLINGS, "all"), default="memory")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with lee.cor, similarities0-1.txt (default: ../shared/data/lee or gensim)")
+    parser.set_defaults(func=_run_eval)
+    return parser
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    checkout = Path(__file__).resolve().parents[1]
+    if not (checkout / "benchmarks" / "__main__.py").is_file():
+        print(f"llm2comp bench: no benchmarks/ next to {checkout / 'llm2comp'}; the benchmarks ship with the "
+              "repository checkout (install it editable: pip install -e .)", file=sys.stderr)
+        return 2
+    # An installed script does not have the checkout on sys.path; benchmarks/ is not a package we install.
+    sys.path.insert(0, str(checkout))
+    from benchmarks.__main__ import main as bench_main
+    return bench_main(args.bench_args)
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("bench", help="kernel benchmarks (python -m benchmarks, from a checkout)",
+                                   add_help=False)
+    # Its arguments (--quick, --only, ...) pass through unparsed: see `main`.
+    parser.set_defaults(func=_run_bench, passthrough=True)
+    return parser
+
+
+def _mark_unavailable(subparsers, name: str, reason: str) -> None:
+    """Register `name` (or take over its half-built parser) as a command that explains why it cannot run."""
+    def run(_: argparse.Namespace) -> int:
+        print(f"llm2comp {name} is unavailable: {reason}", file=sys.stderr)
+        return 2
+
+    parser = subparsers.choices.get(name) or subparsers.add_parser(name, help=f"(unavailable: {reason})")
+    parser.set_defaults(func=run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm2comp", description="LLM2Comp text encoders on fused kernels")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, target in COMMANDS:
+        module_name, function = target.split(":")
+        try:
+            getattr(importlib.import_module(module_name), function)(subparsers)
+        except (ImportError, AttributeError) as e:
+            _mark_unavailable(subparsers, name, f"{target} could not be loaded: {e}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "passthrough", False):
+        args.bench_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The Lee document similarity benchmark (Lee, Pincombe & Welsh, 2005).
+
+50 news documents (``lee.cor``), a 50 x 50 matrix of mean human similarity ratings in [0, 1]
+(``similarities0-1.txt``; the 1225 pairs i < j are scored) and 300 background documents from the
+same source (``lee_background.cor``). Files are read from, in order: an explicit directory,
+``../shared/data/lee`` next to the repository checkout, or the `gensim` wheel (fetched with
+``pip download --no-deps`` into the llm2comp cache and read from the zip, never installed).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..default_model import cache_dir, pip_download
+
+FILES = ("lee.cor", "lee_background.cor", "similarities0-1.txt")
+WHEEL_DIR = "gensim/test/test_data/"
+REPO_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "lee"
+
+__all__ = ["LeeBenchmark", "lee_background_documents", "lee_files", "load_lee"]
+
+
+@dataclass(frozen=True)
+class LeeBenchmark:
+    """documents: the 50 texts; pairs: ``(i, j)`` with i < j (1225); ratings: human rating per pair."""
+
+    documents: list[str]
+    pairs: list[tuple[int, int]]
+    ratings: list[float]
+
+
+def lee_files(data_dir: str | Path | None = None) -> dict[str, str]:
+    """The three files' contents by name, from `data_dir`, the repository's shared data or the gensim wheel."""
+    for directory in ([Path(data_dir)] if data_dir is not None else [REPO_DATA_DIR]):
+        if all((directory / f).is_file() for f in FILES):
+            return {f: (directory / f).read_text(encoding="utf-8", errors="replace") for f in FILES}
+        if data_dir is not None:
+            raise FileNotFoundError(f"{directory} lacks one of {FILES}")
+    with zipfile.ZipFile(pip_download("gensim", cache_dir() / "wheels")) as zf:
+        return {f: zf.read(WHEEL_DIR + f).decode("utf-8", errors="replace") for f in FILES}
+
+
+def _documents(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def load_lee(data_dir: str | Path | None = None) -> LeeBenchmark:
+    """The 50 documents and the 1225 rated pairs i < j."""
+    files = lee_files(data_dir)
+    documents = _documents(files["lee.cor"])
+    matrix = [[float(x) for x in line.split()] for line in files["similarities0-1.txt"].splitlines() if line.strip()]
+    n = len(documents)
+    if len(matrix) != n or any(len(row) != n for row in matrix):
+        raise ValueError(f"Lee data: {n} documents but a {len(matrix)}-row similarity matrix")
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    return LeeBenchmark(documents, pairs, [matrix[i][j] for i, j in pairs])
+
+
+def lee_background_documents(data_dir: str | Path | None = None) -> list[str]:
+    """The 300 background documents of ``lee_background.cor`` (one per line)."""
+    return _documents(lee_files(data_dir)["lee_background.cor"])

@@ -1,0 +1,100 @@
+"""`encode` for `LLM2Comp`, with sentence-transformers semantics.
+
+Texts are sorted longest first (so each batch pads little and the first batch shows the peak
+memory), embedded in inference mode (bf16 autocast on GPU when the model is float32) and put back
+in input order.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["encode_texts"]
+
+PROGRESS_BAR_MIN_BATCHES = 5
+
+
+def _check_sentences(sentences) -> tuple[list[str], bool]:
+    single = isinstance(sentences, str)
+    texts = [sentences] if single else sentences
+    if not isinstance(texts, Sequence):
+        raise TypeError(f"sentences must be a str or a sequence of str, got {type(sentences).__name__}")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"sentences[{i}] is {type(t).__name__}, expected str")
+        if not t.strip():
+            raise ValueError(f"sentences[{i}] is empty or whitespace only; it has nothing to encode")
+    return texts, single
+
+
+def encode_texts(model, sentences: str | Sequence[str], *, instruction: str | None = None, batch_size: int = 32,
+                 max_length: int = 512, pooling: str | None = None, normalize_embeddings: bool = False,
+                 convert_to_numpy: bool = True, convert_to_tensor: bool = False,
+                 show_progress_bar: bool | None = None, device: torch.device | str | None = None):
+    """Embed `sentences` with an `LLM2Comp` model.
+
+    Args:
+        model: the `LLM2Comp` model.
+        sentences: one str (returns `[D]`) or a sequence of n str (returns `[n, D]`; n = 0 gives `[0, D]`).
+        instruction: prefix for every text (e.g. ``"Instruct: ...\\nQuery: "``), excluded from mean pooling.
+        batch_size: texts per forward.
+        max_length: tokens per row, including BOS, instruction and memory tokens (texts are truncated).
+        pooling: ``"memory"``, ``"mean"`` or ``"last"``; default the model's.
+        normalize_embeddings: L2-normalise each embedding.
+        convert_to_numpy, convert_to_tensor: float32 numpy array (default) or torch tensor on the model's
+            device (convert_to_tensor wins); otherwise a list of 1-D tensors (one tensor for a str).
+        show_progress_bar: tqdm bar; None shows it for 5 or more batches.
+        device: move the model there first.
+    """
+    texts, single = _check_sentences(sentences)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if device is not None:
+        model.to(device)
+    device = model.device
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    starts = range(0, len(texts), batch_size)
+    if show_progress_bar is None:
+        show_progress_bar = len(starts) >= PROGRESS_BAR_MIN_BATCHES
+    if show_progress_bar:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc="Batches", unit="batch")
+    param_dtype = next(model.parameters()).dtype
+    autocast = device.type == "cuda" and param_dtype == torch.float32
+    was_training = model.training
+    model.eval()
+    chunks = []
+    try:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            for s in starts:
+                batch = model.tokenize([texts[i] for i in order[s:s + batch_size]], instruction, max_length)
+                emb = model(**{k: v.to(device) for k, v in batch.items()}, pooling=pooling).float()
+                if normalize_embeddings:
+                    emb = torch.nn.functional.normalize(emb, dim=-1)
+                chunks.append(emb)
+    finally:
+        model.train(was_training)
+    out = torch.cat(chunks) if chunks else torch.zeros(0, model.hidden_size, device=device)
+    out = out[torch.as_tensor(np.argsort(order), dtype=torch.long, device=device)] if chunks else out
+    if single:
+        out = out[0]
+    if convert_to_tensor or (single and not convert_to_numpy):
+        return out
+    if convert_to_numpy:
+        return out.cpu().numpy()
+    return list(out)
+
+
+ENCODE_OPTIONS = tuple(p for p in inspect.signature(encode_texts).parameters if p not in ("model", "sentences"))
+
+
+def check_encode_kwargs(kwargs: dict) -> None:
+    """Raise TypeError naming unknown `encode` keyword arguments and listing the valid ones."""
+    unknown = sorted(set(kwargs) - set(ENCODE_OPTIONS))
+    if unknown:
+        raise TypeError(f"encode() got unknown keyword arguments {unknown}; valid: {', '.join(ENCODE_OPTIONS)}")

@@ -1,0 +1,138 @@
+"""LLM2Comp inside other libraries: a sentence-transformers module and an MTEB encoder.
+
+- `LLM2CompModule`: a sentence-transformers input module around an `LLM2Comp`. Every LLM2Comp
+  directory written by `LLM2Comp.save_pretrained` also carries a ``modules.json`` naming this
+  class, so ``SentenceTransformer(directory, trust_remote_code=True)`` loads it and its ``encode`` gives the same
+  embeddings as `LLM2Comp.encode` (prompts become the instruction, kept out of mean pooling).
+- `MTEBEncoder`: the MTEB 2.x encoder protocol, with E5-style per-task instructions
+  (``Instruct: {task}\\nQuery: {text}`` for queries and symmetric tasks, none for documents).
+
+Importing this module needs sentence-transformers; mteb is imported only for `MTEBEncoder.mteb_model_meta`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.modules.input_module import InputModule
+
+from .model import LLM2Comp
+
+__all__ = ["LLM2CompModule", "MTEBEncoder", "e5_instruction", "sentence_transformer"]
+
+E5_TEMPLATE = "Instruct: {task}\nQuery: "
+
+
+class LLM2CompModule(InputModule):
+    """sentence-transformers module: texts -> ``features["sentence_embedding"]`` `[B, D]` from an `LLM2Comp`.
+
+    Saved in the model root, as the LLM2Comp directory itself (config JSON, tokenizer, adapter).
+    """
+
+    save_in_root = True
+
+    def __init__(self, encoder: LLM2Comp, max_seq_length: int = 512):
+        super().__init__()
+        self.encoder = encoder
+        self.max_seq_length = max_seq_length
+
+    @property
+    def tokenizer(self):
+        return self.encoder.tokenizer
+
+    def preprocess(self, inputs: list[str], prompt: str | None = None, **_: Any) -> dict[str, torch.Tensor]:
+        """`LLM2Comp.tokenize` with the prompt as instruction."""
+        return self.encoder.tokenize(inputs, instruction=prompt or None, max_length=self.max_seq_length)
+
+    def forward(self, features: dict[str, torch.Tensor], **_: Any) -> dict[str, torch.Tensor]:
+        names = ("input_ids", "attention_mask", "seq_lens", "memory_start", "text_start")
+        features["sentence_embedding"] = self.encoder(**{k: features[k] for k in names})
+        return features
+
+    def get_embedding_dimension(self) -> int:
+        return self.encoder.hidden_size
+
+    def save(self, output_path: str, *_: Any, **__: Any) -> None:
+        self.encoder.save_pretrained(output_path)
+
+    @classmethod
+    def load(cls, model_name_or_path: str, subfolder: str = "", **_: Any) -> LLM2CompModule:
+        return cls(LLM2Comp.from_pretrained(str(Path(model_name_or_path) / subfolder)))
+
+
+def sentence_transformer(encoder: LLM2Comp, max_seq_length: int = 512):
+    """A `SentenceTransformer` running `encoder` (shares its weights)."""
+    return SentenceTransformer(modules=[LLM2CompModule(encoder, max_seq_length)], device=str(encoder.device))
+
+
+def e5_instruction(task: str) -> str:
+    """``"Instruct: {task}\\nQuery: "``, the E5-mistral / LLM2Vec instruction prefix."""
+    return E5_TEMPLATE.format(task=task)
+
+
+class MTEBEncoder:
+    """MTEB 2.x encoder (``mteb.models.EncoderProtocol``) for an `LLM2Comp` model.
+
+    Args:
+        model_name: an LLM2Comp directory or any name `LLM2Comp.from_pretrained` takes; or pass `model`.
+        revision: recorded in the model metadata only.
+        device: where to run.
+        model: an already loaded `LLM2Comp` (then `model_name` is only its name).
+        instructions: task name -> task description for the instruction; tasks not listed use
+            their MTEB description.
+        batch_size, max_length: `LLM2Comp.encode` settings.
+    """
+
+    def __init__(self, model_name: str, revision: str | None = None, *, device: str | None = None,
+                 model: LLM2Comp | None = None, instructions: dict[str, str] | None = None,
+                 batch_size: int = 32, max_length: int = 512):
+        self.model = model if model is not None else LLM2Comp.from_pretrained(model_name, device=device)
+        if device is not None:
+            self.model.to(device)
+        self.model_name, self.revision = model_name, revision
+        self.instructions = dict(instructions or {})
+        self.batch_size, self.max_length = batch_size, max_length
+
+    def instruction(self, task_metadata, prompt_type=None) -> str | None:
+        """E5-style instruction for a task, or None for the document side of retrieval-like tasks."""
+        if prompt_type is not None and str(getattr(prompt_type, "value", prompt_type)) == "document":
+            return None
+        task = self.instructions.get(task_metadata.name) or task_metadata.description
+        return e5_instruction(task.strip())
+
+    def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None,
+               **kwargs: Any) -> np.ndarray:
+        """Embed every ``"text"`` of the batches in `inputs` (an MTEB DataLoader) -> float32 `[n, D]`."""
+        texts = [text for batch in inputs for text in batch["text"]]
+        return self.model.encode(texts, instruction=self.instruction(task_metadata, prompt_type),
+                                 batch_size=kwargs.get("batch_size", self.batch_size), max_length=self.max_length,
+                                 show_progress_bar=kwargs.get("show_progress_bar"))
+
+    def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
+        """Cosine similarity matrix `[n1, n2]`."""
+        a = torch.nn.functional.normalize(torch.as_tensor(np.asarray(embeddings1), dtype=torch.float32), dim=-1)
+        b = torch.nn.functional.normalize(torch.as_tensor(np.asarray(embeddings2), dtype=torch.float32), dim=-1)
+        return a @ b.T
+
+    def similarity_pairwise(self, embeddings1, embeddings2) -> torch.Tensor:
+        """Cosine similarity of matching rows `[n]`."""
+        a = torch.as_tensor(np.asarray(embeddings1), dtype=torch.float32)
+        b = torch.as_tensor(np.asarray(embeddings2), dtype=torch.float32)
+        return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+
+    @property
+    def mteb_model_meta(self):
+        from mteb.models.model_meta import ModelMeta, ScoringFunction
+
+        base = self.model.model.get_base_model()
+        return ModelMeta(loader=None, name=self.model_name if "/" in self.model_name else f"llm2comp/{self.model_name}",
+                         revision=self.revision, release_date=None, languages=None,
+                         n_parameters=sum(p.numel() for p in base.parameters()), memory_usage_mb=None,
+                         max_tokens=self.max_length, embed_dim=self.model.hidden_size, license=None,
+                         open_weights=True, public_training_code=None, public_training_data=None,
+                         similarity_fn_name=ScoringFunction.COSINE, framework=["PyTorch"], reference=None,
+                         use_instructions=True, training_datasets=None)

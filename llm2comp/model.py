@@ -1,0 +1,251 @@
+"""`LLM2Comp`: a decoder LLM turned text encoder (bidirectional attention, LoRA, M memory tokens).
+
+Data flow: texts -> `tokenize` (BOS, optional instruction, text, M memory tokens, right padding)
+-> the patched decoder body (`memory_attention` in every layer) -> `span_mean_pool` over the
+memory span of the last hidden states -> `[B, D]`.
+
+A saved directory holds ``llm2comp_config.json`` (base model reference, M, token ids, LoRA
+settings, pooling), the tokenizer, the peft adapter (LoRA weights and the memory-token rows,
+safetensors) and a ``modules.json`` so that sentence-transformers loads it too;
+`merge_and_save` writes a standalone merged model instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llm2comp_kernels import span_mean_pool
+
+from .bidirectional import patch_bidirectional, unpatch_bidirectional
+from .default_model import DEFAULT_MODEL, default_model_files, is_default_model
+from .encode import check_encode_kwargs, encode_texts
+from .memory_tokens import add_memory_tokens, init_memory_rows
+
+CONFIG_NAME = "llm2comp_config.json"
+POOLINGS = ("memory", "mean", "last")
+# Lets ``SentenceTransformer(directory, trust_remote_code=True)`` load a saved model through
+# `llm2comp.interop.LLM2CompModule` (a class outside sentence-transformers, hence trust_remote_code).
+ST_MODULES = [{"idx": 0, "name": "0", "path": "", "type": "llm2comp.interop.LLM2CompModule"}]
+LORA_TARGETS = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+__all__ = ["CONFIG_NAME", "LLM2Comp", "POOLINGS"]
+
+
+def _load_base(name_or_path: str, dtype, hf_kwargs: dict):
+    """Tokenizer and causal LM for a hub id, a local directory, or the default model."""
+    reference = {"name_or_path": name_or_path, **{k: v for k, v in hf_kwargs.items() if k == "gguf_file"}}
+    if is_default_model(name_or_path):
+        directory, gguf_file = default_model_files()
+        name_or_path, hf_kwargs = str(directory), {**hf_kwargs, "gguf_file": gguf_file}
+    elif Path(name_or_path).exists():
+        reference["name_or_path"] = str(Path(name_or_path).resolve())
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hf_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **hf_kwargs)
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, model, reference
+
+
+def _lora_config(model, memory_token_ids, rank, alpha, dropout, targets) -> LoraConfig:
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    found = [t for t in targets if t in present]
+    if not found:
+        raise ValueError(f"none of the LoRA target modules {list(targets)} exist in {type(model).__name__}")
+    # trainable_token_indices: the memory rows become adapter parameters (tied LM head included),
+    # the rest of the embedding stays frozen.
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=found,
+                      trainable_token_indices=list(memory_token_ids), task_type="CAUSAL_LM")
+
+
+class LLM2Comp(torch.nn.Module):
+    """Text encoder: a peft-wrapped causal LM with bidirectional attention and memory tokens.
+
+    Attributes for training code: ``model`` (the peft model; its LM head is the frozen decoder's),
+    ``tokenizer``, ``memory_token_ids``, ``num_memory_tokens``, ``pooling``, `backbone()`,
+    `lm_head`, `hidden_states()`.
+    """
+
+    def __init__(self, model: PeftModel, tokenizer, memory_token_ids: Sequence[int], *, pooling: str = "memory",
+                 base_reference: dict | None = None):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.memory_token_ids = list(memory_token_ids)
+        self.num_memory_tokens = len(self.memory_token_ids)
+        self.pooling = pooling
+        self.base_reference = base_reference or {}
+        bos = tokenizer.bos_token_id
+        self._bos = [bos] if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else []
+
+    # ----------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, num_memory_tokens: int = 8, lora_rank: int = 16,
+                        lora_alpha: int = 32, lora_dropout: float = 0.05, lora_targets: Sequence[str] = LORA_TARGETS,
+                        pooling: str | None = None, dtype: torch.dtype | str | None = None,
+                        device: torch.device | str | None = None, backend: str = "auto",
+                        **hf_kwargs) -> LLM2Comp:
+        """Load a decoder (hub id, local dir, ``gguf_file=``, or the default) or a saved LLM2Comp directory.
+
+        A new model gets `num_memory_tokens` memory tokens and fresh LoRA adapters (rank, alpha,
+        dropout, targets present in the model). A saved LLM2Comp directory (it holds
+        ``llm2comp_config.json``) restores its own settings; the LoRA arguments then apply only to
+        a merged directory, which gets fresh adapters on top. `backend` picks the
+        `memory_attention` backend; `hf_kwargs` go to transformers' ``from_pretrained``.
+        """
+        config_file = Path(name_or_path) / CONFIG_NAME
+        if config_file.is_file():
+            saved = json.loads(config_file.read_text())
+            pooling = pooling or saved["pooling"]
+            if saved["merged"]:
+                tokenizer, base, reference = _load_base(name_or_path, dtype, hf_kwargs)
+                ids = saved["memory_token_ids"]
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+                ref = dict(saved["base_model"])
+                _, base, reference = _load_base(ref.pop("name_or_path"), dtype, {**ref, **hf_kwargs})
+                init_memory_rows(base, tokenizer, saved["memory_token_ids"])
+                patch_bidirectional(base, backend=backend)
+                model = PeftModel.from_pretrained(base, name_or_path, is_trainable=True)
+                return cls(model, tokenizer, saved["memory_token_ids"], pooling=pooling,
+                           base_reference=reference)._to(device)
+        else:
+            tokenizer, base, reference = _load_base(name_or_path, dtype, hf_kwargs)
+            ids = add_memory_tokens(base, tokenizer, num_memory_tokens)
+        patch_bidirectional(base, backend=backend)
+        lora = _lora_config(base, ids, lora_rank, lora_alpha, lora_dropout, lora_targets)
+        model = get_peft_model(base, lora)
+        return cls(model, tokenizer, ids, pooling=pooling or "memory", base_reference=reference)._to(device)
+
+    def _to(self, device: torch.device | str | None) -> LLM2Comp:
+        return self if device is None else self.to(device)
+
+    # ----------------------------------------------------------------------------- saving
+    def _config(self, merged: bool) -> dict:
+        lora = self.model.peft_config["default"]
+        return {"format": "llm2comp", "version": 1, "merged": merged,
+                "base_model": None if merged else self.base_reference,
+                "num_memory_tokens": self.num_memory_tokens, "memory_token_ids": self.memory_token_ids,
+                "pooling": self.pooling,
+                "lora": {"rank": lora.r, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout,
+                         "targets": sorted(lora.target_modules)}}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config JSON, tokenizer and adapter (LoRA + memory-token rows) as safetensors."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        # save_embedding_layers=False: the memory rows are saved as trainable-token parameters; the
+        # base embedding is reloaded from the base model.
+        self.model.save_pretrained(directory, safe_serialization=True, save_embedding_layers=False)
+        self.tokenizer.save_pretrained(directory)
+        self._write_configs(directory, merged=False)
+
+    def merge_and_save(self, directory: str | Path) -> None:
+        """Write a standalone model with the adapters merged in (copies the model in memory once)."""
+        directory = Path(directory)
+        merged = copy.deepcopy(self.model).merge_and_unload()
+        unpatch_bidirectional(merged)
+        merged.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        self._write_configs(directory, merged=True)
+
+    def _write_configs(self, directory: Path, merged: bool) -> None:
+        (directory / CONFIG_NAME).write_text(json.dumps(self._config(merged), indent=2))
+        (directory / "modules.json").write_text(json.dumps(ST_MODULES, indent=2))
+
+    # ----------------------------------------------------------------------------- modules
+    def backbone(self) -> torch.nn.Module:
+        """The transformer body (embeddings + layers + final norm), returning hidden states."""
+        return self.model.get_base_model().get_decoder()
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        """The LM head (output embeddings) of the base model."""
+        return self.model.get_base_model().get_output_embeddings()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_base_model().config.hidden_size
+
+    def hidden_states(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Last hidden states `[B, L, D]` of the body for right-padded `[B, L]` inputs (no logits)."""
+        out = self.backbone()(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                              use_cache=False)
+        return out.last_hidden_state
+
+    # ----------------------------------------------------------------------------- encoding
+    def tokenize(self, texts: Sequence[str], instruction: str | None = None,
+                 max_length: int = 512) -> dict[str, torch.Tensor]:
+        """Token ids ``[BOS] instruction text <mem_0..M-1> <pad>...`` (right padded), on CPU.
+
+        Texts are truncated so the whole row fits `max_length`. Returns int64 tensors
+        ``input_ids`` / ``attention_mask`` `[B, L]` and int64 `[B]` ``seq_lens`` (real tokens),
+        ``memory_start`` (first memory token) and ``text_start`` (first text token, after the
+        BOS and instruction).
+        """
+        tok = self.tokenizer
+        prefix = self._bos + (tok(instruction, add_special_tokens=False)["input_ids"] if instruction else [])
+        budget = max_length - len(prefix) - self.num_memory_tokens
+        if budget < 1:
+            raise ValueError(f"max_length={max_length} leaves no room for text after {len(prefix)} prefix and "
+                             f"{self.num_memory_tokens} memory tokens")
+        rows = []
+        for i, ids in enumerate(tok(list(texts), add_special_tokens=False)["input_ids"]):
+            if not ids:
+                raise ValueError(f"text {i} ({texts[i]!r}) has no tokens")
+            rows.append(prefix + ids[:budget] + self.memory_token_ids)
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id
+        input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
+        seq_lens = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        attention_mask = (torch.arange(width)[None, :] < seq_lens[:, None]).long()
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "seq_lens": seq_lens,
+                "memory_start": seq_lens - self.num_memory_tokens,
+                "text_start": torch.full_like(seq_lens, len(prefix))}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seq_lens: torch.Tensor,
+                memory_start: torch.Tensor, text_start: torch.Tensor | None = None,
+                pooling: str | None = None) -> torch.Tensor:
+        """Embeddings `[B, D]` (hidden dtype) of a `tokenize` batch.
+
+        pooling: ``"memory"`` (mean over the memory span ``memory_start .. seq_lens-1``), ``"mean"``
+        (text tokens ``text_start .. memory_start-1``) or ``"last"`` (the last text token);
+        default `self.pooling`.
+        """
+        pooling = pooling or self.pooling
+        hidden = self.hidden_states(input_ids=input_ids, attention_mask=attention_mask)
+        if pooling == "memory":
+            start, length = memory_start, seq_lens - memory_start
+        elif pooling == "mean":
+            start = text_start if text_start is not None else torch.zeros_like(memory_start)
+            length = memory_start - start
+        elif pooling == "last":
+            start, length = memory_start - 1, torch.ones_like(memory_start)
+        else:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        return span_mean_pool(hidden, start, length)
+
+    def encode(self, sentences: str | Sequence[str], **kwargs):
+        """Embed texts, sentence-transformers style: str -> `[D]`, list -> `[n, D]` (float32).
+
+        Keyword arguments: instruction, batch_size (32), max_length (512), pooling,
+        normalize_embeddings (False), convert_to_numpy (True), convert_to_tensor (False),
+        show_progress_bar (None: on when there are more than 4 batches), device. See
+        `llm2comp.encode.encode_texts`.
+        """
+        check_encode_kwargs(kwargs)
+        return encode_texts(self, sentences, **kwargs)

@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+
+from llm2comp.interop import MTEBEncoder, e5_instruction, sentence_transformer
+
+TEXTS = ["Bushfires burned across New South Wales.", "Rain.", "The cricket team won the test match in Perth."]
+
+
+def test_sentence_transformer_matches_encode(tiny_encoder, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    st = sentence_transformer(tiny_encoder)
+    assert st.get_embedding_dimension() == 64
+    np.testing.assert_allclose(st.encode(TEXTS), tiny_encoder.encode(TEXTS), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(st.encode(TEXTS, prompt="Query: "), tiny_encoder.encode(TEXTS, instruction="Query: "),
+                               rtol=1e-5, atol=1e-6)
+    # A plain LLM2Comp directory loads as a SentenceTransformer (custom module: trust_remote_code).
+    tiny_encoder.save_pretrained(tmp_path / "enc")
+    loaded = SentenceTransformer(str(tmp_path / "enc"), trust_remote_code=True)
+    np.testing.assert_allclose(loaded.encode(TEXTS), tiny_encoder.encode(TEXTS), rtol=1e-5, atol=1e-6)
+    loaded.save(str(tmp_path / "st"))
+    again = SentenceTransformer(str(tmp_path / "st"), trust_remote_code=True)
+    np.testing.assert_allclose(again.encode(TEXTS), tiny_encoder.encode(TEXTS), rtol=1e-5, atol=1e-6)
+
+
+class _Meta:
+    name, description = "Toy", "Retrieve news about fires"
+
+
+def test_mteb_instructions(tiny_encoder):
+    enc = MTEBEncoder("tiny", model=tiny_encoder, instructions={"Toy": "Find fire reports"}, batch_size=2)
+    assert enc.instruction(_Meta, "query") == "Instruct: Find fire reports\nQuery: "
+    assert enc.instruction(_Meta, "document") is None
+    assert enc.instruction(_Meta, None) == e5_instruction("Find fire reports")
+    batches = [{"text": TEXTS[:2]}, {"text": TEXTS[2:]}]
+    out = enc.encode(batches, task_metadata=_Meta, hf_split="test", hf_subset="default", prompt_type=None)
+    np.testing.assert_allclose(out, tiny_encoder.encode(TEXTS, instruction=e5_instruction("Find fire reports")),
+                               rtol=1e-5, atol=1e-6)
+    docs = enc.encode(batches, task_metadata=_Meta, hf_split="test", hf_subset="default", prompt_type="document")
+    np.testing.assert_allclose(docs, tiny_encoder.encode(TEXTS), rtol=1e-5, atol=1e-6)
+    sim = enc.similarity(out, out)
+    assert sim.shape == (3, 3)
+    np.testing.assert_allclose(np.diag(sim.numpy()), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(enc.similarity_pairwise(out, docs).numpy(), np.diag(enc.similarity(out, docs).numpy()),
+                               rtol=1e-5)
+
+
+def test_mteb_protocol_runs_mock_tasks(tiny_encoder):
+    mteb = pytest.importorskip("mteb")
+    from mteb.mocks.mock_tasks.retrieval import MockRetrievalTask
+    from mteb.mocks.mock_tasks.sts import MockSTSTask
+    from mteb.models.models_protocols import EncoderProtocol
+
+    enc = MTEBEncoder("tiny", model=tiny_encoder)
+    assert isinstance(enc, EncoderProtocol)
+    result = mteb.evaluate(enc, [MockSTSTask(), MockRetrievalTask()], cache=None, show_progress_bar=False)
+    assert [r.task_name for r in result.task_results] == ["MockSTSTask", "MockRetrievalTask"]
+    assert all(np.isfinite(r.get_score()) for r in result.task_results)

@@ -1,0 +1,155 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from llm2comp import LLM2Comp
+from llm2comp.model import CONFIG_NAME
+from tests.utils import assert_rel_close
+
+TEXTS = ["Bushfires burned across New South Wales.", "Rain.", "The cricket team won the test match in Perth.",
+         "Shares fell on the stock market today after the bank raised interest rates.", "Fires near Sydney."]
+
+
+def _perturb(encoder, seed=1):
+    """Make LoRA and memory rows non-trivial (fresh LoRA B is zero), as after training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return encoder
+
+
+def test_tokenize_layout(tiny_encoder):
+    tok, m = tiny_encoder.tokenizer, tiny_encoder.num_memory_tokens
+    batch = tiny_encoder.tokenize(["Rain fell.", "Fires."], instruction="Query: ", max_length=64)
+    n_instr = len(tok("Query: ", add_special_tokens=False)["input_ids"])
+    for b in range(2):
+        s, ms, ts = int(batch["seq_lens"][b]), int(batch["memory_start"][b]), int(batch["text_start"][b])
+        ids = batch["input_ids"][b].tolist()
+        assert ids[0] == tok.bos_token_id and ts == 1 + n_instr
+        assert ids[ms:s] == tiny_encoder.memory_token_ids and ms == s - m
+        assert all(i == tok.pad_token_id for i in ids[s:])
+        assert batch["attention_mask"][b].tolist() == [1] * s + [0] * (len(ids) - s)
+    long = tiny_encoder.tokenize(["word " * 200], max_length=32)
+    assert long["input_ids"].shape == (1, 32) and long["input_ids"][0, -m:].tolist() == tiny_encoder.memory_token_ids
+    with pytest.raises(ValueError, match="no room"):
+        tiny_encoder.tokenize(["x"], max_length=m)
+
+
+def test_no_bos_tokenizer(tiny_dirs):
+    enc = LLM2Comp.from_pretrained(str(tiny_dirs["qwen2"]), num_memory_tokens=2, lora_rank=2)
+    batch = enc.tokenize(["Rain fell."])
+    assert int(batch["text_start"][0]) == 0
+    assert batch["input_ids"][0, 0].item() == enc.tokenizer("Rain fell.", add_special_tokens=False)["input_ids"][0]
+
+
+def test_encode_order_shapes_dtypes(tiny_encoder):
+    _perturb(tiny_encoder)
+    out = tiny_encoder.encode(TEXTS, batch_size=2)
+    assert isinstance(out, np.ndarray) and out.shape == (5, 64) and out.dtype == np.float32
+    for i, text in enumerate(TEXTS):
+        single = tiny_encoder.encode(text)
+        assert single.shape == (64,)
+        np.testing.assert_allclose(single, out[i], rtol=1e-4, atol=1e-5)  # alone == batched, order restored
+    t = tiny_encoder.encode(TEXTS, convert_to_tensor=True, normalize_embeddings=True)
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.float32
+    torch.testing.assert_close(t.norm(dim=1), torch.ones(5))
+    as_list = tiny_encoder.encode(TEXTS[:2], convert_to_numpy=False)
+    assert isinstance(as_list, list) and len(as_list) == 2 and as_list[0].shape == (64,)
+    assert tiny_encoder.encode([]).shape == (0, 64)
+    assert tiny_encoder.training  # encode restores the mode
+
+
+def test_poolings_differ_and_match_manual(tiny_encoder):
+    _perturb(tiny_encoder)
+    batch = tiny_encoder.tokenize(TEXTS[:2])
+    with torch.no_grad():
+        hidden = tiny_encoder.hidden_states(batch["input_ids"], attention_mask=batch["attention_mask"])
+        outs = {p: tiny_encoder(**batch, pooling=p) for p in ("memory", "mean", "last")}
+    for b in range(2):
+        s, ms, ts = (int(batch[k][b]) for k in ("seq_lens", "memory_start", "text_start"))
+        assert_rel_close(outs["memory"][b], hidden[b, ms:s].mean(0), tol=1e-5)
+        assert_rel_close(outs["mean"][b], hidden[b, ts:ms].mean(0), tol=1e-5)
+        assert_rel_close(outs["last"][b], hidden[b, ms - 1], tol=1e-5)
+    assert (outs["memory"] - outs["mean"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    ("", ValueError, "empty"), (["ok", "  "], ValueError, "empty"), (["ok", 3], TypeError, "int"),
+    (None, TypeError, "sequence of str"),
+])
+def test_encode_bad_inputs(tiny_encoder, bad, exc, match):
+    with pytest.raises(exc, match=match):
+        tiny_encoder.encode(bad)
+
+
+def test_encode_unknown_kwarg(tiny_encoder):
+    with pytest.raises(TypeError, match="valid: instruction, batch_size"):
+        tiny_encoder.encode(["x"], batchsize=4)
+
+
+def test_only_memory_rows_and_lora_train(tiny_encoder):
+    enc = tiny_encoder
+    trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "trainable_tokens" in n for n in trainable)
+    embed = enc.model.get_input_embeddings()
+    vocab = torch.arange(embed.weight.shape[0] if hasattr(embed, "weight") else len(enc.tokenizer))
+    before = embed(vocab).detach().clone()
+    opt = torch.optim.SGD([p for p in enc.parameters() if p.requires_grad], lr=1.0)
+    batch = enc.tokenize(TEXTS)
+    enc(**batch).square().sum().backward()
+    opt.step()
+    changed = (embed(vocab).detach() - before).abs().amax(dim=1) > 0
+    assert changed.nonzero().flatten().tolist() == enc.memory_token_ids
+
+
+def test_save_load_round_trip(tiny_encoder, tmp_path):
+    _perturb(tiny_encoder)
+    expected = tiny_encoder.encode(TEXTS)
+    tiny_encoder.save_pretrained(tmp_path / "enc")
+    files = {p.name for p in (tmp_path / "enc").iterdir()}
+    assert {CONFIG_NAME, "adapter_model.safetensors", "tokenizer.json"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    config = json.loads((tmp_path / "enc" / CONFIG_NAME).read_text())
+    assert config["num_memory_tokens"] == 4 and config["memory_token_ids"] == tiny_encoder.memory_token_ids
+    loaded = LLM2Comp.from_pretrained(str(tmp_path / "enc"))
+    np.testing.assert_allclose(loaded.encode(TEXTS), expected, rtol=1e-5, atol=1e-6)
+    # The untied LM head's memory rows (outside the adapter) are re-initialised identically.
+    torch.testing.assert_close(loaded.lm_head.weight, tiny_encoder.lm_head.weight)
+
+
+def test_merge_and_save_equivalent(tiny_encoder, tmp_path):
+    _perturb(tiny_encoder)
+    expected = tiny_encoder.encode(TEXTS)
+    tiny_encoder.merge_and_save(tmp_path / "merged")
+    loaded = LLM2Comp.from_pretrained(str(tmp_path / "merged"), lora_rank=2)
+    np.testing.assert_allclose(loaded.encode(TEXTS), expected, rtol=1e-4, atol=1e-5)
+    assert tiny_encoder.encode(TEXTS[:1]).shape == (1, 64)  # the original model is untouched
+
+
+def test_hidden_states_from_embeddings_and_causal_decoder(tiny_encoder, tiny_dirs):
+    from transformers import AutoModelForCausalLM
+
+    from llm2comp import causal_attention
+
+    _perturb(tiny_encoder)
+    batch = tiny_encoder.tokenize(TEXTS[:3])
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        by_ids = tiny_encoder.hidden_states(batch["input_ids"], attention_mask=batch["attention_mask"])
+        embeds = tiny_encoder.model.get_input_embeddings()(batch["input_ids"])
+        by_embeds = tiny_encoder.hidden_states(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
+        with tiny_encoder.model.disable_adapter(), causal_attention(tiny_encoder.model):
+            decoder = tiny_encoder.hidden_states(batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert_rel_close(by_embeds[mask], by_ids[mask], tol=1e-6)
+    assert (decoder[mask] - by_ids[mask]).abs().max() > 1e-3
+    # Adapters off + causal = the original decoder on the text positions (they never see the memory tokens).
+    original = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).eval()
+    for b in range(3):
+        n = int(batch["memory_start"][b])
+        with torch.no_grad():
+            ref = original.model(input_ids=batch["input_ids"][b:b + 1, :n], use_cache=False).last_hidden_state[0]
+        assert_rel_close(decoder[b, :n], ref, tol=1e-5)
