@@ -1,0 +1,87 @@
+"""Atomic, resumable training checkpoints.
+
+A checkpoint is a directory ``<output>/checkpoints/step-<N>/`` holding
+
+- ``trainable.safetensors``: the trainable parameters only (LoRA, memory embeddings);
+- ``state.pt``: plain state dicts of the optimizer and scheduler and the step (``torch.save`` of
+  tensors, dicts and ints only; loaded with ``weights_only=True``). The step is also the data
+  position and the random state: the trainer derives the batch order, the split points and the
+  dropout seed of every step from (seed, step, rank);
+- ``meta.json``: the step and the config, for people.
+
+It is written under a temporary name and renamed into place, so a run killed while saving
+leaves the previous checkpoint intact and never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["trainable_state", "save_checkpoint", "load_checkpoint", "latest_checkpoint"]
+
+_PREFIX = "step-"
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Name -> detached CPU copy of every parameter that requires grad."""
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(output_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, step: int, config: dict, keep: int = 2) -> Path:
+    """Write the checkpoint of `step` atomically; keep only the `keep` newest ones. Returns its path."""
+    root = Path(output_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final, tmp = root / f"{_PREFIX}{step}", root / f".tmp-{_PREFIX}{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step}
+    torch.save(state, tmp / "state.pt")
+    (tmp / "meta.json").write_text(json.dumps({"step": step, "config": config}, indent=2, default=str))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(_checkpoints(root), key=_step_of)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    return [p for p in root.glob(f"{_PREFIX}*") if p.is_dir() and p.name[len(_PREFIX):].isdigit()]
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name[len(_PREFIX):])
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under `output_dir`, or None."""
+    found = _checkpoints(Path(output_dir) / "checkpoints")
+    return max(found, key=_step_of) if found else None
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any) -> int:
+    """Restore parameters, optimizer and scheduler from `path`; returns the step."""
+    path = Path(path)
+    weights = load_file(str(path / "trainable.safetensors"))
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != expected:
+        missing, extra = sorted(expected - set(weights))[:3], sorted(set(weights) - expected)[:3]
+        raise ValueError(f"{path}: trainable parameters differ from the model's (missing {missing}, extra {extra})")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    state = torch.load(path / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"])

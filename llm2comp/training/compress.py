@@ -1,0 +1,133 @@
+"""Stage 1: compression pretraining.
+
+Each text is split at a random token into a prefix and a continuation. The encoder (LoRA,
+bidirectional, memory tokens) reads the prefix; the decoder is the same network with its
+adapters disabled and causal attention, i.e. the frozen original LLM, and reads
+``[BOS embedding, M memory hidden states, target embeddings]`` as inputs_embeds (right padded,
+positions 0, 1, ...). Position ``M + j`` of that sequence predicts target token j. Objectives:
+
+- ``kl``: KL(teacher || student) of the next-token distributions on the continuation, where the
+  teacher is the frozen LLM reading ``[BOS, prefix, continuation]`` (no grad) at the positions
+  that predict the same continuation tokens; through the LM head by `linear_kl_loss`.
+- ``nll``: cross-entropy of the continuation tokens.
+- ``reconstruct``: cross-entropy of the prefix tokens (the decoder regenerates the prefix).
+
+The step is batched: padding-aware index and mask tensors, no per-sample loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from llm2comp_kernels import linear_kl_loss
+
+from . import modeling
+from .data import DataError, TextRow, split_point
+
+__all__ = ["CompressionBatch", "make_compression_batch", "usable_rows", "compression_loss"]
+
+
+@dataclass
+class CompressionBatch:
+    encoder_inputs: dict[str, torch.Tensor]  # model.tokenize() of the prefixes (memory tokens appended)
+    targets: torch.Tensor  # int64 [B, K] tokens the decoder predicts (continuation, or prefix), right padded
+    target_mask: torch.Tensor  # bool [B, K]
+    teacher_ids: torch.Tensor  # int64 [B, 1 + T]: BOS + full text, right padded (kl only)
+    teacher_mask: torch.Tensor  # int64 [B, 1 + T] attention mask
+    teacher_start: torch.Tensor  # int64 [B]: teacher position predicting targets[:, 0] (= split)
+
+    def to(self, device: torch.device) -> CompressionBatch:
+        moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.encoder_inputs.items()}
+        return CompressionBatch(moved, *(getattr(self, f).to(device) for f in
+                                         ("targets", "target_mask", "teacher_ids", "teacher_mask", "teacher_start")))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.target_mask.sum())
+
+
+def _token_ids(tokenizer, texts: list[str], max_tokens: int) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
+                    max_length=max_tokens)
+    return enc["input_ids"], enc["offset_mapping"]
+
+
+def usable_rows(tokenizer, rows: list[TextRow], path: str, min_split: int, max_tokens: int,
+                skip_short: bool) -> tuple[list[TextRow], int]:
+    """The rows long enough to split (>= 2 * min_split tokens), and how many were dropped.
+
+    Raises DataError naming the first short row unless `skip_short`.
+    """
+    ids, _ = _token_ids(tokenizer, [r.text for r in rows], max_tokens)
+    keep = [r for r, i in zip(rows, ids) if len(i) >= 2 * min_split]
+    if len(keep) < len(rows) and not skip_short:
+        bad, n = next((r, len(i)) for r, i in zip(rows, ids) if len(i) < 2 * min_split)
+        raise DataError(f"{path}:{bad.line}: text too short to split ({n} "
+                        f"tokens, needs {2 * min_split}: --min-split {min_split} on each side); "
+                        f"{len(rows) - len(keep)} such rows (--skip-short drops them)")
+    return keep, len(rows) - len(keep)
+
+
+def _pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), value, dtype=torch.long)
+    lengths = torch.tensor([len(s) for s in seqs])
+    mask = torch.arange(width)[None, :] < lengths[:, None]
+    ids[mask] = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+    return ids, mask
+
+
+def make_compression_batch(model, texts: list[str], *, objective: str, min_split: int, max_length: int,
+                           seed: int, epoch: int, indices: list[int]) -> CompressionBatch:
+    """Split each text (split points from (seed, epoch, index), so a resumed run draws the same).
+
+    A text is cut to ``max_length - M - 1`` tokens, so the encoder input (BOS, prefix, M memory
+    tokens), the decoder input ``1 + M + targets`` and the teacher input ``1 + text`` all fit in
+    `max_length`.
+    """
+    tokenizer, m = modeling.tokenizer(model), modeling.num_memory_tokens(model)
+    ids, offsets = _token_ids(tokenizer, texts, max_length - m - 1)
+    splits = [split_point(len(i), min_split, seed, epoch, idx) for i, idx in zip(ids, indices)]
+    prefixes = [t[:off[s][0]] for t, off, s in zip(texts, offsets, splits)]
+    encoder_inputs = model.tokenize(prefixes, max_length=max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    bos = modeling.bos_token_id(tokenizer)
+    if objective == "reconstruct":
+        targets, target_mask = _pad([i[:s] for i, s in zip(ids, splits)], pad)
+    else:
+        targets, target_mask = _pad([i[s:] for i, s in zip(ids, splits)], pad)
+    teacher_ids, teacher_mask = _pad([[bos, *i] for i in ids], pad)
+    return CompressionBatch(encoder_inputs, targets, target_mask, teacher_ids, teacher_mask.long(),
+                            torch.tensor(splits))
+
+
+def compression_loss(model, batch: CompressionBatch, objective: str) -> torch.Tensor:
+    """Scalar loss of one batch (mean over target tokens); gradients reach only the trainable params."""
+    memory = modeling.memory_states(model, batch.encoder_inputs)  # [B, M, H]
+    b, m, _ = memory.shape
+    k = batch.targets.shape[1]
+    with modeling.frozen_decoder(model):
+        weight = modeling.lm_head_weight(model).detach()  # the original head: no memory rows, no gradient
+        embed = modeling.input_embeddings(model)
+        bos = torch.full((b, 1), modeling.bos_token_id(modeling.tokenizer(model)), device=memory.device)
+        targets = embed(batch.targets)
+        inputs = torch.cat([embed(bos), memory.to(targets.dtype), targets], dim=1)
+        attention = torch.cat([torch.ones(b, 1 + m, dtype=torch.long, device=memory.device),
+                               batch.target_mask.long()], dim=1)
+        hidden = modeling.decoder_hidden(model, inputs_embeds=inputs, attention_mask=attention)
+        student = hidden[:, m:m + k]  # [B, K, H]: position M + j predicts target j
+        mask = batch.target_mask.reshape(-1)
+        if objective != "kl":
+            logits = student.reshape(b * k, -1)[mask] @ weight.T
+            return F.cross_entropy(logits.float(), batch.targets.reshape(-1)[mask])
+        with torch.no_grad():
+            full = modeling.decoder_hidden(model, input_ids=batch.teacher_ids, attention_mask=batch.teacher_mask)
+            positions = (batch.teacher_start[:, None] + torch.arange(k, device=full.device)).clamp_max(
+                full.shape[1] - 1)
+            teacher = full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1]))  # [B, K, H]
+    h = student.shape[-1]
+    return linear_kl_loss(student.reshape(-1, h), teacher.reshape(-1, h).to(student.dtype), weight.to(student.dtype),
+                          mask=mask)

@@ -1,0 +1,113 @@
+"""What training needs from an `LLM2Comp` model, in one place: loading, the frozen decoder view,
+memory states, embeddings of mixed-instruction batches, dropout and checkpointing switches."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from ..bidirectional import causal_attention
+from ..model import LLM2Comp
+from .config import TrainConfig
+
+__all__ = ["load_model", "save_model", "tokenizer", "num_memory_tokens", "bos_token_id", "memory_states",
+           "frozen_decoder", "decoder_hidden", "input_embeddings", "lm_head_weight", "tokenize_mixed", "embed",
+           "set_lora_dropout", "enable_gradient_checkpointing"]
+
+
+def load_model(cfg: TrainConfig) -> LLM2Comp:
+    """`cfg.model` as an LLM2Comp model: a base model gets fresh adapters, an LLM2Comp directory its own."""
+    return LLM2Comp.from_pretrained(cfg.model, num_memory_tokens=cfg.memory_tokens, lora_rank=cfg.lora_r,
+                                    lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                    backend=cfg.attention_backend)
+
+
+def save_model(model: LLM2Comp, directory) -> None:
+    model.save_pretrained(directory)
+
+
+def tokenizer(model: LLM2Comp):
+    return model.tokenizer
+
+
+def num_memory_tokens(model: LLM2Comp) -> int:
+    return model.num_memory_tokens
+
+
+def bos_token_id(tok) -> int:
+    """The token the decoder starts from: BOS, or EOS for tokenizers without one (Qwen)."""
+    return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+
+def memory_states(model: LLM2Comp, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Last hidden states of the memory tokens, `[B, M, H]`, for a `model.tokenize` batch (encoder view)."""
+    hidden = model.hidden_states(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    positions = inputs["memory_start"][:, None] + torch.arange(model.num_memory_tokens, device=hidden.device)
+    return hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+@contextlib.contextmanager
+def frozen_decoder(model: LLM2Comp) -> Iterator[LLM2Comp]:
+    """Within the block the model is the original LLM: adapters (LoRA, memory rows) off, causal attention.
+
+    Same weights, no copy: peft's ``disable_adapter`` and the patch's causal switch.
+    """
+    with model.model.disable_adapter(), causal_attention(model.model):
+        yield model
+
+
+def decoder_hidden(model: LLM2Comp, *, attention_mask: torch.Tensor, input_ids: torch.Tensor | None = None,
+                   inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Last (final-norm) hidden states `[B, L, H]`; call inside `frozen_decoder` for the decoder."""
+    return model.hidden_states(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+
+
+def input_embeddings(model: LLM2Comp) -> torch.nn.Module:
+    return model.model.get_input_embeddings()
+
+
+def lm_head_weight(model: LLM2Comp) -> torch.Tensor:
+    return model.lm_head.weight
+
+
+def _pad_to(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+
+def tokenize_mixed(model: LLM2Comp, texts: list[str], instructions: list[str | None],
+                   max_length: int) -> dict[str, torch.Tensor]:
+    """`model.tokenize` for rows with different instructions: one call per instruction, merged in order."""
+    groups: dict[str | None, list[int]] = {}
+    for i, instruction in enumerate(instructions):
+        groups.setdefault(instruction, []).append(i)
+    if len(groups) == 1:
+        return model.tokenize(texts, next(iter(groups)), max_length)
+    parts = [model.tokenize([texts[i] for i in rows], instruction, max_length) for instruction, rows in groups.items()]
+    width = max(p["input_ids"].shape[1] for p in parts)
+    pad = {"input_ids": model.tokenizer.pad_token_id, "attention_mask": 0}
+    merged = {k: torch.cat([_pad_to(p[k], width, pad[k]) if k in pad else p[k] for p in parts]) for k in parts[0]}
+    order = torch.tensor([i for rows in groups.values() for i in rows]).argsort()
+    return {k: v[order] for k, v in merged.items()}
+
+
+def embed(model: LLM2Comp, texts: list[str], instructions: list[str | None], *,
+          max_length: int) -> tuple[torch.Tensor, int]:
+    """Embeddings `[B, D]` of `texts` (train mode: dropout on) and the number of real tokens read."""
+    inputs = {k: v.to(model.device) for k, v in tokenize_mixed(model, texts, instructions, max_length).items()}
+    return model(**inputs), int(inputs["seq_lens"].sum())
+
+
+def set_lora_dropout(model: LLM2Comp, p: float) -> None:
+    """Dropout probability `p` on every LoRA path (peft puts an Identity there when built with 0)."""
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for name in list(dropouts):
+                dropouts[name] = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
+
+
+def enable_gradient_checkpointing(model: LLM2Comp) -> None:
+    """Recompute each layer in backward (non-reentrant: gradients reach the LoRA and memory rows)."""
+    model.model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,0 +1,113 @@
+"""The three stages as data + one micro-step each; the trainer owns the loop around them.
+
+A stage reads and validates its file at construction, and `micro_step(indices, epoch, scale)`
+runs forward and backward on the examples `indices` (this rank's share of one micro-batch),
+accumulating ``scale * loss`` gradients; it returns the unscaled loss and the tokens processed.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+from . import modeling
+from .compress import compression_loss, make_compression_batch, usable_rows
+from .config import TrainConfig
+from .contrastive import embed_and_backward, in_batch_loss
+from .data import read_pairs, read_texts
+from .distributed import all_mean
+
+__all__ = ["Stage", "CompressStage", "UnsupervisedStage", "SupervisedStage", "build_stage"]
+
+
+class Stage(abc.ABC):
+    num_examples: int
+    skipped: dict[str, int]  # reason -> rows dropped, logged by the trainer
+
+    def __init__(self, cfg: TrainConfig, model, device: torch.device):
+        self.cfg, self.model, self.device = cfg, model, device
+
+    @abc.abstractmethod
+    def micro_step(self, indices: list[int], epoch: int, scale: float) -> tuple[float, int]:
+        """Forward and backward of ``scale * loss`` on examples `indices`; (unscaled loss, tokens read)."""
+
+
+class CompressStage(Stage):
+    def __init__(self, cfg: TrainConfig, model, device: torch.device):
+        super().__init__(cfg, model, device)
+        rows, blank = read_texts(cfg.data)
+        max_tokens = cfg.max_length - modeling.num_memory_tokens(model) - 1
+        self.rows, short = usable_rows(modeling.tokenizer(model), rows, cfg.data, cfg.min_split, max_tokens,
+                                       cfg.skip_short)
+        self.num_examples, self.skipped = len(self.rows), {"blank lines": blank, "too short to split": short}
+
+    def micro_step(self, indices, epoch, scale):
+        batch = make_compression_batch(self.model, [self.rows[i].text for i in indices], objective=self.cfg.objective,
+                                       min_split=self.cfg.min_split, max_length=self.cfg.max_length,
+                                       seed=self.cfg.seed, epoch=epoch, indices=indices).to(self.device)
+        loss = compression_loss(self.model, batch, self.cfg.objective)  # mean over this rank's target tokens
+        # Weighted by this rank's share of the target tokens: with gradients averaged over ranks,
+        # the step's loss is the mean over all ranks' tokens, as one process on the whole batch.
+        loss = loss * (batch.num_tokens / all_mean(batch.num_tokens, self.device))
+        (loss * scale).backward()
+        return loss.item(), batch.num_tokens + int(batch.encoder_inputs["attention_mask"].sum())
+
+
+class _ContrastiveStage(Stage):
+    def _embed_all(self, groups: list[tuple[list[str], list[str | None]]], num_queries: int,
+                   scale: float) -> tuple[float, int]:
+        """Embed the texts of `groups` (texts, per-text instructions) in chunks, in order; the first
+        `num_queries` embeddings are the queries, the rest the docs."""
+        size = self.cfg.chunk_size if self.cfg.grad_cache else None
+        chunks = [(texts[i:i + (size or len(texts))], instr[i:i + (size or len(texts))])
+                  for texts, instr in groups for i in range(0, len(texts), size or len(texts))]
+        tokens = []
+
+        def embed(chunk):
+            emb, n = modeling.embed(self.model, *chunk, max_length=self.cfg.max_length)
+            tokens.append(n)
+            return emb
+
+        def loss_fn(emb):
+            return in_batch_loss(emb[:num_queries], emb[num_queries:], self.cfg.temperature) * scale
+
+        loss = embed_and_backward(embed, chunks, loss_fn, cached=self.cfg.grad_cache, device=self.device)
+        # GradCache embeds every chunk twice; count the tokens once
+        return loss.item() / scale, sum(tokens) // (2 if self.cfg.grad_cache else 1)
+
+
+class UnsupervisedStage(_ContrastiveStage):
+    """SimCSE: each text is embedded twice (different dropout masks) as query and positive."""
+
+    def __init__(self, cfg: TrainConfig, model, device: torch.device):
+        super().__init__(cfg, model, device)
+        self.rows, blank = read_texts(cfg.data)
+        self.num_examples, self.skipped = len(self.rows), {"blank lines": blank}
+
+    def micro_step(self, indices, epoch, scale):
+        texts = [self.rows[i].text for i in indices]
+        none = [None] * len(texts)
+        return self._embed_all([(texts, none), (texts, none)], len(texts), scale)
+
+
+class SupervisedStage(_ContrastiveStage):
+    """Queries (with their instructions) against positives, hard negatives and in-batch docs."""
+
+    def __init__(self, cfg: TrainConfig, model, device: torch.device):
+        super().__init__(cfg, model, device)
+        self.rows, blank = read_pairs(cfg.data, cfg.num_negatives)
+        self.num_examples, self.skipped = len(self.rows), {"blank lines": blank}
+
+    def micro_step(self, indices, epoch, scale):
+        rows = [self.rows[i] for i in indices]
+        queries = ([r.query for r in rows], [r.instruction for r in rows])
+        docs = [r.positive for r in rows] + [n for r in rows for n in r.negatives]
+        return self._embed_all([queries, (docs, [None] * len(docs))], len(rows), scale)
+
+
+_STAGES = {"compress": CompressStage, "unsupervised": UnsupervisedStage, "supervised": SupervisedStage}
+
+
+def build_stage(cfg: TrainConfig, model, device: torch.device) -> Stage:
+    return _STAGES[cfg.stage](cfg, model, device)

@@ -1,0 +1,121 @@
+"""The training loop shared by the three stages.
+
+AdamW over the trainable parameters (LoRA, memory embeddings) with linear warmup then linear,
+cosine or constant decay; gradient accumulation; bf16 autocast on GPU; gradients averaged over
+``torchrun`` ranks once per step; a tqdm bar and ``<output>/log.jsonl`` with loss, lr and
+tokens/s; atomic checkpoints every ``save_every`` steps and at the end; ``resume`` continues
+from the newest checkpoint with the same data order, splits, dropout and therefore losses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import modeling
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import BatchOrder, DataError
+from .distributed import all_mean, average_gradients, broadcast_parameters, is_main, rank_and_world, setup_distributed
+from .optim import make_optimizer
+from .stages import build_stage
+
+__all__ = ["train"]
+
+log = logging.getLogger(__name__)
+
+
+def _log_line(path: Path, record: dict) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
+    """Run one stage as `cfg` says; returns the logged records (every rank computes them).
+
+    Args:
+        cfg: the options (see `TrainConfig`).
+        model: an LLM2Comp model to train in place; default: loaded from ``cfg.model``.
+        progress: show the tqdm bar (rank 0 only).
+    """
+    device = setup_distributed()
+    rank, world = rank_and_world()
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        model = modeling.load_model(cfg)
+    modeling.set_lora_dropout(model, cfg.lora_dropout)
+    model.to(device).train()
+    if cfg.gradient_checkpointing:
+        modeling.enable_gradient_checkpointing(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    broadcast_parameters(params)
+
+    stage = build_stage(cfg, model, device)
+    order = BatchOrder(stage.num_examples, cfg.batch_size * world, cfg.seed, rank, world)
+    total = cfg.max_steps or cfg.epochs * order.batches_per_epoch // cfg.grad_accum
+    if total < 1:
+        raise DataError(f"{cfg.data}: {stage.num_examples} examples give no optimizer step "
+                         f"(batch {cfg.batch_size} x {world} ranks x {cfg.grad_accum} accumulation)")
+    optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay, cfg.schedule, cfg.warmup_ratio, total)
+    out = Path(cfg.output)
+    start = 0
+    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
+        start = load_checkpoint(ckpt, model, optimizer, scheduler)
+    main = is_main()
+    log_path = out / "log.jsonl"
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        dropped = order.num_examples - order.batches_per_epoch * order.global_batch
+        _log_line(log_path, {"event": "start", "stage": cfg.stage, "resumed_from": start, "total_steps": total,
+                             "examples": stage.num_examples, "skipped_rows": stage.skipped,
+                             "dropped_per_epoch_incomplete_batch": dropped, "world_size": world})
+        for reason, n in stage.skipped.items():
+            if n:
+                log.warning("%s: %d rows skipped (%s)", cfg.data, n, reason)
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"))
+    records: list[dict] = []
+    bar = tqdm(total=total, initial=start, disable=not (progress and main), desc=f"train {cfg.stage}")
+    window_tokens, window_start = 0, time.perf_counter()
+    for step in range(start, total):
+        # dropout masks from (seed, step, rank): a resumed run draws what the uninterrupted one did,
+        # and ranks draw different masks
+        torch.manual_seed(cfg.seed + 1_000_003 * (step + 1) + rank)
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            epoch, indices = order.batch(step * cfg.grad_accum + micro)
+            with autocast:
+                loss, tokens = stage.micro_step(indices, epoch, 1.0 / cfg.grad_accum)
+            loss_sum += loss / cfg.grad_accum
+            window_tokens += tokens
+        average_gradients(params)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total:
+            elapsed = time.perf_counter() - window_start
+            record = {"step": done, "loss": all_mean(loss_sum, device), "lr": lr,
+                      "tokens_per_s": all_mean(window_tokens, device) * world / max(elapsed, 1e-9)}
+            records.append(record)
+            if main:
+                _log_line(log_path, record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            window_tokens, window_start = 0, time.perf_counter()
+        bar.update(1)
+        if main and (done % cfg.save_every == 0 or done == total):
+            save_checkpoint(out, model, optimizer, scheduler, done, cfg.to_dict())
+    bar.close()
+    if main:
+        modeling.save_model(model, out)
+        _log_line(log_path, {"event": "end", "step": total})
+    return records

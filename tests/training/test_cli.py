@@ -1,0 +1,69 @@
+"""``llm2comp train`` end to end on a tiny model (three chained stages, TOML config, bad data)."""
+
+import json
+
+import pytest
+
+from llm2comp.cli import main
+from llm2comp.training.checkpoint import latest_checkpoint
+
+from .conftest import LEE_BACKGROUND
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_three_stages_chained(tiny_dir, pairs_file, tmp_path, capsys):
+    common = ["--max-length", "48", "--batch-size", "4", "--attention-backend", "torch", "--max-steps", "2"]
+    s1, s2, s3 = tmp_path / "s1", tmp_path / "s2", tmp_path / "s3"
+    config = tmp_path / "s1.toml"
+    config.write_text(f'model = "{tiny_dir}"\ndata = "{LEE_BACKGROUND}"\nobjective = "nll"\nsave-every = 1\n')
+    assert main(["train", "compress", "--config", str(config), "--output", str(s1), *common]) == 0
+    assert main(["train", "unsupervised", "--model", str(s1), "--data", str(LEE_BACKGROUND), "--output", str(s2),
+                 "--gradient-checkpointing", *common]) == 0
+    assert main(["train", "supervised", "--model", str(s2), "--data", str(pairs_file), "--output", str(s3),
+                 "--grad-cache", "--chunk-size", "3", "--num-negatives", "2", *common]) == 0
+    for out in (s1, s2, s3):
+        assert (out / "llm2comp_config.json").is_file()
+        log = _log(out)
+        assert log[0]["event"] == "start" and log[-1] == {"event": "end", "step": 2}
+        assert [r["step"] for r in log if "loss" in r] == [1, 2]
+        assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in log if "loss" in r)
+    assert latest_checkpoint(s1).name == "step-2"
+    assert sorted(p.name for p in (latest_checkpoint(s1)).iterdir()) == ["meta.json", "state.pt",
+                                                                          "trainable.safetensors"]
+    assert json.loads((latest_checkpoint(s1) / "meta.json").read_text())["config"]["objective"] == "nll"
+    assert "supervised: 2 steps, final loss" in capsys.readouterr().out
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "compress", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--objective", "--grad-cache", "--resume", "--lora-dropout", "--precision", "--config"):
+        assert flag in text
+    assert "(default: 0.0001)" in text and "(default: 'kl')" in text
+
+
+@pytest.mark.parametrize("stage, lines, message", [
+    ("compress", [], "the file is empty"),
+    ("compress", ["A long enough first line of text with many words in it for the split to work fine here.",
+                  "Too short."], ":2: text too short to split"),
+    ("supervised", ['{"query": "q", "positive": "p", "negatives": ["n"]}', '{"query": "q2", "negatives": ["n"]}'],
+     ":2: missing field 'positive'"),
+])
+def test_bad_data_errors_name_file_and_line(stage, lines, message, tiny_dir, tmp_path, capsys):
+    data = tmp_path / ("bad.jsonl" if stage == "supervised" else "bad.txt")
+    data.write_text("\n".join(lines))
+    code = main(["train", stage, "--model", str(tiny_dir), "--data", str(data), "--output", str(tmp_path / "o"),
+                 "--max-length", "48", "--batch-size", "1", "--attention-backend", "torch"])
+    err = capsys.readouterr().err
+    assert code == 2 and str(data) in err and message in err, err
+
+
+def test_bad_option_is_reported(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_text('data = "x"\noutput = "y"\nlearning_rate = 1\n')
+    assert main(["train", "compress", "--config", str(config)]) == 2
+    assert "unknown options ['learning_rate']" in capsys.readouterr().err
