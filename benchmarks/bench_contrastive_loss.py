@@ -7,6 +7,7 @@ Providers:
 
 - ``triton`` / ``cuda``: `contrastive_loss(backend=...)`, tiled, the `[B, N]` logits never stored (the cuda row
   only when the extension has ``contrastive_loss_fwd``).
+- ``torch``: `contrastive_loss(backend="torch")`, query chunks checkpointed (recomputed in backward).
 - ``eager``: the torch reference (materialises fp32 `[B, N]` logits; an out-of-memory is a status row).
 - ``compiled``: `torch.compile(dynamic=True)` of the reference (one compilation for every shape).
 - ``inf_cl``: Inf-CL's ``cal_inf_loss(q, k, labels, scale)``: it computes the mean cross-entropy of
@@ -16,7 +17,10 @@ Providers:
 Each row also has ``loss``, the value it computed, so rows can be checked to agree. Ratios: ``vs_inf_cl`` and
 ``vs_eager`` are the peer's time over the row's.
 
-CPU ``--quick`` proves the harness on a tiny shape (Triton under the interpreter): its times mean nothing.
+CPU ``--quick`` proves the harness on a tiny shape (Triton under the interpreter): its times mean nothing. It also
+measures real CPU memory at B=N=MEMORY_SHAPE[0], D=MEMORY_SHAPE[1], fp32 (the eager logits alone are 1 GiB): for the
+torch backend and the eager full-matrix formulation, each in its own subprocess, the peak resident memory of one
+fwd+bwd above the resident memory just before it.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ CPU_NOTE = "CPU --quick harness check under the interpreter: not a timing"
 TEMPERATURE = 0.05
 GPU_SHAPES = [(B, D) for B in (1024, 8192, 32768) for D in (1024, 4096)]
 QUICK_SHAPES = [(40, 32)]
+MEMORY_SHAPE = (16384, 64)  # B (= N), D of the CPU memory measurement
 
 
 def _ours(backend):
@@ -63,7 +68,7 @@ def _inf_cl(device):
 
 
 def _providers(device, quick) -> dict:
-    providers = {"triton": _ours("triton"), "cuda": _ours("cuda"), "eager": _eager,
+    providers = {"triton": _ours("triton"), "cuda": _ours("cuda"), "torch": _ours("torch"), "eager": _eager,
                  # Inductor on the CPU runner would spend the --quick budget compiling and proves nothing there.
                  "compiled": "skipped on CPU --quick" if quick else torch.compile(_eager, dynamic=True),
                  "inf_cl": _inf_cl(device)}
@@ -87,11 +92,7 @@ def _bench_shape(B, D, dtype, device, quick) -> list[dict]:
             rows.append({**row, "status": fn})
             continue
 
-        def step(fn=fn):
-            q.grad = d.grad = None
-            loss = fn(q, d, labels)
-            loss.backward()
-            return loss
+        step = _fwd_bwd(fn, q, d, labels)
         try:
             row["loss"] = step().item()
             q.grad = d.grad = None  # so the memory baseline of `measure` holds the inputs only
@@ -109,10 +110,33 @@ def _bench_shape(B, D, dtype, device, quick) -> list[dict]:
     return rows
 
 
+def _fwd_bwd(fn, q, d, labels):
+    def step():
+        q.grad = d.grad = None
+        loss = fn(q, d, labels)
+        loss.backward()
+        return loss
+    return step
+
+
+def memory_child(provider: str) -> float:
+    """Peak RSS increase (MiB) of one CPU fwd+bwd of `provider` at MEMORY_SHAPE (run in a subprocess)."""
+    torch.set_num_threads(2)
+    B, D = MEMORY_SHAPE
+    q, d = make_contrastive_inputs(B, B, D)
+    fn = {"torch": _ours("torch"), "eager": _eager}[provider]
+    return harness.rss_peak_increase_mib(_fwd_bwd(fn, q, d, torch.arange(B)))
+
+
 def run(quick: bool) -> list[dict]:
     device = harness.kernel_device("bench_contrastive_loss", quick)
     shapes = QUICK_SHAPES if quick else GPU_SHAPES
     rows = [r for B, D in shapes for r in _bench_shape(B, D, torch.bfloat16, device, quick)]
+    if quick and device.type != "cuda":
+        B, D = MEMORY_SHAPE
+        base = {"op": OP, "mode": "fwd+bwd memory", "shape": f"B={B} N={B} D={D}", "dtype": "float32"}
+        rows += harness.cpu_memory_rows("benchmarks.bench_contrastive_loss", base, ("torch", "eager"))
+        harness.add_ratios(rows, "eager", key="peak_mem_mib")
     harness.add_ratios(rows, "inf_cl")
     harness.add_ratios(rows, "eager")
     return rows

@@ -25,11 +25,6 @@ recorded in the row.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
@@ -41,7 +36,7 @@ from llm2comp_kernels.testing import make_linear_kl_inputs, rel_err
 OP = "linear_kl_loss"
 CPU_NOTE = "CPU --quick harness check under the interpreter: not a timing"
 LIGER_NOTE = "LigerFusedLinearJSDLoss(beta=0, weight_hard_loss=0, weight_soft_loss=1): KL(teacher||student)"
-MEMORY_SHAPE = (2048, 64, 32000)   # N, H, V of the CPU memory measurement
+MEMORY_SHAPE = (2048, 64, 32000)  # N, H, V of the CPU memory measurement
 
 
 def _ours(backend):
@@ -123,39 +118,20 @@ def _bench_shape(N, H, V, dtype, device, quick) -> list[dict]:
     return rows
 
 
-def _child_peak(provider: str) -> None:
-    """Run in a subprocess: print the peak RSS increase (MiB) of one fwd+bwd of `provider` as JSON."""
+def memory_child(provider: str) -> float:
+    """Peak RSS increase (MiB) of one CPU fwd+bwd of `provider` at MEMORY_SHAPE (run in a subprocess)."""
     torch.set_num_threads(2)
-    N, H, V = MEMORY_SHAPE
-    student, teacher, weight = make_linear_kl_inputs(N, H, V)
+    student, teacher, weight = make_linear_kl_inputs(*MEMORY_SHAPE)
     fn = {"torch": _ours("torch"), "naive": _naive}[provider]
-
-    def status(key):
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
-        return int(line.split()[1]) / 1024
-    before = status("VmRSS:")
-    _fwd_bwd(fn, student, teacher, weight)()
-    print(json.dumps({"peak_mem_mib": status("VmHWM:") - before}))
+    return harness.rss_peak_increase_mib(_fwd_bwd(fn, student, teacher, weight))
 
 
 def _cpu_memory_rows() -> list[dict]:
     N, H, V = MEMORY_SHAPE
-    rows = []
-    for provider in ("torch", "naive"):
-        row = {"op": OP, "mode": "fwd+bwd memory", "shape": f"N={N} H={H} V={V}", "dtype": "float32",
-               "provider": provider, "measured": "VmHWM - VmRSS before, one fwd+bwd in a fresh subprocess"}
-        if provider == "torch":
-            row["chunk_size"] = resolve_chunk_size(None, V, torch.device("cpu"))
-        if not Path("/proc/self/status").exists():
-            rows.append({**row, "status": "skipped: needs Linux /proc"})
-            continue
-        code = f"from benchmarks.bench_linear_kl_loss import _child_peak; _child_peak({provider!r})"
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              cwd=Path(__file__).parent.parent)
-        if done.returncode != 0:
-            rows.append({**row, "status": f"failed: {done.stderr.strip().splitlines()[-1][:200]}"})
-            continue
-        rows.append({**row, **json.loads(done.stdout.strip().splitlines()[-1])})
+    base = {"op": OP, "mode": "fwd+bwd memory", "shape": f"N={N} H={H} V={V}", "dtype": "float32"}
+    rows = harness.cpu_memory_rows("benchmarks.bench_linear_kl_loss", base, ("torch", "naive"))
+    rows[0]["chunk_size"] = resolve_chunk_size(None, V, torch.device("cpu"))
+    harness.add_ratios(rows, "naive", key="peak_mem_mib")
     return rows
 
 

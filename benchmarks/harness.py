@@ -57,6 +57,44 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup_ms: 
     return {"ms": statistics.median(times), "ms_p20": q[0], "ms_p80": q[3], "process_peak_rss_mib": peak}
 
 
+def _proc_status_mib(key: str) -> float:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
+    return int(line.split()[1]) / 1024
+
+
+def rss_peak_increase_mib(fn: Callable[[], object]) -> float:
+    """Peak resident memory during `fn()` above the resident memory just before it (Linux VmHWM - VmRSS).
+
+    Meant for a fresh process (see `cpu_memory_rows`): the high-water mark covers the whole process.
+    """
+    before = _proc_status_mib("VmRSS:")
+    fn()
+    return _proc_status_mib("VmHWM:") - before
+
+
+def cpu_memory_rows(module: str, base_row: dict, providers: tuple[str, ...]) -> list[dict]:
+    """One row per provider with the CPU peak-memory increase of one fwd+bwd, each in a fresh subprocess.
+
+    `module` must define ``memory_child(provider) -> float`` (MiB, via `rss_peak_increase_mib`) that builds
+    its own inputs, so neither torch's own allocations nor the inputs are counted.
+    """
+    rows = []
+    for provider in providers:
+        row = {**base_row, "provider": provider,
+               "measured": "VmHWM - VmRSS before, one fwd+bwd in a fresh subprocess"}
+        if not Path("/proc/self/status").exists():
+            rows.append({**row, "status": "skipped: needs Linux /proc"})
+            continue
+        code = f"from {module} import memory_child; print(memory_child({provider!r}))"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              cwd=Path(__file__).parent.parent)
+        if done.returncode != 0:
+            rows.append({**row, "status": f"failed: {done.stderr.strip().splitlines()[-1][:200]}"})
+            continue
+        rows.append({**row, "peak_mem_mib": float(done.stdout.strip().splitlines()[-1])})
+    return rows
+
+
 def kernel_device(name: str, quick: bool) -> torch.device:
     """The device a kernel benchmark runs on: CUDA, or the CPU interpreter under `--quick` only.
 
@@ -80,13 +118,15 @@ def failed(row: dict, exc: BaseException) -> dict:
 
 
 def add_ratios(rows: list[dict], peer: str, key: str = "ms") -> None:
-    """Set ``vs_<peer>`` = peer time / row time for rows that share op, shape, dtype and mode."""
+    """Set ``vs_<peer>`` (``vs_<peer>_<key>`` for a key other than ms) = peer's value / row's value for rows
+    that share op, shape, dtype and mode: above 1 means the row is faster (or smaller) than the peer."""
     def group(r):
         return (r.get("op"), str(r.get("shape")), r.get("dtype"), r.get("mode"))
+    name = f"vs_{peer}" if key == "ms" else f"vs_{peer}_{key}"
     peers = {group(r): r[key] for r in rows if r.get("provider") == peer and key in r}
     for r in rows:
         if key in r and group(r) in peers:
-            r[f"vs_{peer}"] = peers[group(r)] / r[key]
+            r[name] = peers[group(r)] / r[key]
 
 
 def environment() -> dict:

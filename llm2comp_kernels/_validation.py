@@ -94,3 +94,16 @@ def choice(op: str, name: str, value, options: tuple[str, ...]) -> str:
     if value not in options:
         raise ValueError(f"{op}: {name} must be one of {options}, got {value!r}")
     return value
+
+
+def rows_per_chunk(row_bytes: int, device: torch.device) -> int:
+    """Rows of a working buffer of `row_bytes` per row that fit the torch backends' memory budget.
+
+    The budget is a quarter of the free GPU memory (capped at 2 GiB), or 512 MiB on the CPU.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(free // 4, 2 << 30)
+    else:
+        budget = 512 << 20
+    return max(1, budget // max(1, row_bytes))

@@ -25,7 +25,8 @@ def contrastive_loss(queries: torch.Tensor, docs: torch.Tensor, *, labels: torch
             query i) and average both directions per sample.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (`[B]`).
         backend: ``"auto"`` (cuda > triton for CUDA tensors, else torch), ``"torch"``, ``"triton"``
-            or ``"cuda"``. The torch backend materialises the `[B, N]` logits; the kernels never do.
+            or ``"cuda"``. No backend stores the `[B, N]` logits: the kernels tile them, the torch
+            backend goes through query chunks and recomputes each chunk in backward.
 
     Returns:
         The loss in the inputs' dtype, computed in fp32; gradients reach queries and docs.
@@ -39,5 +40,5 @@ def contrastive_loss(queries: torch.Tensor, docs: torch.Tensor, *, labels: torch
     if chosen == "cuda":
         from .cuda import contrastive_loss_cuda
         return contrastive_loss_cuda(*args)
-    from .reference import contrastive_loss_reference
-    return contrastive_loss_reference(*args)
+    from .chunked import contrastive_loss_torch
+    return contrastive_loss_torch(*args)

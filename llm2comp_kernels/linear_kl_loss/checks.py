@@ -37,18 +37,10 @@ def check_linear_kl_loss(student_hidden, teacher_hidden, weight, mask, temperatu
 
 
 def resolve_chunk_size(chunk_size, V: int, device: torch.device) -> int:
-    """The number of rows per chunk: `chunk_size` if given, else what fits a memory budget.
-
-    The budget is a quarter of the free GPU memory (capped at 2 GiB), or 512 MiB on the CPU, for
-    the `chunk x V` fp32 working buffers.
-    """
+    """The number of rows per chunk: `chunk_size` if given, else what fits the memory budget
+    (`_validation.rows_per_chunk`) for the `chunk x V` fp32 working buffers."""
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"{OP}: chunk_size must be an int >= 1, got {chunk_size!r}")
         return chunk_size
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = min(free // 4, 2 << 30)
-    else:
-        budget = 512 << 20
-    return max(1, budget // (_BUFFERS_PER_ROW * 4 * V))
+    return v.rows_per_chunk(_BUFFERS_PER_ROW * 4 * V, device)

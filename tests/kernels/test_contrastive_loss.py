@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from llm2comp_kernels.contrastive_loss import contrastive_loss
+from llm2comp_kernels.contrastive_loss.chunked import contrastive_loss_torch
 from llm2comp_kernels.contrastive_loss.reference import contrastive_loss_reference
 from llm2comp_kernels.testing import REL_TOL, make_contrastive_inputs, rel_err
 from tests.utils import assert_rel_close, backend_cases
@@ -63,6 +64,49 @@ def test_reference_gradcheck(symmetric):
     labels = torch.tensor([1, 1, 4])
     assert torch.autograd.gradcheck(
         lambda a, b: contrastive_loss_reference(a, b, labels, 0.5, True, symmetric, "none"), (q, d))
+
+
+# ---------------------------------------------------------------- the chunked torch backend
+
+
+@pytest.mark.parametrize("symmetric, reduction", list(itertools.product([False, True], REDUCTIONS)))
+@pytest.mark.parametrize("chunk_rows", [1, 4, 37])
+def test_chunked_torch_backend_matches_reference(symmetric, reduction, chunk_rows):
+    """Chunks of 1, of 4 (the last one partial) and one chunk, forward and backward in float64."""
+    q, d = make_contrastive_inputs(37, 3 * 37 + 5, 24, dtype=torch.float64)
+    labels = _labels("custom", 37, d.shape[0])
+    out = contrastive_loss_torch(q, d, labels, 0.2, True, symmetric, reduction, chunk_rows=chunk_rows)
+    ref = contrastive_loss_reference(q, d, labels, 0.2, True, symmetric, reduction)
+    grad = torch.rand(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) + 0.5
+    got, expected = torch.autograd.grad(out, (q, d), grad), torch.autograd.grad(ref, (q, d), grad)
+    assert_rel_close(out, ref, 1e-12)
+    for g, e, name in zip(got, expected, ("grad queries", "grad docs")):
+        assert_rel_close(g, e, 1e-12, name=name)
+
+
+def test_chunked_torch_backend_gradcheck():
+    q, d = make_contrastive_inputs(3, 5, 4, dtype=torch.float64)
+    labels = torch.tensor([1, 1, 4])
+    assert torch.autograd.gradcheck(
+        lambda a, b: contrastive_loss_torch(a, b, labels, 0.5, True, True, "none", chunk_rows=2), (q, d))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_chunked_torch_backend_saves_no_similarity_matrix(symmetric):
+    """Autograd keeps nothing of `B x N` size for backward (the reference keeps the whole matrix)."""
+    B, N, D = 64, 96, 8
+    q, d = make_contrastive_inputs(B, N, D)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        contrastive_loss_torch(q, d, torch.arange(B), 0.1, True, symmetric, "mean", chunk_rows=8)
+        largest = max(saved)
+        saved.clear()
+        contrastive_loss_reference(q, d, torch.arange(B), 0.1, True, symmetric, "mean")
+    assert largest <= N * D < B * N <= max(saved)
 
 
 # ---------------------------------------------------------------- argument errors
@@ -145,11 +189,11 @@ def _check(backend, device, B, N, D, dtype, labels_kind, normalize, symmetric, r
     grad = (torch.rand(out.shape, generator=torch.Generator().manual_seed(2)) + 0.5).to(device)
     out.backward(grad.to(out.dtype))
     q64, d64 = q.detach().double().requires_grad_(True), d.detach().double().requires_grad_(True)
-    ref = contrastive_loss(q64, d64, labels=labels, backend="torch", **kwargs)
+    full_labels = labels if labels is not None else torch.arange(q.shape[0], device=device)
+    ref = contrastive_loss_reference(q64, d64, full_labels, **kwargs)
     ref.backward(grad.double())
     tols = [REL_TOL[q.dtype]] * 3
     if q.dtype == torch.bfloat16:
-        full_labels = labels if labels is not None else torch.arange(q.shape[0], device=device)
         tols = [max(1e-2, 2 * e) for e in _bf16_eager_err(q, d, full_labels, kwargs, grad)]
     # loss_i = lse_i - s_{i,l_i} cancels when the positive dominates (loss ~1e-5 with logits ~1/T): fp32
     # rounding of the logits then bounds the error absolutely, a few ulps of the largest logit per query.
@@ -228,8 +272,8 @@ def test_huge_norms_stay_finite(backend, symmetric, device):
     loss = contrastive_loss(q, d, backend=backend, normalize=False, symmetric=symmetric, temperature=1.0)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(q.grad).all() and torch.isfinite(d.grad).all()
-    ref = contrastive_loss(q.detach().double(), d.detach().double(), backend="torch", normalize=False,
-                           symmetric=symmetric, temperature=1.0)
+    ref = contrastive_loss_reference(q.detach().double(), d.detach().double(), torch.arange(5), 1.0, False,
+                                     symmetric, "mean")
     assert abs(loss.item() - ref.item()) <= 1e-3 * max(1.0, abs(ref.item()))
 
 
