@@ -191,4 +191,4 @@ def run(quick: bool) -> list[dict]:
 
 
 if __name__ == "__main__":
-    harness.main("bench_attention", run)
+    harness.main("attention", run)

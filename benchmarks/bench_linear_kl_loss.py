@@ -150,4 +150,4 @@ def run(quick: bool) -> list[dict]:
 
 
 if __name__ == "__main__":
-    harness.main("bench_linear_kl_loss", run)
+    harness.main(OP, run)

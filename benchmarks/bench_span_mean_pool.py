@@ -100,4 +100,4 @@ def run(quick: bool) -> list[dict]:
 
 
 if __name__ == "__main__":
-    harness.main("bench_span_mean_pool", run)
+    harness.main("span_mean_pool", run)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).parent / "results"
+SAME_AS_TORCH_ON_CPU = "not measured: on CPU backend auto resolves every op to torch (the llm2comp_torch row)"
 
 
 def measure(fn: Callable[[], object], device: str | torch.device, *, warmup_ms: float = 25,
@@ -117,16 +118,16 @@ def failed(row: dict, exc: BaseException) -> dict:
     return {**row, "status": f"failed: {exc.__class__.__name__}: {str(exc)[:200]}"}
 
 
-def add_ratios(rows: list[dict], peer: str, key: str = "ms") -> None:
-    """Set ``vs_<peer>`` (``vs_<peer>_<key>`` for a key other than ms) = peer's value / row's value for rows
-    that share op, shape, dtype and mode: above 1 means the row is faster (or smaller) than the peer."""
+def add_ratios(rows: list[dict], peer: str, key: str = "ms", higher_is_better: bool = False) -> None:
+    """Set ``vs_<peer>`` (``vs_<peer>_<key>`` for a key other than ms) on rows that share op, shape, dtype and
+    mode with the peer's row: above 1 means the row beats the peer (faster, smaller, or more throughput)."""
     def group(r):
         return (r.get("op"), str(r.get("shape")), r.get("dtype"), r.get("mode"))
     name = f"vs_{peer}" if key == "ms" else f"vs_{peer}_{key}"
     peers = {group(r): r[key] for r in rows if r.get("provider") == peer and key in r}
     for r in rows:
         if key in r and group(r) in peers:
-            r[name] = peers[group(r)] / r[key]
+            r[name] = r[key] / peers[group(r)] if higher_is_better else peers[group(r)] / r[key]
 
 
 def environment() -> dict:

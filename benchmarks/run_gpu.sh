@@ -29,7 +29,8 @@ TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}" MAX_JOBS=${MAX_JOBS:-16} L
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
     log "tests (all, on the GPU)"
-    "$PY" -m pytest -q -p no:cacheprovider -m "${TEST_MARKS:-gpu or not slow}" --timeout 300 \
+    timeout_opt=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 300")
+    "$PY" -m pytest -q -p no:cacheprovider -m "${TEST_MARKS:-gpu or not slow}" $timeout_opt \
         --junitxml "$OUT/results/junit.xml" ${TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -40
 fi
 

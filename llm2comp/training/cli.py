@@ -60,11 +60,12 @@ def _run_demo(args: argparse.Namespace) -> None:
 
     run_demo(output=args.output, device=args.device, compress_steps=args.compress_steps,
              unsupervised_steps=args.unsupervised_steps, batch_size=args.batch_size, max_length=args.max_length,
-             plot=not args.no_plot)
+             plot=not args.no_plot, model=args.model)
 
 
 def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``demo``: the method in miniature on the Lee corpus, scored before and after."""
+    from ..default_model import DEFAULT_MODEL
     from .demo import DEMO_DEFAULTS
 
     parser = subparsers.add_parser(
@@ -76,6 +77,8 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     parser.add_argument("--output", default=DEMO_DEFAULTS["output"], help="directory for the stages' models, "
                         f"logs and the plot (default: {DEMO_DEFAULTS['output']})")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="base model: a transformers model (hub id or local "
+                        f"dir) or {DEFAULT_MODEL} (default)")
     for flag, key, what in (("--compress-steps", "compress_steps", "stage-1 optimizer steps"),
                             ("--unsupervised-steps", "unsupervised_steps", "stage-2 optimizer steps"),
                             ("--batch-size", "batch_size", "texts per step"),

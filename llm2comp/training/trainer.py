@@ -25,7 +25,7 @@ from .distributed import all_mean, average_gradients, broadcast_parameters, is_m
 from .optim import make_optimizer
 from .stages import build_stage
 
-__all__ = ["train"]
+__all__ = ["autocast_for", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 def _log_line(path: Path, record: dict) -> None:
     with path.open("a") as fh:
         fh.write(json.dumps(record) + "\n")
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device) -> torch.autocast:
+    """bf16 autocast when `cfg.precision` is bf16, or auto on a GPU; disabled otherwise."""
+    enabled = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
@@ -78,8 +84,7 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
             if n:
                 log.warning("%s: %d rows skipped (%s)", cfg.data, n, reason)
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"))
+    autocast = autocast_for(cfg, device)
     records: list[dict] = []
     bar = tqdm(total=total, initial=start, disable=not (progress and main), desc=f"train {cfg.stage}")
     window_tokens, window_start = 0, time.perf_counter()

@@ -1,5 +1,6 @@
 """``llm2comp train`` end to end on a tiny model (three chained stages, TOML config, bad data)."""
 
+import importlib.util
 import json
 
 import pytest
@@ -67,3 +68,20 @@ def test_bad_option_is_reported(tmp_path, capsys):
     config.write_text('data = "x"\noutput = "y"\nlearning_rate = 1\n')
     assert main(["train", "compress", "--config", str(config)]) == 2
     assert "unknown options ['learning_rate']" in capsys.readouterr().err
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", str(tiny_dir), "--output", str(out), "--device", "cpu", "--compress-steps", "2",
+                 "--unsupervised-steps", "2", "--batch-size", "4", "--max-length", "48"]) == 0
+    printed = capsys.readouterr().out
+    table = printed[printed.index("Lee document similarity"):].splitlines()
+    rows = [line for line in table if line.startswith(("base", "+ stage"))]
+    assert [r.split("  ")[0].strip() for r in rows] == [
+        "base, mean pooling (baseline)", "base, memory tokens (untrained)", "+ stage 1: compression (kl)",
+        "+ stage 2: SimCSE"]
+    for row in rows:  # Pearson and Spearman, both correlations
+        assert all(-1 <= float(x) <= 1 for x in row.split()[-2:])
+    for stage in ("compress", "unsupervised"):
+        assert (out / stage / "llm2comp_config.json").is_file()
+    assert (out / "lee_demo.png").is_file() == (importlib.util.find_spec("matplotlib") is not None)
