@@ -130,13 +130,32 @@ def add_ratios(rows: list[dict], peer: str, key: str = "ms", higher_is_better: b
             r[name] = r[key] / peers[group(r)] if higher_is_better else peers[group(r)] / r[key]
 
 
+def _command() -> str:
+    """The command line as typed: ``python -m benchmarks ...``, ``llm2comp bench ...`` or ``python script.py``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None:
+        argv = [Path(sys.executable).name, "-m", spec.name.removesuffix(".__main__")]
+    elif sys.argv[0].endswith(".py"):
+        argv = [Path(sys.executable).name, sys.argv[0]]
+    else:
+        argv = [Path(sys.argv[0]).name]
+    return " ".join(shlex.quote(a) for a in argv + sys.argv[1:])
+
+
+def _cpu_name() -> str:
+    info = Path("/proc/cpuinfo")
+    model = next((line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+                  if line.startswith("model name")), None) if info.exists() else None
+    return f"cpu: {model or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def environment() -> dict:
     """Device, library versions, git commit and the exact command, stored with every result file."""
     env = {
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv),
+        "command": _command(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor()})",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
     }

@@ -37,6 +37,7 @@ _DEMO_LR = {"compress": 5e-4, "unsupervised": 3e-4}
 
 
 def _plot(rows: list[tuple[str, dict]], base_name: str, path: Path) -> bool:
+    """The memory-token rows as lines over the stages, the mean-pooling baseline (rows[0]) as dashed levels."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -44,13 +45,16 @@ def _plot(rows: list[tuple[str, dict]], base_name: str, path: Path) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    names = [name.split(":")[0].split(" (")[0] for name, _ in rows]
-    for metric in ("pearson", "spearman"):
-        ax.plot(names, [scores[metric] for _, scores in rows], marker="o", label=metric)
+    (baseline_name, baseline), stages = rows[0], rows[1:]
+    names = [name.split(":")[0].split(" (")[0] for name, _ in stages]
+    for metric, color in (("pearson", "C0"), ("spearman", "C1")):
+        ax.plot(names, [scores[metric] for _, scores in stages], marker="o", color=color, label=metric)
+        ax.axhline(baseline[metric], color=color, linestyle="--", linewidth=1,
+                   label=f"{metric}, {baseline_name.split(' (')[0]}")
     ax.tick_params(axis="x", labelsize=8)
     ax.set_ylabel("correlation with human ratings")
     ax.set_title(f"Lee benchmark (1225 pairs), {Path(base_name).name}")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
