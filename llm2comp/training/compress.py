@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from llm2comp_kernels import linear_kl_loss
 
@@ -28,6 +29,9 @@ from . import modeling
 from .data import DataError, TextRow, split_point
 
 __all__ = ["CompressionBatch", "make_compression_batch", "usable_rows", "compression_loss"]
+
+# nll / reconstruct: rows of `[C, V]` logits alive at once (1024 x 128k fp32 = 512 MiB).
+CE_CHUNK_ROWS = 1024
 
 
 @dataclass
@@ -104,6 +108,22 @@ def make_compression_batch(model, texts: list[str], *, objective: str, min_split
                             torch.tensor(splits))
 
 
+def _cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = hidden @ weight.T
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="sum")
+
+
+def _chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden [n, H] @ weight.T [H, V]`` against `targets` [n], at least in fp32.
+
+    Rows go through in chunks of `CE_CHUNK_ROWS`, each checkpointed: one chunk's `[C, V]` logits exist at a
+    time, in forward and in backward (recomputed), never the `[n, V]` of the whole batch.
+    """
+    parts = [checkpoint(_cross_entropy_sum, h, weight, t, use_reentrant=False)
+             for h, t in zip(hidden.split(CE_CHUNK_ROWS), targets.split(CE_CHUNK_ROWS))]
+    return torch.stack(parts).sum() / targets.numel()
+
+
 def compression_loss(model, batch: CompressionBatch, objective: str) -> torch.Tensor:
     """Scalar loss of one batch (mean over target tokens); gradients reach only the trainable params."""
     memory = modeling.memory_states(model, batch.encoder_inputs)  # [B, M, H]
@@ -121,8 +141,7 @@ def compression_loss(model, batch: CompressionBatch, objective: str) -> torch.Te
         student = hidden[:, m:m + k]  # [B, K, H]: position M + j predicts target j
         mask = batch.target_mask.reshape(-1)
         if objective != "kl":
-            logits = student.reshape(b * k, -1)[mask] @ weight.T
-            return F.cross_entropy(logits.float(), batch.targets.reshape(-1)[mask])
+            return _chunked_cross_entropy(student.reshape(b * k, -1)[mask], weight, batch.targets.reshape(-1)[mask])
         with torch.no_grad():
             full = modeling.decoder_hidden(model, input_ids=batch.teacher_ids, attention_mask=batch.teacher_mask)
             positions = (batch.teacher_start[:, None] + torch.arange(k, device=full.device)).clamp_max(

@@ -144,3 +144,19 @@ def test_stage_chaining_loads_previous_output(tiny_dir, tmp_path):
     for n, p in trainable.items():
         torch.testing.assert_close(loaded[n], p, msg=n)
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
+
+
+def test_chunked_cross_entropy_equals_the_full_logits_one(monkeypatch):
+    """nll / reconstruct: chunks of 3 rows (the last one partial) give the loss and gradients of one matmul."""
+    from llm2comp.training import compress
+
+    monkeypatch.setattr(compress, "CE_CHUNK_ROWS", 3)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(13, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.randint(0, 13, (10,), generator=g)
+    got = compress._chunked_cross_entropy(hidden, weight, targets)
+    expected = torch.nn.functional.cross_entropy(hidden @ weight.T, targets)
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(torch.autograd.grad(got, (hidden, weight)), torch.autograd.grad(expected, (hidden, weight))):
+        torch.testing.assert_close(a, b)
