@@ -71,9 +71,9 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     parser = subparsers.add_parser(
         "demo", help="the whole method in miniature: short compression and SimCSE stages on the Lee background "
                      "corpus, Lee similarity benchmark before and after",
-        description="Trains the embedded default model (SmolLM2-135M) briefly with stage 1 (kl) and stage 2 "
+        description="Trains a base model (default: the embedded SmolLM2-135M) briefly with stage 1 (kl) and stage 2 "
                     "(SimCSE) on lee_background.cor, then prints the Lee benchmark (Pearson/Spearman) before "
-                    "and after each stage. Sized for < 10 min on a 2-core CPU, well under a minute on a GPU.")
+                    "and after each stage. Sized for < 10 min on a 2-core CPU (larger batches and texts on a GPU).")
     parser.add_argument("--output", default=DEMO_DEFAULTS["output"], help="directory for the stages' models, "
                         f"logs and the plot (default: {DEMO_DEFAULTS['output']})")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
