@@ -4,6 +4,8 @@
 #   bash benchmarks/run_gpu.sh            # everything
 #   BENCH="attention" bash benchmarks/run_gpu.sh   # a subset of benchmarks/bench_<name>.py
 # Wheels for peers missing there (liger-kernel, inf-cl, gguf) are installed from .gpu-wheels/ if present.
+# The Lee data (tests' tokenizer, end-to-end benchmarks) does not travel with ../shared: copy it first
+#   mkdir -p .gpu-data && cp -r ../shared/data/lee .gpu-data/    (then carry .gpu-data with the call)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -11,6 +13,8 @@ mkdir -p "$OUT/results"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 log() { echo "== [$(date +%T)] $*"; }
+
+if [ -d .gpu-data/lee ]; then export LLM2COMP_LEE_DIR=$PWD/.gpu-data/lee; fi
 
 log "machine"
 nvidia-smi -L

@@ -22,7 +22,9 @@ from transformers import (
     Qwen3Config,
 )
 
-LEE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "lee"
+from llm2comp.data.lee import local_lee_dir
+
+LEE_DIR = local_lee_dir()  # $LLM2COMP_LEE_DIR or ../shared/data/lee
 VOCAB_SIZE = 512
 CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
            "gemma": GemmaConfig}

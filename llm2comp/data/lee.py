@@ -3,12 +3,13 @@
 50 news documents (``lee.cor``), a 50 x 50 matrix of mean human similarity ratings in [0, 1]
 (``similarities0-1.txt``; the 1225 pairs i < j are scored) and 300 background documents from the
 same source (``lee_background.cor``). Files are read from, in order: an explicit directory,
-``../shared/data/lee`` next to the repository checkout, or the `gensim` wheel (fetched with
+``$LLM2COMP_LEE_DIR``, ``../shared/data/lee`` next to the repository checkout, or the `gensim` wheel (fetched with
 ``pip download --no-deps`` into the llm2comp cache and read from the zip, never installed).
 """
 
 from __future__ import annotations
 
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,9 @@ from ..default_model import cache_dir, pip_download
 FILES = ("lee.cor", "lee_background.cor", "similarities0-1.txt")
 WHEEL_DIR = "gensim/test/test_data/"
 REPO_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "lee"
+DIR_ENV = "LLM2COMP_LEE_DIR"
 
-__all__ = ["LeeBenchmark", "lee_background_documents", "lee_files", "load_lee"]
+__all__ = ["LeeBenchmark", "lee_background_documents", "lee_files", "load_lee", "local_lee_dir"]
 
 
 @dataclass(frozen=True)
@@ -31,9 +33,14 @@ class LeeBenchmark:
     ratings: list[float]
 
 
+def local_lee_dir() -> Path:
+    """The folder tried before the gensim wheel: ``$LLM2COMP_LEE_DIR``, else ``../shared/data/lee``."""
+    return Path(os.environ.get(DIR_ENV) or REPO_DATA_DIR)
+
+
 def lee_files(data_dir: str | Path | None = None) -> dict[str, str]:
-    """The three files' contents by name, from `data_dir`, the repository's shared data or the gensim wheel."""
-    for directory in ([Path(data_dir)] if data_dir is not None else [REPO_DATA_DIR]):
+    """The three files' contents by name, from `data_dir`, `local_lee_dir()` or the gensim wheel."""
+    for directory in ([Path(data_dir)] if data_dir is not None else [local_lee_dir()]):
         if all((directory / f).is_file() for f in FILES):
             return {f: (directory / f).read_text(encoding="utf-8", errors="replace") for f in FILES}
         if data_dir is not None:

@@ -7,6 +7,7 @@ from llm2comp.data import lee
 
 def test_falls_back_to_the_gensim_wheel(tmp_path, monkeypatch):
     monkeypatch.setattr(lee, "REPO_DATA_DIR", tmp_path / "no-shared-data")
+    monkeypatch.delenv(lee.DIR_ENV, raising=False)
     monkeypatch.setenv("LLM2COMP_CACHE", str(tmp_path / "cache"))
     try:
         from_wheel = lee.lee_files()
