@@ -130,7 +130,7 @@ def compression_loss(model, batch: CompressionBatch, objective: str) -> torch.Te
     b, m, _ = memory.shape
     k = batch.targets.shape[1]
     with modeling.frozen_decoder(model):
-        weight = modeling.lm_head_weight(model).detach()  # the original head: no memory rows, no gradient
+        weight = modeling.lm_head_weight(model).detach()  # frozen base head (memory rows at their initial values)
         embed = modeling.input_embeddings(model)
         bos = torch.full((b, 1), modeling.bos_token_id(modeling.tokenizer(model)), device=memory.device)
         targets = embed(batch.targets)
