@@ -92,7 +92,7 @@ def _bench_shape(B, D, dtype, device, quick) -> list[dict]:
             rows.append({**row, "status": fn})
             continue
 
-        step = _fwd_bwd(fn, q, d, labels)
+        step = harness.fwd_bwd_step(fn, q, d, labels)
         try:
             row["loss"] = step().item()
             q.grad = d.grad = None  # so the memory baseline of `measure` holds the inputs only
@@ -110,22 +110,13 @@ def _bench_shape(B, D, dtype, device, quick) -> list[dict]:
     return rows
 
 
-def _fwd_bwd(fn, q, d, labels):
-    def step():
-        q.grad = d.grad = None
-        loss = fn(q, d, labels)
-        loss.backward()
-        return loss
-    return step
-
-
 def memory_child(provider: str) -> float:
     """Peak RSS increase (MiB) of one CPU fwd+bwd of `provider` at MEMORY_SHAPE (run in a subprocess)."""
     torch.set_num_threads(2)
     B, D = MEMORY_SHAPE
     q, d = make_contrastive_inputs(B, B, D)
     fn = {"torch": _ours("torch"), "eager": _eager}[provider]
-    return harness.rss_peak_increase_mib(_fwd_bwd(fn, q, d, torch.arange(B)))
+    return harness.rss_peak_increase_mib(harness.fwd_bwd_step(fn, q, d, torch.arange(B)))
 
 
 def run(quick: bool) -> list[dict]:

@@ -77,16 +77,6 @@ def _providers(device):
     return providers
 
 
-def _fwd_bwd(fn, student, teacher, weight):
-    def step():
-        student.grad = None
-        weight.grad = None
-        loss = fn(student, teacher, weight)
-        loss.backward()
-        return loss
-    return step
-
-
 def _bench_shape(N, H, V, dtype, device, quick) -> list[dict]:
     student, teacher, weight = make_linear_kl_inputs(N, H, V, dtype=dtype, device=device)
     with torch.no_grad():
@@ -103,7 +93,7 @@ def _bench_shape(N, H, V, dtype, device, quick) -> list[dict]:
         if isinstance(fn, str):
             rows.append({**row, "status": fn})
             continue
-        step = _fwd_bwd(fn, student, teacher, weight)
+        step = harness.fwd_bwd_step(fn, student, teacher, weight)
         try:
             row["loss_rel_err"] = rel_err(step().detach(), expected)
             student.grad = weight.grad = None   # so the memory baseline of `measure` holds the inputs only
@@ -123,7 +113,7 @@ def memory_child(provider: str) -> float:
     torch.set_num_threads(2)
     student, teacher, weight = make_linear_kl_inputs(*MEMORY_SHAPE)
     fn = {"torch": _ours("torch"), "naive": _naive}[provider]
-    return harness.rss_peak_increase_mib(_fwd_bwd(fn, student, teacher, weight))
+    return harness.rss_peak_increase_mib(harness.fwd_bwd_step(fn, student, teacher, weight))
 
 
 def _cpu_memory_rows() -> list[dict]:

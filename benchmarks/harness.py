@@ -96,6 +96,23 @@ def cpu_memory_rows(module: str, base_row: dict, providers: tuple[str, ...]) -> 
     return rows
 
 
+def fwd_bwd_step(fn: Callable[..., torch.Tensor], *args) -> Callable[[], torch.Tensor]:
+    """A step that clears the gradients of `args`, runs ``fn(*args)`` and back-propagates the scalar it returns."""
+    def step():
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                a.grad = None
+        loss = fn(*args)
+        loss.backward()
+        return loss
+    return step
+
+
+def use_triton_interpreter() -> None:
+    """Make Triton kernels run on the CPU; must happen before any kernel module is imported."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def kernel_device(name: str, quick: bool) -> torch.device:
     """The device a kernel benchmark runs on: CUDA, or the CPU interpreter under `--quick` only.
 
@@ -105,7 +122,7 @@ def kernel_device(name: str, quick: bool) -> torch.device:
         return torch.device("cuda")
     if not quick:
         raise SystemExit(f"{name} measures on a CUDA GPU; on CPU use --quick (harness check only)")
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    use_triton_interpreter()
     return torch.device("cpu")
 
 

@@ -92,7 +92,7 @@ def make_compression_batch(model, texts: list[str], *, objective: str, min_split
     tokens), the decoder input ``1 + M + targets`` and the teacher input ``1 + text`` all fit in
     `max_length`.
     """
-    tokenizer, m = modeling.tokenizer(model), modeling.num_memory_tokens(model)
+    tokenizer, m = model.tokenizer, model.num_memory_tokens
     ids, offsets = _token_ids(tokenizer, texts, max_length - m - 1)
     splits = [split_point(len(i), min_split, seed, epoch, idx) for i, idx in zip(ids, indices)]
     prefixes = [t[:off[s][0]] for t, off, s in zip(texts, offsets, splits)]
@@ -130,20 +130,20 @@ def compression_loss(model, batch: CompressionBatch, objective: str) -> torch.Te
     b, m, _ = memory.shape
     k = batch.targets.shape[1]
     with modeling.frozen_decoder(model):
-        weight = modeling.lm_head_weight(model).detach()  # frozen base head (memory rows at their initial values)
-        embed = modeling.input_embeddings(model)
-        bos = torch.full((b, 1), modeling.bos_token_id(modeling.tokenizer(model)), device=memory.device)
+        weight = model.lm_head.weight.detach()  # frozen base head (memory rows at their initial values)
+        embed = model.model.get_input_embeddings()
+        bos = torch.full((b, 1), modeling.bos_token_id(model.tokenizer), device=memory.device)
         targets = embed(batch.targets)
         inputs = torch.cat([embed(bos), memory.to(targets.dtype), targets], dim=1)
         attention = torch.cat([torch.ones(b, 1 + m, dtype=torch.long, device=memory.device),
                                batch.target_mask.long()], dim=1)
-        hidden = modeling.decoder_hidden(model, inputs_embeds=inputs, attention_mask=attention)
+        hidden = model.hidden_states(inputs_embeds=inputs, attention_mask=attention)
         student = hidden[:, m:m + k]  # [B, K, H]: position M + j predicts target j
         mask = batch.target_mask.reshape(-1)
         if objective != "kl":
             return _chunked_cross_entropy(student.reshape(b * k, -1)[mask], weight, batch.targets.reshape(-1)[mask])
         with torch.no_grad():
-            full = modeling.decoder_hidden(model, input_ids=batch.teacher_ids, attention_mask=batch.teacher_mask)
+            full = model.hidden_states(input_ids=batch.teacher_ids, attention_mask=batch.teacher_mask)
             positions = (batch.teacher_start[:, None] + torch.arange(k, device=full.device)).clamp_max(
                 full.shape[1] - 1)
             teacher = full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1]))  # [B, K, H]

@@ -12,8 +12,7 @@ from ..bidirectional import causal_attention
 from ..model import LLM2Comp
 from .config import TrainConfig
 
-__all__ = ["load_model", "save_model", "tokenizer", "num_memory_tokens", "bos_token_id", "memory_states",
-           "frozen_decoder", "decoder_hidden", "input_embeddings", "lm_head_weight", "tokenize_mixed", "embed",
+__all__ = ["load_model", "bos_token_id", "memory_states", "frozen_decoder", "tokenize_mixed", "embed",
            "set_lora_dropout", "enable_gradient_checkpointing"]
 
 
@@ -22,18 +21,6 @@ def load_model(cfg: TrainConfig) -> LLM2Comp:
     return LLM2Comp.from_pretrained(cfg.model, num_memory_tokens=cfg.memory_tokens, lora_rank=cfg.lora_r,
                                     lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                     backend=cfg.attention_backend)
-
-
-def save_model(model: LLM2Comp, directory) -> None:
-    model.save_pretrained(directory)
-
-
-def tokenizer(model: LLM2Comp):
-    return model.tokenizer
-
-
-def num_memory_tokens(model: LLM2Comp) -> int:
-    return model.num_memory_tokens
 
 
 def bos_token_id(tok) -> int:
@@ -56,20 +43,6 @@ def frozen_decoder(model: LLM2Comp) -> Iterator[LLM2Comp]:
     """
     with model.model.disable_adapter(), causal_attention(model.model):
         yield model
-
-
-def decoder_hidden(model: LLM2Comp, *, attention_mask: torch.Tensor, input_ids: torch.Tensor | None = None,
-                   inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-    """Last (final-norm) hidden states `[B, L, H]`; call inside `frozen_decoder` for the decoder."""
-    return model.hidden_states(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
-
-
-def input_embeddings(model: LLM2Comp) -> torch.nn.Module:
-    return model.model.get_input_embeddings()
-
-
-def lm_head_weight(model: LLM2Comp) -> torch.Tensor:
-    return model.lm_head.weight
 
 
 def _pad_to(t: torch.Tensor, width: int, value: int) -> torch.Tensor:

@@ -37,8 +37,8 @@ class CompressStage(Stage):
     def __init__(self, cfg: TrainConfig, model, device: torch.device):
         super().__init__(cfg, model, device)
         rows, blank = read_texts(cfg.data)
-        max_tokens = cfg.max_length - modeling.num_memory_tokens(model) - 1
-        self.rows, short = usable_rows(modeling.tokenizer(model), rows, cfg.data, cfg.min_split, max_tokens,
+        max_tokens = cfg.max_length - model.num_memory_tokens - 1
+        self.rows, short = usable_rows(model.tokenizer, rows, cfg.data, cfg.min_split, max_tokens,
                                        cfg.skip_short)
         self.num_examples, self.skipped = len(self.rows), {"blank lines": blank, "too short to split": short}
 

@@ -121,6 +121,6 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
             save_checkpoint(out, model, optimizer, scheduler, done, cfg.to_dict())
     bar.close()
     if main:
-        modeling.save_model(model, out)
+        model.save_pretrained(out)
         _log_line(log_path, {"event": "end", "step": total})
     return records

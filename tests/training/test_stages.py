@@ -83,9 +83,9 @@ def test_decoder_is_the_frozen_original_model(tiny_dir, tmp_path):
         expected_ids = base.model(input_ids=ids, attention_mask=mask).last_hidden_state
         expected_embeds = base.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         with modeling.frozen_decoder(model):
-            got_ids = modeling.decoder_hidden(model, input_ids=ids, attention_mask=mask)
-            got_embeds = modeling.decoder_hidden(model, inputs_embeds=embeds, attention_mask=mask)
-        encoder_view = modeling.decoder_hidden(model, input_ids=ids, attention_mask=mask)
+            got_ids = model.hidden_states(input_ids=ids, attention_mask=mask)
+            got_embeds = model.hidden_states(inputs_embeds=embeds, attention_mask=mask)
+        encoder_view = model.hidden_states(input_ids=ids, attention_mask=mask)
     valid = mask.bool()
     torch.testing.assert_close(got_ids[valid], expected_ids[valid], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got_embeds[valid], expected_embeds[valid], rtol=1e-4, atol=1e-4)
