@@ -8,6 +8,7 @@ Run one with ``python -m benchmarks.bench_<op> [--quick] [--out DIR]``.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -31,13 +32,16 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup_ms: 
     """Median/p20/p80 time in ms and peak memory in MiB of calling `fn`.
 
     On CUDA: CUDA-event timing via `triton.testing.do_bench` (L2 flushed between calls) and
-    `torch.cuda.max_memory_allocated` above what was allocated before. On CPU: wall clock over
-    repeated calls and the process's peak resident memory (a high-water mark for the process).
+    `torch.cuda.max_memory_allocated` above what was allocated before, over one call after a warm-up
+    call (the warm-up compiles and autotunes: Triton's tuner holds a 256 MiB L2-flush buffer that is
+    not the op's memory), and ``host_ms`` (see `_host_ms`). On CPU: wall clock over repeated calls and
+    the process's peak resident memory (a high-water mark for the process).
     """
     device = torch.device(device)
     if device.type == "cuda":
         import triton.testing
 
+        fn()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -45,7 +49,7 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup_ms: 
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         p20, median, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
-        return {"ms": median, "ms_p20": p20, "ms_p80": p80, "peak_mem_mib": peak}
+        return {"ms": median, "ms_p20": p20, "ms_p80": p80, "host_ms": _host_ms(fn), "peak_mem_mib": peak}
     fn()  # warm-up
     times = []
     deadline = time.perf_counter() + rep_ms / 1e3
@@ -56,6 +60,18 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup_ms: 
     q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"ms": statistics.median(times), "ms_p20": q[0], "ms_p80": q[3], "process_peak_rss_mib": peak}
+
+
+def _host_ms(fn: Callable[[], object], calls: int = 10) -> float:
+    """Median CPU time of one call of `fn` on CUDA without waiting for the GPU: what the call costs the
+    host (checks, allocations, launches). When it comes near the timed ``ms``, the op is launch-bound."""
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
 
 
 def _proc_status_mib(key: str) -> float:
@@ -166,6 +182,16 @@ def _cpu_name() -> str:
     return f"cpu: {model or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
+def _git_commit() -> str | None:
+    """HEAD's hash, or None outside a git checkout (a copied tree: pass $LLM2COMP_GIT_COMMIT instead)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent)
+    except OSError:
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
 def environment() -> dict:
     """Device, library versions, git commit and the exact command, stored with every result file."""
     env = {
@@ -176,21 +202,18 @@ def environment() -> dict:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
     }
-    for name in ("triton", "transformers", "flash_attn", "liger_kernel", "inf_cl"):
+    for key, dist in (("triton", "triton"), ("transformers", "transformers"), ("flash_attn", "flash-attn"),
+                      ("liger_kernel", "liger-kernel"), ("inf_cl", "inf-cl")):
         try:
-            env[name] = __import__(name).__version__
-        except Exception:
-            env[name] = None
-    try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                           cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        env["git_commit"] = None
+            env[key] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            env[key] = None
+    env["git_commit"] = os.environ.get("LLM2COMP_GIT_COMMIT") or _git_commit()
     return env
 
 
 def format_table(rows: list[dict]) -> str:
-    keys = [k for k in ("op", "mode", "shape", "dtype", "provider", "ms", "tflops", "gbps", "texts_per_s",
+    keys = [k for k in ("op", "mode", "shape", "dtype", "provider", "ms", "host_ms", "tflops", "gbps", "texts_per_s",
                         "tokens_per_s", "peak_mem_mib", "process_peak_rss_mib", "status") if any(k in r for r in rows)]
     keys += sorted({k for r in rows for k in r if k.startswith("vs_")})
     def cell(v):
