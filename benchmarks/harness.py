@@ -29,49 +29,71 @@ SAME_AS_TORCH_ON_CPU = "not measured: on CPU backend auto resolves every op to t
 
 def measure(fn: Callable[[], object], device: str | torch.device, *, warmup_ms: float = 25,
             rep_ms: float = 100) -> dict:
-    """Median/p20/p80 time in ms and peak memory in MiB of calling `fn`.
+    """Median/p20/p80 time in ms and peak memory in MiB of calling a kernel-sized `fn` (milliseconds).
 
     On CUDA: CUDA-event timing via `triton.testing.do_bench` (L2 flushed between calls) and
     `torch.cuda.max_memory_allocated` above what was allocated before, over one call after a warm-up
     call (the warm-up compiles and autotunes: Triton's tuner holds a 256 MiB L2-flush buffer that is
-    not the op's memory), and ``host_ms`` (see `_host_ms`). On CPU: wall clock over repeated calls and
-    the process's peak resident memory (a high-water mark for the process).
+    not the op's memory), and ``host_ms``: the median CPU time of a call that does not wait for the GPU
+    (checks, allocations, launches; when it comes near ``ms`` the op is launch-bound). On CPU: as
+    `measure_end_to_end`.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return measure_end_to_end(fn, device, rep_ms=rep_ms)
+    import triton.testing
+
+    peak = _cuda_peak_mib(fn)
+    p20, median, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
+    host = _wall_clock_ms(fn, rep_ms=0, min_calls=10)
+    torch.cuda.synchronize()
+    return {"ms": median, "ms_p20": p20, "ms_p80": p80, "host_ms": statistics.median(host), "peak_mem_mib": peak}
+
+
+def measure_end_to_end(fn: Callable[[], object], device: str | torch.device, *, rep_ms: float = 2000,
+                       min_calls: int = 3) -> dict:
+    """Median/p20/p80 wall time in ms of synchronised calls of `fn` (at least `min_calls`, more while under
+    `rep_ms`) after a warm-up call, and peak memory: for paths of a second or more per call, where
+    do_bench's estimation calls alone would take minutes.
+
+    Peak memory: on CUDA `max_memory_allocated` above what was allocated before, over one call; on CPU the
+    process's peak resident memory (a high-water mark for the whole process).
     """
     device = torch.device(device)
     if device.type == "cuda":
-        import triton.testing
+        memory = {"peak_mem_mib": _cuda_peak_mib(fn)}
+        times = _wall_clock_ms(fn, rep_ms, min_calls, sync=torch.cuda.synchronize)
+    else:
+        fn()  # warm-up
+        times = _wall_clock_ms(fn, rep_ms, min_calls)
+        memory = {"process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return {"ms": statistics.median(times), "ms_p20": q[0], "ms_p80": q[3], **memory}
 
-        fn()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        p20, median, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
-        return {"ms": median, "ms_p20": p20, "ms_p80": p80, "host_ms": _host_ms(fn), "peak_mem_mib": peak}
-    fn()  # warm-up
+
+def _cuda_peak_mib(fn: Callable[[], object]) -> float:
+    """CUDA memory allocated at the peak of one call of `fn`, above what was allocated before it, after a
+    warm-up call (which compiles and autotunes)."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _wall_clock_ms(fn: Callable[[], object], rep_ms: float, min_calls: int = 3, max_calls: int = 100,
+                   sync: Callable[[], object] = lambda: None) -> list[float]:
+    """Wall time in ms of each call of `fn` (then `sync`): at least `min_calls`, more while under `rep_ms`."""
     times = []
     deadline = time.perf_counter() + rep_ms / 1e3
-    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 100):
+    while len(times) < min_calls or (time.perf_counter() < deadline and len(times) < max_calls):
         start = time.perf_counter()
         fn()
+        sync()
         times.append((time.perf_counter() - start) * 1e3)
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"ms": statistics.median(times), "ms_p20": q[0], "ms_p80": q[3], "process_peak_rss_mib": peak}
-
-
-def _host_ms(fn: Callable[[], object], calls: int = 10) -> float:
-    """Median CPU time of one call of `fn` on CUDA without waiting for the GPU: what the call costs the
-    host (checks, allocations, launches). When it comes near the timed ``ms``, the op is launch-bound."""
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    torch.cuda.synchronize()
-    return statistics.median(times)
+    return times
 
 
 def _proc_status_mib(key: str) -> float:

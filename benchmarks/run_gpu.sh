@@ -1,18 +1,31 @@
 #!/usr/bin/env bash
-# One call on a fresh GPU machine with CUDA torch installed: build the extension, run every test
-# (GPU-marked ones included), run every benchmark, and leave logs + JSON in $OUT (default ./out).
-#   bash benchmarks/run_gpu.sh            # everything
-#   BENCH="attention" bash benchmarks/run_gpu.sh   # a subset of benchmarks/bench_<name>.py
-# Wheels for peers missing there (liger-kernel, inf-cl, gguf) are installed from .gpu-wheels/ if present.
-# The Lee data (tests' tokenizer, end-to-end benchmarks) does not travel with ../shared: copy it first
-#   mkdir -p .gpu-data && cp -r ../shared/data/lee .gpu-data/    (then carry .gpu-data with the call)
+# On a GPU machine with CUDA torch: build the extension, run the GPU tests and the benchmarks, and leave the
+# logs and JSON in $OUT (default ./out) as one results.tar.gz. Prepare the offline machine's wheels and data
+# here first with `bash benchmarks/prepare_gpu.sh`, and carry .gpu-wheels and .gpu-data with the call.
+#
+# A device call runs at most 10 minutes, so the work comes in parts, chosen with PARTS (default: all three):
+#   PARTS=tests    every gpu-marked test (TEST_MARKS overrides the marker expression)
+#   PARTS=kernels  the op benchmarks: attention, contrastive_loss, linear_kl_loss, span_mean_pool
+#   PARTS=e2e      the end-to-end benchmarks: encode, train
+# e.g. LLM2COMP_GIT_COMMIT=$(git rev-parse HEAD) PARTS=tests OUT=$OUT bash benchmarks/run_gpu.sh
+# BENCH="attention" runs a subset of benchmarks/bench_<name>.py instead of the parts' lists. Each part builds
+# the extension first unless it already imports (a machine kept warm between calls). Every step gets the time
+# left before DEADLINE_S (default 560 s after the start), so the tarball is written even when a step runs long.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT/results"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-log() { echo "== [$(date +%T)] $*"; }
+PARTS=${PARTS:-tests kernels e2e}
+start=$SECONDS
+log() { echo "== [$(date +%T) +$((SECONDS - start))s] $*"; }
+# Run "$@" under a timeout of the time left (minus a margin for the tarball); skip it when none is left.
+in_time() {
+    local left=$(( ${DEADLINE_S:-560} - (SECONDS - start) - 15 ))
+    if [ "$left" -lt 20 ]; then log "no time left: skipped $*"; return 1; fi
+    timeout "$left" "$@"
+}
 
 if [ -d .gpu-data/lee ]; then export LLM2COMP_LEE_DIR=$PWD/.gpu-data/lee; fi
 
@@ -22,27 +35,34 @@ nvidia-smi -L
 
 if compgen -G ".gpu-wheels/*.whl" >/dev/null; then
     log "peer wheels"
-    "$PY" -m pip install -q --no-deps --no-index .gpu-wheels/*.whl
+    "$PY" -m pip install -q --no-deps --no-index .gpu-wheels/*.whl 2>&1 | tail -3
 fi
 
-log "build (extension for this GPU's arch)"
-arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}" MAX_JOBS=${MAX_JOBS:-16} LLM2COMP_BUILD_CUDA=1 \
-    "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -20
+if "$PY" -c "import llm2comp_kernels._C" 2>/dev/null; then
+    log "extension already built"
+else
+    log "build (extension for this GPU's arch)"
+    arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+    TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}" MAX_JOBS=${MAX_JOBS:-16} LLM2COMP_BUILD_CUDA=1 \
+        in_time "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -20
+fi
 "$PY" -c "import llm2comp_kernels as K; print(K.available_backends())"
 
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-    log "tests (all, on the GPU)"
-    timeout_opt=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 300")
-    "$PY" -m pytest -q -p no:cacheprovider -m "${TEST_MARKS:-gpu or not slow}" $timeout_opt \
-        --junitxml "$OUT/results/junit.xml" ${TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -40
-fi
-
-log "benchmarks"
-for bench in ${BENCH:-$(ls benchmarks/bench_*.py | sed 's#benchmarks/bench_##; s#\.py##')}; do
+benches=""
+for part in $PARTS; do
+    case $part in
+        tests)
+            log "tests (-m '${TEST_MARKS:-gpu}')"
+            in_time "$PY" -m pytest -q -p no:cacheprovider -m "${TEST_MARKS:-gpu}" \
+                --junitxml "$OUT/results/junit.xml" ${TESTS:-tests} 2>&1 | tee "$OUT/results/tests.log" | tail -40 ;;
+        kernels) benches="$benches attention contrastive_loss linear_kl_loss span_mean_pool" ;;
+        e2e) benches="$benches encode train" ;;
+        *) log "unknown part '$part' (tests, kernels, e2e)"; exit 2 ;;
+    esac
+done
+for bench in ${BENCH:-$benches}; do
     log "bench_$bench"
-    timeout "${BENCH_TIMEOUT:-240}" "$PY" -m "benchmarks.bench_$bench" --out "$OUT/results" 2>&1 \
-        | tee -a "$OUT/bench.log" | tail -40
+    in_time "$PY" -m "benchmarks.bench_$bench" --out "$OUT/results" 2>&1 | tee -a "$OUT/results/bench.log" | tail -40
 done
 tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$OUT/results"
 log "done"

@@ -48,12 +48,16 @@ def make_pool_inputs(B, L, D, dtype=torch.float32, device="cpu", span=None, seed
     return hidden, start.to(device), length.to(device)
 
 
-def make_contrastive_inputs(B, N, D, dtype=torch.float32, device="cpu", seed=0, requires_grad=True):
-    """Random queries `[B, D]` and docs `[N, D]`, docs correlated with their query (positives 0..B-1)."""
+def make_contrastive_inputs(B, N, D, dtype=torch.float32, device="cpu", seed=0, requires_grad=True,
+                            positive_weight=1.0):
+    """Random queries `[B, D]` and docs `[N, D]`, doc i = noise + positive_weight * query i (positives 0..B-1).
+
+    The default makes positives look like their query, as after some training (cosine ~0.7: at temperature
+    0.05 the loss is near zero); 0.15 (cosine ~0.15) gives a loss of a few nats, as early in training."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, D, generator=g)
     d = torch.randn(N, D, generator=g)
-    d[: min(B, N)] += q[: min(B, N)]  # positives look like their query, as after some training
+    d[: min(B, N)] += positive_weight * q[: min(B, N)]
     return (q.to(device=device, dtype=dtype).requires_grad_(requires_grad),
             d.to(device=device, dtype=dtype).requires_grad_(requires_grad))
 

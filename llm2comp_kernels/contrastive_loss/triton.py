@@ -55,10 +55,11 @@ _LN2 = 0.6931471805599453
 # same BLOCK_K, so forward and backward sum each logit over D in the same chunk order (the backward's
 # exp2(s - max) is then 1 at the max, not 1 +- the rounding of a differently summed logit). Wide doc tiles
 # (BLOCK_N 256) halve how often the gradient kernels read and write their fp32 rows per doc, the memory traffic
-# that bounds them at large D.
+# that bounds them at large D. The 128x64 and 64x128 tiles use 8 warps: with 4, the gradient kernels spill
+# registers on sm_90 (`python .ci/compile_triton.py --only contrastive` prints registers and spills per config).
 _FIXED = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
 _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
+            for m, n, k, w, s in [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3),
                                   (64, 64, 64, 4, 4), (64, 256, 64, 8, 3)]]
 
 
