@@ -132,32 +132,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_fwd_op(const at:
     TORCH_CHECK(temperature > 0, OP, ": temperature must be > 0, got ", real(temperature));
     const c10::cuda::CUDAGuard guard(queries.device());
     const auto f32 = queries.options().dtype(at::kFloat);
-    at::Tensor loss = at::empty({B}, f32), row_lse = at::empty({B}, f32);
-    at::Tensor col_lse = at::empty({symmetric ? N : 0}, f32);
+    at::Tensor loss = at::empty({B}, f32), row_stats = at::empty({B, 2}, f32);  // (max, sum) per row, log2 units
+    at::Tensor col_stats = at::empty({symmetric ? N : 0, 2}, f32);
     const cudaError_t err = contrastive_loss_fwd(
         dtype, queries.data_ptr(), docs.data_ptr(), labels.data_ptr<int64_t>(), loss.data_ptr<float>(),
-        row_lse.data_ptr<float>(), symmetric ? col_lse.data_ptr<float>() : nullptr, B, N, D,
+        row_stats.data_ptr<float>(), symmetric ? col_stats.data_ptr<float>() : nullptr, B, N, D,
         static_cast<float>(temperature), symmetric, at::cuda::getCurrentCUDAStream());
     LLM2COMP_CHECK_LAUNCH(err);
-    return {loss, row_lse, col_lse};
+    return {loss, row_stats, col_stats};
 }
 
 std::tuple<at::Tensor, at::Tensor> contrastive_loss_bwd_op(const at::Tensor& grad_loss, const at::Tensor& queries,
                                                            const at::Tensor& docs, const at::Tensor& labels,
-                                                           const at::Tensor& row_lse, const at::Tensor& col_lse,
+                                                           const at::Tensor& row_stats, const at::Tensor& col_stats,
                                                            double temperature, bool symmetric) {
     constexpr const char* OP = "llm2comp::contrastive_loss_bwd";
     check_pair(OP, queries, docs);
     const DType dtype = float_dtype(OP, "queries", queries);
     const int64_t B = queries.size(0), N = docs.size(0), D = queries.size(1);
     check_index(OP, "labels", labels, queries, B);
-    for (const auto& [name, x, n] : {std::make_tuple("grad_loss", &grad_loss, B), std::make_tuple("row_lse", &row_lse, B),
-                                     std::make_tuple("col_lse", &col_lse, symmetric ? N : int64_t(0))}) {
+    for (const auto& [name, x, n, w] : {std::make_tuple("grad_loss", &grad_loss, B, int64_t(0)),
+                                        std::make_tuple("row_stats", &row_stats, B, int64_t(2)),
+                                        std::make_tuple("col_stats", &col_stats, symmetric ? N : int64_t(0), int64_t(2))}) {
         TORCH_CHECK(x->is_cuda() && x->device() == queries.device(), OP, ": ", name,
                     " must be on the queries' CUDA device, got ", x->device());
         TORCH_CHECK(x->scalar_type() == at::kFloat, OP, ": ", name, " must be float32, got ", x->scalar_type());
-        TORCH_CHECK(x->dim() == 1 && x->size(0) == n && x->is_contiguous(), OP, ": ", name,
-                    " must be a contiguous [", num(n), "] vector, got shape ", shape(x->sizes()));
+        const bool ok = w == 0 ? (x->dim() == 1 && x->size(0) == n) : (x->dim() == 2 && x->size(0) == n && x->size(1) == w);
+        TORCH_CHECK(ok && x->is_contiguous(), OP, ": ", name, " must be a contiguous [", num(n), w ? ", 2" : "",
+                    "] tensor, got shape ", shape(x->sizes()));
     }
     TORCH_CHECK(temperature > 0, OP, ": temperature must be > 0, got ", real(temperature));
     const c10::cuda::CUDAGuard guard(queries.device());
@@ -168,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_loss_bwd_op(const at::Tensor& gra
     at::Tensor work = at::zeros({B + N}, f32);
     const cudaError_t err = contrastive_loss_bwd(
         dtype, grad_loss.data_ptr<float>(), queries.data_ptr(), docs.data_ptr(), labels.data_ptr<int64_t>(),
-        row_lse.data_ptr<float>(), symmetric ? col_lse.data_ptr<float>() : nullptr, dq_acc.data_ptr<float>(),
+        row_stats.data_ptr<float>(), symmetric ? col_stats.data_ptr<float>() : nullptr, dq_acc.data_ptr<float>(),
         dd_acc.data_ptr<float>(), work.data_ptr<float>(), B, N, D, static_cast<float>(temperature), symmetric,
         at::cuda::getCurrentCUDAStream());
     LLM2COMP_CHECK_LAUNCH(err);
@@ -238,8 +240,8 @@ TORCH_LIBRARY(llm2comp, m) {
     m.def("span_mean_pool_bwd(Tensor grad_out, Tensor start, Tensor length, int L) -> Tensor");
     m.def("contrastive_loss_fwd(Tensor queries, Tensor docs, Tensor labels, float temperature, bool symmetric)"
           " -> (Tensor, Tensor, Tensor)");
-    m.def("contrastive_loss_bwd(Tensor grad_loss, Tensor queries, Tensor docs, Tensor labels, Tensor row_lse,"
-          " Tensor col_lse, float temperature, bool symmetric) -> (Tensor, Tensor)");
+    m.def("contrastive_loss_bwd(Tensor grad_loss, Tensor queries, Tensor docs, Tensor labels, Tensor row_stats,"
+          " Tensor col_stats, float temperature, bool symmetric) -> (Tensor, Tensor)");
     m.def("memory_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor seq_lens, bool causal, float scale) -> Tensor");
 }
 

@@ -19,10 +19,11 @@ cudaError_t span_mean_pool_bwd(DType dtype, const void* grad_out, const int64_t*
                                void* grad_hidden, int64_t B, int64_t L, int64_t D, cudaStream_t stream);
 
 // queries [B, D], docs [N, D] contiguous, labels int64 [B]. Writes fp32 loss [B] (per query, before
-// reduction), row_lse [B] (logsumexp_j s_ij) and, if symmetric, col_lse [N] (logsumexp_i s_ij), where
+// reduction), row stats [B, 2] and, if symmetric, col stats [N, 2]: per row (column) the max of
+// x_ij = s_ij * log2(e) and the sum of exp2(x_ij - max), kept apart so that max - x_pos is exact;
 // s_ij = <q_i, d_j> / temperature.
 cudaError_t contrastive_loss_fwd(DType dtype, const void* queries, const void* docs, const int64_t* labels,
-                                 float* loss, float* row_lse, float* col_lse, int64_t B, int64_t N, int64_t D,
+                                 float* loss, float* row_stats, float* col_stats, int64_t B, int64_t N, int64_t D,
                                  float temperature, bool symmetric, cudaStream_t stream);
 
 // Padded fp32 gradient buffers of the backward: rows rounded up to the kernel's row block, columns to
@@ -33,7 +34,7 @@ int64_t contrastive_loss_padded_dim(int64_t D);
 // grad_loss fp32 [B] (d total / d loss_i). dq_acc [padded_rows(B), padded_dim(D)] and dd_acc
 // [padded_rows(N), padded_dim(D)] fp32, zeroed; work fp32 [B + N] scratch.
 cudaError_t contrastive_loss_bwd(DType dtype, const float* grad_loss, const void* queries, const void* docs,
-                                 const int64_t* labels, const float* row_lse, const float* col_lse, float* dq_acc,
+                                 const int64_t* labels, const float* row_stats, const float* col_stats, float* dq_acc,
                                  float* dd_acc, float* work, int64_t B, int64_t N, int64_t D, float temperature,
                                  bool symmetric, cudaStream_t stream);
 

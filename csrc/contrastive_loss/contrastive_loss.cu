@@ -2,8 +2,10 @@
 //
 // Both directions reuse one pair of kernels on an "A side" (the rows a block owns) and a "B side" (the
 // rows it streams): s(a, b) = <A_a, B_b> / temperature.
-// - lse kernel: per A row, logsumexp over all B rows, online over 64-row B tiles (and, if asked, the
-//   logit at one target column). Queries as A gives the row LSE, docs as A the column LSE.
+// - stats kernel: per A row, the softmax statistics over all B rows in base 2, online over 64-row B tiles:
+//   the max of x = s log2(e) and the sum of exp2(x - max), kept apart so that the loss (max - x_pos) +
+//   log2(sum) is exact when the positive is the largest logit (and, if asked, x at one target column).
+//   Queries as A gives the row statistics, docs as A the column statistics.
 // - grad kernel: per A row block, recompute each S tile, form dS in registers, and accumulate
 //   dA += dS . B into an fp32 buffer the block owns exclusively (no atomics). Queries as A gives dq,
 //   docs as A gives dd.
@@ -64,12 +66,12 @@ __device__ __forceinline__ void tile_logits(float (&s)[kNT][4], T* As, T* Bs, co
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) contrastive_lse_kernel(
+__global__ void __launch_bounds__(kThreads) contrastive_stats_kernel(
     const T* __restrict__ A,              // [nA, D]
     const T* __restrict__ Bm,             // [nB, D]
     const int64_t* __restrict__ target,   // [nA] column whose logit is saved, or nullptr
-    float* __restrict__ lse,              // [nA] logsumexp_b s(a, b), natural log
-    float* __restrict__ target_logit,     // [nA] s(a, target[a]), or nullptr
+    float2* __restrict__ stats,           // [nA] (max_b x(a, b), sum_b exp2(x(a, b) - max)), x = s log2(e)
+    float* __restrict__ target_logit,     // [nA] x(a, target[a]) (log2 units, bitwise the value in the max), or nullptr
     int64_t nA, int64_t nB, int64_t D, float inv_temp) {
     constexpr int C = chunk<T>(), LD = C + pad<T>();
     __shared__ __align__(16) T As[kBlockA * LD];
@@ -94,8 +96,8 @@ __global__ void __launch_bounds__(kThreads) contrastive_lse_kernel(
             for (int e = 0; e < 4; ++e) {
                 const int i = e >> 1;
                 const int64_t col = b0 + 8 * n + 2 * t + (e & 1);
-                if (col == tgt[i]) target_logit[rows[i]] = s[n][e] * inv_temp;
                 s[n][e] = col < nB ? s[n][e] * scale_log2 : -INFINITY;
+                if (col == tgt[i]) target_logit[rows[i]] = s[n][e];
                 tile_max[i] = fmaxf(tile_max[i], s[n][e]);
             }
         }
@@ -115,21 +117,22 @@ __global__ void __launch_bounds__(kThreads) contrastive_lse_kernel(
     }
     for (int i = 0; i < 2; ++i) {
         const float total = quad_sum(l[i]);
-        if (t == 0 && rows[i] < nA) lse[rows[i]] = (m[i] + log2f(total)) * kLn2;
+        if (t == 0 && rows[i] < nA) stats[rows[i]] = make_float2(m[i], total);
     }
 }
 
-// dS(a, b) = inv_temp * (wa[a] * exp(s - lse_a[a]) + wb[b] * exp(s - lse_b[b]) - target term), where the
-// target term is coef[a] * [b == label[a]] (TARGET_ON_A) or coef[b] * [a == label[b]]. With queries
-// as A: wa = row weights, lse_a = row LSE, wb/lse_b = column weights/LSE (symmetric only). With docs as
-// A the roles swap and the target sits on the B side.
+// dS(a, b) = inv_temp * (wa[a] * softmax_a(a, b) + wb[b] * softmax_b(a, b) - target term), softmax_a =
+// exp2(x - max_a[a]) / sum_a[a] from stats_a (softmax_b likewise from stats_b), where the target term is
+// coef[a] * [b == label[a]] (TARGET_ON_A) or coef[b] * [a == label[b]]. With queries as A: wa = row
+// weights, stats_a = row statistics, wb/stats_b = column weights/statistics (symmetric only). With docs
+// as A the roles swap and the target sits on the B side.
 template <typename T, bool TARGET_ON_A>
 __global__ void __launch_bounds__(kThreads, 1) contrastive_grad_kernel(
     const T* __restrict__ A,              // [nA, D]
     const T* __restrict__ Bm,             // [nB, D]
-    const float* __restrict__ lse_a,      // [nA], or nullptr (no A-side softmax term)
+    const float2* __restrict__ stats_a,   // [nA] (max, sum) of the A-side softmax, or nullptr
     const float* __restrict__ wa,         // [nA], or nullptr
-    const float* __restrict__ lse_b,      // [nB], or nullptr (no B-side softmax term)
+    const float2* __restrict__ stats_b,   // [nB] (max, sum) of the B-side softmax, or nullptr
     const float* __restrict__ wb,         // [nB], or nullptr
     const int64_t* __restrict__ label,    // [nA] if TARGET_ON_A else [nB]
     const float* __restrict__ coef,       // same length as label
@@ -147,8 +150,9 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_grad_kernel(
     int64_t label_a[2] = {-1, -1};
     for (int i = 0; i < 2; ++i) {
         const bool real = rows[i] < nA;
-        la[i] = (real && wa != nullptr) ? lse_a[rows[i]] * kLog2e : 0.0f;
-        wra[i] = (real && wa != nullptr) ? wa[rows[i]] : 0.0f;
+        const float2 st = (real && wa != nullptr) ? stats_a[rows[i]] : make_float2(0.0f, 1.0f);
+        la[i] = st.x;                                                  // softmax = exp2(x - max) / sum
+        wra[i] = (real && wa != nullptr) ? wa[rows[i]] / st.y : 0.0f;
         if (TARGET_ON_A && real) {
             label_a[i] = label[rows[i]];
             coef_a[i] = coef[rows[i]];
@@ -168,15 +172,19 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_grad_kernel(
                 float ds = 0.0f;
                 if (col < nB && rows[i] < nA) {
                     const float x = s[n][e] * scale_log2;
-                    if (wa != nullptr) ds = wra[i] * exp2f(x - la[i]);  // x <= la: no overflow
-                    if (lse_b != nullptr) ds += wb[col] * exp2f(x - lse_b[col] * kLog2e);
+                    if (wa != nullptr) ds = wra[i] * exp2f(x - la[i]);  // x <= max (same tiles, same sums)
+                    if (stats_b != nullptr) {
+                        const float2 sb = stats_b[col];
+                        ds += wb[col] / sb.y * exp2f(x - sb.x);
+                    }
                     if (TARGET_ON_A) {
                         if (col == label_a[i]) ds -= coef_a[i];
                     } else if (label[col] == rows[i]) {
                         ds -= coef[col];
                     }
                 }
-                Pw[(g + 8 * i) * LDP + c] = from_float<T>(ds * inv_temp);
+                // 1/T is applied in fp32 below: |dS| <= |g| stays in fp16 range under loss scaling, dS/T may not.
+                Pw[(g + 8 * i) * LDP + c] = from_float<T>(ds);
             }
         }
         // dA[strip, c0:c0+C] += dS . B[b0:b0+64, c0:c0+C], one D chunk at a time.
@@ -194,8 +202,8 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_grad_kernel(
                 for (int i = 0; i < 2; ++i) {
                     float2* dst = reinterpret_cast<float2*>(dA + rows[i] * Dp + c0 + 8 * n + 2 * t);
                     float2 cur = *dst;
-                    cur.x += acc[n][2 * i];
-                    cur.y += acc[n][2 * i + 1];
+                    cur.x += acc[n][2 * i] * inv_temp;
+                    cur.y += acc[n][2 * i + 1] * inv_temp;
                     *dst = cur;
                 }
             }
@@ -203,14 +211,21 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_grad_kernel(
     }
 }
 
-// Per-query loss from the LSEs and the positive logit.
-__global__ void contrastive_loss_finalize_kernel(const float* __restrict__ row_lse, const float* __restrict__ col_lse,
-                                                 const float* __restrict__ pos, const int64_t* __restrict__ labels,
-                                                 float* __restrict__ loss, int64_t B) {
+// Per-query loss from the row (and column) statistics and the positive logit.
+// (max - pos) is exact (0 when the positive is the largest logit); log2(sum) carries the small rest.
+__global__ void contrastive_loss_finalize_kernel(const float2* __restrict__ row_stats,
+                                                 const float2* __restrict__ col_stats, const int64_t* __restrict__ labels,
+                                                 float* loss, int64_t B) {  // loss holds pos (log2 units) on entry
     const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i >= B) return;
-    const float row = row_lse[i] - pos[i];
-    loss[i] = col_lse == nullptr ? row : 0.5f * (row + col_lse[labels[i]] - pos[i]);
+    const float pos = loss[i];
+    const float2 r = row_stats[i];
+    float out = (r.x - pos) + log2f(r.y);
+    if (col_stats != nullptr) {
+        const float2 c = col_stats[labels[i]];
+        out = 0.5f * (out + (c.x - pos) + log2f(c.y));
+    }
+    loss[i] = out * kLn2;
 }
 
 // Softmax weights of the backward from the per-query upstream gradient g: the row term carries g
@@ -232,27 +247,29 @@ unsigned blocks_for(int64_t rows) { return static_cast<unsigned>((rows + kBlockA
 unsigned blocks_1d(int64_t n) { return static_cast<unsigned>((n + 255) / 256); }
 
 template <typename T>
-cudaError_t launch_fwd(const void* queries, const void* docs, const int64_t* labels, float* loss, float* row_lse,
-                       float* col_lse, int64_t B, int64_t N, int64_t D, float temperature, bool symmetric,
+cudaError_t launch_fwd(const void* queries, const void* docs, const int64_t* labels, float* loss, float* row_stats,
+                       float* col_stats, int64_t B, int64_t N, int64_t D, float temperature, bool symmetric,
                        cudaStream_t stream) {
+    float2* rs = reinterpret_cast<float2*>(row_stats);
+    float2* cs = symmetric ? reinterpret_cast<float2*>(col_stats) : nullptr;
     auto q = static_cast<const T*>(queries);
     auto d = static_cast<const T*>(docs);
     const float inv_temp = 1.0f / temperature;
     // The positive logits go to `loss` first; finalize turns them into losses in place (same index).
-    contrastive_lse_kernel<T><<<blocks_for(B), kThreads, 0, stream>>>(q, d, labels, row_lse, loss, B, N, D, inv_temp);
+    contrastive_stats_kernel<T><<<blocks_for(B), kThreads, 0, stream>>>(q, d, labels, rs, loss, B, N, D, inv_temp);
     if (symmetric) {
-        contrastive_lse_kernel<T><<<blocks_for(N), kThreads, 0, stream>>>(d, q, nullptr, col_lse, nullptr, N, B, D,
-                                                                          inv_temp);
+        contrastive_stats_kernel<T><<<blocks_for(N), kThreads, 0, stream>>>(d, q, nullptr, cs, nullptr, N, B, D, inv_temp);
     }
-    contrastive_loss_finalize_kernel<<<blocks_1d(B), 256, 0, stream>>>(row_lse, symmetric ? col_lse : nullptr, loss,
-                                                                       labels, loss, B);
+    contrastive_loss_finalize_kernel<<<blocks_1d(B), 256, 0, stream>>>(rs, cs, labels, loss, B);
     return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_bwd(const float* grad_loss, const void* queries, const void* docs, const int64_t* labels,
-                       const float* row_lse, const float* col_lse, float* dq_acc, float* dd_acc, float* work,
+                       const float* row_stats, const float* col_stats, float* dq_acc, float* dd_acc, float* work,
                        int64_t B, int64_t N, int64_t D, float temperature, bool symmetric, cudaStream_t stream) {
+    const float2* rs = reinterpret_cast<const float2*>(row_stats);
+    const float2* cs = symmetric ? reinterpret_cast<const float2*>(col_stats) : nullptr;
     auto q = static_cast<const T*>(queries);
     auto d = static_cast<const T*>(docs);
     const float inv_temp = 1.0f / temperature;
@@ -260,18 +277,17 @@ cudaError_t launch_bwd(const float* grad_loss, const void* queries, const void* 
     float* w_row = work;                               // [B]
     float* w_col = symmetric ? work + B : nullptr;     // [N], zeroed by the caller
     contrastive_loss_weights_kernel<<<blocks_1d(B), 256, 0, stream>>>(grad_loss, labels, w_row, w_col, B);
-    const float* lse_col = symmetric ? col_lse : nullptr;
     // dq: queries as A; the target (doc labels[i]) is indexed by the A row.
     contrastive_grad_kernel<T, true><<<blocks_for(B), kThreads, 0, stream>>>(
-        q, d, row_lse, w_row, lse_col, w_col, labels, grad_loss, dq_acc, B, N, D, Dp, inv_temp);
+        q, d, rs, w_row, cs, w_col, labels, grad_loss, dq_acc, B, N, D, Dp, inv_temp);
     // dd: docs as A; the row softmax (weights w_row) is now the B side and the target is indexed by the
     // B row (query i targets doc labels[i]). Without the symmetric loss there is no A-side (column) term.
     if (symmetric) {
         contrastive_grad_kernel<T, false><<<blocks_for(N), kThreads, 0, stream>>>(
-            d, q, col_lse, w_col, row_lse, w_row, labels, grad_loss, dd_acc, N, B, D, Dp, inv_temp);
+            d, q, cs, w_col, rs, w_row, labels, grad_loss, dd_acc, N, B, D, Dp, inv_temp);
     } else {
         contrastive_grad_kernel<T, false><<<blocks_for(N), kThreads, 0, stream>>>(
-            d, q, nullptr, nullptr, row_lse, w_row, labels, grad_loss, dd_acc, N, B, D, Dp, inv_temp);
+            d, q, nullptr, nullptr, rs, w_row, labels, grad_loss, dd_acc, N, B, D, Dp, inv_temp);
     }
     return cudaGetLastError();
 }
@@ -282,35 +298,35 @@ int64_t contrastive_loss_padded_rows(int64_t rows) { return (rows + kBlockA - 1)
 int64_t contrastive_loss_padded_dim(int64_t D) { return (D + kDimPad - 1) / kDimPad * kDimPad; }
 
 cudaError_t contrastive_loss_fwd(DType dtype, const void* queries, const void* docs, const int64_t* labels,
-                                 float* loss, float* row_lse, float* col_lse, int64_t B, int64_t N, int64_t D,
+                                 float* loss, float* row_stats, float* col_stats, int64_t B, int64_t N, int64_t D,
                                  float temperature, bool symmetric, cudaStream_t stream) {
     switch (dtype) {
         case DType::kFloat32:
-            return launch_fwd<float>(queries, docs, labels, loss, row_lse, col_lse, B, N, D, temperature, symmetric,
+            return launch_fwd<float>(queries, docs, labels, loss, row_stats, col_stats, B, N, D, temperature, symmetric,
                                      stream);
         case DType::kFloat16:
-            return launch_fwd<__half>(queries, docs, labels, loss, row_lse, col_lse, B, N, D, temperature, symmetric,
+            return launch_fwd<__half>(queries, docs, labels, loss, row_stats, col_stats, B, N, D, temperature, symmetric,
                                       stream);
         case DType::kBFloat16:
-            return launch_fwd<__nv_bfloat16>(queries, docs, labels, loss, row_lse, col_lse, B, N, D, temperature,
+            return launch_fwd<__nv_bfloat16>(queries, docs, labels, loss, row_stats, col_stats, B, N, D, temperature,
                                              symmetric, stream);
     }
     return cudaErrorInvalidValue;
 }
 
 cudaError_t contrastive_loss_bwd(DType dtype, const float* grad_loss, const void* queries, const void* docs,
-                                 const int64_t* labels, const float* row_lse, const float* col_lse, float* dq_acc,
+                                 const int64_t* labels, const float* row_stats, const float* col_stats, float* dq_acc,
                                  float* dd_acc, float* work, int64_t B, int64_t N, int64_t D, float temperature,
                                  bool symmetric, cudaStream_t stream) {
     switch (dtype) {
         case DType::kFloat32:
-            return launch_bwd<float>(grad_loss, queries, docs, labels, row_lse, col_lse, dq_acc, dd_acc, work, B, N,
+            return launch_bwd<float>(grad_loss, queries, docs, labels, row_stats, col_stats, dq_acc, dd_acc, work, B, N,
                                      D, temperature, symmetric, stream);
         case DType::kFloat16:
-            return launch_bwd<__half>(grad_loss, queries, docs, labels, row_lse, col_lse, dq_acc, dd_acc, work, B, N,
+            return launch_bwd<__half>(grad_loss, queries, docs, labels, row_stats, col_stats, dq_acc, dd_acc, work, B, N,
                                       D, temperature, symmetric, stream);
         case DType::kBFloat16:
-            return launch_bwd<__nv_bfloat16>(grad_loss, queries, docs, labels, row_lse, col_lse, dq_acc, dd_acc,
+            return launch_bwd<__nv_bfloat16>(grad_loss, queries, docs, labels, row_stats, col_stats, dq_acc, dd_acc,
                                              work, B, N, D, temperature, symmetric, stream);
     }
     return cudaErrorInvalidValue;

@@ -60,7 +60,8 @@ __global__ void __launch_bounds__(kThreads) memory_attention_fwd_kernel(
     const int64_t bh = blockIdx.x / blocks_m;
     const int m0 = (blockIdx.x % blocks_m) * kBlockM;
     const int64_t b = bh / Hq, h = bh % Hq, hk = h / group;
-    const int seq = static_cast<int>(seq_lens[b]);
+    // Clamped: the Python API validates 1 <= seq_lens[b] <= L, a direct torch.ops call may not.
+    const int seq = static_cast<int>(min(max(seq_lens[b], int64_t(0)), int64_t(L)));
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, warp = threadIdx.x / 32;
     T* out_bh = out + bh * int64_t(L) * HD;
 

@@ -23,11 +23,13 @@ cuda_extension()  # importing llm2comp_kernels._C registers torch.ops.llm2comp.*
 def _contrastive_loss_fwd_fake(queries, docs, labels, temperature, symmetric):
     B, N = queries.shape[0], docs.shape[0]
     f32 = dict(dtype=torch.float32)
-    return queries.new_empty(B, **f32), queries.new_empty(B, **f32), queries.new_empty(N if symmetric else 0, **f32)
+    # loss [B]; per-row and per-column (max, sum) softmax statistics [B, 2] and [N or 0, 2]
+    return (queries.new_empty(B, **f32), queries.new_empty(B, 2, **f32),
+            queries.new_empty(N if symmetric else 0, 2, **f32))
 
 
 @torch.library.register_fake("llm2comp::contrastive_loss_bwd")
-def _contrastive_loss_bwd_fake(grad_loss, queries, docs, labels, row_lse, col_lse, temperature, symmetric):
+def _contrastive_loss_bwd_fake(grad_loss, queries, docs, labels, row_stats, col_stats, temperature, symmetric):
     return (torch.empty_like(queries, dtype=torch.float32, memory_format=torch.contiguous_format),
             torch.empty_like(docs, dtype=torch.float32, memory_format=torch.contiguous_format))
 
@@ -38,16 +40,17 @@ class _ContrastiveLossFn(torch.autograd.Function):
         # The kernels run in `dtype`; queries/docs may be fp32 (normalised) and get fp32 gradients back.
         ctx.input_dtypes = (queries.dtype, docs.dtype)
         queries, docs = queries.to(dtype).contiguous(), docs.to(dtype).contiguous()
-        loss, row_lse, col_lse = torch.ops.llm2comp.contrastive_loss_fwd(queries, docs, labels, temperature, symmetric)
-        ctx.save_for_backward(queries, docs, labels, row_lse, col_lse)
+        loss, row_stats, col_stats = torch.ops.llm2comp.contrastive_loss_fwd(queries, docs, labels, temperature,
+                                                                             symmetric)
+        ctx.save_for_backward(queries, docs, labels, row_stats, col_stats)
         ctx.temperature, ctx.symmetric = temperature, symmetric
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        queries, docs, labels, row_lse, col_lse = ctx.saved_tensors
+        queries, docs, labels, row_stats, col_stats = ctx.saved_tensors
         dq, dd = torch.ops.llm2comp.contrastive_loss_bwd(grad_loss.float().contiguous(), queries, docs, labels,
-                                                         row_lse, col_lse, ctx.temperature, ctx.symmetric)
+                                                         row_stats, col_stats, ctx.temperature, ctx.symmetric)
         return dq.to(ctx.input_dtypes[0]), dd.to(ctx.input_dtypes[1]), None, None, None, None
 
 

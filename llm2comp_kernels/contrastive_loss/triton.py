@@ -186,7 +186,8 @@ def _contrastive_dq_kernel(
         ds = _grad_logits_tile(Q, Dm, LABELS, ROW_MAX, COL_MAX, A, G, COL_W, offs_m, offs_n, B, N, D,
                                stride_qb, stride_qd, stride_db, stride_dd, scale_log2,
                                SYMMETRIC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
-        ds = (ds * scale).to(Dm.dtype.element_ty)
+        # 1/T is applied to the fp32 product: |dS| <= |g| stays in fp16 range under loss scaling, dS/T may not.
+        ds = ds.to(Dm.dtype.element_ty)
         n_in = offs_n < N
         for k0 in range(0, D, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -195,7 +196,7 @@ def _contrastive_dq_kernel(
                         mask=n_in[:, None] & k_in[None, :], other=0.0)
             ptrs = DQ + offs_m[:, None] * D + offs_k[None, :]
             mask = m_in[:, None] & k_in[None, :]
-            tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + _dot(ds, d, UPCAST), mask=mask)
+            tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + _dot(ds, d, UPCAST) * scale, mask=mask)
 
 
 @triton.jit
@@ -213,7 +214,7 @@ def _contrastive_dd_kernel(
         ds = _grad_logits_tile(Q, Dm, LABELS, ROW_MAX, COL_MAX, A, G, COL_W, offs_m, offs_n, B, N, D,
                                stride_qb, stride_qd, stride_db, stride_dd, scale_log2,
                                SYMMETRIC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
-        ds_t = tl.trans((ds * scale).to(Q.dtype.element_ty))
+        ds_t = tl.trans(ds.to(Q.dtype.element_ty))  # 1/T on the fp32 product, as in the dq kernel
         m_in = offs_m < B
         for k0 in range(0, D, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -222,7 +223,7 @@ def _contrastive_dd_kernel(
                         mask=m_in[:, None] & k_in[None, :], other=0.0)
             ptrs = DD + offs_n[:, None] * D + offs_k[None, :]
             mask = n_in[:, None] & k_in[None, :]
-            tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + _dot(ds_t, q, UPCAST), mask=mask)
+            tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + _dot(ds_t, q, UPCAST) * scale, mask=mask)
 
 
 def _tuned(kernel, reset=None):

@@ -22,9 +22,17 @@ def _memory_attention_fwd_fake(q, k, v, seq_lens, causal, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+def _aligned(x: torch.Tensor) -> bool:
+    """Whether x's first element is 16-byte aligned. Under torch.compile (fake tensors have no pointer) only
+    the view's offset is checked: torch's allocator aligns storages, storages from DLPack may not be."""
+    if torch.compiler.is_compiling():
+        return x.storage_offset() % 8 == 0
+    return x.data_ptr() % 16 == 0
+
+
 def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
     """x itself when the kernel can read it in place, else a contiguous copy (freshly allocated, so aligned)."""
-    if x.stride(-1) == 1 and x.storage_offset() % 8 == 0 and all(s % 8 == 0 for s in x.stride()[:3]):
+    if x.stride(-1) == 1 and _aligned(x) and all(s % 8 == 0 for s in x.stride()[:3]):
         return x
     return x.clone(memory_format=torch.contiguous_format)
 

@@ -42,23 +42,39 @@ def _configs(pairs):
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): few per kernel, since each one compiles per head dim, dtype and
-# causal flag. `_prune_for_head_dim` drops tiles whose fp32 accumulators would not fit in registers. At d=128
-# on sm_90 the first three dk/dv configs spill registers and the last two do not (`python .ci/compile_triton.py
-# --only dkdv` prints registers and spills per config).
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)])
-_DQ_CONFIGS = _configs([(128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)])
-_DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 3), (32, 128, 8, 2), (64, 64, 8, 2)])
-_TUNE_KEY = ["BLOCK_D", "CAUSAL", "L_BUCKET"]
+# causal flag. `_prune` drops tiles whose fp32 accumulators would not fit in registers. At d=128 on sm_90 the
+# first three dk/dv configs spill registers and the last two do not. float32 inputs multiply in IEEE fp32 (no
+# tensor cores) and take twice the bytes: the bf16/fp16 tiles spill and at d=128 exceed an A100's shared
+# memory, so they tune over smaller tiles of their own. `python .ci/compile_triton.py --only memory_attention`
+# prints registers, spills and shared memory per config.
+_CONFIGS = {
+    "fwd": _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]),
+    "dq": _configs([(128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)]),
+    "dkdv": _configs([(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 3), (32, 128, 8, 2), (64, 64, 8, 2)]),
+}
+_FP32_CONFIGS = {
+    "fwd": _configs([(32, 32, 4, 2), (32, 16, 4, 2)]),
+    "dq": _configs([(32, 32, 4, 2), (32, 16, 4, 2)]),
+    "dkdv": _configs([(32, 32, 4, 2), (16, 32, 4, 2)]),
+}
+_TUNE_KEY = ["BLOCK_D", "CAUSAL", "L_BUCKET"]  # the autotuner adds the tensors' dtypes to the key
 _MAX_ACC_ELEMENTS = 128 * 128  # per accumulator tile [rows, BLOCK_D]
 
 
-def _prune_for_head_dim(configs, named_args, **kwargs):
-    """Keep configs whose [BLOCK_M or BLOCK_N, BLOCK_D] accumulator fits; always keep the smallest."""
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    def rows(c):
-        return max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
-    kept = [c for c in configs if rows(c) * block_d <= _MAX_ACC_ELEMENTS]
-    return kept or [min(configs, key=rows)]
+def _pruner(fp32_configs):
+    """`early_config_prune` that keeps the configs of the inputs' dtype (`fp32_configs` for float32, the others
+    otherwise) whose [BLOCK_M or BLOCK_N, BLOCK_D] accumulator fits; always keeps the smallest."""
+    fp32_ids = {id(c) for c in fp32_configs}
+
+    def prune(configs, named_args, **kwargs):
+        fp32 = named_args["Q"].dtype == torch.float32
+        pool = [c for c in configs if (id(c) in fp32_ids) == fp32]
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        def rows(c):
+            return max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
+        kept = [c for c in pool if rows(c) * block_d <= _MAX_ACC_ELEMENTS]
+        return kept or [min(pool, key=rows)]
+    return prune
 
 
 @triton.jit
@@ -285,13 +301,15 @@ def _memory_attention_bwd_dq_kernel(
              (dq * scale).to(DQ.dtype.element_ty), mask=row_in)
 
 
-def _tuned(configs, kernel):
-    return triton.autotune(configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})(kernel)
+def _tuned(name, kernel):
+    configs, fp32 = _CONFIGS[name], _FP32_CONFIGS[name]
+    return triton.autotune(configs + fp32, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner(fp32)})(
+        kernel)
 
 
-_fwd_tuned = _tuned(_FWD_CONFIGS, _memory_attention_fwd_kernel)
-_dq_tuned = _tuned(_DQ_CONFIGS, _memory_attention_bwd_dq_kernel)
-_dkdv_tuned = _tuned(_DKDV_CONFIGS, _memory_attention_bwd_dkdv_kernel)
+_fwd_tuned = _tuned("fwd", _memory_attention_fwd_kernel)
+_dq_tuned = _tuned("dq", _memory_attention_bwd_dq_kernel)
+_dkdv_tuned = _tuned("dkdv", _memory_attention_bwd_dkdv_kernel)
 
 
 def _launch(name: str, kernel, tuned, rows_key: str, L: int, heads: int, B: int, *args, **constexprs) -> None:

@@ -277,10 +277,30 @@ def test_huge_norms_stay_finite(backend, symmetric, device):
     assert abs(loss.item() - ref.item()) <= 1e-3 * max(1.0, abs(ref.item()))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_fp16_loss_scaling(backend, symmetric, device):
+    """float16 under loss scaling (2**15: GradScaler's 65536 after one backoff), mean over B=4: each query's
+    upstream gradient is 8192, so the logit gradients times 1/T = 20 exceed float16's range (65504) although the
+    input gradients do not (norms ~100 divide them): 1/T must be applied after the low-precision product."""
+    q, d = make_contrastive_inputs(4, 6, D_TEST, device=device, positive_weight=0.15, requires_grad=False)
+    q, d = ((20 * x).half().requires_grad_() for x in (q, d))
+    loss = contrastive_loss(q, d, temperature=0.05, backend=backend, symmetric=symmetric)
+    (loss * 2**15).backward()
+    q64, d64 = (x.detach().double().requires_grad_() for x in (q, d))
+    ref = contrastive_loss_reference(q64, d64, torch.arange(4, device=device), 0.05, True, symmetric, "mean")
+    (ref * 2**15).backward()
+    for got, want in ((q.grad, q64.grad), (d.grad, d64.grad)):
+        assert torch.isfinite(got).all()
+        assert rel_err(got, want) < REL_TOL[torch.float16]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_realistic_size(backend, dtype, symmetric, device):
-    """Retrieval-training shape: B=4096 queries, N=8192 docs (hard negatives), D=1024, duplicate labels."""
+def test_realistic_size(backend, dtype, symmetric, device, monkeypatch):
+    """Retrieval-training shape: B=4096 queries, N=8192 docs (hard negatives), D=1024, duplicate labels;
+    autotuned, as users run it."""
+    monkeypatch.setenv("LLM2COMP_TRITON_AUTOTUNE", "1")
     _check(backend, device, 4096, 8192, 1024, dtype, "custom", True, symmetric, "mean")

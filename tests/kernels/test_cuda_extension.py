@@ -280,8 +280,12 @@ def _bad_input_cases():
         ("cl labels length", lambda: ops.contrastive_loss_fwd(q, d, lab[:2], 0.05, False), r"contiguous \[3\]"),
         ("cl cpu queries", lambda: ops.contrastive_loss_fwd(q.cpu(), d, lab, 0.05, False),
          "queries must be a CUDA tensor"),
-        ("cl bwd col_lse", lambda: ops.contrastive_loss_bwd(torch.ones(3, **cuda), q, d, lab, torch.zeros(3, **cuda),
-                                                            torch.zeros(3, **cuda), 0.05, True), "col_lse must be"),
+        ("cl bwd row_stats", lambda: ops.contrastive_loss_bwd(torch.ones(3, **cuda), q, d, lab, torch.zeros(3, **cuda),
+                                                            torch.zeros(3, 2, **cuda), 0.05, True),
+         r"row_stats must be a contiguous \[3, 2\]"),
+        ("cl bwd col_stats", lambda: ops.contrastive_loss_bwd(torch.ones(3, **cuda), q, d, lab,
+                                                              torch.zeros(3, 2, **cuda), torch.zeros(3, **cuda), 0.05,
+                                                              True), "col_stats must be"),
         ("attn fp32", lambda: ops.memory_attention_fwd(a.float(), a.float(), a.float(), lens, False, 0.1),
          "float16/bfloat16"),
         ("attn head dim", lambda: ops.memory_attention_fwd(a[..., :32], a[..., :32], a[..., :32], lens, False, 0.1),
@@ -298,7 +302,7 @@ def _bad_input_cases():
 
 
 BAD_INPUT_NAMES = ["pool int hidden", "pool non-contiguous", "pool int32 start", "pool cpu length", "pool bwd L",
-                   "cl dtype mismatch", "cl D mismatch", "cl labels length", "cl cpu queries", "cl bwd col_lse",
+                   "cl dtype mismatch", "cl D mismatch", "cl labels length", "cl cpu queries", "cl bwd col_stats",
                    "attn fp32", "attn head dim", "attn stride", "attn misaligned", "attn heads", "attn cpu"]
 
 
@@ -323,14 +327,15 @@ def test_fake_kernels_match_the_real_ops():
     q, d = make_contrastive_inputs(5, 9, 24, device="cuda", requires_grad=False)
     labels = torch.arange(5, device="cuda")
     ops = torch.ops.llm2comp
-    loss, row_lse, col_lse = ops.contrastive_loss_fwd(q, d, labels, 0.1, True)
+    loss, row_stats, col_stats = ops.contrastive_loss_fwd(q, d, labels, 0.1, True)
     aq, ak, av, lens = make_attention_inputs(2, 4, 2, 20, 64, dtype=torch.float16, device="cuda",
                                              requires_grad=False)
     cases = [
         (ops.span_mean_pool_fwd.default, (hidden, start, length)),
         (ops.span_mean_pool_bwd.default, (torch.randn(3, 40, device="cuda"), start, length, 6)),
         (ops.contrastive_loss_fwd.default, (q, d, labels, 0.1, True)),
-        (ops.contrastive_loss_bwd.default, (torch.ones(5, device="cuda"), q, d, labels, row_lse, col_lse, 0.1, True)),
+        (ops.contrastive_loss_bwd.default,
+         (torch.ones(5, device="cuda"), q, d, labels, row_stats, col_stats, 0.1, True)),
         (ops.memory_attention_fwd.default, (aq, ak, av, lens.long(), True, 0.125)),
     ]
     for op, args in cases:
