@@ -3,10 +3,11 @@
 # logs and JSON in $OUT (default ./out) as one results.tar.gz. Prepare the offline machine's wheels and data
 # here first with `bash benchmarks/prepare_gpu.sh`, and carry .gpu-wheels and .gpu-data with the call.
 #
-# A device call runs at most 10 minutes, so the work comes in parts, chosen with PARTS (default: all three):
+# A device call runs at most 10 minutes, so the work comes in parts, chosen with PARTS (default: all four):
 #   PARTS=tests    every gpu-marked test (TEST_MARKS overrides the marker expression)
 #   PARTS=kernels  the op benchmarks: attention, contrastive_loss, linear_kl_loss, span_mean_pool
 #   PARTS=e2e      the end-to-end benchmarks: encode, train
+#   PARTS=sanitize compute-sanitizer memcheck and racecheck over a few small CUDA-extension tests (SANITIZE_K)
 # e.g. LLM2COMP_GIT_COMMIT=$(git rev-parse HEAD) PARTS=tests OUT=$OUT bash benchmarks/run_gpu.sh
 # BENCH="attention" runs a subset of benchmarks/bench_<name>.py instead of the parts' lists. Each part builds
 # the extension first unless it already imports (a machine kept warm between calls). Every step gets the time
@@ -17,7 +18,7 @@ OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT/results"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-PARTS=${PARTS:-tests kernels e2e}
+PARTS=${PARTS:-tests sanitize kernels e2e}
 start=$SECONDS
 log() { echo "== [$(date +%T) +$((SECONDS - start))s] $*"; }
 # Run "$@" under a timeout of the time left (minus a margin for the tarball); skip it when none is left.
@@ -55,9 +56,18 @@ for part in $PARTS; do
             log "tests (-m '${TEST_MARKS:-gpu}')"
             in_time "$PY" -m pytest -q -p no:cacheprovider -m "${TEST_MARKS:-gpu}" \
                 --junitxml "$OUT/results/junit.xml" ${TESTS:-tests} 2>&1 | tee "$OUT/results/tests.log" | tail -40 ;;
+        sanitize)
+            # Without the caching allocator every tensor is its own allocation, so memcheck sees overruns.
+            for tool in memcheck racecheck; do
+                log "compute-sanitizer --tool $tool"
+                PYTORCH_NO_CUDA_MEMORY_CACHING=1 in_time compute-sanitizer --tool "$tool" --error-exitcode 1 \
+                    "$PY" -m pytest -q -x -p no:cacheprovider -m gpu tests/kernels/test_cuda_extension.py \
+                    -k "${SANITIZE_K:-unaligned_pointer or unnormalized_reductions or strided_inputs}" 2>&1 \
+                    | tee "$OUT/results/sanitize_$tool.log" | tail -20
+            done ;;
         kernels) benches="$benches attention contrastive_loss linear_kl_loss span_mean_pool" ;;
         e2e) benches="$benches encode train" ;;
-        *) log "unknown part '$part' (tests, kernels, e2e)"; exit 2 ;;
+        *) log "unknown part '$part' (tests, sanitize, kernels, e2e)"; exit 2 ;;
     esac
 done
 for bench in ${BENCH:-$benches}; do
