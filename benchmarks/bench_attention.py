@@ -10,8 +10,10 @@ model has them (transposes of `[B, L, H, d]` projections) and charged for whatev
   bool key-padding mask broadcast from `[B, 1, 1, L]` (mask construction and repeats timed).
 - ``flex``: compiled `flex_attention` with a block mask from the lengths (`create_block_mask` timed:
   lengths change every batch); GQA without repeating.
-- ``varlen``: `torch.nn.attention.varlen.varlen_attn` after unpadding to `[total, H, d]` (unpad and
-  scatter back timed), when this torch has it.
+- ``varlen``: `torch.nn.attention.varlen.varlen_attn` (torch's bundled FlashAttention-2 varlen kernels) after
+  unpadding to `[total, H, d]` (unpad and scatter back timed), when this torch has it.
+- ``varlen_kernel``: the same kernel alone, given inputs unpadded beforehand (untimed): FlashAttention-2's
+  own speed, what the issue's "0.9x FA2 varlen forward, 0.85x backward" goals compare against.
 - ``flash``: `flash_attn_varlen_func` through `memory_attention(backend="flash")` (same unpadding).
 
 TFLOP/s counts real tokens only: ``4 * len^2 * d * Hq`` per sequence forward, backward 2.5x forward.
@@ -45,10 +47,15 @@ def _inputs(B, Hq, Hkv, L, d, dtype, device, seq_lens):
     return proj(Hq), proj(Hkv), proj(Hkv), seq_lens
 
 
+def _direct(fn):
+    """A provider that runs `fn(q, k, v, seq_lens)` on the padded inputs: (call, tensors to differentiate)."""
+    def prepare(q, k, v, seq_lens):
+        return (lambda: fn(q, k, v, seq_lens)), (q, k, v)
+    return prepare
+
+
 def _ours(backend):
-    def fn(q, k, v, seq_lens):
-        return memory_attention(q, k, v, seq_lens, backend=backend)
-    return fn
+    return _direct(lambda q, k, v, seq_lens: memory_attention(q, k, v, seq_lens, backend=backend))
 
 
 def _sdpa_mask(q, k, v, seq_lens):
@@ -60,7 +67,7 @@ def _sdpa_mask(q, k, v, seq_lens):
 
 
 def _flex():
-    """Compiled flex_attention with a per-batch block mask, or None if this torch lacks it."""
+    """Compiled flex_attention with a per-batch block mask (a provider), or None if this torch lacks it."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:
@@ -74,43 +81,58 @@ def _flex():
             return (q_idx < seq_lens[b]) & (kv_idx < seq_lens[b])
         block_mask = create_block_mask(real, B, None, L, L, device=q.device)
         return compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
-    return fn
+    return _direct(fn)
 
 
-def _varlen():
-    """torch's varlen_attn after unpadding, or None if this torch lacks it."""
+def _varlen(kernel_only: bool):
+    """torch's varlen_attn (a provider), or None if this torch lacks it. `kernel_only`: unpad before timing."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
     gqa = "enable_gqa" in inspect.signature(varlen_attn).parameters
+    extra = {"enable_gqa": True} if gqa else {}
 
-    def fn(q, k, v, seq_lens):
-        B, Hq, L, d = q.shape
-        valid = padding_mask(seq_lens, L)
-        cu = F.pad(seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
-        group = 1 if gqa else Hq // k.shape[1]
-        def unpad(x, repeat=1):
+    def unpad(q, k, v, seq_lens):
+        """q/k/v as `[total, H, d]` (kv heads repeated if varlen_attn has no GQA), cu_seqlens, valid mask."""
+        valid = padding_mask(seq_lens, q.shape[2])
+        group = 1 if gqa else q.shape[1] // k.shape[1]
+        def pack(x, repeat=1):
             return x.transpose(1, 2)[valid].repeat_interleave(repeat, 1)
-        extra = {"enable_gqa": True} if gqa else {}
-        out = varlen_attn(unpad(q), unpad(k, group), unpad(v, group), cu, cu, L, L, **extra)
+        return pack(q), pack(k, group), pack(v, group), F.pad(seq_lens.cumsum(0, dtype=torch.int32), (1, 0)), valid
+
+    def padded(q, k, v, seq_lens):
+        B, Hq, L, d = q.shape
+        uq, uk, uv, cu, valid = unpad(q, k, v, seq_lens)
+        out = varlen_attn(uq, uk, uv, cu, cu, L, L, **extra)
         full = out.new_zeros(B, L, Hq, d)
         full[valid] = out
         return full.transpose(1, 2)
-    return fn
+
+    def prepare_kernel_only(q, k, v, seq_lens):
+        L = q.shape[2]
+        with torch.no_grad():
+            uq, uk, uv, cu, _ = unpad(q, k, v, seq_lens)
+        uq, uk, uv = (x.requires_grad_() for x in (uq, uk, uv))
+        return (lambda: varlen_attn(uq, uk, uv, cu, cu, L, L, **extra)), (uq, uk, uv)
+
+    return prepare_kernel_only if kernel_only else _direct(padded)
 
 
 def _providers(device):
-    """name -> callable(q, k, v, seq_lens) or a reason string it cannot run here."""
+    """name -> provider (``prepare(q, k, v, seq_lens) -> (call, tensors to differentiate)``) or a reason string
+    it cannot run here."""
     cpu = device.type != "cuda"
-    flex, varlen = (None, None) if cpu else (_flex(), _varlen())
+    flex, varlen, varlen_kernel = (None, None, None) if cpu else (_flex(), _varlen(False), _varlen(True))
+    missing_varlen = "skipped: needs CUDA" if cpu else "not installed (torch.nn.attention.varlen)"
     return {
         "ours": _ours("triton"),
         "cuda": _ours("cuda") if "memory_attention_fwd" in cuda_extension_ops() and not cpu
         else "not installed (llm2comp_kernels._C memory_attention_fwd)",
-        "sdpa_mask": _sdpa_mask,
+        "sdpa_mask": _direct(_sdpa_mask),
         "flex": flex or ("skipped: needs CUDA" if cpu else "not installed (torch flex_attention)"),
-        "varlen": varlen or ("skipped: needs CUDA" if cpu else "not installed (torch.nn.attention.varlen)"),
+        "varlen": varlen or missing_varlen,
+        "varlen_kernel": varlen_kernel or missing_varlen,
         "flash": _ours("flash") if flash_attn_error() is None and not cpu else "not installed (flash_attn)",
     }
 
@@ -120,16 +142,16 @@ def _flops(seq_lens, Hq, d, mode):
     return fwd if mode == "forward" else 3.5 * fwd
 
 
-def _measure(fn, inputs, mode, device):
-    q, k, v, seq_lens = inputs
+def _measure(prepare, inputs, mode, device):
+    call, leaves = prepare(*inputs)
     if mode == "forward":
         def step():
             with torch.no_grad():
-                fn(q, k, v, seq_lens)
+                call()
     else:
-        grad = torch.randn(q.shape, device=device, dtype=q.dtype)
+        grad = torch.randn_like(call())
         def step():
-            torch.autograd.grad(fn(q, k, v, seq_lens), (q, k, v), grad)
+            torch.autograd.grad(call(), leaves, grad)
     return harness.measure(step, device)
 
 
@@ -186,6 +208,7 @@ def run(quick: bool) -> list[dict]:
     rows += half_rows
     if device.type == "cuda":
         harness.add_ratios(rows, "sdpa_mask")
+        harness.add_ratios(rows, "varlen_kernel")
         harness.add_ratios(rows, "flash")
     return rows
 
