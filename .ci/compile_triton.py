@@ -17,6 +17,7 @@ launches (IEEE fp32 products, no tensor cores: a correctness path, not a fast on
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import subprocess
 import sys
@@ -123,10 +124,11 @@ def exercise(dtypes: list[torch.dtype], head_dims: tuple[int, ...]) -> None:
         hidden = torch.zeros(3, 10, 4096, dtype=dtype, requires_grad=True)
         pooled = span_mean_pool_triton(hidden, torch.tensor([0, 2, 5]), torch.tensor([8, 3, 5]))
         pooled.backward(torch.zeros_like(pooled))
-        for symmetric in (False, True):
-            queries = torch.zeros(8, 1024, dtype=dtype, requires_grad=True)
-            docs = torch.zeros(12, 1024, dtype=dtype, requires_grad=True)
-            contrastive_loss_triton(queries, docs, torch.arange(8), 0.05, True, symmetric, "mean").backward()
+        # B, N: one split (gradients added in place), and enough rows to split both sides (added atomically).
+        for (B, N), symmetric in itertools.product([(8, 12), (300, 600)], (False, True)):
+            queries = torch.zeros(B, 1024, dtype=dtype, requires_grad=True)
+            docs = torch.zeros(N, 1024, dtype=dtype, requires_grad=True)
+            contrastive_loss_triton(queries, docs, torch.arange(B), 0.05, True, symmetric, "mean").backward()
         for vocab in (1031, 32000):
             weight = torch.zeros(vocab, 64, dtype=dtype, requires_grad=True)
             student = torch.zeros(5, 64, dtype=dtype, requires_grad=True)

@@ -4,32 +4,38 @@ Notation: ``s_ij = q_i . d_j / T`` (q, d already normalised when ``normalize=Tru
 ``r_i = logsumexp_j s_ij``, column LSE ``c_j = logsumexp_k s_kj``, labels ``l_i``. Per query
 ``loss_i = r_i - s_{i,l_i}``; symmetric: ``0.5 * (r_i - s_{i,l_i} + c_{l_i} - s_{i,l_i})``.
 
-Forward (extra memory O(B + N)):
+Every kernel runs one program per (block of its rows, split of the other side): a kernel whose rows are the
+queries loops over the doc tiles of one split (`_split`: as many splits as it takes to give the GPU about two
+programs per SM; one when the row blocks alone suffice). Without splits, B=1024 queries in blocks of 64 would be
+16 programs on a 132-SM GPU.
 
-- `_contrastive_row_kernel`: one program per BLOCK_M queries; online softmax (base 2, fp32) over doc
-  tiles gives ``r_i`` as a running max and a sum of exponentials (kept apart, see `_ContrastiveLossFn`),
-  and the positive logit ``s_{i,l_i}`` is picked out of the same tiles.
-- `_contrastive_col_kernel` (symmetric only): one program per BLOCK_N docs, looping over query tiles,
+Forward (extra memory O(S (B + N)) for S splits):
+
+- `_contrastive_row_kernel`: per BLOCK_M queries and doc split, online softmax (base 2, fp32) over the doc
+  tiles gives a running max and a sum of exponentials (kept apart, see `_ContrastiveLossFn`), and the positive
+  logit ``s_{i,l_i}`` is picked out of the same tiles; `_combine` merges the splits' statistics into ``r_i``.
+- `_contrastive_col_kernel` (symmetric only): per BLOCK_N docs and query split, looping over query tiles,
   gives ``c_j`` for all N docs. Why all N rather than only the B labelled docs: gathering ``docs[labels]``
   would copy B x D values, recompute duplicated labels, and leave the backward without a per-doc LSE to
   index; one doc-major pass costs the same tile products as the row pass, needs no atomics (each program
-  owns its columns) and its `[N]` result is read directly by both backward kernels.
+  writes its own columns' statistics) and its `[N]` result is read directly by both backward kernels.
 
-Backward (recompute, no atomics): with upstream ``g_i``, ``a_i = g_i`` (``g_i / 2`` if symmetric) and
+Backward (recompute): with upstream ``g_i``, ``a_i = g_i`` (``g_i / 2`` if symmetric) and
 ``G_j = sum_{i: l_i = j} a_i`` (symmetric only, an O(B) scatter in torch),
 ``dS_ij = a_i exp(s_ij - r_i) + G_j exp(s_ij - c_j) - g_i [j = l_i]`` (the G term only if symmetric),
 ``dq = dS @ d / T`` and ``dd = dS^T @ q / T``.
 
-- `_contrastive_dq_kernel`: one program per BLOCK_M queries, looping over doc tiles.
-- `_contrastive_dd_kernel`: one program per BLOCK_N docs, looping over query tiles.
+- `_contrastive_dq_kernel`: per BLOCK_M queries and doc split, looping over the split's doc tiles.
+- `_contrastive_dd_kernel`: per BLOCK_N docs and query split, looping over the split's query tiles.
 
 Recomputing beats computing gradients in forward here: the forward would have to keep, per query tile, a
 `[BLOCK_M, D]` gradient whose softmax weights are only final after the last doc tile (a second pass anyway),
 and the column terms need ``c_j``, known only after the column pass.
 
 The hidden size D is not held in registers (D = 4096 is common): each tile of logits is accumulated over D
-in BLOCK_K chunks, and the gradient kernels add ``dS @ d[:, chunk]`` into their own rows of the fp32
-gradient buffer chunk by chunk (each program owns those rows, so no atomics are needed).
+in BLOCK_K chunks, and the gradient kernels add ``dS @ d[:, chunk]`` into their rows of the fp32 gradient
+buffer chunk by chunk: with one split each program owns those rows (a plain read-add-write), with several the
+splits of a row block add atomically (the sum's order, so its last bits, then vary from run to run).
 
 Normalisation is done once, in torch, in fp32 (`contrastive_loss_triton`), and autograd differentiates it;
 the kernels return fp32 gradients so that chain rule runs in fp32. Block sizes are autotuned on a GPU (keyed
@@ -76,6 +82,15 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _accumulate(ptrs, value, mask, ATOMIC: tl.constexpr):
+    """``*ptrs += value`` (fp32): atomically when other programs add into the same rows."""
+    if ATOMIC:
+        tl.atomic_add(ptrs, value, mask=mask)
+    else:
+        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + value, mask=mask)
+
+
+@triton.jit
 def _logits_tile(Q, Dm, offs_m, offs_n, B, N, D, stride_qb, stride_qd, stride_db, stride_dd, scale_log2,
                  UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``s_ij * log2(e)`` for the `[BLOCK_M, BLOCK_N]` tile (fp32), summed over D in BLOCK_K chunks.
@@ -96,53 +111,59 @@ def _logits_tile(Q, Dm, offs_m, offs_n, B, N, D, stride_qb, stride_qd, stride_db
 
 @triton.jit
 def _contrastive_row_kernel(
-    Q, Dm, LABELS, ROW_MAX, ROW_SUM, POS,  # Q [B, D], Dm [N, D] (any strides), LABELS int64 [B], the rest fp32 [B]
+    Q, Dm, LABELS, ROW_MAX, ROW_SUM, POS,  # Q [B, D], Dm [N, D] (any strides), LABELS int64 [B], the rest fp32 [S, B]
     stride_qb, stride_qd, stride_db, stride_dd,
-    B, N, D, scale_log2,
+    B, N, D, scale_log2, DOCS_PER_SPLIT,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # Program (i, s): queries of block i against the docs of split s, statistics into row s of the outputs.
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
     m_in = offs_m < B
     label = tl.load(LABELS + offs_m, mask=m_in, other=-1)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     pos = tl.zeros([BLOCK_M], tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    n_start = split * DOCS_PER_SPLIT
+    for n0 in range(n_start, tl.minimum(N, n_start + DOCS_PER_SPLIT), BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         s = _logits_tile(Q, Dm, offs_m, offs_n, B, N, D, stride_qb, stride_qd, stride_db, stride_dd, scale_log2,
                          UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
         s = tl.where((offs_n < N)[None, :], s, float("-inf"))
         pos += tl.sum(tl.where(offs_n[None, :] == label[:, None], s, 0.0), 1)
-        # Doc 0 is in the first tile, so m_new is finite from the first step on.
+        # The split's first doc is real and in its first tile, so m_new is finite from the first step on.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
         m_i = m_new
-    tl.store(ROW_MAX + offs_m, m_i, mask=m_in)
-    tl.store(ROW_SUM + offs_m, l_i, mask=m_in)
-    tl.store(POS + offs_m, pos, mask=m_in)
+    tl.store(ROW_MAX + split * B + offs_m, m_i, mask=m_in)
+    tl.store(ROW_SUM + split * B + offs_m, l_i, mask=m_in)
+    tl.store(POS + split * B + offs_m, pos, mask=m_in)
 
 
 @triton.jit
 def _contrastive_col_kernel(
-    Q, Dm, COL_MAX, COL_SUM,  # Q [B, D], Dm [N, D] (any strides), COL_MAX/COL_SUM fp32 [N]
+    Q, Dm, COL_MAX, COL_SUM,  # Q [B, D], Dm [N, D] (any strides), COL_MAX/COL_SUM fp32 [S, N]
     stride_qb, stride_qd, stride_db, stride_dd,
-    B, N, D, scale_log2,
+    B, N, D, scale_log2, QUERIES_PER_SPLIT,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # Program (j, s): docs of block j against the queries of split s, statistics into row s of the outputs.
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
     m_j = tl.full([BLOCK_N], float("-inf"), tl.float32)
     l_j = tl.zeros([BLOCK_N], tl.float32)
-    for b0 in range(0, B, BLOCK_M):
+    b_start = split * QUERIES_PER_SPLIT
+    for b0 in range(b_start, tl.minimum(B, b_start + QUERIES_PER_SPLIT), BLOCK_M):
         offs_m = b0 + tl.arange(0, BLOCK_M).to(tl.int64)
         s = _logits_tile(Q, Dm, offs_m, offs_n, B, N, D, stride_qb, stride_qd, stride_db, stride_dd, scale_log2,
                          UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
         s = tl.where((offs_m < B)[:, None], s, float("-inf"))
-        # Query 0 is in the first tile, so m_new is finite from the first step on.
+        # The split's first query is real and in its first tile, so m_new is finite from the first step on.
         m_new = tl.maximum(m_j, tl.max(s, 0))
         l_j = l_j * tl.exp2(m_j - m_new) + tl.sum(tl.exp2(s - m_new[None, :]), 0)
         m_j = m_new
-    tl.store(COL_MAX + offs_n, m_j, mask=offs_n < N)
-    tl.store(COL_SUM + offs_n, l_j, mask=offs_n < N)
+    tl.store(COL_MAX + split * N + offs_n, m_j, mask=offs_n < N)
+    tl.store(COL_SUM + split * N + offs_n, l_j, mask=offs_n < N)
 
 
 @triton.jit
@@ -175,13 +196,15 @@ def _contrastive_dq_kernel(
     Q, Dm, LABELS, ROW_MAX, COL_MAX, A, G, COL_W, DQ,  # Q [B, D], Dm [N, D] (any strides), LABELS int64 [B],
     # ROW_MAX/A/G fp32 [B], COL_MAX/COL_W fp32 [N] (symmetric only), DQ fp32 [B, D] contiguous, zeros
     stride_qb, stride_qd, stride_db, stride_dd,
-    B, N, D, scale_log2, scale,
-    SYMMETRIC: tl.constexpr, UPCAST: tl.constexpr,
+    B, N, D, scale_log2, scale, DOCS_PER_SPLIT,
+    SYMMETRIC: tl.constexpr, UPCAST: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # Program (i, s): dq rows of block i from the docs of split s; splits add into DQ atomically (ATOMIC).
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_in = offs_m < B
-    for n0 in range(0, N, BLOCK_N):
+    n_start = tl.program_id(1) * DOCS_PER_SPLIT
+    for n0 in range(n_start, tl.minimum(N, n_start + DOCS_PER_SPLIT), BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         ds = _grad_logits_tile(Q, Dm, LABELS, ROW_MAX, COL_MAX, A, G, COL_W, offs_m, offs_n, B, N, D,
                                stride_qb, stride_qd, stride_db, stride_dd, scale_log2,
@@ -194,22 +217,23 @@ def _contrastive_dq_kernel(
             k_in = offs_k < D
             d = tl.load(Dm + offs_n[:, None] * stride_db + offs_k[None, :] * stride_dd,
                         mask=n_in[:, None] & k_in[None, :], other=0.0)
-            ptrs = DQ + offs_m[:, None] * D + offs_k[None, :]
-            mask = m_in[:, None] & k_in[None, :]
-            tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + _dot(ds, d, UPCAST) * scale, mask=mask)
+            _accumulate(DQ + offs_m[:, None] * D + offs_k[None, :], _dot(ds, d, UPCAST) * scale,
+                        m_in[:, None] & k_in[None, :], ATOMIC)
 
 
 @triton.jit
 def _contrastive_dd_kernel(
     Q, Dm, LABELS, ROW_MAX, COL_MAX, A, G, COL_W, DD,  # as `_contrastive_dq_kernel`; DD fp32 [N, D], zeros
     stride_qb, stride_qd, stride_db, stride_dd,
-    B, N, D, scale_log2, scale,
-    SYMMETRIC: tl.constexpr, UPCAST: tl.constexpr,
+    B, N, D, scale_log2, scale, QUERIES_PER_SPLIT,
+    SYMMETRIC: tl.constexpr, UPCAST: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # Program (j, s): dd rows of block j from the queries of split s; splits add into DD atomically (ATOMIC).
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_in = offs_n < N
-    for b0 in range(0, B, BLOCK_M):
+    b_start = tl.program_id(1) * QUERIES_PER_SPLIT
+    for b0 in range(b_start, tl.minimum(B, b_start + QUERIES_PER_SPLIT), BLOCK_M):
         offs_m = b0 + tl.arange(0, BLOCK_M).to(tl.int64)
         ds = _grad_logits_tile(Q, Dm, LABELS, ROW_MAX, COL_MAX, A, G, COL_W, offs_m, offs_n, B, N, D,
                                stride_qb, stride_qd, stride_db, stride_dd, scale_log2,
@@ -221,9 +245,8 @@ def _contrastive_dd_kernel(
             k_in = offs_k < D
             q = tl.load(Q + offs_m[:, None] * stride_qb + offs_k[None, :] * stride_qd,
                         mask=m_in[:, None] & k_in[None, :], other=0.0)
-            ptrs = DD + offs_n[:, None] * D + offs_k[None, :]
-            mask = n_in[:, None] & k_in[None, :]
-            tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + _dot(ds_t, q, UPCAST) * scale, mask=mask)
+            _accumulate(DD + offs_n[:, None] * D + offs_k[None, :], _dot(ds_t, q, UPCAST) * scale,
+                        n_in[:, None] & k_in[None, :], ATOMIC)
 
 
 def _tuned(kernel, reset=None):
@@ -238,12 +261,39 @@ _dq_tuned = _tuned(_contrastive_dq_kernel, ["DQ"])
 _dd_tuned = _tuned(_contrastive_dd_kernel, ["DD"])
 
 
-def _launch(kernel, tuned, rows: int, rows_key: str, *args, **constexprs) -> None:
-    """One program per block of `rows_key` ("BLOCK_M": queries, "BLOCK_N": docs) of the `rows` rows."""
+def _launch(kernel, tuned, rows: int, rows_key: str, splits: int, *args, **constexprs) -> None:
+    """Programs (block of `rows_key` rows ("BLOCK_M": queries, "BLOCK_N": docs) of the `rows`, split)."""
     if triton_autotune():
-        tuned[lambda meta: (triton.cdiv(rows, meta[rows_key]),)](*args, **constexprs)
+        tuned[lambda meta: (triton.cdiv(rows, meta[rows_key]), splits)](*args, **constexprs)
     else:
-        kernel[(triton.cdiv(rows, _FIXED[rows_key]),)](*args, **constexprs, **_FIXED)
+        kernel[(triton.cdiv(rows, _FIXED[rows_key]), splits)](*args, **constexprs, **_FIXED)
+
+
+def _split(rows: int, rows_key: str, cols: int, cols_key: str, device: torch.device) -> tuple[int, int]:
+    """(cols per split, splits): how the side each program loops over (`cols`, tiled by `cols_key`) is split so
+    that about two programs per SM run when the `rows` side alone has too few blocks (B=1024 queries in blocks
+    of 64 are 16 programs: an eighth of an H100). Split sizes are multiples of every config's `cols_key` block,
+    so no tile crosses a split. Under the interpreter: three splits, so the tests cover combining them."""
+    if triton_autotune():
+        align = max(c.kwargs[cols_key] for c in _CONFIGS)
+        row_block = min(c.kwargs[rows_key] for c in _CONFIGS)
+    else:
+        align, row_block = _FIXED[cols_key], _FIXED[rows_key]
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        wanted = triton.cdiv(2 * sms, triton.cdiv(rows, row_block))
+    else:
+        wanted = 3
+    per = triton.cdiv(triton.cdiv(cols, wanted), align) * align
+    return per, triton.cdiv(cols, per)
+
+
+def _combine(part_max: torch.Tensor, part_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-split softmax statistics `[S, R]` (max, sum of exp2(x - max)) -> those of all splits `[R]`."""
+    if part_max.shape[0] == 1:
+        return part_max[0], part_sum[0]
+    overall = part_max.amax(0)
+    return overall, (part_sum * torch.exp2(part_max - overall)).sum(0)
 
 
 @dataclass(frozen=True)
@@ -269,17 +319,22 @@ class _ContrastiveLossFn(torch.autograd.Function):
         # log-sum-exp) so that `max - pos` is exactly 0 when the positive is the largest logit, and the softmax of
         # the backward is exp2(s - max) / sum: a well separated positive keeps the precision of its small
         # loss and of its 1 - p gradient instead of losing it to the rounding of a log-sum-exp of size |s|.
-        row_max = torch.empty(B, device=q.device, dtype=torch.float32)
-        row_sum, pos = torch.empty_like(row_max), torch.empty_like(row_max)
-        _launch(_contrastive_row_kernel, _row_tuned, B, "BLOCK_M", q, d, labels, row_max, row_sum, pos, *strides,
-                B, N, D, scale_log2, UPCAST=upcast)
+        docs_per_split, splits = _split(B, "BLOCK_M", N, "BLOCK_N", q.device)
+        part_max = torch.empty(splits, B, device=q.device, dtype=torch.float32)
+        part_sum, part_pos = torch.empty_like(part_max), torch.empty_like(part_max)
+        _launch(_contrastive_row_kernel, _row_tuned, B, "BLOCK_M", splits, q, d, labels, part_max, part_sum,
+                part_pos, *strides, B, N, D, scale_log2, docs_per_split, UPCAST=upcast)
+        row_max, row_sum = _combine(part_max, part_sum)
+        pos = part_pos.sum(0)  # only the split holding the positive contributes
         per_query = (row_max - pos) + torch.log2(row_sum)
         col_max = col_sum = None
         if params.symmetric:
-            col_max = torch.empty(N, device=q.device, dtype=torch.float32)
-            col_sum = torch.empty_like(col_max)
-            _launch(_contrastive_col_kernel, _col_tuned, N, "BLOCK_N", q, d, col_max, col_sum, *strides,
-                    B, N, D, scale_log2, UPCAST=upcast)
+            queries_per_split, col_splits = _split(N, "BLOCK_N", B, "BLOCK_M", q.device)
+            part_max = torch.empty(col_splits, N, device=q.device, dtype=torch.float32)
+            part_sum = torch.empty_like(part_max)
+            _launch(_contrastive_col_kernel, _col_tuned, N, "BLOCK_N", col_splits, q, d, part_max, part_sum,
+                    *strides, B, N, D, scale_log2, queries_per_split, UPCAST=upcast)
+            col_max, col_sum = _combine(part_max, part_sum)
             per_query = 0.5 * (per_query + (col_max[labels] - pos) + torch.log2(col_sum[labels]))
         ctx.save_for_backward(q, d, labels, row_max, row_sum, col_max, col_sum)
         ctx.params = params
@@ -303,8 +358,12 @@ class _ContrastiveLossFn(torch.autograd.Function):
         args = (q, d, labels, row_max, col_max, a / row_sum, g, col_w)
         consts = (*q.stride(), *d.stride(), B, N, D, _LOG2E / params.temperature, 1.0 / params.temperature)
         flags = dict(SYMMETRIC=params.symmetric, UPCAST=triton_interpret() and params.dtype == torch.bfloat16)
-        _launch(_contrastive_dq_kernel, _dq_tuned, B, "BLOCK_M", *args, dq, *consts, **flags)
-        _launch(_contrastive_dd_kernel, _dd_tuned, N, "BLOCK_N", *args, dd, *consts, **flags)
+        docs_per_split, splits = _split(B, "BLOCK_M", N, "BLOCK_N", q.device)
+        _launch(_contrastive_dq_kernel, _dq_tuned, B, "BLOCK_M", splits, *args, dq, *consts, docs_per_split,
+                ATOMIC=splits > 1, **flags)
+        queries_per_split, splits = _split(N, "BLOCK_N", B, "BLOCK_M", q.device)
+        _launch(_contrastive_dd_kernel, _dd_tuned, N, "BLOCK_N", splits, *args, dd, *consts, queries_per_split,
+                ATOMIC=splits > 1, **flags)
         return dq.to(ctx.input_dtypes[0]), dd.to(ctx.input_dtypes[1]), None, None
 
 
