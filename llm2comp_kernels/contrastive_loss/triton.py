@@ -269,11 +269,16 @@ def _launch(kernel, tuned, rows: int, rows_key: str, splits: int, *args, **const
         kernel[(triton.cdiv(rows, _FIXED[rows_key]), splits)](*args, **constexprs, **_FIXED)
 
 
-def _split(rows: int, rows_key: str, cols: int, cols_key: str, device: torch.device) -> tuple[int, int]:
+def _split(rows: int, rows_key: str, cols: int, cols_key: str, device: torch.device,
+           atomic: bool = False) -> tuple[int, int]:
     """(cols per split, splits): how the side each program loops over (`cols`, tiled by `cols_key`) is split so
     that about two programs per SM run when the `rows` side alone has too few blocks (B=1024 queries in blocks
     of 64 are 16 programs: an eighth of an H100). Split sizes are multiples of every config's `cols_key` block,
-    so no tile crosses a split. Under the interpreter: three splits, so the tests cover combining them."""
+    so no tile crosses a split. Under the interpreter: three splits, so the tests cover combining them.
+    `atomic`: the splits' results are added atomically, in no fixed order; so one split under
+    `torch.use_deterministic_algorithms(True)`."""
+    if atomic and torch.are_deterministic_algorithms_enabled():
+        return cols, 1
     if triton_autotune():
         align = max(c.kwargs[cols_key] for c in _CONFIGS)
         row_block = min(c.kwargs[rows_key] for c in _CONFIGS)
@@ -358,10 +363,10 @@ class _ContrastiveLossFn(torch.autograd.Function):
         args = (q, d, labels, row_max, col_max, a / row_sum, g, col_w)
         consts = (*q.stride(), *d.stride(), B, N, D, _LOG2E / params.temperature, 1.0 / params.temperature)
         flags = dict(SYMMETRIC=params.symmetric, UPCAST=triton_interpret() and params.dtype == torch.bfloat16)
-        docs_per_split, splits = _split(B, "BLOCK_M", N, "BLOCK_N", q.device)
+        docs_per_split, splits = _split(B, "BLOCK_M", N, "BLOCK_N", q.device, atomic=True)
         _launch(_contrastive_dq_kernel, _dq_tuned, B, "BLOCK_M", splits, *args, dq, *consts, docs_per_split,
                 ATOMIC=splits > 1, **flags)
-        queries_per_split, splits = _split(N, "BLOCK_N", B, "BLOCK_M", q.device)
+        queries_per_split, splits = _split(N, "BLOCK_N", B, "BLOCK_M", q.device, atomic=True)
         _launch(_contrastive_dd_kernel, _dd_tuned, N, "BLOCK_N", splits, *args, dd, *consts, queries_per_split,
                 ATOMIC=splits > 1, **flags)
         return dq.to(ctx.input_dtypes[0]), dd.to(ctx.input_dtypes[1]), None, None

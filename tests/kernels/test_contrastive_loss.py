@@ -296,6 +296,25 @@ def test_fp16_loss_scaling(backend, symmetric, device):
 
 
 @pytest.mark.gpu
+def test_triton_deterministic_mode_repeats_bitwise(device, monkeypatch):
+    """B = N = 1024 is too few query blocks for a GPU, so the gradient work is split and added atomically;
+    under torch.use_deterministic_algorithms it is not split, and two runs agree to the bit."""
+    monkeypatch.setenv("LLM2COMP_TRITON_AUTOTUNE", "1")
+    q, d = make_contrastive_inputs(1024, 1024, 256, dtype=torch.bfloat16, device=device, positive_weight=0.15)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = []
+        for _ in range(2):
+            q.grad = d.grad = None
+            contrastive_loss(q, d, backend="triton", symmetric=True).backward()
+            grads.append((q.grad.clone(), d.grad.clone()))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("symmetric", [False, True])
