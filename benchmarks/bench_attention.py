@@ -173,6 +173,11 @@ def _rows_for(shape_name, inputs, providers, device, modes, extra=None):
             row.update(m)
             if device.type == "cuda":
                 row["tflops"] = _flops(seq_lens, q.shape[1], q.shape[3], mode) / (m["ms"] * 1e-3) / 1e12
+                if name == "ours":  # what the autotuner chose for this shape (BLOCK_M/BLOCK_N/warps/stages)
+                    from llm2comp_kernels.memory_attention.triton import last_tuned_configs
+                    kernels = ("fwd",) if mode == "forward" else ("fwd", "dq", "dkdv")
+                    chosen = last_tuned_configs()
+                    row["configs"] = {k: chosen[k] for k in kernels if k in chosen}
             else:
                 row["status"] = CPU_NOTE
             rows.append(row)

@@ -312,6 +312,18 @@ _dq_tuned = _tuned("dq", _memory_attention_bwd_dq_kernel)
 _dkdv_tuned = _tuned("dkdv", _memory_attention_bwd_dkdv_kernel)
 
 
+def last_tuned_configs() -> dict[str, str]:
+    """The config each autotuned kernel ran with last ("fwd", "dq", "dkdv" -> "BLOCK_M/BLOCK_N/warps/stages"),
+    for benchmarks to record what the tuner chose; kernels not yet run are absent."""
+    chosen = {}
+    for name, tuned in (("fwd", _fwd_tuned), ("dq", _dq_tuned), ("dkdv", _dkdv_tuned)):
+        config = getattr(tuned, "best_config", None)
+        if config is not None:
+            chosen[name] = (f"{config.kwargs['BLOCK_M']}/{config.kwargs['BLOCK_N']}/"
+                            f"{config.num_warps}/{config.num_stages}")
+    return chosen
+
+
 def _launch(name: str, kernel, tuned, rows_key: str, L: int, heads: int, B: int, *args, **constexprs) -> None:
     """Run `tuned` (autotuned), or `kernel` with `_FIXED_BLOCKS`; one program per block of `rows_key`
     ("BLOCK_M" or "BLOCK_N") rows, per batch row and head."""
