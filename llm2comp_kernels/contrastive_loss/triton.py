@@ -5,7 +5,7 @@ Notation: ``s_ij = q_i . d_j / T`` (q, d already normalised when ``normalize=Tru
 ``loss_i = r_i - s_{i,l_i}``; symmetric: ``0.5 * (r_i - s_{i,l_i} + c_{l_i} - s_{i,l_i})``.
 
 Every kernel runs one program per (block of its rows, split of the other side): a kernel whose rows are the
-queries loops over the doc tiles of one split (`_split`: as many splits as it takes to give the GPU about two
+queries loops over the doc tiles of one split (`_splits`: as many splits as it takes to give the GPU about two
 programs per SM; one when the row blocks alone suffice). Without splits, B=1024 queries in blocks of 64 would be
 16 programs on a 132-SM GPU.
 
@@ -82,6 +82,16 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _split_range(total, BLOCK: tl.constexpr):
+    """[start, end) of this program's share (split program_id(1) of num_programs(1)) of `total` rows, in whole
+    BLOCK tiles: no tile crosses a split, whatever block the autotuner picked. A split may be empty."""
+    tiles = tl.cdiv(total, BLOCK)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    return split * tiles // splits * BLOCK, (split + 1) * tiles // splits * BLOCK
+
+
+@triton.jit
 def _accumulate(ptrs, value, mask, ATOMIC: tl.constexpr):
     """``*ptrs += value`` (fp32): atomically when other programs add into the same rows."""
     if ATOMIC:
@@ -113,7 +123,7 @@ def _logits_tile(Q, Dm, offs_m, offs_n, B, N, D, stride_qb, stride_qd, stride_db
 def _contrastive_row_kernel(
     Q, Dm, LABELS, ROW_MAX, ROW_SUM, POS,  # Q [B, D], Dm [N, D] (any strides), LABELS int64 [B], the rest fp32 [S, B]
     stride_qb, stride_qd, stride_db, stride_dd,
-    B, N, D, scale_log2, DOCS_PER_SPLIT,
+    B, N, D, scale_log2,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Program (i, s): queries of block i against the docs of split s, statistics into row s of the outputs.
@@ -124,14 +134,15 @@ def _contrastive_row_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     pos = tl.zeros([BLOCK_M], tl.float32)
-    n_start = split * DOCS_PER_SPLIT
-    for n0 in range(n_start, tl.minimum(N, n_start + DOCS_PER_SPLIT), BLOCK_N):
+    n_start, n_end = _split_range(N, BLOCK_N)
+    for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         s = _logits_tile(Q, Dm, offs_m, offs_n, B, N, D, stride_qb, stride_qd, stride_db, stride_dd, scale_log2,
                          UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
         s = tl.where((offs_n < N)[None, :], s, float("-inf"))
         pos += tl.sum(tl.where(offs_n[None, :] == label[:, None], s, 0.0), 1)
-        # The split's first doc is real and in its first tile, so m_new is finite from the first step on.
+        # The split's first tile starts with a real doc, so m_new is finite from the first step on (an empty
+        # split stores max -inf, sum 0: nothing, to `_combine`).
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
         m_i = m_new
@@ -144,7 +155,7 @@ def _contrastive_row_kernel(
 def _contrastive_col_kernel(
     Q, Dm, COL_MAX, COL_SUM,  # Q [B, D], Dm [N, D] (any strides), COL_MAX/COL_SUM fp32 [S, N]
     stride_qb, stride_qd, stride_db, stride_dd,
-    B, N, D, scale_log2, QUERIES_PER_SPLIT,
+    B, N, D, scale_log2,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Program (j, s): docs of block j against the queries of split s, statistics into row s of the outputs.
@@ -152,13 +163,13 @@ def _contrastive_col_kernel(
     split = tl.program_id(1)
     m_j = tl.full([BLOCK_N], float("-inf"), tl.float32)
     l_j = tl.zeros([BLOCK_N], tl.float32)
-    b_start = split * QUERIES_PER_SPLIT
-    for b0 in range(b_start, tl.minimum(B, b_start + QUERIES_PER_SPLIT), BLOCK_M):
+    b_start, b_end = _split_range(B, BLOCK_M)
+    for b0 in range(b_start, b_end, BLOCK_M):
         offs_m = b0 + tl.arange(0, BLOCK_M).to(tl.int64)
         s = _logits_tile(Q, Dm, offs_m, offs_n, B, N, D, stride_qb, stride_qd, stride_db, stride_dd, scale_log2,
                          UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
         s = tl.where((offs_m < B)[:, None], s, float("-inf"))
-        # The split's first query is real and in its first tile, so m_new is finite from the first step on.
+        # The split's first tile starts with a real query, so m_new is finite from the first step on.
         m_new = tl.maximum(m_j, tl.max(s, 0))
         l_j = l_j * tl.exp2(m_j - m_new) + tl.sum(tl.exp2(s - m_new[None, :]), 0)
         m_j = m_new
@@ -196,15 +207,15 @@ def _contrastive_dq_kernel(
     Q, Dm, LABELS, ROW_MAX, COL_MAX, A, G, COL_W, DQ,  # Q [B, D], Dm [N, D] (any strides), LABELS int64 [B],
     # ROW_MAX/A/G fp32 [B], COL_MAX/COL_W fp32 [N] (symmetric only), DQ fp32 [B, D] contiguous, zeros
     stride_qb, stride_qd, stride_db, stride_dd,
-    B, N, D, scale_log2, scale, DOCS_PER_SPLIT,
+    B, N, D, scale_log2, scale,
     SYMMETRIC: tl.constexpr, UPCAST: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Program (i, s): dq rows of block i from the docs of split s; splits add into DQ atomically (ATOMIC).
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_in = offs_m < B
-    n_start = tl.program_id(1) * DOCS_PER_SPLIT
-    for n0 in range(n_start, tl.minimum(N, n_start + DOCS_PER_SPLIT), BLOCK_N):
+    n_start, n_end = _split_range(N, BLOCK_N)
+    for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         ds = _grad_logits_tile(Q, Dm, LABELS, ROW_MAX, COL_MAX, A, G, COL_W, offs_m, offs_n, B, N, D,
                                stride_qb, stride_qd, stride_db, stride_dd, scale_log2,
@@ -225,15 +236,15 @@ def _contrastive_dq_kernel(
 def _contrastive_dd_kernel(
     Q, Dm, LABELS, ROW_MAX, COL_MAX, A, G, COL_W, DD,  # as `_contrastive_dq_kernel`; DD fp32 [N, D], zeros
     stride_qb, stride_qd, stride_db, stride_dd,
-    B, N, D, scale_log2, scale, QUERIES_PER_SPLIT,
+    B, N, D, scale_log2, scale,
     SYMMETRIC: tl.constexpr, UPCAST: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Program (j, s): dd rows of block j from the queries of split s; splits add into DD atomically (ATOMIC).
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_in = offs_n < N
-    b_start = tl.program_id(1) * QUERIES_PER_SPLIT
-    for b0 in range(b_start, tl.minimum(B, b_start + QUERIES_PER_SPLIT), BLOCK_M):
+    b_start, b_end = _split_range(B, BLOCK_M)
+    for b0 in range(b_start, b_end, BLOCK_M):
         offs_m = b0 + tl.arange(0, BLOCK_M).to(tl.int64)
         ds = _grad_logits_tile(Q, Dm, LABELS, ROW_MAX, COL_MAX, A, G, COL_W, offs_m, offs_n, B, N, D,
                                stride_qb, stride_qd, stride_db, stride_dd, scale_log2,
@@ -269,28 +280,27 @@ def _launch(kernel, tuned, rows: int, rows_key: str, splits: int, *args, **const
         kernel[(triton.cdiv(rows, _FIXED[rows_key]), splits)](*args, **constexprs, **_FIXED)
 
 
-def _split(rows: int, rows_key: str, cols: int, cols_key: str, device: torch.device,
-           atomic: bool = False) -> tuple[int, int]:
-    """(cols per split, splits): how the side each program loops over (`cols`, tiled by `cols_key`) is split so
-    that about two programs per SM run when the `rows` side alone has too few blocks (B=1024 queries in blocks
-    of 64 are 16 programs: an eighth of an H100). Split sizes are multiples of every config's `cols_key` block,
-    so no tile crosses a split. Under the interpreter: three splits, so the tests cover combining them.
-    `atomic`: the splits' results are added atomically, in no fixed order; so one split under
-    `torch.use_deterministic_algorithms(True)`."""
+def _splits(rows: int, rows_key: str, cols: int, cols_key: str, device: torch.device, atomic: bool = False) -> int:
+    """How many splits of the side each program loops over (`cols`, tiled by `cols_key`) the launch uses: on a
+    GPU, enough for about two programs per SM when the `rows` side alone has too few blocks (B=1024 queries in
+    blocks of 64 are 16 programs: an eighth of an H100); under the interpreter three, so the tests cover
+    combining splits (empty ones too). `atomic`: the splits' results are added atomically, in no fixed order,
+    so one split under `torch.use_deterministic_algorithms(True)`."""
     if atomic and torch.are_deterministic_algorithms_enabled():
-        return cols, 1
-    if triton_autotune():
-        align = max(c.kwargs[cols_key] for c in _CONFIGS)
-        row_block = min(c.kwargs[rows_key] for c in _CONFIGS)
-    else:
-        align, row_block = _FIXED[cols_key], _FIXED[rows_key]
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        wanted = triton.cdiv(2 * sms, triton.cdiv(rows, row_block))
-    else:
-        wanted = 3
-    per = triton.cdiv(triton.cdiv(cols, wanted), align) * align
-    return per, triton.cdiv(cols, per)
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+    return _splits_for(rows, rows_key, cols, cols_key, sms)
+
+
+def _splits_for(rows: int, rows_key: str, cols: int, cols_key: str, sms: int | None) -> int:
+    """`_splits` for a GPU of `sms` SMs (None: the interpreter)."""
+    if sms is None:
+        return 3
+    blocks = _CONFIGS if triton_autotune() else [triton.Config(_FIXED)]
+    row_block = min(c.kwargs[rows_key] for c in blocks)  # the most row programs any config launches
+    col_block = min(c.kwargs[cols_key] for c in blocks)
+    wanted = triton.cdiv(2 * sms, triton.cdiv(rows, row_block))
+    return max(1, min(wanted, triton.cdiv(cols, col_block)))
 
 
 def _combine(part_max: torch.Tensor, part_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,21 +334,21 @@ class _ContrastiveLossFn(torch.autograd.Function):
         # log-sum-exp) so that `max - pos` is exactly 0 when the positive is the largest logit, and the softmax of
         # the backward is exp2(s - max) / sum: a well separated positive keeps the precision of its small
         # loss and of its 1 - p gradient instead of losing it to the rounding of a log-sum-exp of size |s|.
-        docs_per_split, splits = _split(B, "BLOCK_M", N, "BLOCK_N", q.device)
+        splits = _splits(B, "BLOCK_M", N, "BLOCK_N", q.device)
         part_max = torch.empty(splits, B, device=q.device, dtype=torch.float32)
         part_sum, part_pos = torch.empty_like(part_max), torch.empty_like(part_max)
         _launch(_contrastive_row_kernel, _row_tuned, B, "BLOCK_M", splits, q, d, labels, part_max, part_sum,
-                part_pos, *strides, B, N, D, scale_log2, docs_per_split, UPCAST=upcast)
+                part_pos, *strides, B, N, D, scale_log2, UPCAST=upcast)
         row_max, row_sum = _combine(part_max, part_sum)
         pos = part_pos.sum(0)  # only the split holding the positive contributes
         per_query = (row_max - pos) + torch.log2(row_sum)
         col_max = col_sum = None
         if params.symmetric:
-            queries_per_split, col_splits = _split(N, "BLOCK_N", B, "BLOCK_M", q.device)
-            part_max = torch.empty(col_splits, N, device=q.device, dtype=torch.float32)
+            splits = _splits(N, "BLOCK_N", B, "BLOCK_M", q.device)
+            part_max = torch.empty(splits, N, device=q.device, dtype=torch.float32)
             part_sum = torch.empty_like(part_max)
-            _launch(_contrastive_col_kernel, _col_tuned, N, "BLOCK_N", col_splits, q, d, part_max, part_sum,
-                    *strides, B, N, D, scale_log2, queries_per_split, UPCAST=upcast)
+            _launch(_contrastive_col_kernel, _col_tuned, N, "BLOCK_N", splits, q, d, part_max, part_sum,
+                    *strides, B, N, D, scale_log2, UPCAST=upcast)
             col_max, col_sum = _combine(part_max, part_sum)
             per_query = 0.5 * (per_query + (col_max[labels] - pos) + torch.log2(col_sum[labels]))
         ctx.save_for_backward(q, d, labels, row_max, row_sum, col_max, col_sum)
@@ -363,12 +373,12 @@ class _ContrastiveLossFn(torch.autograd.Function):
         args = (q, d, labels, row_max, col_max, a / row_sum, g, col_w)
         consts = (*q.stride(), *d.stride(), B, N, D, _LOG2E / params.temperature, 1.0 / params.temperature)
         flags = dict(SYMMETRIC=params.symmetric, UPCAST=triton_interpret() and params.dtype == torch.bfloat16)
-        docs_per_split, splits = _split(B, "BLOCK_M", N, "BLOCK_N", q.device, atomic=True)
-        _launch(_contrastive_dq_kernel, _dq_tuned, B, "BLOCK_M", splits, *args, dq, *consts, docs_per_split,
-                ATOMIC=splits > 1, **flags)
-        queries_per_split, splits = _split(N, "BLOCK_N", B, "BLOCK_M", q.device, atomic=True)
-        _launch(_contrastive_dd_kernel, _dd_tuned, N, "BLOCK_N", splits, *args, dd, *consts, queries_per_split,
-                ATOMIC=splits > 1, **flags)
+        splits = _splits(B, "BLOCK_M", N, "BLOCK_N", q.device, atomic=True)
+        _launch(_contrastive_dq_kernel, _dq_tuned, B, "BLOCK_M", splits, *args, dq, *consts, ATOMIC=splits > 1,
+                **flags)
+        splits = _splits(N, "BLOCK_N", B, "BLOCK_M", q.device, atomic=True)
+        _launch(_contrastive_dd_kernel, _dd_tuned, N, "BLOCK_N", splits, *args, dd, *consts, ATOMIC=splits > 1,
+                **flags)
         return dq.to(ctx.input_dtypes[0]), dd.to(ctx.input_dtypes[1]), None, None
 
 

@@ -295,6 +295,21 @@ def test_fp16_loss_scaling(backend, symmetric, device):
         assert rel_err(got, want) < REL_TOL[torch.float16]
 
 
+@pytest.mark.parametrize("rows, cols", [(1024, 1024), (16, 40), (65536, 65536), (3000, 7)])
+def test_triton_splits_fill_the_gpu(rows, cols):
+    """The split count of the Triton kernels: about two programs per SM, never more splits than tiles to split,
+    one when the row blocks alone fill a 132-SM GPU; three under the interpreter (the tests cover combining)."""
+    pytest.importorskip("triton")
+    from llm2comp_kernels.contrastive_loss.triton import _FIXED, _splits_for
+
+    assert _splits_for(rows, "BLOCK_M", cols, "BLOCK_N", None) == 3
+    splits = _splits_for(rows, "BLOCK_M", cols, "BLOCK_N", 132)  # fixed blocks: this test runs without autotuning
+    row_programs, col_tiles = math.ceil(rows / _FIXED["BLOCK_M"]), math.ceil(cols / _FIXED["BLOCK_N"])
+    assert 1 <= splits <= col_tiles
+    assert row_programs * splits >= 2 * 132 or splits == col_tiles
+    assert row_programs * (splits - 1) < 2 * 132
+
+
 @pytest.mark.gpu
 def test_triton_deterministic_mode_repeats_bitwise(device, monkeypatch):
     """B = N = 1024 is too few query blocks for a GPU, so the gradient work is split and added atomically;
