@@ -187,13 +187,15 @@ def check(launches: list[Launch], archs: list[int]) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (default 80 90)")
-    parser.add_argument("--quick", action="store_true", help="bfloat16 and head dims 64/128 only")
+    parser.add_argument("--quick", action="store_true", help="bfloat16 and head dims 64/128/256 only")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16", "float32"],
                         choices=["bfloat16", "float16", "float32"], help="input dtypes (default: all three)")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 80, 128, 256],
+                        help="memory_attention head dims (default 64 80 128 256)")
     parser.add_argument("--only", default="", help="compile only kernels whose name contains this")
     args = parser.parse_args()
     dtypes = [torch.bfloat16] if args.quick else [getattr(torch, name) for name in args.dtypes]
-    head_dims = (64, 128) if args.quick else (64, 80, 128)
+    head_dims = (64, 128, 256) if args.quick else tuple(args.head_dims)
     launches = [x for x in record_launches(lambda: exercise(dtypes, head_dims)) if args.only in x.fn.__name__]
     print(f"triton {triton.__version__}: {len(launches)} distinct launches")
     sys.exit(0 if check(launches, args.arch) else 1)

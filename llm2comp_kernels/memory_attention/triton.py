@@ -43,14 +43,17 @@ def _configs(pairs):
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): few per kernel, since each one compiles per head dim, dtype and
 # causal flag. `_prune` drops tiles whose fp32 accumulators would not fit in registers. At d=128 on sm_90 the
-# first three dk/dv configs spill registers and the last two do not. float32 inputs multiply in IEEE fp32 (no
-# tensor cores) and take twice the bytes: the bf16/fp16 tiles spill and at d=128 exceed an A100's shared
-# memory, so they tune over smaller tiles of their own. `python .ci/compile_triton.py --only memory_attention`
-# prints registers, spills and shared memory per config.
+# first three dk/dv configs spill registers and the next two do not. The last config of each kernel is for
+# head dims 160-256 (Gemma's 256): the others spill there, and at sm_80 the forward's exceed shared memory.
+# float32 inputs multiply in IEEE fp32 (no tensor cores) and take twice the bytes: the bf16/fp16 tiles spill
+# and at d=128 exceed an A100's shared memory, so they tune over smaller tiles of their own.
+# `python .ci/compile_triton.py --only memory_attention --head-dims 64 128 256` prints registers, spills and
+# shared memory per config.
 _CONFIGS = {
-    "fwd": _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]),
-    "dq": _configs([(128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)]),
-    "dkdv": _configs([(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 3), (32, 128, 8, 2), (64, 64, 8, 2)]),
+    "fwd": _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 8, 2)]),
+    "dq": _configs([(128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 8, 2)]),
+    "dkdv": _configs([(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 3), (32, 128, 8, 2), (64, 64, 8, 2),
+                      (32, 32, 8, 2)]),
 }
 _FP32_CONFIGS = {
     "fwd": _configs([(32, 32, 4, 2), (32, 16, 4, 2)]),

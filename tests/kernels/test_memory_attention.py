@@ -254,12 +254,14 @@ def test_matches_reference_realistic(backend, causal, device, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d", [64, 128])
-def test_triton_float32_autotuned_gpu(d, device, monkeypatch):
-    """float32 tunes over its own smaller tiles (the bf16 ones exceed an A100's shared memory at d=128)."""
+@pytest.mark.parametrize("d, dtype", [(64, torch.float32), (128, torch.float32), (256, torch.bfloat16)],
+                         ids=["64-float32", "128-float32", "256-bfloat16"])
+def test_triton_autotuned_unusual_inputs_gpu(d, dtype, device, monkeypatch):
+    """Autotuned where the common tiles do not fit: float32 tunes over its own smaller tiles (the bf16 ones exceed
+    an A100's shared memory at d=128), and head dim 256 (Gemma) has tiles of its own."""
     monkeypatch.setenv("LLM2COMP_TRITON_AUTOTUNE", "1")
     seq_lens = torch.tensor([300, 77], dtype=torch.int32, device=device)
-    _check_against_reference("triton", device, (300, 8, 2, d, False, torch.float32), B=2, seq_lens=seq_lens)
+    _check_against_reference("triton", device, (300, 8, 2, d, False, dtype), B=2, seq_lens=seq_lens)
 
 
 @pytest.mark.gpu
