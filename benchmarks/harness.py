@@ -41,6 +41,7 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup_ms: 
     device = torch.device(device)
     if device.type != "cuda":
         return measure_end_to_end(fn, device, rep_ms=rep_ms)
+    _check_deadline()
     import triton.testing
 
     peak = _cuda_peak_mib(fn)
@@ -60,6 +61,7 @@ def measure_end_to_end(fn: Callable[[], object], device: str | torch.device, *, 
     process's peak resident memory (a high-water mark for the whole process).
     """
     device = torch.device(device)
+    _check_deadline()
     if device.type == "cuda":
         memory = {"peak_mem_mib": _cuda_peak_mib(fn)}
         times = _wall_clock_ms(fn, rep_ms, min_calls, sync=torch.cuda.synchronize)
@@ -69,6 +71,15 @@ def measure_end_to_end(fn: Callable[[], object], device: str | torch.device, *, 
         memory = {"process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
     return {"ms": statistics.median(times), "ms_p20": q[0], "ms_p80": q[3], **memory}
+
+
+def _check_deadline() -> None:
+    """Raise once the run's time budget is spent: ``$LLM2COMP_BENCH_DEADLINE`` (Unix seconds), set by
+    `benchmarks/run_gpu.sh` so that a benchmark cut short still records its remaining rows (as failed with
+    this reason) and writes its JSON, instead of being killed with nothing written."""
+    deadline = os.environ.get("LLM2COMP_BENCH_DEADLINE")
+    if deadline and time.time() > float(deadline):
+        raise TimeoutError("not measured: the run's time budget ($LLM2COMP_BENCH_DEADLINE) was spent")
 
 
 def _cuda_peak_mib(fn: Callable[[], object]) -> float:

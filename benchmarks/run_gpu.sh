@@ -3,29 +3,44 @@
 # logs and JSON in $OUT (default ./out) as one results.tar.gz. Prepare the offline machine's wheels and data
 # here first with `bash benchmarks/prepare_gpu.sh`, and carry .gpu-wheels and .gpu-data with the call.
 #
-# A device call runs at most 10 minutes, so the work comes in parts, chosen with PARTS (default: all four):
-#   PARTS=tests    every gpu-marked test (TEST_MARKS overrides the marker expression)
+# Parts, chosen with PARTS (default: all four, in this order):
+#   PARTS=tests    the kernel test matrix on the GPU (TEST_MARKS, default "gpu or not slow") and every gpu-marked
+#                  test elsewhere. The Triton tests run while the extension builds; its own tests after the build,
+#                  beside compute-sanitizer memcheck and racecheck over a few small extension tests (SANITIZE_K).
 #   PARTS=kernels  the op benchmarks: attention, contrastive_loss, linear_kl_loss, span_mean_pool
 #   PARTS=e2e      the end-to-end benchmarks: encode, train
-#   PARTS=sanitize compute-sanitizer memcheck and racecheck over a few small CUDA-extension tests (SANITIZE_K)
 # e.g. LLM2COMP_GIT_COMMIT=$(git rev-parse HEAD) PARTS=tests OUT=$OUT bash benchmarks/run_gpu.sh
-# BENCH="attention" runs a subset of benchmarks/bench_<name>.py instead of the parts' lists. Each part builds
-# the extension first unless it already imports (a machine kept warm between calls). Every step gets the time
-# left before DEADLINE_S (default 560 s after the start), so the tarball is written even when a step runs long.
+# BENCH="attention" runs a subset of benchmarks/bench_<name>.py instead of the parts' lists.
+# A device call runs at most 10 minutes: every step gets at most the time left before DEADLINE_S (default 560 s
+# after the start), each benchmark at most BENCH_CAP_S (default 150 s); a benchmark past its cap records its
+# remaining rows as not measured and still writes its JSON ($LLM2COMP_BENCH_DEADLINE, see benchmarks/harness.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
-mkdir -p "$OUT/results"
+R=$OUT/results
+mkdir -p "$R"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-PARTS=${PARTS:-tests sanitize kernels e2e}
+PARTS=${PARTS:-tests kernels e2e}
+WORKERS=${WORKERS:-8}
 start=$SECONDS
 log() { echo "== [$(date +%T) +$((SECONDS - start))s] $*"; }
-# Run "$@" under a timeout of the time left (minus a margin for the tarball); skip it when none is left.
+left() { echo $(( ${DEADLINE_S:-560} - (SECONDS - start) - 15 )); }
+# Run "$@" under a timeout of the time left (minus a margin for the tarball) or $CAP if smaller; skip it when
+# none is left.
 in_time() {
-    local left=$(( ${DEADLINE_S:-560} - (SECONDS - start) - 15 ))
-    if [ "$left" -lt 20 ]; then log "no time left: skipped $*"; return 1; fi
-    timeout "$left" "$@"
+    local t; t=$(left)
+    if [ -n "${CAP:-}" ] && [ "$CAP" -lt "$t" ]; then t=$CAP; fi
+    if [ "$t" -lt 20 ]; then log "no time left: skipped $*"; return 1; fi
+    timeout "$t" "$@"
+}
+pytest_run() {  # pytest_run NAME WORKERS ARGS...: a pytest run with its junit XML and log under $R
+    local name=$1 workers=$2; shift 2
+    local xdist=()
+    if [ "$workers" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null; then xdist=(-n "$workers"); fi
+    log "pytest $name: $*"
+    in_time "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" --junitxml "$R/junit_$name.xml" "$@" 2>&1 \
+        | tee "$R/tests_$name.log" | tail -25
 }
 
 if [ -d .gpu-data/lee ]; then export LLM2COMP_LEE_DIR=$PWD/.gpu-data/lee; fi
@@ -39,40 +54,54 @@ if compgen -G ".gpu-wheels/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-deps --no-index .gpu-wheels/*.whl 2>&1 | tail -3
 fi
 
+build_pid=""
 if "$PY" -c "import llm2comp_kernels._C" 2>/dev/null; then
     log "extension already built"
 else
-    log "build (extension for this GPU's arch)"
+    log "build (extension for this GPU's arch), in the background: $R/build.log"
     arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
     TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}" MAX_JOBS=${MAX_JOBS:-16} LLM2COMP_BUILD_CUDA=1 \
-        in_time "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -20
+        in_time "$PY" setup.py build_ext --inplace >"$R/build.log" 2>&1 &
+    build_pid=$!
 fi
-"$PY" -c "import llm2comp_kernels as K; print(K.available_backends())"
+wait_build() {
+    [ -n "$build_pid" ] || return 0
+    wait "$build_pid"; log "build exit $? ($(tail -1 "$R/build.log"))"; build_pid=""
+    "$PY" -c "import llm2comp_kernels as K; print(K.available_backends())"
+}
 
 benches=""
 for part in $PARTS; do
     case $part in
         tests)
-            log "tests (-m '${TEST_MARKS:-gpu}')"
-            in_time "$PY" -m pytest -q -p no:cacheprovider -m "${TEST_MARKS:-gpu}" \
-                --junitxml "$OUT/results/junit.xml" ${TESTS:-tests} 2>&1 | tee "$OUT/results/tests.log" | tail -40 ;;
-        sanitize)
+            # Everything that does not need the extension, while it builds.
+            pytest_run triton "$WORKERS" -m "${TEST_MARKS:-gpu or not slow}" -k "not cuda" tests/kernels
+            pytest_run others 1 -m gpu tests/model tests/integrations tests/training tests/test_nn.py
+            wait_build
             # Without the caching allocator every tensor is its own allocation, so memcheck sees overruns.
-            for tool in memcheck racecheck; do
+            ( for tool in memcheck racecheck; do
                 log "compute-sanitizer --tool $tool"
-                PYTORCH_NO_CUDA_MEMORY_CACHING=1 in_time compute-sanitizer --tool "$tool" --error-exitcode 1 \
+                PYTORCH_NO_CUDA_MEMORY_CACHING=1 CAP=150 in_time compute-sanitizer --tool "$tool" --error-exitcode 1 \
                     "$PY" -m pytest -q -x -p no:cacheprovider -m gpu tests/kernels/test_cuda_extension.py \
-                    -k "${SANITIZE_K:-unaligned_pointer or unnormalized_reductions or strided_inputs}" 2>&1 \
-                    | tee "$OUT/results/sanitize_$tool.log" | tail -20
-            done ;;
+                    -k "${SANITIZE_K:-unaligned_pointer or unnormalized_reductions or strided_inputs}" \
+                    >"$R/sanitize_$tool.log" 2>&1
+                log "compute-sanitizer --tool $tool: exit $? ($(tail -1 "$R/sanitize_$tool.log"))"
+              done ) &
+            sanitize_pid=$!
+            pytest_run cuda "$WORKERS" -m "${TEST_MARKS:-gpu or not slow}" -k "cuda" tests/kernels
+            wait "$sanitize_pid" ;;
         kernels) benches="$benches attention contrastive_loss linear_kl_loss span_mean_pool" ;;
         e2e) benches="$benches encode train" ;;
-        *) log "unknown part '$part' (tests, sanitize, kernels, e2e)"; exit 2 ;;
+        *) log "unknown part '$part' (tests, kernels, e2e)"; exit 2 ;;
     esac
 done
+wait_build
 for bench in ${BENCH:-$benches}; do
-    log "bench_$bench"
-    in_time "$PY" -m "benchmarks.bench_$bench" --out "$OUT/results" 2>&1 | tee -a "$OUT/results/bench.log" | tail -40
+    cap=${BENCH_CAP_S:-150}
+    if [ "$(left)" -lt "$cap" ]; then cap=$(left); fi
+    log "bench_$bench (cap ${cap}s)"
+    LLM2COMP_BENCH_DEADLINE=$(( $(date +%s) + cap - 20 )) CAP=$cap \
+        in_time "$PY" -m "benchmarks.bench_$bench" --out "$R" 2>&1 | tee -a "$R/bench.log" | tail -40
 done
-tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$OUT/results"
+tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$R"
 log "done"
