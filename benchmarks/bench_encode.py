@@ -42,7 +42,7 @@ def run(quick: bool) -> list[dict]:
                 model = LLM2Comp.from_pretrained(str(base), backend=backend, dtype=dtype, device=device).eval()
                 fn = lambda m=model: m.encode(texts, batch_size=batch_size, max_length=max_length,
                                               show_progress_bar=False)
-                rows.append({**base_row, "provider": f"llm2comp_{backend}", **_throughput(fn, device, n_texts)})
+                rows.append(_throughput({**base_row, "provider": f"llm2comp_{backend}"}, fn, device, n_texts))
                 del model
             try:
                 st = sentence_transformer(base, device, dtype)
@@ -52,14 +52,13 @@ def run(quick: bool) -> list[dict]:
                 continue
             st.max_seq_length = max_length
             fn = lambda m=st: m.encode(texts, batch_size=batch_size, show_progress_bar=False)
-            rows.append({**base_row, "provider": "sentence_transformers_mean", **_throughput(fn, device, n_texts)})
+            rows.append(_throughput({**base_row, "provider": "sentence_transformers_mean"}, fn, device, n_texts))
     harness.add_ratios(rows, "sentence_transformers_mean")
     return rows
 
 
-def _throughput(fn, device: str, n_texts: int) -> dict:
-    result = harness.measure_end_to_end(fn, device, rep_ms=3000 if device == "cpu" else 2000)
-    return {**result, "texts_per_s": n_texts / (result["ms"] / 1e3)}
+def _throughput(row: dict, fn, device: str, n_texts: int) -> dict:
+    return harness.end_to_end_row(row, fn, device, 3000 if device == "cpu" else 2000, ("texts_per_s", n_texts))
 
 
 if __name__ == "__main__":

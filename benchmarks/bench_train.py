@@ -120,9 +120,9 @@ def _st_step(base: Path, stage: str, data: Path, batch: int, max_length: int, de
     return step, tokens
 
 
-def _measure(step, tokens: int, device: torch.device) -> dict:
-    result = harness.measure_end_to_end(step, device, rep_ms=4000 if device.type == "cpu" else 3000)
-    return {**result, "tokens_per_step": tokens, "tokens_per_s": tokens / (result["ms"] / 1e3)}
+def _measure(row: dict, step, tokens: int, device: torch.device) -> dict:
+    row = {**row, "tokens_per_step": tokens}
+    return harness.end_to_end_row(row, step, device, 4000 if device.type == "cpu" else 3000, ("tokens_per_s", tokens))
 
 
 def run(quick: bool) -> list[dict]:
@@ -143,15 +143,14 @@ def run(quick: bool) -> list[dict]:
                         continue
                     step, tokens = _llm2comp_step(base, stage, backend, data[stage], root / "out", batch, max_length,
                                                   device)
-                    rows.append({**base_row, "provider": f"llm2comp_{backend}", **_measure(step, tokens, device)})
+                    rows.append(_measure({**base_row, "provider": f"llm2comp_{backend}"}, step, tokens, device))
                     del step
                 peer = {**base_row, "provider": "sentence_transformers_mean"}
                 if stage == "compress":
                     rows.append({**peer, "status": "no counterpart: compression pretraining is LLM2Comp's own stage"})
                     continue
                 step, tokens = _st_step(base, stage, data[stage], batch, max_length, device)
-                rows.append({**peer, "status": step} if isinstance(step, str)
-                            else {**peer, **_measure(step, tokens, device)})
+                rows.append({**peer, "status": step} if isinstance(step, str) else _measure(peer, step, tokens, device))
                 del step
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -184,6 +184,18 @@ def failed(row: dict, exc: BaseException) -> dict:
     return {**row, "status": f"failed: {exc.__class__.__name__}: {str(exc)[:200]}"}
 
 
+def end_to_end_row(row: dict, fn: Callable[[], object], device: str | torch.device, rep_ms: float,
+                   per_second: tuple[str, int]) -> dict:
+    """`row` with `measure_end_to_end` of `fn` and ``per_second = (key, count)``: ``key`` = count / second per
+    call; or with the failure as its status (an out-of-memory, the run's deadline), so the other rows survive."""
+    try:
+        result = measure_end_to_end(fn, device, rep_ms=rep_ms)
+    except Exception as exc:  # a failing provider is a result, not a crash
+        return failed(row, exc)
+    key, count = per_second
+    return {**row, **result, key: count / (result["ms"] / 1e3)}
+
+
 def add_ratios(rows: list[dict], peer: str, key: str = "ms", higher_is_better: bool = False) -> None:
     """Set ``vs_<peer>`` (``vs_<peer>_<key>`` for a key other than ms) on rows that share op, shape, dtype and
     mode with the peer's row: above 1 means the row beats the peer (faster, smaller, or more throughput)."""

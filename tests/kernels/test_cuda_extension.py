@@ -302,7 +302,8 @@ def _bad_input_cases():
 
 
 BAD_INPUT_NAMES = ["pool int hidden", "pool non-contiguous", "pool int32 start", "pool cpu length", "pool bwd L",
-                   "cl dtype mismatch", "cl D mismatch", "cl labels length", "cl cpu queries", "cl bwd col_stats",
+                   "cl dtype mismatch", "cl D mismatch", "cl labels length", "cl cpu queries", "cl bwd row_stats",
+                   "cl bwd col_stats",
                    "attn fp32", "attn head dim", "attn stride", "attn misaligned", "attn heads", "attn cpu"]
 
 

@@ -109,10 +109,10 @@ class _LargestTensor(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_never_holds_full_logits_and_chunks_agree(backend):
+def test_never_holds_full_logits_and_chunks_agree(backend, device):
     """With chunk_size=2 no tensor reaches `N x V` elements, and the results equal those of one chunk."""
     N, H, V = 40, 8, 300                      # N * V = 12000 > V * H = 2400 (the weight grad)
-    student, teacher, weight = make_linear_kl_inputs(N, H, V)
+    student, teacher, weight = make_linear_kl_inputs(N, H, V, device=device)
     with _LargestTensor() as seen:
         small = _run(student, teacher, weight, chunk_size=2, backend=backend)
     assert seen.largest < N * V / 4, f"a tensor of {seen.largest} elements (N x V = {N * V})"
@@ -215,9 +215,9 @@ def test_backend_matches_float64_full(backend, V, N, mask_kind, temperature, wei
 
 
 @needs_triton
-def test_triton_no_grad_forward_only():
+def test_triton_no_grad_forward_only(device):
     """Under no_grad the kernel skips its gradient pass and the loss is unchanged."""
-    student, teacher, weight = make_linear_kl_inputs(9, 16, 1031)
+    student, teacher, weight = make_linear_kl_inputs(9, 16, 1031, device=device)
     with torch.no_grad():
         loss = linear_kl_loss(student, teacher, weight, chunk_size=4, backend="triton")
     ref = _float64(student, teacher, weight, chunk_size=4)[0]
