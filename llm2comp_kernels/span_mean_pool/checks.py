@@ -18,5 +18,9 @@ def check_span_mean_pool(hidden, start, length) -> None:
         raise ValueError(f"{OP}: hidden must have L >= 1 and D >= 1, got shape {tuple(hidden.shape)}")
     v.size(OP, "start", start.shape[0], B, "length (one entry per batch row)")
     v.size(OP, "length", length.shape[0], B, "length (one entry per batch row)")
-    v.in_range(OP, "start", start, 0, L - 1, f"0 <= start[b] < L = {L}")
-    v.in_range(OP, "length", length, 1, L - start, f"1 <= length[b] <= L - start[b] (L = {L})")
+
+    def check_spans():
+        v.in_range(OP, "start", start, 0, L - 1, f"0 <= start[b] < L = {L}")
+        v.in_range(OP, "length", length, 1, L - start, f"1 <= length[b] <= L - start[b] (L = {L})")
+
+    v.check_once((start, length), (OP, L), check_spans)
