@@ -16,7 +16,8 @@ model has them (transposes of `[B, L, H, d]` projections) and charged for whatev
   own speed, what the issue's "0.9x FA2 varlen forward, 0.85x backward" goals compare against.
 - ``flash``: `flash_attn_varlen_func` through `memory_attention(backend="flash")` (same unpadding).
 
-TFLOP/s counts real tokens only: ``4 * len^2 * d * Hq`` per sequence forward, backward 2.5x forward.
+TFLOP/s counts real tokens only: ``4 * len^2 * d * Hq`` per sequence forward, backward 2.5x forward; ``pct_peak``
+is that over the TFLOP/s of a large bf16 matmul measured in the same run (the first row).
 A last pair of rows runs ours with every sequence at L/2; its ``vs_no_padding`` (time at full length / time at
 half) should approach 4 (a quarter of the attention flops), well above 2: cost tracks the real tokens.
 On CPU, ``--quick`` runs a tiny shape under the Triton interpreter to check the harness; its times mean nothing.
@@ -211,6 +212,9 @@ def run(quick: bool) -> list[dict]:
         if "ms" in row and "ms" in base:
             row["vs_no_padding"] = base["ms"] / row["ms"]
     rows += half_rows
+    peak = harness.matmul_peak_row(OP, device, quick)
+    rows.insert(0, peak)
+    harness.add_pct_peak(rows, peak)
     if device.type == "cuda":
         harness.add_ratios(rows, "sdpa_mask")
         harness.add_ratios(rows, "varlen_kernel")

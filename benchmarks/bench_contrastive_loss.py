@@ -19,7 +19,9 @@ with their query (`POSITIVE_WEIGHT`), a loss of a few nats as early in training,
 well separated positives, whose value is a difference of two numbers near 14 and keeps few digits. Ours returns
 the loss in the input dtype (bf16), Inf-CL in fp32: on these inputs both matched the float64 reference to the
 rounding of their output (Inf-CL's kernels run on CPU under the interpreter, B=128/256, D=512/256).
-Ratios: ``vs_inf_cl`` and ``vs_eager`` are the peer's time over the row's.
+Ratios: ``vs_inf_cl`` and ``vs_eager`` are the peer's time over the row's. ``tflops`` counts the loss's three
+products (logits ``q @ d.T``, ``dS @ d`` and ``dS.T @ q``: ``3 * 2 B N D``), not what a provider recomputes;
+``pct_peak`` is that over a large bf16 matmul measured in the same run (the first row).
 
 CPU ``--quick`` proves the harness on a tiny shape (Triton under the interpreter): its times mean nothing. It also
 measures real CPU memory at B=N=MEMORY_SHAPE[0], D=MEMORY_SHAPE[1], fp32 (the eager logits alone are 1 GiB): for the
@@ -109,6 +111,8 @@ def _bench_shape(B, D, dtype, device, quick) -> list[dict]:
         q.grad = d.grad = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if "ms" in row and device.type == "cuda":
+            row["tflops"] = 3 * 2 * B * B * D / (row["ms"] * 1e-3) / 1e12
         if quick and "ms" in row:
             row["status"] = CPU_NOTE
         rows.append(row)
@@ -133,6 +137,9 @@ def run(quick: bool) -> list[dict]:
         base = {"op": OP, "mode": "fwd+bwd memory", "shape": f"B={B} N={B} D={D}", "dtype": "float32"}
         rows += harness.cpu_memory_rows("benchmarks.bench_contrastive_loss", base, ("torch", "eager"))
         harness.add_ratios(rows, "eager", key="peak_mem_mib")
+    peak = harness.matmul_peak_row(OP, device, quick)
+    rows.insert(0, peak)
+    harness.add_pct_peak(rows, peak)
     harness.add_ratios(rows, "inf_cl")
     harness.add_ratios(rows, "eager")
     return rows

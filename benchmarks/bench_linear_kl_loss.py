@@ -13,7 +13,10 @@ memory above the inputs. Providers:
   i.e. KL(teacher || student), summed over V and divided by the number of non-ignored labels (all rows here):
   the same objective. Its gradient goes to the student input and student weight only.
 
-Each row also has ``loss_rel_err``: its loss against the torch backend's (a check that all compute the same thing).
+Each row also has ``loss_rel_err``: its loss against the torch backend's (a check that all compute the same thing),
+and ``tflops``: the four products every provider must do (student and teacher logits, ``d_student = g @ W``,
+``dW = g.T @ h``: ``4 * 2 N H V``; three with a frozen head) over its time; ``pct_peak`` is that over a large
+bf16 matmul measured in the same run (the first row), so no provider can exceed about 100.
 
 CPU ``--quick`` proves the harness on a tiny shape (Triton under the interpreter): its times mean nothing. It also
 measures real CPU memory at N=2048, V=32000, H=64 fp32 (naive logits 250 MiB per tensor): for the torch backend
@@ -98,6 +101,9 @@ def _bench_shape(N, H, V, dtype, device, quick) -> list[dict]:
             row["loss_rel_err"] = rel_err(step().detach(), expected)
             student.grad = weight.grad = None   # so the memory baseline of `measure` holds the inputs only
             row.update(harness.measure(step, device))
+            if device.type == "cuda":  # logits of student and teacher, d_student, and dW if the head trains
+                products = 4 if weight.requires_grad else 3
+                row["tflops"] = products * 2 * N * H * V / (row["ms"] * 1e-3) / 1e12
         except Exception as exc:  # an OOM of the full-logits providers, or a peer failing: a result, not a crash
             row = harness.failed(row, exc)
             if device.type == "cuda":
@@ -135,6 +141,9 @@ def run(quick: bool) -> list[dict]:
         rows = []
         for V in (32000, 128256):
             rows += _bench_shape(8192, 4096, V, torch.bfloat16, device, quick=False)
+    peak = harness.matmul_peak_row(OP, device, quick)
+    rows.insert(0, peak)
+    harness.add_pct_peak(rows, peak)
     harness.add_ratios(rows, "liger")
     return rows
 

@@ -145,6 +145,26 @@ def cpu_memory_rows(module: str, base_row: dict, providers: tuple[str, ...]) -> 
     return rows
 
 
+def matmul_peak_row(op: str, device: torch.device, quick: bool) -> dict:
+    """A row with the TFLOP/s of one large bf16 `torch.mm` (cuBLAS) on `device`, measured in this run: the ceiling
+    that `add_pct_peak` divides by (a measured one, not the datasheet's). 8192^3 on a GPU; a 256^3 float32 product
+    on the CPU under ``--quick``, which only proves the harness."""
+    n, dtype = (256, torch.float32) if device.type != "cuda" else (8192, torch.bfloat16)
+    g = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g, device=device, dtype=dtype) for _ in range(2))  # random: zeros run fast
+    ms = measure(lambda: a @ b, device)["ms"]
+    row = {"op": op, "mode": "matmul peak", "shape": f"{n}x{n}x{n}", "dtype": str(dtype).replace("torch.", ""),
+           "provider": "torch.mm", "ms": ms, "tflops": 2 * n**3 / (ms * 1e-3) / 1e12}
+    return row if device.type == "cuda" else {**row, "status": "CPU --quick harness check: not a timing"}
+
+
+def add_pct_peak(rows: list[dict], peak: dict) -> None:
+    """Set ``pct_peak`` (100 * tflops / the measured matmul TFLOP/s of `peak`) on the rows that report tflops."""
+    for r in rows:
+        if "tflops" in r and r is not peak:
+            r["pct_peak"] = 100 * r["tflops"] / peak["tflops"]
+
+
 def fwd_bwd_step(fn: Callable[..., torch.Tensor], *args) -> Callable[[], torch.Tensor]:
     """A step that clears the gradients of `args`, runs ``fn(*args)`` and back-propagates the scalar it returns."""
     def step():
@@ -258,7 +278,8 @@ def environment() -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    keys = [k for k in ("op", "mode", "shape", "dtype", "provider", "ms", "host_ms", "tflops", "gbps", "texts_per_s",
+    keys = [k for k in ("op", "mode", "shape", "dtype", "provider", "ms", "host_ms", "tflops", "pct_peak", "gbps",
+                        "texts_per_s",
                         "tokens_per_s", "peak_mem_mib", "process_peak_rss_mib", "status") if any(k in r for r in rows)]
     keys += sorted({k for r in rows for k in r if k.startswith("vs_")})
     def cell(v):
