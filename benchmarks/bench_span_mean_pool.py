@@ -62,18 +62,13 @@ def _bench_shape(B, L, D, span, dtype, device, copy_gbps, quick) -> list[dict]:
                 rows.append({**row, "status": fn})
                 continue
             if mode == "fwd":
-                h = hidden
                 def step(fn=fn, h=hidden):
                     with torch.no_grad():
                         return fn(h, start, length)
             else:
                 h = hidden.detach().requires_grad_(True)
-                def step(fn=fn, h=h):
-                    h.grad = None
-                    fn(h, start, length).backward(grad)
+                step = harness.fwd_bwd_step(lambda h, fn=fn: fn(h, start, length), h, grad_output=grad)
             try:
-                step()
-                h.grad = None  # so the memory baseline of `measure` holds the inputs only
                 row.update(harness.measure(step, device))
                 row["gbps"] = _bytes(B, L, D, span, hidden.element_size(), mode) / (row["ms"] * 1e-3) / 1e9
                 row["pct_copy"] = 100 * row["gbps"] / copy_gbps
