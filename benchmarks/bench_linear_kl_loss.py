@@ -2,7 +2,9 @@
 
 GPU: N=8192 rows, H=4096, V in {32000, 128256}, bf16, temperature 1, every row selected; forward+backward
 (the chunked providers compute the gradients in forward, so only fwd+bwd is meaningful), median ms and peak
-memory above the inputs. Providers:
+memory above the inputs; with the LM head trained (Liger's setting: four products) and frozen (LLM2Comp's stage
+1, where the head is the frozen decoder's: three products; Liger computes the weight gradient either way).
+Providers:
 
 - ``triton``: `linear_kl_loss(backend="triton")` (cuBLAS GEMMs + one fused softmax/KL/gradient kernel per chunk).
 - ``torch``: `linear_kl_loss(backend="torch")`, the row-chunked PyTorch backend.
@@ -80,14 +82,16 @@ def _providers(device):
     return providers
 
 
-def _bench_shape(N, H, V, dtype, device, quick) -> list[dict]:
-    student, teacher, weight = make_linear_kl_inputs(N, H, V, dtype=dtype, device=device)
+def _bench_shape(N, H, V, dtype, device, quick, head_trained=True) -> list[dict]:
+    student, teacher, weight = make_linear_kl_inputs(N, H, V, dtype=dtype, device=device,
+                                                     weight_requires_grad=head_trained)
     with torch.no_grad():
         expected = linear_kl_loss(student, teacher, weight, backend="torch")
     rows = []
+    head = "trained" if head_trained else "frozen"
     for name, fn in _providers(device).items():
-        row = {"op": OP, "mode": "fwd+bwd", "shape": f"N={N} H={H} V={V}", "dtype": str(dtype).split(".")[-1],
-               "provider": name}
+        row = {"op": OP, "mode": "fwd+bwd", "shape": f"N={N} H={H} V={V} head {head}",
+               "dtype": str(dtype).split(".")[-1], "provider": name}
         if name == "liger":
             row["config"] = LIGER_NOTE
         if fn == "not installed":
@@ -132,14 +136,11 @@ def _cpu_memory_rows() -> list[dict]:
 
 def run(quick: bool) -> list[dict]:
     device = harness.kernel_device("bench_linear_kl_loss", quick)
-    if quick:
-        rows = _bench_shape(64, 32, 1000, torch.float32, device, quick=True)
-        if device.type != "cuda":
-            rows += _cpu_memory_rows()
-    else:
-        rows = []
-        for V in (32000, 128256):
-            rows += _bench_shape(8192, 4096, V, torch.bfloat16, device, quick=False)
+    shapes = [(64, 32, 1000, torch.float32)] if quick else [(8192, 4096, V, torch.bfloat16) for V in (32000, 128256)]
+    rows = [r for N, H, V, dtype in shapes for trained in (True, False)
+            for r in _bench_shape(N, H, V, dtype, device, quick, trained)]
+    if quick and device.type != "cuda":
+        rows += _cpu_memory_rows()
     peak = harness.matmul_peak_row(OP, device, quick)
     rows.insert(0, peak)
     harness.add_pct_peak(rows, peak)
