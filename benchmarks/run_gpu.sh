@@ -3,10 +3,11 @@
 # logs and JSON in $OUT (default ./out) as one results.tar.gz. Prepare the offline machine's wheels and data
 # here first with `bash benchmarks/prepare_gpu.sh`, and carry .gpu-wheels and .gpu-data with the call.
 #
-# Parts, chosen with PARTS (default: all four, in this order):
+# Parts, chosen with PARTS (default: tests profile kernels e2e, in this order):
 #   PARTS=tests    the kernel test matrix on the GPU (TEST_MARKS, default "gpu or not slow") and every gpu-marked
 #                  test elsewhere. The Triton tests run while the extension builds; its own tests after the build,
 #                  beside compute-sanitizer memcheck and racecheck over a few small extension tests (SANITIZE_K).
+#   PARTS=profile  benchmarks/profile_ops.py: device time per kernel and wall time per call of each op
 #   PARTS=kernels  the op benchmarks: attention, contrastive_loss, linear_kl_loss, span_mean_pool
 #   PARTS=e2e      the end-to-end benchmarks: encode, train
 # e.g. LLM2COMP_GIT_COMMIT=$(git rev-parse HEAD) PARTS=tests OUT=$OUT bash benchmarks/run_gpu.sh
@@ -21,7 +22,7 @@ R=$OUT/results
 mkdir -p "$R"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-PARTS=${PARTS:-tests kernels e2e}
+PARTS=${PARTS-tests profile kernels e2e}  # PARTS= (empty): none, e.g. with BENCH=...
 WORKERS=${WORKERS:-8}
 start=$SECONDS
 log() { echo "== [$(date +%T) +$((SECONDS - start))s] $*"; }
@@ -90,9 +91,14 @@ for part in $PARTS; do
             sanitize_pid=$!
             pytest_run cuda "$WORKERS" -m "${TEST_MARKS:-gpu or not slow}" -k "cuda" tests/kernels
             wait "$sanitize_pid" ;;
+        profile)
+            wait_build
+            log "profile_ops"
+            CAP=${BENCH_CAP_S:-150} in_time "$PY" -m benchmarks.profile_ops --out "$R" 2>&1 | tee "$R/profile.log" \
+                | grep -v "^USDT" | tail -60 ;;
         kernels) benches="$benches attention contrastive_loss linear_kl_loss span_mean_pool" ;;
         e2e) benches="$benches encode train" ;;
-        *) log "unknown part '$part' (tests, kernels, e2e)"; exit 2 ;;
+        *) log "unknown part '$part' (tests, profile, kernels, e2e)"; exit 2 ;;
     esac
 done
 wait_build

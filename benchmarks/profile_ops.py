@@ -1,0 +1,150 @@
+"""Where an op's time goes: device time per kernel, and the wall time of a call, under `torch.profiler`.
+
+The benchmarks give one time per call; this splits it, to answer what the first GPU run left open: is
+`memory_attention` at L=128 bound by the host (launch and Python) or by its kernel, which contrastive kernel is
+slow, what bandwidth the pooling kernels reach without the host in the way, and how linear-KL's time divides
+between the matmuls and the fused kernel. Each case runs its step twice (warm-up: compile, autotune), then
+`CALLS` times under the profiler. Per case: wall ms per call, device µs per call (all kernels), and the kernels
+by device time (µs per call, launches per call). GPU: the benchmarks' shapes. CPU ``--quick``: tiny shapes under
+the Triton interpreter and CPU op times: proves the script, measures nothing.
+
+Run: ``python -m benchmarks.profile_ops [--quick] [--only attention,contrastive] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from . import harness
+
+CALLS = 5
+TOP_KERNELS = 8
+
+
+def _attention_cases(quick: bool, device) -> dict[str, Callable[[], object]]:
+    from llm2comp_kernels.memory_attention import memory_attention
+
+    B, Hq, Hkv, L, d = (2, 4, 2, 32, 16) if quick else (32, 32, 8, 128, 128)
+    dtype = torch.float32 if quick else torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(B, h, L, d, generator=g, device=device, dtype=dtype) for h in (Hq, Hkv, Hkv))
+    seq_lens = torch.randint(L // 4, L + 1, (B,), generator=g, device=device, dtype=torch.int32)
+    cases = {}
+    for backend in ("triton",) if quick else ("triton", "cuda"):
+        def forward(backend=backend):
+            with torch.no_grad():
+                return memory_attention(q, k, v, seq_lens, backend=backend)
+        cases[f"memory_attention fwd {backend} B{B} L{L} d{d}"] = forward
+    return cases
+
+
+def _contrastive_cases(quick: bool, device) -> dict[str, Callable[[], object]]:
+    from llm2comp_kernels.contrastive_loss import contrastive_loss
+    from llm2comp_kernels.testing import make_contrastive_inputs
+
+    B, D = (40, 32) if quick else (8192, 1024)
+    q, d = make_contrastive_inputs(B, B, D, dtype=torch.bfloat16, device=device, positive_weight=0.15)
+    cases = {}
+    for backend in ("triton",) if quick else ("triton", "cuda"):
+        fn = lambda a, b, backend=backend: contrastive_loss(a, b, temperature=0.05, backend=backend)  # noqa: E731
+        cases[f"contrastive_loss fwd+bwd {backend} B{B} D{D}"] = harness.fwd_bwd_step(fn, q, d)
+    return cases
+
+
+def _pool_cases(quick: bool, device) -> dict[str, Callable[[], object]]:
+    from llm2comp_kernels.span_mean_pool import span_mean_pool
+    from llm2comp_kernels.testing import make_pool_inputs
+
+    B, L, D, span = (4, 24, 64, 8) if quick else (512, 512, 4096, 8)
+    hidden, start, length = make_pool_inputs(B, L, D, dtype=torch.bfloat16, device=device, span=span,
+                                             requires_grad=False)
+    cases = {}
+    for backend in ("triton",) if quick else ("triton", "cuda"):
+        def forward(backend=backend):
+            with torch.no_grad():
+                return span_mean_pool(hidden, start, length, backend=backend)
+        cases[f"span_mean_pool fwd {backend} B{B} D{D} span{span}"] = forward
+    return cases
+
+
+def _linear_kl_cases(quick: bool, device) -> dict[str, Callable[[], object]]:
+    from llm2comp_kernels.linear_kl_loss import linear_kl_loss
+    from llm2comp_kernels.testing import make_linear_kl_inputs
+
+    N, H, V = (16, 32, 1000) if quick else (8192, 4096, 128256)
+    dtype = torch.float32 if quick else torch.bfloat16
+    student, teacher, weight = make_linear_kl_inputs(N, H, V, dtype=dtype, device=device)
+    fn = lambda s, t, w: linear_kl_loss(s, t, w, backend="triton")  # noqa: E731
+    return {f"linear_kl_loss fwd+bwd triton N{N} H{H} V{V}": harness.fwd_bwd_step(fn, student, teacher, weight)}
+
+
+GROUPS = {"attention": _attention_cases, "contrastive": _contrastive_cases, "pool": _pool_cases,
+          "linear_kl": _linear_kl_cases}
+
+
+def profile_case(step: Callable[[], object], device: torch.device) -> dict:
+    """Wall and device time per call of `step`, and its kernels by device time (CPU: its ops by CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):  # compile, autotune
+        step()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(CALLS):
+            step()
+        sync()
+        wall_ms = (time.perf_counter() - start) * 1e3 / CALLS
+    if device.type == "cuda":
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        time_of = lambda e: e.self_device_time_total  # noqa: E731  (µs, all calls)
+    else:
+        events = list(prof.key_averages())
+        time_of = lambda e: e.self_cpu_time_total  # noqa: E731
+    events.sort(key=time_of, reverse=True)
+    return {"wall_ms_per_call": wall_ms,
+            "time_us_per_call": sum(time_of(e) for e in events) / CALLS,
+            "time_is": "device (all kernels)" if device.type == "cuda" else "CPU ops (self), not a GPU figure",
+            "kernels": [{"name": e.key[:120], "us_per_call": time_of(e) / CALLS, "launches_per_call": e.count / CALLS}
+                        for e in events[:TOP_KERNELS]]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_ops", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU interpreter: proves the script")
+    parser.add_argument("--only", default="", help=f"comma-separated subset of {sorted(GROUPS)}")
+    parser.add_argument("--out", default=str(harness.RESULTS_DIR), help="result folder")
+    args = parser.parse_args(argv)
+    names = [n for n in args.only.split(",") if n] or list(GROUPS)
+    if unknown := sorted(set(names) - set(GROUPS)):
+        parser.error(f"unknown groups {unknown}; available: {sorted(GROUPS)}")
+    device = harness.kernel_device("profile_ops", args.quick)
+    cases = []
+    for name in names:
+        for case, step in GROUPS[name](args.quick, device).items():
+            try:
+                result = profile_case(step, device)
+            except Exception as exc:  # one case failing is a result
+                result = {"status": f"failed: {exc.__class__.__name__}: {str(exc)[:200]}"}
+            cases.append({"case": case, **result})
+            print(f"\n## {case}: " + (result.get("status") or f"{result['wall_ms_per_call']:.3f} ms wall per call, "
+                                       f"{result['time_us_per_call']:.1f} µs {result['time_is']}"))
+            for k in result.get("kernels", []):
+                print(f"  {k['us_per_call']:10.1f} µs  x{k['launches_per_call']:<5.3g} {k['name']}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"profile_{'gpu' if device.type == 'cuda' else 'cpu'}.json"
+    path.write_text(json.dumps({"environment": harness.environment(), "cases": cases}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
