@@ -17,7 +17,10 @@ model has them (transposes of `[B, L, H, d]` projections) and charged for whatev
 - ``flash``: `flash_attn_varlen_func` through `memory_attention(backend="flash")` (same unpadding).
 
 TFLOP/s counts real tokens only: ``4 * len^2 * d * Hq`` per sequence forward, backward 2.5x forward; ``pct_peak``
-is that over the TFLOP/s of a large bf16 matmul measured in the same run (the first row).
+is that over the TFLOP/s of a large bf16 matmul measured in the same run (the first row). Forward rows also have
+``graph_ms`` / ``graph_tflops``: the time per call replayed from a CUDA graph over copies of the inputs, i.e.
+without the host (providers that cannot be captured say why in ``graph_status``); where ``ms`` is near
+``host_ms`` and far above ``graph_ms``, the call is bound by its host-side launch, not by its kernel.
 A last pair of rows runs ours with every sequence at L/2; its ``vs_no_padding`` (time at full length / time at
 half) should approach 4 (a quarter of the attention flops), well above 2: cost tracks the real tokens.
 On CPU, ``--quick`` runs a tiny shape under the Triton interpreter to check the harness; its times mean nothing.
@@ -39,9 +42,9 @@ OP = "memory_attention"
 CPU_NOTE = "CPU --quick harness check under the interpreter: not a timing"
 
 
-def _inputs(B, Hq, Hkv, L, d, dtype, device, seq_lens):
+def _inputs(B, Hq, Hkv, L, d, dtype, device, seq_lens, seed=0):
     """q `[B, Hq, L, d]`, k/v `[B, Hkv, L, d]` as transposed views of `[B, L, H, d]`, leaves with grads."""
-    g = torch.Generator(device=device).manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(seed)
     def proj(h):
         x = torch.randn(B, L, h, d, generator=g, device=device, dtype=dtype)
         return x.requires_grad_().transpose(1, 2)
@@ -143,21 +146,34 @@ def _flops(seq_lens, Hq, d, mode):
     return fwd if mode == "forward" else 3.5 * fwd
 
 
-def _measure(prepare, inputs, mode, device):
+def _forward_step(call):
+    def step():
+        with torch.no_grad():
+            call()
+    return step
+
+
+def _measure(prepare, inputs, mode, device, graph_inputs=()):
+    """`harness.measure` of a forward or forward+backward step; forward on CUDA also `harness.graph_ms` over
+    `inputs` and `graph_inputs` (copies of the inputs, so the graph's calls do not hit L2)."""
     call, leaves = prepare(*inputs)
     if mode == "forward":
-        def step():
-            with torch.no_grad():
-                call()
-    else:
-        grad = torch.randn_like(call())
-        def step():
-            torch.autograd.grad(call(), leaves, grad)
+        result = harness.measure(_forward_step(call), device)
+        if device.type == "cuda":
+            result.update(harness.graph_ms([_forward_step(prepare(*x)[0]) for x in (inputs, *graph_inputs)]))
+        return result
+    grad = torch.randn_like(call())
+    def step():
+        torch.autograd.grad(call(), leaves, grad)
     return harness.measure(step, device)
 
 
 def _rows_for(shape_name, inputs, providers, device, modes, extra=None):
     q, k, v, seq_lens = inputs
+    B, Hq, L, d = q.shape
+    # Input copies for the graph timing of forward rows: together more than twice an H100's or H200's L2.
+    copies = -(-(256 << 20) // (B * L * (Hq + 2 * k.shape[1]) * d * q.element_size())) if device.type == "cuda" else 1
+    graph_inputs = [_inputs(B, Hq, k.shape[1], L, d, q.dtype, device, seq_lens, seed=i) for i in range(1, copies)]
     rows = []
     for mode in modes:
         for name, fn in providers.items():
@@ -167,13 +183,15 @@ def _rows_for(shape_name, inputs, providers, device, modes, extra=None):
                 rows.append({**row, "status": fn})
                 continue
             try:
-                m = _measure(fn, inputs, mode, device)
+                m = _measure(fn, inputs, mode, device, graph_inputs)
             except Exception as exc:  # a peer failing on this shape is a result, not a crash
                 rows.append(harness.failed(row, exc))
                 continue
             row.update(m)
             if device.type == "cuda":
                 row["tflops"] = _flops(seq_lens, q.shape[1], q.shape[3], mode) / (m["ms"] * 1e-3) / 1e12
+                if "graph_ms" in m:
+                    row["graph_tflops"] = _flops(seq_lens, q.shape[1], q.shape[3], mode) / (m["graph_ms"] * 1e-3) / 1e12
                 if name == "ours":  # what the autotuner chose for this shape (BLOCK_M/BLOCK_N/warps/stages)
                     from llm2comp_kernels.memory_attention.triton import last_tuned_configs
                     kernels = ("fwd",) if mode == "forward" else ("fwd", "dq", "dkdv")

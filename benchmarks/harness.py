@@ -51,6 +51,46 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup_ms: 
     return {"ms": median, "ms_p20": p20, "ms_p80": p80, "host_ms": statistics.median(host), "peak_mem_mib": peak}
 
 
+def graph_ms(calls: list[Callable[[], object]], rep_ms: float = 50, replays: int = 10) -> dict:
+    """Device time per call without the host: the median over `replays` of one CUDA graph that runs `calls` in
+    turn, repeated to about `rep_ms`, divided by the calls it holds. `calls` are one op on distinct inputs, so
+    that a call does not find its inputs in L2 from the previous one (give them more bytes than L2 holds).
+
+    Where `measure`'s time (events around each call) is about its ``host_ms``, the host is the bound; this is the
+    kernels' own time, the figure to set against a roofline. Returns ``graph_ms``, or ``graph_status`` when the
+    calls cannot be captured (a host sync, say: warm them up first so checks and autotuning are done).
+    """
+    _check_deadline()
+    try:
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):  # warm up where the capture will run
+            for call in calls:
+                call()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for call in calls:
+            call()
+        end.record()
+        torch.cuda.synchronize()
+        repeats = max(1, min(1000, int(rep_ms / max(start.elapsed_time(end), 1e-3))))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(repeats):
+                for call in calls:
+                    call()
+        times = []
+        for _ in range(replays):
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / (repeats * len(calls)))
+    except Exception as exc:  # not capturable: a result, not a crash
+        return {"graph_status": f"failed: {exc.__class__.__name__}: {str(exc)[:160]}"}
+    return {"graph_ms": statistics.median(times)}
+
+
 def measure_end_to_end(fn: Callable[[], object], device: str | torch.device, *, rep_ms: float = 2000,
                        min_calls: int = 3) -> dict:
     """Median/p20/p80 wall time in ms of synchronised calls of `fn` (at least `min_calls`, more while under
@@ -287,9 +327,9 @@ def environment() -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    keys = [k for k in ("op", "mode", "shape", "dtype", "provider", "ms", "host_ms", "tflops", "pct_peak", "gbps",
-                        "texts_per_s",
-                        "tokens_per_s", "peak_mem_mib", "process_peak_rss_mib", "status") if any(k in r for r in rows)]
+    keys = [k for k in ("op", "mode", "shape", "dtype", "provider", "ms", "host_ms", "graph_ms", "tflops", "pct_peak",
+                        "gbps", "texts_per_s", "tokens_per_s", "peak_mem_mib", "process_peak_rss_mib", "status")
+            if any(k in r for r in rows)]
     keys += sorted({k for r in rows for k in r if k.startswith("vs_")})
     def cell(v):
         return f"{v:.3f}" if isinstance(v, float) else str(v)

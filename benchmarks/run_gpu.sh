@@ -23,7 +23,7 @@ mkdir -p "$R"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 PARTS=${PARTS-tests profile kernels e2e}  # PARTS= (empty): none, e.g. with BENCH=...
-WORKERS=${WORKERS:-8}
+WORKERS=${WORKERS:-12}
 start=$SECONDS
 log() { echo "== [$(date +%T) +$((SECONDS - start))s] $*"; }
 left() { echo $(( ${DEADLINE_S:-560} - (SECONDS - start) - 15 )); }
