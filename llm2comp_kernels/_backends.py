@@ -108,8 +108,9 @@ def why_not(backend: str, device: torch.device, dtype: torch.dtype, cuda_op: str
 
 def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype, *,
                     cuda_op: str | None = None, allowed: tuple[str, ...] = ("torch", "triton", "cuda"),
-                    unsupported: dict[str, str] | None = None) -> str:
-    """The backend that runs `op`: the requested one, or for ``"auto"`` cuda > triton > torch.
+                    unsupported: dict[str, str] | None = None, auto_order: tuple[str, ...] = ("triton",)) -> str:
+    """The backend that runs `op`: the requested one, or for ``"auto"`` on CUDA tensors the first of
+    `auto_order` (each op's, by what measured fastest) that can run, else torch.
 
     ``"auto"`` never picks Triton for CPU tensors, even under the interpreter (it is a test tool).
     """
@@ -121,7 +122,7 @@ def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dt
             raise RuntimeError(f"{op}: backend={backend!r} cannot run here: {reason}")
         return backend
     if device.type == "cuda":
-        for candidate in ("cuda", "triton"):
+        for candidate in auto_order:
             if candidate in allowed and why_not(candidate, device, dtype, cuda_op, unsupported) is None:
                 return candidate
     return "torch"

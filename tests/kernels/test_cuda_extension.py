@@ -345,9 +345,16 @@ def test_fake_kernels_match_the_real_ops():
 
 @pytest.mark.gpu
 @needs_ext
-def test_seq_lens_int32_and_backend_auto_picks_cuda():
+def test_seq_lens_int32_and_backend_auto_follows_the_op_order():
+    """int32 seq_lens reach the CUDA kernel; "auto" runs attention on Triton (AUTO_ORDER), pooling on CUDA."""
     q, k, v, _ = make_attention_inputs(2, 2, 2, 9, 64, dtype=torch.bfloat16, device="cuda", requires_grad=False)
     seq_lens = seq_lens_mixed(2, 9, "cuda")
     assert seq_lens.dtype == torch.int32
+    assert_rel_close(memory_attention(q, k, v, seq_lens, backend="cuda"),
+                     memory_attention_reference(q.double(), k.double(), v.double(), seq_lens, False, 64 ** -0.5),
+                     name="cuda")
     assert_rel_close(memory_attention(q, k, v, seq_lens, backend="auto"),
-                     memory_attention(q, k, v, seq_lens, backend="cuda"), tol=0.0)
+                     memory_attention(q, k, v, seq_lens, backend="triton"), tol=0.0)
+    hidden, start, length = make_pool_inputs(3, 7, 16, dtype=torch.bfloat16, device="cuda", requires_grad=False)
+    assert_rel_close(span_mean_pool(hidden, start, length, backend="auto"),
+                     span_mean_pool(hidden, start, length, backend="cuda"), tol=0.0)
