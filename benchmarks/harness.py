@@ -60,8 +60,8 @@ def graph_ms(calls: list[Callable[[], object]], rep_ms: float = 50, replays: int
     kernels' own time, the figure to set against a roofline. Returns ``graph_ms``, or ``graph_status`` when the
     calls cannot be captured (a host sync, say: warm them up first so checks and autotuning are done).
     """
-    _check_deadline()
     try:
+        _check_deadline()
         stream = torch.cuda.Stream()
         with torch.cuda.stream(stream):  # warm up where the capture will run
             for call in calls:
@@ -193,16 +193,22 @@ def matmul_peak_row(op: str, device: torch.device, quick: bool) -> dict:
     that `add_pct_peak` divides by (a measured one, not the datasheet's). 8192^3 on a GPU; a 256^3 float32 product
     on the CPU under ``--quick``, which only proves the harness."""
     n, dtype = (256, torch.float32) if device.type != "cuda" else (8192, torch.bfloat16)
+    row = {"op": op, "mode": "matmul peak", "shape": f"{n}x{n}x{n}", "dtype": str(dtype).replace("torch.", ""),
+           "provider": "torch.mm"}
     g = torch.Generator(device=device).manual_seed(0)
     a, b = (torch.randn(n, n, generator=g, device=device, dtype=dtype) for _ in range(2))  # random: zeros run fast
-    ms = measure(lambda: a @ b, device)["ms"]
-    row = {"op": op, "mode": "matmul peak", "shape": f"{n}x{n}x{n}", "dtype": str(dtype).replace("torch.", ""),
-           "provider": "torch.mm", "ms": ms, "tflops": 2 * n**3 / (ms * 1e-3) / 1e12}
+    try:
+        ms = measure(lambda: a @ b, device)["ms"]
+    except Exception as exc:  # the run's deadline, say: the other rows keep their figures
+        return failed(row, exc)
+    row.update(ms=ms, tflops=2 * n**3 / (ms * 1e-3) / 1e12)
     return row if device.type == "cuda" else {**row, "status": "CPU --quick harness check: not a timing"}
 
 
 def add_pct_peak(rows: list[dict], peak: dict) -> None:
     """Set ``pct_peak`` (100 * tflops / the measured matmul TFLOP/s of `peak`) on the rows that report tflops."""
+    if "tflops" not in peak:
+        return
     for r in rows:
         if "tflops" in r and r is not peak:
             r["pct_peak"] = 100 * r["tflops"] / peak["tflops"]
