@@ -85,12 +85,17 @@ def _pool_cases(quick: bool, device) -> dict[str, Callable[[], object]]:
     B, L, D, span = (4, 24, 64, 8) if quick else (512, 512, 4096, 8)
     hidden, start, length = make_pool_inputs(B, L, D, dtype=torch.bfloat16, device=device, span=span,
                                              requires_grad=False)
+    h = hidden.detach().requires_grad_(True)
+    grad = torch.randn(B, D, device=device, dtype=hidden.dtype)
     cases = {}
     for backend in ("triton",) if quick else ("triton", "cuda"):
         def forward(backend=backend):
             with torch.no_grad():
                 return span_mean_pool(hidden, start, length, backend=backend)
         cases[f"span_mean_pool fwd {backend} B{B} D{D} span{span}"] = forward
+        # The backward writes the dense [B, L, D] gradient: Triton as a zero fill plus a span kernel, CUDA in one.
+        cases[f"span_mean_pool fwd+bwd {backend} B{B} L{L} D{D} span{span}"] = harness.fwd_bwd_step(
+            lambda x, backend=backend: span_mean_pool(x, start, length, backend=backend), h, grad_output=grad)
     return cases
 
 
