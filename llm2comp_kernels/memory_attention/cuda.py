@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .._autograd import needs_autograd
 from .._backends import cuda_extension
 
 cuda_extension()  # importing llm2comp_kernels._C registers torch.ops.llm2comp.*
@@ -37,13 +38,17 @@ def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
     return x.clone(memory_format=torch.contiguous_format)
 
 
+def _forward(q, k, v, seq_lens, causal, scale):
+    return torch.ops.llm2comp.memory_attention_fwd(_kernel_layout(q), _kernel_layout(k), _kernel_layout(v),
+                                                   seq_lens.to(torch.int64).contiguous(), causal, scale)
+
+
 class _MemoryAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, seq_lens, causal, scale):
         ctx.save_for_backward(q, k, v, seq_lens)
         ctx.causal, ctx.scale = causal, scale
-        return torch.ops.llm2comp.memory_attention_fwd(_kernel_layout(q), _kernel_layout(k), _kernel_layout(v),
-                                                       seq_lens.to(torch.int64).contiguous(), causal, scale)
+        return _forward(q, k, v, seq_lens, causal, scale)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -62,4 +67,6 @@ def memory_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq
                           scale: float) -> torch.Tensor:
     """q `[B, Hq, L, d]`, k/v `[B, Hkv, L, d]` float16/bfloat16 with d in {64, 128}, seq_lens int `[B]`
     -> `[B, Hq, L, d]` contiguous in q's dtype (padded rows are zeros)."""
+    if not needs_autograd(q, k, v):
+        return _forward(q, k, v, seq_lens, causal, float(scale))
     return _MemoryAttentionFn.apply(q, k, v, seq_lens, causal, float(scale))

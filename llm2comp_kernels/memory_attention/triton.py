@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._autograd import needs_autograd
 from .._backends import triton_autotune, triton_interpret
 
 _LOG2E = 1.4426950408889634
@@ -410,4 +411,7 @@ def memory_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
 
     Arguments are assumed validated by `check_memory_attention`.
     """
-    return _MemoryAttentionFn.apply(q, k, v, seq_lens.contiguous(), _AttentionParams(causal, scale))
+    params, seq_lens = _AttentionParams(causal, scale), seq_lens.contiguous()
+    if not needs_autograd(q, k, v):
+        return _forward(q, k, v, seq_lens, params)[0]
+    return _MemoryAttentionFn.apply(q, k, v, seq_lens, params)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .._autograd import needs_autograd
 from .._backends import cuda_extension
 
 cuda_extension()  # importing llm2comp_kernels._C registers torch.ops.llm2comp.*
@@ -39,5 +40,7 @@ class _SpanMeanPoolFn(torch.autograd.Function):
 
 def span_mean_pool_cuda(hidden: torch.Tensor, start: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
     """hidden `[B, L, D]` (made contiguous), start/length int `[B]` -> `[B, D]` in hidden's dtype."""
-    return _SpanMeanPoolFn.apply(hidden.contiguous(), start.to(torch.int64).contiguous(),
-                                 length.to(torch.int64).contiguous())
+    args = (hidden.contiguous(), start.to(torch.int64).contiguous(), length.to(torch.int64).contiguous())
+    if not needs_autograd(hidden):
+        return torch.ops.llm2comp.span_mean_pool_fwd(*args)
+    return _SpanMeanPoolFn.apply(*args)

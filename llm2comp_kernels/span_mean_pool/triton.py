@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._autograd import needs_autograd
 from .._backends import triton_autotune
 
 # (BLOCK_L, BLOCK_D) when not autotuning: small, so that interpreter tests with D ~ 40 and spans of a few
@@ -85,16 +86,19 @@ def _launch(kernel, tuned, B: int, D: int, *args) -> None:
         kernel[(B, triton.cdiv(D, _FIXED["BLOCK_D"]))](*args, **_FIXED)
 
 
+def _forward(hidden, start, length):
+    B, L, D = hidden.shape
+    out = hidden.new_empty(B, D)
+    _launch(_span_mean_pool_fwd_kernel, _fwd_tuned, B, D, hidden, start, length, out, *hidden.stride(), D)
+    return out
+
+
 class _SpanMeanPoolFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, start, length):
-        B, L, D = hidden.shape
-        out = hidden.new_empty(B, D)
-        _launch(_span_mean_pool_fwd_kernel, _fwd_tuned, B, D, hidden, start, length, out, *hidden.stride(), D)
         ctx.save_for_backward(start, length)
-        ctx.shape = (B, L, D)
-        ctx.dtype = hidden.dtype
-        return out
+        ctx.shape, ctx.dtype = tuple(hidden.shape), hidden.dtype
+        return _forward(hidden, start, length)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -113,4 +117,7 @@ def span_mean_pool_triton(hidden: torch.Tensor, start: torch.Tensor, length: tor
 
     Arguments are assumed validated by `check_span_mean_pool`.
     """
-    return _SpanMeanPoolFn.apply(hidden, start.contiguous(), length.contiguous())
+    start, length = start.contiguous(), length.contiguous()
+    if not needs_autograd(hidden):
+        return _forward(hidden, start, length)
+    return _SpanMeanPoolFn.apply(hidden, start, length)

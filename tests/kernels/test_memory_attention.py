@@ -324,3 +324,18 @@ def test_seq_lens_checked_again_after_in_place_change():
     seq_lens[0] = 6
     with pytest.raises(ValueError, match="seq_lens"):
         memory_attention(q, k, v, seq_lens, backend="torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_grad_same_output_and_no_graph(backend, device):
+    """Under no_grad, or on inputs that need no grad, the backends call their forward without the autograd
+    Function: the same values, and no graph."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v, seq_lens = make_attention_inputs(3, 4, 2, 17, 64, dtype=dtype, device=device)
+    with_grad = memory_attention(q, k, v, seq_lens, backend=backend)
+    assert with_grad.grad_fn is not None
+    with torch.no_grad():
+        no_grad = memory_attention(q, k, v, seq_lens, backend=backend)
+    frozen = memory_attention(q.detach(), k.detach(), v.detach(), seq_lens, backend=backend)
+    for out in (no_grad, frozen):
+        assert out.grad_fn is None and torch.equal(out, with_grad.detach())

@@ -155,3 +155,17 @@ def test_realistic_size(backend, span, device, poison_empty, monkeypatch):
     hidden, start, length = make_pool_inputs(512, 512, 4096, dtype=torch.bfloat16, device=device, span=span,
                                              requires_grad=False)
     _check(backend, device, hidden, start, length)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_grad_same_output_and_no_graph(backend, device):
+    """Under no_grad, or on inputs that need no grad, the backends call their forward without the autograd
+    Function: the same values, and no graph."""
+    hidden, start, length = make_pool_inputs(3, 11, 40, device=device)
+    with_grad = span_mean_pool(hidden, start, length, backend=backend)
+    assert with_grad.grad_fn is not None
+    with torch.no_grad():
+        no_grad = span_mean_pool(hidden, start, length, backend=backend)
+    frozen = span_mean_pool(hidden.detach(), start, length, backend=backend)
+    for out in (no_grad, frozen):
+        assert out.grad_fn is None and torch.equal(out, with_grad.detach())
