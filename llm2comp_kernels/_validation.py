@@ -64,8 +64,9 @@ def in_range(op: str, name: str, x: torch.Tensor, low: torch.Tensor | int, high:
             i = int(bad.nonzero()[0, 0])
             raise ValueError(f"{op}: {name}[{i}] = {int(x[i])} breaks {rule}")
 
-    bounds = tuple(b for b in (low, high) if isinstance(b, torch.Tensor))
-    check_once((x, *bounds), (op, name, *(b if isinstance(b, int) else None for b in (low, high))), check)
+    tensors = tuple(b for b in (x, low, high) if isinstance(b, torch.Tensor))
+    check_once(tensors, (op, name, low if isinstance(low, int) else None, high if isinstance(high, int) else None),
+               check)
 
 
 def check_once(tensors: tuple[torch.Tensor, ...], key: tuple, check: Callable[[], None]) -> None:
@@ -76,31 +77,34 @@ def check_once(tensors: tuple[torch.Tensor, ...], key: tuple, check: Callable[[]
     Skipped while `torch.compile` traces, where reading values back would break the graph: compiled
     code checks shapes and dtypes only, so validate index values eagerly first if they may be wrong.
     """
-    if torch.compiler.is_compiling():
-        return
-    # Inference-mode tensors have no version counter, so they are checked on every call.
-    cacheable = not any(t.is_inference() for t in tensors)
-    if cacheable and _CHECKED.contains(tensors, key):
+    if torch.compiler.is_compiling() or _CHECKED.contains(tensors, key):
         return
     check()
-    if cacheable:
-        _CHECKED.add(tensors, key)
+    _CHECKED.add(tensors, key)
 
 
 class _CheckedTensors:
-    """The last few (tensors, check) pairs that passed `check_once`. Weak references and version counters
-    (bumped by any in-place write) make a stale hit impossible: a modified or new tensor is checked again."""
+    """The last few (tensors, check) pairs that passed `check_once`, by the tensors' ids. Weak references and
+    version counters (bumped by any in-place write) make a stale hit impossible: a modified or new tensor is
+    checked again. Inference-mode tensors have no version counter: they are never remembered."""
 
     def __init__(self, size: int = 16):
-        self.entries: collections.deque = collections.deque(maxlen=size)
+        self.size = size
+        self.entries: collections.OrderedDict = collections.OrderedDict()
 
     def contains(self, tensors: tuple[torch.Tensor, ...], key: tuple) -> bool:
-        return any(entry_key == key and len(refs) == len(tensors)
-                   and all(r() is t and v == t._version for r, v, t in zip(refs, versions, tensors))
-                   for refs, versions, entry_key in self.entries)
+        entry = self.entries.get((key, *map(id, tensors)))
+        if entry is None:
+            return False
+        refs, versions = entry
+        return all(r() is t and v == t._version for r, v, t in zip(refs, versions, tensors))
 
     def add(self, tensors: tuple[torch.Tensor, ...], key: tuple) -> None:
-        self.entries.append((tuple(weakref.ref(t) for t in tensors), tuple(t._version for t in tensors), key))
+        if any(t.is_inference() for t in tensors):
+            return
+        self.entries[(key, *map(id, tensors))] = (tuple(map(weakref.ref, tensors)), tuple(t._version for t in tensors))
+        if len(self.entries) > self.size:
+            self.entries.popitem(last=False)
 
 
 _CHECKED = _CheckedTensors()
