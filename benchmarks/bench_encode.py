@@ -32,7 +32,7 @@ def run(quick: bool) -> list[dict]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, base in bench_bases(device, Path(tmp), GPU_SHAPES).items():
+        for name, base in bench_bases(device, Path(tmp), GPU_SHAPES):
             shape = f"{name} n{n_texts} max_len{max_length} bs{batch_size}"
             base_row = {"op": "encode", "mode": "inference", "shape": shape, "dtype": str(dtype).replace("torch.", "")}
             for backend in ("auto", "torch"):

@@ -132,7 +132,7 @@ def run(quick: bool) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = _write_data(root)
-        for name, base in bench_bases(device.type, root, TRAIN_GPU_SHAPES).items():
+        for name, base in bench_bases(device.type, root, TRAIN_GPU_SHAPES):
             for stage in STAGES:
                 base_row = {"op": f"train {stage}", "mode": "optimizer step",
                             "shape": f"{name} bs{batch} max_len{max_length}",

@@ -6,6 +6,7 @@ which time exactly like trained weights (no hub download, and the 93 MB default 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -55,11 +56,14 @@ def _plain_default_base(root: Path) -> Path:
     return out
 
 
-def bench_bases(device: str, root: Path, gpu_shapes: dict[str, dict]) -> dict[str, Path]:
-    """Name -> model directory under `root`: the default model on CPU, `gpu_shapes` on a GPU."""
+def bench_bases(device: str, root: Path, gpu_shapes: dict[str, dict]) -> Iterator[tuple[str, Path]]:
+    """(name, model directory under `root`): the default model on CPU, `gpu_shapes` on a GPU, each written when
+    the caller gets to it (so a time-capped run has measured the small model before it writes 16 GB of 8B)."""
     if device == "cpu":
-        return {"smollm2-135m": _plain_default_base(root)}
-    return {name: _random_base(name, shape, root) for name, shape in gpu_shapes.items()}
+        yield "smollm2-135m", _plain_default_base(root)
+        return
+    for name, shape in gpu_shapes.items():
+        yield name, _random_base(name, shape, root)
 
 
 def sentence_transformer(base: Path, device: str, dtype: torch.dtype):
