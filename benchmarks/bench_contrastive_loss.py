@@ -1,8 +1,9 @@
 """Benchmark `contrastive_loss` (InfoNCE over in-batch negatives) against eager PyTorch and Inf-CL.
 
 GPU: B in {1k, 8k, 32k} queries, N = B docs, D in {1024, 4096}, bf16, cosine similarity, temperature 0.05,
-labels ``arange(B)``, mean reduction, asymmetric: the configuration Inf-CL computes. Forward+backward only (the
-training step; the kernels' forward alone is the cheaper half), median ms and peak memory above the inputs.
+labels ``arange(B)``, mean reduction, asymmetric: the configuration Inf-CL computes. Forward (under no_grad: the
+loss alone, as in evaluation) and forward+backward (the training step), median ms and peak memory above the
+inputs.
 Providers:
 
 - ``triton`` / ``cuda``: `contrastive_loss(backend=...)`, tiled, the `[B, N]` logits never stored (the cuda row
@@ -20,8 +21,9 @@ well separated positives, whose value is a difference of two numbers near 14 and
 the loss in the input dtype (bf16), Inf-CL in fp32: on these inputs both matched the float64 reference to the
 rounding of their output (Inf-CL's kernels run on CPU under the interpreter, B=128/256, D=512/256).
 Ratios: ``vs_inf_cl`` and ``vs_eager`` are the peer's time over the row's. ``tflops`` counts the loss's three
-products (logits ``q @ d.T``, ``dS @ d`` and ``dS.T @ q``: ``3 * 2 B N D``), not what a provider recomputes;
-``pct_peak`` is that over a large bf16 matmul measured in the same run (the first row).
+products (logits ``q @ d.T``, ``dS @ d`` and ``dS.T @ q``: ``3 * 2 B N D``; the first alone for forward rows),
+not what a provider recomputes; ``pct_peak`` is that over a large bf16 matmul measured in the same run (the
+first row).
 
 CPU ``--quick`` proves the harness on a tiny shape (Triton under the interpreter): its times mean nothing. It also
 measures real CPU memory at B=N=MEMORY_SHAPE[0], D=MEMORY_SHAPE[1], fp32 (the eager logits alone are 1 GiB): for the
@@ -89,33 +91,46 @@ def _bench_shape(B, D, dtype, device, quick) -> list[dict]:
     q, d = make_contrastive_inputs(B, B, D, dtype=dtype, device=device, positive_weight=POSITIVE_WEIGHT)
     labels = torch.arange(B, device=device)
     rows = []
-    for name, fn in _providers(device, quick).items():
-        row = {"op": OP, "mode": "fwd+bwd", "shape": f"B={B} N={B} D={D}", "dtype": str(dtype).split(".")[-1],
-               "provider": name}
-        if fn == "not installed":
-            rows.append(harness.not_installed(row, "inf-cl"))
-            continue
-        if isinstance(fn, str):
-            rows.append({**row, "status": fn})
-            continue
-
-        step = harness.fwd_bwd_step(fn, q, d, labels)
-        try:
-            row["loss"] = step().item()
-            row.update(harness.measure(step, device))
-        except torch.cuda.OutOfMemoryError:
-            row["status"] = "oom"
-        except Exception as exc:  # a peer failing is a result, not a crash
-            row = harness.failed(row, exc)
-        step.release()  # the next provider starts without these gradients
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        if "ms" in row and device.type == "cuda":
-            row["tflops"] = 3 * 2 * B * B * D / (row["ms"] * 1e-3) / 1e12
-        if quick and "ms" in row:
-            row["status"] = CPU_NOTE
-        rows.append(row)
+    for mode in ("fwd", "fwd+bwd"):
+        for name, fn in _providers(device, quick).items():
+            row = {"op": OP, "mode": mode, "shape": f"B={B} N={B} D={D}", "dtype": str(dtype).split(".")[-1],
+                   "provider": name}
+            if fn == "not installed":
+                rows.append(harness.not_installed(row, "inf-cl"))
+                continue
+            if isinstance(fn, str):
+                rows.append({**row, "status": fn})
+                continue
+            rows.append(_measured(row, fn, q, d, labels, device, quick))
     return rows
+
+
+def _measured(row, fn, q, d, labels, device, quick) -> dict:
+    """`row` with the loss, time and memory of `fn` (forward under no_grad, or forward+backward), its TFLOP/s
+    (forward: the logits product; forward+backward: three products), or its failure."""
+    if row["mode"] == "fwd":
+        def step():
+            with torch.no_grad():
+                return fn(q, d, labels)
+    else:
+        step = harness.fwd_bwd_step(fn, q, d, labels)
+    try:
+        row["loss"] = step().item()
+        row.update(harness.measure(step, device))
+    except torch.cuda.OutOfMemoryError:
+        row["status"] = "oom"
+    except Exception as exc:  # a peer failing is a result, not a crash
+        row = harness.failed(row, exc)
+    getattr(step, "release", lambda: None)()  # the next provider starts without these gradients
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if "ms" in row and device.type == "cuda":
+        B, D = q.shape
+        products = 1 if row["mode"] == "fwd" else 3
+        row["tflops"] = products * 2 * B * d.shape[0] * D / (row["ms"] * 1e-3) / 1e12
+    if quick and "ms" in row:
+        row["status"] = CPU_NOTE
+    return row
 
 
 def memory_child(provider: str) -> float:
