@@ -1,9 +1,10 @@
 """Benchmark `linear_kl_loss` (KL(teacher || student) through a shared LM head) against the usual alternatives.
 
-GPU: N=8192 rows, H=4096, V in {32000, 128256}, bf16, temperature 1, every row selected; forward+backward
-(the chunked providers compute the gradients in forward, so only fwd+bwd is meaningful), median ms and peak
-memory above the inputs; with the LM head trained (Liger's setting: four products) and frozen (LLM2Comp's stage
-1, where the head is the frozen decoder's: three products; Liger computes the weight gradient either way).
+GPU: N=8192 rows, H=4096, V in {32000, 128256}, bf16, temperature 1, every row selected; median ms and peak
+memory above the inputs of the forward (under no_grad: the loss alone) and of forward+backward (the chunked
+providers compute the gradients in forward when grad is on) with the LM head trained (Liger's setting: four
+products) and frozen (LLM2Comp's stage 1, where the head is the frozen decoder's: three products; Liger computes
+the weight gradient either way).
 Providers:
 
 - ``triton``: `linear_kl_loss(backend="triton")` (cuBLAS GEMMs + one fused softmax/KL/gradient kernel per chunk).
@@ -17,8 +18,8 @@ Providers:
 
 Each row also has ``loss_rel_err``: its loss against the torch backend's (a check that all compute the same thing),
 and ``tflops``: the four products every provider must do (student and teacher logits, ``d_student = g @ W``,
-``dW = g.T @ h``: ``4 * 2 N H V``; three with a frozen head) over its time; ``pct_peak`` is that over a large
-bf16 matmul measured in the same run (the first row), so no provider can exceed about 100.
+``dW = g.T @ h``: ``4 * 2 N H V``; three with a frozen head, two in forward rows) over its time; ``pct_peak`` is
+that over a large bf16 matmul measured in the same run (the first row), so no provider can exceed about 100.
 
 CPU ``--quick`` proves the harness on a tiny shape (Triton under the interpreter): its times mean nothing. It also
 measures real CPU memory at N=2048, V=32000, H=64 fp32 (naive logits 250 MiB per tensor): for the torch backend
@@ -82,16 +83,18 @@ def _providers(device):
     return providers
 
 
-def _bench_shape(N, H, V, dtype, device, quick, head_trained=True) -> list[dict]:
+def _bench_shape(N, H, V, dtype, device, quick, mode, head_trained=True) -> list[dict]:
+    """Rows of every provider at one shape: `mode` "fwd" (the loss alone, under no_grad) or "fwd+bwd"."""
     student, teacher, weight = make_linear_kl_inputs(N, H, V, dtype=dtype, device=device,
                                                      weight_requires_grad=head_trained)
     with torch.no_grad():
         expected = linear_kl_loss(student, teacher, weight, backend="torch")
     rows = []
-    head = "trained" if head_trained else "frozen"
+    shape = f"N={N} H={H} V={V}" + ("" if mode == "fwd" else f" head {'trained' if head_trained else 'frozen'}")
+    # Products every provider must do: student and teacher logits; backward adds d_student, and dW if trained.
+    products = 2 if mode == "fwd" else 4 if head_trained else 3
     for name, fn in _providers(device).items():
-        row = {"op": OP, "mode": "fwd+bwd", "shape": f"N={N} H={H} V={V} head {head}",
-               "dtype": str(dtype).split(".")[-1], "provider": name}
+        row = {"op": OP, "mode": mode, "shape": shape, "dtype": str(dtype).split(".")[-1], "provider": name}
         if name == "liger":
             row["config"] = LIGER_NOTE
         if fn == "not installed":
@@ -100,17 +103,22 @@ def _bench_shape(N, H, V, dtype, device, quick, head_trained=True) -> list[dict]
         if isinstance(fn, str):
             rows.append({**row, "status": fn})
             continue
-        step = harness.fwd_bwd_step(fn, student, teacher, weight)
+        if mode == "fwd":
+            def step(fn=fn):
+                with torch.no_grad():
+                    return fn(student, teacher, weight)
+        else:
+            step = harness.fwd_bwd_step(fn, student, teacher, weight)
         try:
             row["loss_rel_err"] = rel_err(step().detach(), expected)
             row.update(harness.measure(step, device))
-            if device.type == "cuda":  # logits of student and teacher, d_student, and dW if the head trains
-                products = 4 if weight.requires_grad else 3
+            if device.type == "cuda":
                 row["tflops"] = products * 2 * N * H * V / (row["ms"] * 1e-3) / 1e12
         except Exception as exc:  # an OOM of the full-logits providers, or a peer failing: a result, not a crash
             row = harness.failed(row, exc)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        getattr(step, "release", lambda: None)()  # the next provider starts without these gradients
         if quick:
             row["status"] = CPU_NOTE
         rows.append(row)
@@ -138,8 +146,9 @@ def run(quick: bool) -> list[dict]:
     device = harness.kernel_device("bench_linear_kl_loss", quick)
     peak = harness.matmul_peak_row(OP, device, quick)  # first: before a deadline can cut it
     shapes = [(64, 32, 1000, torch.float32)] if quick else [(8192, 4096, V, torch.bfloat16) for V in (32000, 128256)]
-    rows = [r for N, H, V, dtype in shapes for trained in (True, False)
-            for r in _bench_shape(N, H, V, dtype, device, quick, trained)]
+    rows = [r for N, H, V, dtype in shapes
+            for mode, trained in (("fwd", False), ("fwd+bwd", True), ("fwd+bwd", False))
+            for r in _bench_shape(N, H, V, dtype, device, quick, mode, trained)]
     if quick and device.type != "cuda":
         rows += _cpu_memory_rows()
     rows.insert(0, peak)
