@@ -147,21 +147,14 @@ def _flops(seq_lens, Hq, d, mode):
     return fwd if mode == "forward" else 3.5 * fwd
 
 
-def _forward_step(call):
-    def step():
-        with torch.no_grad():
-            call()
-    return step
-
-
 def _measure(prepare, inputs, mode, device, graph_inputs=()):
     """`harness.measure` of a forward or forward+backward step; forward on CUDA also `harness.graph_ms` over
     `inputs` and `graph_inputs` (copies of the inputs, so the graph's calls do not hit L2)."""
     call, leaves = prepare(*inputs)
     if mode == "forward":
-        result = harness.measure(_forward_step(call), device)
+        result = harness.measure(harness.forward_step(call), device)
         if device.type == "cuda":
-            result.update(harness.graph_ms([_forward_step(prepare(*x)[0]) for x in (inputs, *graph_inputs)]))
+            result.update(harness.graph_ms([harness.forward_step(prepare(*x)[0]) for x in (inputs, *graph_inputs)]))
         return result
     grad = torch.randn_like(call())
     def step():

@@ -108,12 +108,8 @@ def _bench_shape(B, D, dtype, device, quick) -> list[dict]:
 def _measured(row, fn, q, d, labels, device, quick) -> dict:
     """`row` with the loss, time and memory of `fn` (forward under no_grad, or forward+backward), its TFLOP/s
     (forward: the logits product; forward+backward: three products), or its failure."""
-    if row["mode"] == "fwd":
-        def step():
-            with torch.no_grad():
-                return fn(q, d, labels)
-    else:
-        step = harness.fwd_bwd_step(fn, q, d, labels)
+    make_step = harness.forward_step if row["mode"] == "fwd" else harness.fwd_bwd_step
+    step = make_step(fn, q, d, labels)
     try:
         row["loss"] = step().item()
         row.update(harness.measure(step, device))
@@ -121,7 +117,7 @@ def _measured(row, fn, q, d, labels, device, quick) -> dict:
         row["status"] = "oom"
     except Exception as exc:  # a peer failing is a result, not a crash
         row = harness.failed(row, exc)
-    getattr(step, "release", lambda: None)()  # the next provider starts without these gradients
+    step.release()  # the next provider starts without these gradients
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if "ms" in row and device.type == "cuda":

@@ -103,12 +103,7 @@ def _bench_shape(N, H, V, dtype, device, quick, mode, head_trained=True) -> list
         if isinstance(fn, str):
             rows.append({**row, "status": fn})
             continue
-        if mode == "fwd":
-            def step(fn=fn):
-                with torch.no_grad():
-                    return fn(student, teacher, weight)
-        else:
-            step = harness.fwd_bwd_step(fn, student, teacher, weight)
+        step = (harness.forward_step if mode == "fwd" else harness.fwd_bwd_step)(fn, student, teacher, weight)
         try:
             row["loss_rel_err"] = rel_err(step().detach(), expected)
             row.update(harness.measure(step, device))
@@ -118,7 +113,7 @@ def _bench_shape(N, H, V, dtype, device, quick, mode, head_trained=True) -> list
             row = harness.failed(row, exc)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        getattr(step, "release", lambda: None)()  # the next provider starts without these gradients
+        step.release()  # the next provider starts without these gradients
         if quick:
             row["status"] = CPU_NOTE
         rows.append(row)

@@ -65,9 +65,7 @@ def _bench_shape(B, L, D, span, dtype, device, copy_gbps, quick) -> list[dict]:
                 rows.append({**row, "status": fn})
                 continue
             if mode == "fwd":
-                def step(fn=fn, h=hidden):
-                    with torch.no_grad():
-                        return fn(h, start, length)
+                step = harness.forward_step(fn, hidden, start, length)
             else:
                 h = hidden.detach().requires_grad_(True)
                 step = harness.fwd_bwd_step(lambda h, fn=fn: fn(h, start, length), h, grad_output=grad)
@@ -92,11 +90,7 @@ def _graph_row(fn, hidden, start, length, span, moved, copy_gbps) -> dict:
     bandwidth: the figure for the issue's "85% of HBM bandwidth"."""
     L = hidden.shape[1]
     starts = [(start + k * span) % (L - span + 1) for k in range(GRAPH_COPIES)]
-
-    def call(s):
-        with torch.no_grad():
-            return fn(hidden, s, length)
-    result = harness.graph_ms([lambda s=s: call(s) for s in starts])
+    result = harness.graph_ms([harness.forward_step(fn, hidden, s, length) for s in starts])
     if "graph_ms" in result:
         result["graph_gbps"] = moved / (result["graph_ms"] * 1e-3) / 1e9
         result["graph_pct_copy"] = 100 * result["graph_gbps"] / copy_gbps

@@ -214,6 +214,16 @@ def add_pct_peak(rows: list[dict], peak: dict) -> None:
             r["pct_peak"] = 100 * r["tflops"] / peak["tflops"]
 
 
+def forward_step(fn: Callable[..., object], *args) -> Callable[[], object]:
+    """A step that runs ``fn(*args)`` under `torch.no_grad` (the op's forward alone); ``step.release()`` does nothing
+    (it keeps no gradients), so benches call it on any step."""
+    def step():
+        with torch.no_grad():
+            return fn(*args)
+    step.release = lambda: None
+    return step
+
+
 def fwd_bwd_step(fn: Callable[..., torch.Tensor], *args, grad_output: torch.Tensor | None = None
                  ) -> Callable[[], torch.Tensor]:
     """A step that clears the gradients of `args`, runs ``fn(*args)`` and back-propagates what it returns (a scalar,

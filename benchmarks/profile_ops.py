@@ -14,6 +14,7 @@ Run: ``python -m benchmarks.profile_ops [--quick] [--only attention,contrastive]
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -37,10 +38,8 @@ def _attention_cases(quick: bool, device) -> dict[str, Callable[[], object]]:
     seq_lens = torch.randint(L // 4, L + 1, (B,), generator=g, device=device, dtype=torch.int32)
     cases = {}
     for backend in ("triton",) if quick else ("triton", "cuda"):
-        def forward(backend=backend):
-            with torch.no_grad():
-                return memory_attention(q, k, v, seq_lens, backend=backend)
-        cases[f"memory_attention fwd {backend} B{B} L{L} d{d}"] = forward
+        cases[f"memory_attention fwd {backend} B{B} L{L} d{d}"] = harness.forward_step(
+            functools.partial(memory_attention, backend=backend), q, k, v, seq_lens)
     return cases
 
 
@@ -89,10 +88,8 @@ def _pool_cases(quick: bool, device) -> dict[str, Callable[[], object]]:
     grad = torch.randn(B, D, device=device, dtype=hidden.dtype)
     cases = {}
     for backend in ("triton",) if quick else ("triton", "cuda"):
-        def forward(backend=backend):
-            with torch.no_grad():
-                return span_mean_pool(hidden, start, length, backend=backend)
-        cases[f"span_mean_pool fwd {backend} B{B} D{D} span{span}"] = forward
+        cases[f"span_mean_pool fwd {backend} B{B} D{D} span{span}"] = harness.forward_step(
+            functools.partial(span_mean_pool, backend=backend), hidden, start, length)
         # The backward writes the dense [B, L, D] gradient: Triton as a zero fill plus a span kernel, CUDA in one.
         cases[f"span_mean_pool fwd+bwd {backend} B{B} L{L} D{D} span{span}"] = harness.fwd_bwd_step(
             lambda x, backend=backend: span_mean_pool(x, start, length, backend=backend), h, grad_output=grad)

@@ -53,20 +53,20 @@ def non_empty(op: str, name: str, n: int, what: str = "batch size") -> None:
 
 def in_range(op: str, name: str, x: torch.Tensor, low: torch.Tensor | int, high: torch.Tensor | int,
              rule: str) -> None:
-    """Raise unless ``low <= x <= high`` elementwise; `rule` states the constraint in words.
-
-    Reads the values back to the host once (one synchronisation) to report the first offender; through
-    `check_once`, so the same unmodified tensors are not checked again.
-    """
-    def check():
-        bad = (x < low) | (x > high)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"{op}: {name}[{i}] = {int(x[i])} breaks {rule}")
-
+    """`check_in_range` through `check_once`: the same unmodified tensors are not checked again."""
     tensors = tuple(b for b in (x, low, high) if isinstance(b, torch.Tensor))
     check_once(tensors, (op, name, low if isinstance(low, int) else None, high if isinstance(high, int) else None),
-               check)
+               lambda: check_in_range(op, name, x, low, high, rule))
+
+
+def check_in_range(op: str, name: str, x: torch.Tensor, low: torch.Tensor | int, high: torch.Tensor | int,
+                   rule: str) -> None:
+    """Raise unless ``low <= x <= high`` elementwise; `rule` states the constraint in words. Reads the values back
+    to the host (one synchronisation) to report the first offender."""
+    bad = (x < low) | (x > high)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{op}: {name}[{i}] = {int(x[i])} breaks {rule}")
 
 
 def check_once(tensors: tuple[torch.Tensor, ...], key: tuple, check: Callable[[], None]) -> None:

@@ -19,8 +19,8 @@ def check_span_mean_pool(hidden, start, length) -> None:
     v.size(OP, "start", start.shape[0], B, "length (one entry per batch row)")
     v.size(OP, "length", length.shape[0], B, "length (one entry per batch row)")
 
-    def check_spans():
-        v.in_range(OP, "start", start, 0, L - 1, f"0 <= start[b] < L = {L}")
-        v.in_range(OP, "length", length, 1, L - start, f"1 <= length[b] <= L - start[b] (L = {L})")
+    def check_spans():  # remembered as one check of both tensors: the length bound depends on start
+        v.check_in_range(OP, "start", start, 0, L - 1, f"0 <= start[b] < L = {L}")
+        v.check_in_range(OP, "length", length, 1, L - start, f"1 <= length[b] <= L - start[b] (L = {L})")
 
     v.check_once((start, length), (OP, L), check_spans)
