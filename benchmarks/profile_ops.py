@@ -1,8 +1,8 @@
 """Where an op's time goes: device time per kernel, and the wall time of a call, under `torch.profiler`.
 
 The benchmarks give one time per call; this splits it, to answer what the first GPU run left open: is
-`memory_attention` at L=128 bound by the host (launch and Python) or by its kernel, which contrastive kernel is
-slow, what bandwidth the pooling kernels reach without the host in the way, and how linear-KL's time divides
+`memory_attention` at L=128 bound by the host (launch and Python) or by its kernel, how the contrastive loss's
+time divides between its Triton kernels and its cuBLAS products, what bandwidth the pooling kernels reach without the host in the way, and how linear-KL's time divides
 between the matmuls and the fused kernel. Each case runs its step twice (warm-up: compile, autotune), then
 `CALLS` times under the profiler. Per case: wall ms per call, device µs per call (all kernels), and the kernels
 by device time (µs per call, launches per call). GPU: the benchmarks' shapes. CPU ``--quick``: tiny shapes under
@@ -53,28 +53,7 @@ def _contrastive_cases(quick: bool, device) -> dict[str, Callable[[], object]]:
     for backend in ("triton",) if quick else ("triton", "cuda"):
         fn = lambda a, b, backend=backend: contrastive_loss(a, b, temperature=0.05, backend=backend)  # noqa: E731
         cases[f"contrastive_loss fwd+bwd {backend} B{B} D{D}"] = harness.fwd_bwd_step(fn, q, d)
-    # The Triton gradient kernels without their atomically added splits (what deterministic mode runs): do the
-    # atomics cost more than the SMs the splits fill?
-    step = harness.fwd_bwd_step(lambda a, b: contrastive_loss(a, b, temperature=0.05, backend="triton"), q, d)
-    cases[f"contrastive_loss fwd+bwd triton deterministic B{B} D{D}"] = _deterministic(step)
     return cases
-
-
-def _deterministic(step: Callable[[], object]) -> Callable[[], object]:
-    """`step` under `torch.use_deterministic_algorithms` (warn only), without its NaN fill of new tensors."""
-    import torch.utils.deterministic as det
-
-    def run():
-        previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-                    det.fill_uninitialized_memory)
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        det.fill_uninitialized_memory = False
-        try:
-            return step()
-        finally:
-            torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-            det.fill_uninitialized_memory = previous[2]
-    return run
 
 
 def _pool_cases(quick: bool, device) -> dict[str, Callable[[], object]]:

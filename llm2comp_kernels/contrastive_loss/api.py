@@ -33,10 +33,9 @@ def contrastive_loss(queries: torch.Tensor, docs: torch.Tensor, *, labels: torch
             backend goes through query chunks and recomputes each chunk in backward.
 
     Returns:
-        The loss in the inputs' dtype, computed in fp32; gradients reach queries and docs. When the batch
-        alone is too small to fill the GPU, the triton backend splits each row's work and adds the splits'
-        gradients atomically, so their last bits may vary between runs; under
-        ``torch.use_deterministic_algorithms(True)`` it does not split the gradient work.
+        The loss in the inputs' dtype, computed in fp32; gradients reach queries and docs. The triton
+        backend's backward works through the docs in chunks whose `[B, C]` block of logit gradients takes
+        about 128 MiB (C at least 256), and its gradient products run on cuBLAS.
     """
     labels = check_contrastive_loss(queries, docs, labels, temperature, normalize, symmetric, reduction)
     chosen = resolve_backend("contrastive_loss", backend, queries.device, queries.dtype, cuda_op="contrastive_loss_fwd",

@@ -4,10 +4,10 @@ Notation: ``s_ij = q_i . d_j / T`` (q, d already normalised when ``normalize=Tru
 ``r_i = logsumexp_j s_ij``, column LSE ``c_j = logsumexp_k s_kj``, labels ``l_i``. Per query
 ``loss_i = r_i - s_{i,l_i}``; symmetric: ``0.5 * (r_i - s_{i,l_i} + c_{l_i} - s_{i,l_i})``.
 
-Every kernel runs one program per (block of its rows, split of the other side): a kernel whose rows are the
-queries loops over the doc tiles of one split (`_splits`: as many splits as it takes to give the GPU about two
-programs per SM; one when the row blocks alone suffice). Without splits, B=1024 queries in blocks of 64 would be
-16 programs on a 132-SM GPU.
+Each forward kernel runs one program per (block of its rows, split of the other side): a kernel whose rows
+are the queries loops over the doc tiles of one split (`_splits`: as many splits as it takes to give the GPU
+about two programs per SM; one when the row blocks alone suffice). Without splits, B=1024 queries in blocks
+of 64 would be 16 programs on a 132-SM GPU.
 
 Forward (extra memory O(S (B + N)) for S splits):
 
@@ -18,24 +18,26 @@ Forward (extra memory O(S (B + N)) for S splits):
   gives ``c_j`` for all N docs. Why all N rather than only the B labelled docs: gathering ``docs[labels]``
   would copy B x D values, recompute duplicated labels, and leave the backward without a per-doc LSE to
   index; one doc-major pass costs the same tile products as the row pass, needs no atomics (each program
-  writes its own columns' statistics) and its `[N]` result is read directly by both backward kernels.
+  writes its own columns' statistics) and its `[N]` result is read directly by the backward.
 
 Backward (recompute): with upstream ``g_i``, ``a_i = g_i`` (``g_i / 2`` if symmetric) and
 ``G_j = sum_{i: l_i = j} a_i`` (symmetric only, an O(B) scatter in torch),
 ``dS_ij = a_i exp(s_ij - r_i) + G_j exp(s_ij - c_j) - g_i [j = l_i]`` (the G term only if symmetric),
-``dq = dS @ d / T`` and ``dd = dS^T @ q / T``.
+``dq = dS @ d / T`` and ``dd = dS^T @ q / T``. The docs go through in chunks of C (`_doc_chunk`):
 
-- `_contrastive_dq_kernel`: per BLOCK_M queries and doc split, looping over the split's doc tiles.
-- `_contrastive_dd_kernel`: per BLOCK_N docs and query split, looping over the split's query tiles.
+- `_contrastive_dlogits_kernel`, one program per (query block, doc block of the chunk), recomputes its tile of
+  logits and writes ``dS`` for the chunk's `[B, C]` block in the inputs' dtype (as a tensor-core operand);
+- two cuBLAS products in fp32 (`_mm_fp32`) then give ``dd`` of the chunk's docs and add the chunk's share
+  into ``dq``. Each gradient product thus runs as one large GEMM, with no read-modify-write of fp32 gradient
+  rows per doc tile and no atomics. The design this replaces fused those products into two Triton kernels
+  that added ``dS @ d`` into their fp32 rows one doc tile at a time (atomically when split); on an H200 the
+  whole loss then ran at 62-125 TFLOP/s (10 B N D flops, B = N = 8k-32k), below eager PyTorch at 8k.
 
-Recomputing beats computing gradients in forward here: the forward would have to keep, per query tile, a
-`[BLOCK_M, D]` gradient whose softmax weights are only final after the last doc tile (a second pass anyway),
-and the column terms need ``c_j``, known only after the column pass.
-
-The hidden size D is not held in registers (D = 4096 is common): each tile of logits is accumulated over D
-in BLOCK_K chunks, and the gradient kernels add ``dS @ d[:, chunk]`` into their rows of the fp32 gradient
-buffer chunk by chunk: with one split each program owns those rows (a plain read-add-write), with several the
-splits of a row block add atomically (the sum's order, so its last bits, then vary from run to run).
+The block of ``dS`` is the backward's only working memory beyond O(B + N) statistics and the fp32 gradients:
+C is sized so that it stays near `_DS_WORKSPACE_BYTES` whatever B is (the `[B, N]` matrix is never
+materialised). Recomputing beats computing gradients in forward here: the forward would need ``r_i`` before
+the softmax weights are final (a second pass anyway), and the column terms need ``c_j``, known only after the
+column pass.
 
 Normalisation is done once, in torch, in fp32 (`contrastive_loss_triton`), and autograd differentiates it;
 the kernels return fp32 gradients so that chain rule runs in fp32. Block sizes are autotuned on a GPU (keyed
@@ -64,6 +66,12 @@ _LN2 = 0.6931471805599453
 # that bounds them at large D. The 128x64 and 64x128 tiles use 8 warps: with 4, the gradient kernels spill
 # registers on sm_90 (`python .ci/compile_triton.py --only contrastive` prints registers and spills per config).
 _FIXED = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
+# The backward's dS block: docs per chunk sized for this many bytes on a GPU (128 MiB: B = N = 8192 in bf16 is
+# one chunk; B = 32768 takes chunks of 2048 docs), a fixed 48 docs under the interpreter.
+_DS_WORKSPACE_BYTES = 128 << 20
+_INTERPRET_CHUNK = 48
+# torch.mm/addmm(out_dtype=float32) on float16/bfloat16 CUDA tensors (cuBLAS, fp32 output) exist from torch 2.8.
+_MIXED_PRECISION_MM = torch.torch_version.TorchVersion(torch.__version__) >= (2, 8)
 _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
             for m, n, k, w, s in [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3),
                                   (64, 64, 64, 4, 4), (64, 256, 64, 8, 3)]]
@@ -89,15 +97,6 @@ def _split_range(total, BLOCK: tl.constexpr):
     split = tl.program_id(1)
     splits = tl.num_programs(1)
     return split * tiles // splits * BLOCK, (split + 1) * tiles // splits * BLOCK
-
-
-@triton.jit
-def _accumulate(ptrs, value, mask, ATOMIC: tl.constexpr):
-    """``*ptrs += value`` (fp32): atomically when other programs add into the same rows."""
-    if ATOMIC:
-        tl.atomic_add(ptrs, value, mask=mask)
-    else:
-        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + value, mask=mask)
 
 
 @triton.jit
@@ -203,91 +202,48 @@ def _grad_logits_tile(Q, Dm, LABELS, ROW_MAX, COL_MAX, A, G, COL_W, offs_m, offs
 
 
 @triton.jit
-def _contrastive_dq_kernel(
-    Q, Dm, LABELS, ROW_MAX, COL_MAX, A, G, COL_W, DQ,  # Q [B, D], Dm [N, D] (any strides), LABELS int64 [B],
-    # ROW_MAX/A/G fp32 [B], COL_MAX/COL_W fp32 [N] (symmetric only), DQ fp32 [B, D] contiguous, zeros
+def _contrastive_dlogits_kernel(
+    Q, Dm, LABELS, ROW_MAX, COL_MAX, A, G, COL_W, DS,  # Q [B, D], Dm [N, D] (any strides), LABELS int64 [B],
+    # ROW_MAX/A/G fp32 [B], COL_MAX/COL_W fp32 [N] (symmetric only), DS [B, n_end - n_start] contiguous
     stride_qb, stride_qd, stride_db, stride_dd,
-    B, N, D, scale_log2, scale,
-    SYMMETRIC: tl.constexpr, UPCAST: tl.constexpr, ATOMIC: tl.constexpr,
+    B, n_start, n_end, D, scale_log2,
+    SYMMETRIC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Program (i, s): dq rows of block i from the docs of split s; splits add into DQ atomically (ATOMIC).
+    # Program (i, j): the dS tile of query block i and doc block j of the chunk [n_start, n_end).
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_in = offs_m < B
-    n_start, n_end = _split_range(N, BLOCK_N)
-    for n0 in range(n_start, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        ds = _grad_logits_tile(Q, Dm, LABELS, ROW_MAX, COL_MAX, A, G, COL_W, offs_m, offs_n, B, N, D,
-                               stride_qb, stride_qd, stride_db, stride_dd, scale_log2,
-                               SYMMETRIC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
-        # 1/T is applied to the fp32 product: |dS| <= |g| stays in fp16 range under loss scaling, dS/T may not.
-        ds = ds.to(Dm.dtype.element_ty)
-        n_in = offs_n < N
-        for k0 in range(0, D, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_in = offs_k < D
-            d = tl.load(Dm + offs_n[:, None] * stride_db + offs_k[None, :] * stride_dd,
-                        mask=n_in[:, None] & k_in[None, :], other=0.0)
-            _accumulate(DQ + offs_m[:, None] * D + offs_k[None, :], _dot(ds, d, UPCAST) * scale,
-                        m_in[:, None] & k_in[None, :], ATOMIC)
+    offs_n = n_start + tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ds = _grad_logits_tile(Q, Dm, LABELS, ROW_MAX, COL_MAX, A, G, COL_W, offs_m, offs_n, B, n_end, D,
+                           stride_qb, stride_qd, stride_db, stride_dd, scale_log2,
+                           SYMMETRIC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    width = n_end - n_start
+    tl.store(DS + offs_m[:, None] * width + (offs_n - n_start)[None, :], ds.to(DS.dtype.element_ty),
+             mask=(offs_m < B)[:, None] & (offs_n < n_end)[None, :])
 
 
-@triton.jit
-def _contrastive_dd_kernel(
-    Q, Dm, LABELS, ROW_MAX, COL_MAX, A, G, COL_W, DD,  # as `_contrastive_dq_kernel`; DD fp32 [N, D], zeros
-    stride_qb, stride_qd, stride_db, stride_dd,
-    B, N, D, scale_log2, scale,
-    SYMMETRIC: tl.constexpr, UPCAST: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    # Program (j, s): dd rows of block j from the queries of split s; splits add into DD atomically (ATOMIC).
-    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_in = offs_n < N
-    b_start, b_end = _split_range(B, BLOCK_M)
-    for b0 in range(b_start, b_end, BLOCK_M):
-        offs_m = b0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        ds = _grad_logits_tile(Q, Dm, LABELS, ROW_MAX, COL_MAX, A, G, COL_W, offs_m, offs_n, B, N, D,
-                               stride_qb, stride_qd, stride_db, stride_dd, scale_log2,
-                               SYMMETRIC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
-        ds_t = tl.trans(ds.to(Q.dtype.element_ty))  # 1/T on the fp32 product, as in the dq kernel
-        m_in = offs_m < B
-        for k0 in range(0, D, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_in = offs_k < D
-            q = tl.load(Q + offs_m[:, None] * stride_qb + offs_k[None, :] * stride_qd,
-                        mask=m_in[:, None] & k_in[None, :], other=0.0)
-            _accumulate(DD + offs_n[:, None] * D + offs_k[None, :], _dot(ds_t, q, UPCAST) * scale,
-                        n_in[:, None] & k_in[None, :], ATOMIC)
-
-
-def _tuned(kernel, reset=None):
-    # The gradient kernels accumulate into their (zeroed) output, so autotuning, which runs a kernel several
-    # times, must zero it before each run.
-    return triton.autotune(_CONFIGS, key=["D"], reset_to_zero=reset)(kernel)
+def _tuned(kernel):
+    return triton.autotune(_CONFIGS, key=["D"])(kernel)
 
 
 _row_tuned = _tuned(_contrastive_row_kernel)
 _col_tuned = _tuned(_contrastive_col_kernel)
-_dq_tuned = _tuned(_contrastive_dq_kernel, ["DQ"])
-_dd_tuned = _tuned(_contrastive_dd_kernel, ["DD"])
+_dlogits_tuned = _tuned(_contrastive_dlogits_kernel)
 
 
-def _launch(kernel, tuned, rows: int, rows_key: str, splits: int, *args, **constexprs) -> None:
-    """Programs (block of `rows_key` rows ("BLOCK_M": queries, "BLOCK_N": docs) of the `rows`, split)."""
+def _launch(kernel, tuned, grid, *args, **constexprs) -> None:
+    """Run `tuned` (autotuned), or `kernel` with the `_FIXED` blocks, over ``grid(blocks)`` programs, where
+    `blocks` maps "BLOCK_M"/"BLOCK_N" to the config's sizes."""
     if triton_autotune():
-        tuned[lambda meta: (triton.cdiv(rows, meta[rows_key]), splits)](*args, **constexprs)
+        tuned[grid](*args, **constexprs)
     else:
-        kernel[(triton.cdiv(rows, _FIXED[rows_key]), splits)](*args, **constexprs, **_FIXED)
+        kernel[grid(_FIXED)](*args, **constexprs, **_FIXED)
 
 
-def _splits(rows: int, rows_key: str, cols: int, cols_key: str, device: torch.device, atomic: bool = False) -> int:
-    """How many splits of the side each program loops over (`cols`, tiled by `cols_key`) the launch uses: on a
-    GPU, enough for about two programs per SM when the `rows` side alone has too few blocks (B=1024 queries in
-    blocks of 64 are 16 programs: an eighth of an H100); under the interpreter three, so the tests cover
-    combining splits (empty ones too). `atomic`: the splits' results are added atomically, in no fixed order,
-    so one split under `torch.use_deterministic_algorithms(True)`."""
-    if atomic and torch.are_deterministic_algorithms_enabled():
-        return 1
+def _splits(rows: int, rows_key: str, cols: int, cols_key: str, device: torch.device) -> int:
+    """How many splits of the side each forward program loops over (`cols`, tiled by `cols_key`) the launch
+    uses: on a GPU, enough for about two programs per SM when the `rows` side alone has too few blocks (B=1024
+    queries in blocks of 64 are 16 programs: an eighth of an H100); under the interpreter three, so the tests
+    cover combining splits (empty ones too)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
     return _splits_for(rows, rows_key, cols, cols_key, sms)
 
@@ -309,6 +265,30 @@ def _combine(part_max: torch.Tensor, part_sum: torch.Tensor) -> tuple[torch.Tens
         return part_max[0], part_sum[0]
     overall = part_max.amax(0)
     return overall, (part_sum * torch.exp2(part_max - overall)).sum(0)
+
+
+def _doc_chunk(B: int, N: int, itemsize: int) -> int:
+    """Docs per chunk of the backward: its `[B, C]` block of dS (`itemsize` bytes per value) stays near
+    `_DS_WORKSPACE_BYTES`, C a multiple of 256 (at least 256: long enough GEMMs) and at most N. Under the
+    interpreter `_INTERPRET_CHUNK`, so the tests cover several chunks whose edges fall inside a doc block."""
+    if triton_interpret():
+        return min(N, _INTERPRET_CHUNK)
+    return min(N, max(256, _DS_WORKSPACE_BYTES // (B * itemsize) // 256 * 256))
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor, alpha: float, add_to: torch.Tensor | None = None) -> torch.Tensor:
+    """``alpha * a @ b (+ add_to)`` in fp32 from float16/bfloat16/float32 operands (exact products, fp32 sums):
+    cuBLAS with an fp32 output on CUDA (torch >= 2.8), else fp32 copies of low-precision operands (the CPU
+    interpreter: aten has no mixed-precision matmul there)."""
+    extra = {}
+    if a.dtype != torch.float32:
+        if a.is_cuda and _MIXED_PRECISION_MM:
+            extra["out_dtype"] = torch.float32
+        else:
+            a, b = a.float(), b.float()
+    if add_to is None:
+        return torch.mm(a, b, **extra).mul_(alpha)
+    return torch.addmm(add_to, a, b, alpha=alpha, **extra)
 
 
 @dataclass(frozen=True)
@@ -337,8 +317,8 @@ class _ContrastiveLossFn(torch.autograd.Function):
         splits = _splits(B, "BLOCK_M", N, "BLOCK_N", q.device)
         part_max = torch.empty(splits, B, device=q.device, dtype=torch.float32)
         part_sum, part_pos = torch.empty_like(part_max), torch.empty_like(part_max)
-        _launch(_contrastive_row_kernel, _row_tuned, B, "BLOCK_M", splits, q, d, labels, part_max, part_sum,
-                part_pos, *strides, B, N, D, scale_log2, UPCAST=upcast)
+        _launch(_contrastive_row_kernel, _row_tuned, lambda blocks: (triton.cdiv(B, blocks["BLOCK_M"]), splits),
+                q, d, labels, part_max, part_sum, part_pos, *strides, B, N, D, scale_log2, UPCAST=upcast)
         row_max, row_sum = _combine(part_max, part_sum)
         pos = part_pos.sum(0)  # only the split holding the positive contributes
         per_query = (row_max - pos) + torch.log2(row_sum)
@@ -347,8 +327,8 @@ class _ContrastiveLossFn(torch.autograd.Function):
             splits = _splits(N, "BLOCK_N", B, "BLOCK_M", q.device)
             part_max = torch.empty(splits, N, device=q.device, dtype=torch.float32)
             part_sum = torch.empty_like(part_max)
-            _launch(_contrastive_col_kernel, _col_tuned, N, "BLOCK_N", splits, q, d, part_max, part_sum,
-                    *strides, B, N, D, scale_log2, UPCAST=upcast)
+            _launch(_contrastive_col_kernel, _col_tuned, lambda blocks: (triton.cdiv(N, blocks["BLOCK_N"]), splits),
+                    q, d, part_max, part_sum, *strides, B, N, D, scale_log2, UPCAST=upcast)
             col_max, col_sum = _combine(part_max, part_sum)
             per_query = 0.5 * (per_query + (col_max[labels] - pos) + torch.log2(col_sum[labels]))
         ctx.save_for_backward(q, d, labels, row_max, row_sum, col_max, col_sum)
@@ -368,17 +348,28 @@ class _ContrastiveLossFn(torch.autograd.Function):
             # G_j = sum of a_i over the queries whose positive is doc j (duplicate labels add up).
             col_w = torch.zeros(N, device=g.device, dtype=torch.float32).index_put_((labels,), a, accumulate=True)
             col_w = col_w / col_sum
-        dq = torch.zeros(B, D, device=q.device, dtype=torch.float32)
-        dd = torch.zeros(N, D, device=q.device, dtype=torch.float32)
-        args = (q, d, labels, row_max, col_max, a / row_sum, g, col_w)
-        consts = (*q.stride(), *d.stride(), B, N, D, _LOG2E / params.temperature, 1.0 / params.temperature)
+        inputs = (q, d, labels, row_max, col_max, a / row_sum, g, col_w)
         flags = dict(SYMMETRIC=params.symmetric, UPCAST=triton_interpret() and params.dtype == torch.bfloat16)
-        splits = _splits(B, "BLOCK_M", N, "BLOCK_N", q.device, atomic=True)
-        _launch(_contrastive_dq_kernel, _dq_tuned, B, "BLOCK_M", splits, *args, dq, *consts, ATOMIC=splits > 1,
-                **flags)
-        splits = _splits(N, "BLOCK_N", B, "BLOCK_M", q.device, atomic=True)
-        _launch(_contrastive_dd_kernel, _dd_tuned, N, "BLOCK_N", splits, *args, dd, *consts, ATOMIC=splits > 1,
-                **flags)
+        scale = 1.0 / params.temperature
+        chunk = _doc_chunk(B, N, q.element_size())
+        dq = dd = None
+        for n_start in range(0, N, chunk):
+            width = min(chunk, N - n_start)
+            ds = torch.empty(B, width, device=q.device, dtype=q.dtype)
+            _launch(_contrastive_dlogits_kernel, _dlogits_tuned,
+                    lambda blocks, w=width: (triton.cdiv(B, blocks["BLOCK_M"]), triton.cdiv(w, blocks["BLOCK_N"])),
+                    *inputs, ds, *q.stride(), *d.stride(), B, n_start, n_start + width, D, _LOG2E / params.temperature,
+                    **flags)
+            # 1/T is applied to the fp32 products: |dS| <= |g| stays in fp16 range under loss scaling, dS/T may not.
+            d_chunk = d[n_start:n_start + width]
+            dq = _mm_fp32(ds, d_chunk, scale, add_to=dq)
+            dd_chunk = _mm_fp32(ds.t(), q, scale)
+            if width == N:
+                dd = dd_chunk
+            else:
+                if dd is None:
+                    dd = torch.empty(N, D, device=q.device, dtype=torch.float32)
+                dd[n_start:n_start + width] = dd_chunk
         return dq.to(ctx.input_dtypes[0]), dd.to(ctx.input_dtypes[1]), None, None
 
 

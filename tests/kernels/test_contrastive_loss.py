@@ -226,7 +226,8 @@ def _n(B, kind):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("B, n_kind, labels_kind, normalize, symmetric, reduction, dtype", COVERING)
-def test_matches_reference(backend, B, n_kind, labels_kind, normalize, symmetric, reduction, dtype, device):
+def test_matches_reference(backend, B, n_kind, labels_kind, normalize, symmetric, reduction, dtype, device,
+                           poisoned_allocations):
     _check(backend, device, B, _n(B, n_kind), D_TEST, dtype, labels_kind, normalize, symmetric, reduction)
 
 
@@ -235,7 +236,8 @@ def test_matches_reference(backend, B, n_kind, labels_kind, normalize, symmetric
 @pytest.mark.parametrize("B, n_kind, labels_kind, normalize, symmetric, reduction, dtype", list(itertools.product(
     [1, 3, 37], ["eq", "more"], ["default", "custom"], [True, False], [True, False], REDUCTIONS,
     [torch.float32, torch.bfloat16])))
-def test_matches_reference_full(backend, B, n_kind, labels_kind, normalize, symmetric, reduction, dtype, device):
+def test_matches_reference_full(backend, B, n_kind, labels_kind, normalize, symmetric, reduction, dtype, device,
+                                poisoned_allocations):
     _check(backend, device, B, _n(B, n_kind), D_TEST, dtype, labels_kind, normalize, symmetric, reduction)
 
 
@@ -310,23 +312,52 @@ def test_triton_splits_fill_the_gpu(rows, cols):
     assert row_programs * (splits - 1) < 2 * 132
 
 
+@pytest.mark.parametrize("B, N, itemsize", [(8192, 8192, 2), (32768, 32768, 2), (32768, 65536, 4), (10**6, 10**6, 2),
+                                            (100, 7, 2), (3000, 65536, 2)])
+def test_triton_doc_chunks_fit_the_workspace(B, N, itemsize, monkeypatch):
+    """Docs per backward chunk on a GPU: whole multiples of 256 (or all N), the `[B, C]` dS block within the
+    workspace unless 256 docs alone exceed it, and no more chunks than that bound needs."""
+    pytest.importorskip("triton")
+    from llm2comp_kernels.contrastive_loss import triton as backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    chunk = backend._doc_chunk(B, N, itemsize)
+    budget = backend._DS_WORKSPACE_BYTES
+    assert 1 <= chunk <= N
+    assert chunk == N or chunk % 256 == 0
+    assert B * chunk * itemsize <= max(budget, B * 256 * itemsize)
+    assert chunk == N or B * (chunk + 256) * itemsize > budget
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend._doc_chunk(B, N, itemsize) == min(N, backend._INTERPRET_CHUNK)
+
+
 @pytest.mark.gpu
-def test_triton_deterministic_mode_repeats_bitwise(device, monkeypatch):
-    """B = N = 1024 is too few query blocks for a GPU, so the gradient work is split and added atomically;
-    under torch.use_deterministic_algorithms it is not split, and two runs agree to the bit."""
+def test_triton_repeats_bitwise(device, monkeypatch):
+    """Nothing in the Triton backend adds atomically: B = N = 1024 splits the forward's doc loop across
+    programs and (with a 1 MiB dS workspace) runs the backward in two doc chunks, and two runs agree to the bit."""
+    from llm2comp_kernels.contrastive_loss import triton as backend
+
     monkeypatch.setenv("LLM2COMP_TRITON_AUTOTUNE", "1")
+    monkeypatch.setattr(backend, "_DS_WORKSPACE_BYTES", 1 << 20)
     q, d = make_contrastive_inputs(1024, 1024, 256, dtype=torch.bfloat16, device=device, positive_weight=0.15)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        grads = []
-        for _ in range(2):
-            q.grad = d.grad = None
-            contrastive_loss(q, d, backend="triton", symmetric=True).backward()
-            grads.append((q.grad.clone(), d.grad.clone()))
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    grads = []
+    for _ in range(2):
+        q.grad = d.grad = None
+        contrastive_loss(q, d, backend="triton", symmetric=True).backward()
+        grads.append((q.grad.clone(), d.grad.clone()))
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_triton_backward_in_many_doc_chunks(dtype, device, monkeypatch):
+    """A 1 MiB dS workspace splits N = 4133 docs into 17 chunks of 256 (the last one partial) at B = 2048:
+    gradients still match the float64 reference, duplicate labels and the symmetric column terms included."""
+    from llm2comp_kernels.contrastive_loss import triton as backend
+
+    monkeypatch.setattr(backend, "_DS_WORKSPACE_BYTES", 1 << 20)
+    assert backend._doc_chunk(2048, 4133, 2) == 256
+    _check("triton", device, 2048, 4133, 1024, dtype, "custom", True, True, "mean")
 
 
 @pytest.mark.gpu

@@ -184,20 +184,6 @@ def _case_id(case):
     return f"L{L}-h{Hq}/{Hkv}-d{d}-{'causal' if causal else 'bidir'}-{str(dtype)[6:]}"
 
 
-@pytest.fixture
-def poisoned_allocations(monkeypatch):
-    """Make torch.empty/empty_like/new_empty return NaN-filled tensors, so an element a kernel forgets to
-    write shows up as NaN instead of as whatever the allocator handed back (often zeros)."""
-    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
-
-    def poison(t):
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: poison(new_empty(self, *a, **kw)))
-
-
 def _check_against_reference(backend, device, case, B=3, seq_lens=None):
     """Forward and dq/dk/dv of `backend` vs the float64 reference, with a random upstream grad; padded
     output rows and padded grads must be exactly zero."""
