@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.ci-venv-cuda
-python3 -m venv "$venv"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install -q torch==2.14.1 setuptools wheel ninja numpy 2>&1 | grep -v "^WARNING: Location" || true
 cuda_root=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
 if grep -q "exec " "$(command -v nvcc)" 2>/dev/null; then   # nvcc may be a wrapper script

@@ -4,7 +4,7 @@
 //   launchers.h                    plain C++ launchers (raw device pointers, sizes, cudaStream_t)
 //   mma_tile.cuh                   warp-level mma.sync tile products shared by the kernels
 //   span_mean_pool/*.cu            span mean forward/backward (vectorised, bandwidth-bound)
-//   contrastive_loss/*.cu          InfoNCE forward (online LSE) and backward (recomputed tiles)
+//   contrastive_loss/*.cu          InfoNCE's fused kernels around cuBLAS similarity GEMMs (online LSE, dS)
 //   memory_attention/*.cu          flash-attention forward over right-padded rows, GQA, causal option
 //   bindings.cpp                   this file: argument checks, current stream, TORCH_LIBRARY schemas
 // The .cu files compile with plain `nvcc -c` (see .ci/compile_cuda.sh). Python wrappers with fake
@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <string>
 #include <tuple>
 
@@ -20,6 +21,8 @@
 
 namespace llm2comp {
 namespace {
+
+constexpr double kLog2e = 1.4426950408889634;
 
 #define LLM2COMP_CHECK_CUDA(x) TORCH_CHECK((x).is_cuda(), OP, ": ", #x " must be a CUDA tensor, got ", (x).device())
 #define LLM2COMP_CHECK_CONTIGUOUS(x) TORCH_CHECK((x).is_contiguous(), OP, ": ", #x " must be contiguous")
@@ -120,32 +123,63 @@ void check_pair(const char* OP, const at::Tensor& queries, const at::Tensor& doc
                 ": queries and docs must be non-empty, got ", shape(queries.sizes()), " and ", shape(docs.sizes()));
 }
 
+// fp32 a @ b on cuBLAS: 16-bit operands with an fp32 output (exact products, fp32 sums), float32 ones as
+// torch multiplies them (IEEE unless the user allowed TF32).
+at::Tensor mm_fp32(const at::Tensor& a, const at::Tensor& b) {
+    return a.scalar_type() == at::kFloat ? at::mm(a, b) : at::mm(a, b, at::kFloat);
+}
+
+// Docs per chunk: `requested` if > 0 (the tests' way to cover many chunks), else the kernels' budget for a
+// block of fp32 logits plus (16-bit inputs) its dS block.
+int64_t doc_chunk(const char* OP, int64_t requested, int64_t B, int64_t N, const at::Tensor& queries) {
+    TORCH_CHECK(requested >= 0, OP, ": doc_chunk must be >= 0 (0: automatic), got ", num(requested));
+    if (requested > 0) return std::min(requested, N);
+    const int64_t itemsize = queries.element_size();
+    return contrastive_loss_doc_chunk(B, N, itemsize == 4 ? 4 : 4 + itemsize);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_fwd_op(const at::Tensor& queries,
                                                                        const at::Tensor& docs,
                                                                        const at::Tensor& labels, double temperature,
-                                                                       bool symmetric) {
+                                                                       bool symmetric, int64_t requested_chunk) {
     constexpr const char* OP = "llm2comp::contrastive_loss_fwd";
     check_pair(OP, queries, docs);
-    const DType dtype = float_dtype(OP, "queries", queries);
-    const int64_t B = queries.size(0), N = docs.size(0), D = queries.size(1);
+    float_dtype(OP, "queries", queries);
+    const int64_t B = queries.size(0), N = docs.size(0);
     check_index(OP, "labels", labels, queries, B);
     TORCH_CHECK(temperature > 0, OP, ": temperature must be > 0, got ", real(temperature));
+    const int64_t chunk = doc_chunk(OP, requested_chunk, B, N, queries);
     const c10::cuda::CUDAGuard guard(queries.device());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const float scale_log2 = static_cast<float>(kLog2e / temperature);
     const auto f32 = queries.options().dtype(at::kFloat);
-    at::Tensor loss = at::empty({B}, f32), row_stats = at::empty({B, 2}, f32);  // (max, sum) per row, log2 units
+    // loss holds each query's positive logit until finalize; (max, sum) per row / column, log2 units.
+    at::Tensor loss = at::empty({B}, f32), row_stats = at::empty({B, 2}, f32);
     at::Tensor col_stats = at::empty({symmetric ? N : 0, 2}, f32);
-    const cudaError_t err = contrastive_loss_fwd(
-        dtype, queries.data_ptr(), docs.data_ptr(), labels.data_ptr<int64_t>(), loss.data_ptr<float>(),
-        row_stats.data_ptr<float>(), symmetric ? col_stats.data_ptr<float>() : nullptr, B, N, D,
-        static_cast<float>(temperature), symmetric, at::cuda::getCurrentCUDAStream());
-    LLM2COMP_CHECK_LAUNCH(err);
+    for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+        const at::Tensor docs_chunk = docs.narrow(0, n0, std::min(chunk, N - n0));
+        const at::Tensor logits = mm_fp32(queries, docs_chunk.t());  // [B, width]
+        LLM2COMP_CHECK_LAUNCH(contrastive_loss_block_stats(logits.data_ptr<float>(), B, logits.size(1), n0, scale_log2,
+                                                           n0 == 0, row_stats.data_ptr<float>(),
+                                                           labels.data_ptr<int64_t>(), loss.data_ptr<float>(), stream));
+        if (symmetric) {  // these docs against every query: their column statistics, complete
+            const at::Tensor logits_t = mm_fp32(docs_chunk, queries.t());  // [width, B]
+            LLM2COMP_CHECK_LAUNCH(contrastive_loss_block_stats(logits_t.data_ptr<float>(), logits_t.size(0), B, 0,
+                                                               scale_log2, true, col_stats.data_ptr<float>() + 2 * n0,
+                                                               nullptr, nullptr, stream));
+        }
+    }
+    LLM2COMP_CHECK_LAUNCH(contrastive_loss_finalize(row_stats.data_ptr<float>(),
+                                                    symmetric ? col_stats.data_ptr<float>() : nullptr,
+                                                    labels.data_ptr<int64_t>(), loss.data_ptr<float>(), B, stream));
     return {loss, row_stats, col_stats};
 }
 
 std::tuple<at::Tensor, at::Tensor> contrastive_loss_bwd_op(const at::Tensor& grad_loss, const at::Tensor& queries,
                                                            const at::Tensor& docs, const at::Tensor& labels,
                                                            const at::Tensor& row_stats, const at::Tensor& col_stats,
-                                                           double temperature, bool symmetric) {
+                                                           double temperature, bool symmetric,
+                                                           int64_t requested_chunk) {
     constexpr const char* OP = "llm2comp::contrastive_loss_bwd";
     check_pair(OP, queries, docs);
     const DType dtype = float_dtype(OP, "queries", queries);
@@ -162,21 +196,40 @@ std::tuple<at::Tensor, at::Tensor> contrastive_loss_bwd_op(const at::Tensor& gra
                     "] tensor, got shape ", shape(x->sizes()));
     }
     TORCH_CHECK(temperature > 0, OP, ": temperature must be > 0, got ", real(temperature));
+    const int64_t chunk = doc_chunk(OP, requested_chunk, B, N, queries);
     const c10::cuda::CUDAGuard guard(queries.device());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const float scale_log2 = static_cast<float>(kLog2e / temperature);
+    const double inv_temp = 1.0 / temperature;
     const auto f32 = queries.options().dtype(at::kFloat);
-    const int64_t Dp = contrastive_loss_padded_dim(D);
-    at::Tensor dq_acc = at::zeros({contrastive_loss_padded_rows(B), Dp}, f32);
-    at::Tensor dd_acc = at::zeros({contrastive_loss_padded_rows(N), Dp}, f32);
-    at::Tensor work = at::zeros({B + N}, f32);
-    const cudaError_t err = contrastive_loss_bwd(
-        dtype, grad_loss.data_ptr<float>(), queries.data_ptr(), docs.data_ptr(), labels.data_ptr<int64_t>(),
-        row_stats.data_ptr<float>(), symmetric ? col_stats.data_ptr<float>() : nullptr, dq_acc.data_ptr<float>(),
-        dd_acc.data_ptr<float>(), work.data_ptr<float>(), B, N, D, static_cast<float>(temperature), symmetric,
-        at::cuda::getCurrentCUDAStream());
-    LLM2COMP_CHECK_LAUNCH(err);
+    at::Tensor w_row = at::empty({B}, f32), w_col = at::zeros({symmetric ? N : 0}, f32);
+    float* w_col_ptr = symmetric ? w_col.data_ptr<float>() : nullptr;
+    const float* col_stats_ptr = symmetric ? col_stats.data_ptr<float>() : nullptr;
+    LLM2COMP_CHECK_LAUNCH(contrastive_loss_weights(grad_loss.data_ptr<float>(), labels.data_ptr<int64_t>(),
+                                                   w_row.data_ptr<float>(), w_col_ptr, B, stream));
     // fp32 gradients whatever the input dtype: the caller may still chain them through a normalisation,
     // where rounding them to bf16 first would cost accuracy.
-    return {dq_acc.narrow(0, 0, B).narrow(1, 0, D).contiguous(), dd_acc.narrow(0, 0, N).narrow(1, 0, D).contiguous()};
+    at::Tensor dq = at::zeros({B, D}, f32), dd = at::empty({N, D}, f32);
+    for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+        const at::Tensor docs_chunk = docs.narrow(0, n0, std::min(chunk, N - n0));
+        const at::Tensor logits = mm_fp32(queries, docs_chunk.t());  // [B, width], recomputed as in the forward
+        const int64_t width = logits.size(1);
+        // float32 inputs: dS overwrites the logits (each element read, then written, by one thread).
+        const at::Tensor ds = dtype == DType::kFloat32 ? logits : at::empty({B, width}, queries.options());
+        LLM2COMP_CHECK_LAUNCH(contrastive_loss_block_dlogits(
+            dtype, logits.data_ptr<float>(), ds.data_ptr(), B, width, n0, scale_log2, row_stats.data_ptr<float>(),
+            w_row.data_ptr<float>(), col_stats_ptr, w_col_ptr, labels.data_ptr<int64_t>(),
+            grad_loss.data_ptr<float>(), stream));
+        // 1/T on the fp32 products: dS itself stays within |g|, in range for fp16 under loss scaling.
+        if (dtype == DType::kFloat32) {
+            dq.addmm_(ds, docs_chunk, 1.0, inv_temp);
+        } else {
+            dq = at::addmm(dq, ds, docs_chunk, at::kFloat, 1.0, inv_temp);
+        }
+        at::Tensor dd_chunk = dd.narrow(0, n0, width);
+        at::mul_out(dd_chunk, mm_fp32(ds.t(), queries), inv_temp);
+    }
+    return {dq, dd};
 }
 
 // ---- memory_attention ------------------------------------------------------------------------------
@@ -238,10 +291,10 @@ at::Tensor memory_attention_fwd_op(const at::Tensor& q, const at::Tensor& k, con
 TORCH_LIBRARY(llm2comp, m) {
     m.def("span_mean_pool_fwd(Tensor hidden, Tensor start, Tensor length) -> Tensor");
     m.def("span_mean_pool_bwd(Tensor grad_out, Tensor start, Tensor length, int L) -> Tensor");
-    m.def("contrastive_loss_fwd(Tensor queries, Tensor docs, Tensor labels, float temperature, bool symmetric)"
-          " -> (Tensor, Tensor, Tensor)");
+    m.def("contrastive_loss_fwd(Tensor queries, Tensor docs, Tensor labels, float temperature, bool symmetric,"
+          " int doc_chunk=0) -> (Tensor, Tensor, Tensor)");
     m.def("contrastive_loss_bwd(Tensor grad_loss, Tensor queries, Tensor docs, Tensor labels, Tensor row_stats,"
-          " Tensor col_stats, float temperature, bool symmetric) -> (Tensor, Tensor)");
+          " Tensor col_stats, float temperature, bool symmetric, int doc_chunk=0) -> (Tensor, Tensor)");
     m.def("memory_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor seq_lens, bool causal, float scale) -> Tensor");
 }
 

@@ -18,25 +18,39 @@ cudaError_t span_mean_pool_fwd(DType dtype, const void* hidden, const int64_t* s
 cudaError_t span_mean_pool_bwd(DType dtype, const void* grad_out, const int64_t* start, const int64_t* length,
                                void* grad_hidden, int64_t B, int64_t L, int64_t D, cudaStream_t stream);
 
-// queries [B, D], docs [N, D] contiguous, labels int64 [B]. Writes fp32 loss [B] (per query, before
-// reduction), row stats [B, 2] and, if symmetric, col stats [N, 2]: per row (column) the max of
-// x_ij = s_ij * log2(e) and the sum of exp2(x_ij - max), kept apart so that max - x_pos is exact;
-// s_ij = <q_i, d_j> / temperature.
-cudaError_t contrastive_loss_fwd(DType dtype, const void* queries, const void* docs, const int64_t* labels,
-                                 float* loss, float* row_stats, float* col_stats, int64_t B, int64_t N, int64_t D,
-                                 float temperature, bool symmetric, cudaStream_t stream);
+// contrastive_loss. The binding computes fp32 blocks of raw dot products with cuBLAS, one chunk of docs at a
+// time, and these launchers do the rest. Softmax statistics are float pairs (max, sum) per row, in base 2:
+// the max of x = s * scale_log2 (scale_log2 = log2(e) / temperature) and the sum of exp2(x - max).
 
-// Padded fp32 gradient buffers of the backward: rows rounded up to the kernel's row block, columns to
-// its D chunk. The binding allocates them zeroed and slices out [B, D] / [N, D].
-int64_t contrastive_loss_padded_rows(int64_t rows);
-int64_t contrastive_loss_padded_dim(int64_t D);
+// Docs per chunk when each logit of a [B, C] block takes `bytes_per_logit` bytes of workspace: C a multiple
+// of 256 (at least 256) that keeps the blocks near the kernels' workspace budget, at most N.
+int64_t contrastive_loss_doc_chunk(int64_t B, int64_t N, int64_t bytes_per_logit);
 
-// grad_loss fp32 [B] (d total / d loss_i). dq_acc [padded_rows(B), padded_dim(D)] and dd_acc
-// [padded_rows(N), padded_dim(D)] fp32, zeroed; work fp32 [B + N] scratch.
-cudaError_t contrastive_loss_bwd(DType dtype, const float* grad_loss, const void* queries, const void* docs,
-                                 const int64_t* labels, const float* row_stats, const float* col_stats, float* dq_acc,
-                                 float* dd_acc, float* work, int64_t B, int64_t N, int64_t D, float temperature,
-                                 bool symmetric, cudaStream_t stream);
+// logits fp32 [rows, cols] contiguous, the block of columns col0 .. col0 + cols. Folds it into stats
+// fp32 [rows, 2] (overwritten if `first`, else merged with the previous blocks' statistics). If target
+// (int64 [rows], global column indices) is given, target_logit[r] = x at column target[r] when it lies in
+// this block, bitwise the value that entered the max.
+cudaError_t contrastive_loss_block_stats(const float* logits, int64_t rows, int64_t cols, int64_t col0,
+                                         float scale_log2, bool first, float* stats, const int64_t* target,
+                                         float* target_logit, cudaStream_t stream);
+
+// loss fp32 [B] holds the positive logits x_pos on entry and the per-query losses on exit, from row_stats
+// [B, 2] and (symmetric only, else nullptr) col_stats [N, 2].
+cudaError_t contrastive_loss_finalize(const float* row_stats, const float* col_stats, const int64_t* labels,
+                                      float* loss, int64_t B, cudaStream_t stream);
+
+// Backward weights from grad_loss fp32 [B]: w_row [B] = g (g / 2 if symmetric); w_col [N] (symmetric only,
+// else nullptr; zeroed by the caller) += g_i / 2 at labels[i].
+cudaError_t contrastive_loss_weights(const float* grad_loss, const int64_t* labels, float* w_row, float* w_col,
+                                     int64_t B, cudaStream_t stream);
+
+// dlogits [B, cols] in `dtype` (may alias logits when float32) = the loss gradient w.r.t. the logits of docs
+// col0 .. col0 + cols, before the 1/temperature that the gradient GEMMs apply; col_stats/w_col nullptr
+// unless symmetric.
+cudaError_t contrastive_loss_block_dlogits(DType dtype, const float* logits, void* dlogits, int64_t B, int64_t cols,
+                                           int64_t col0, float scale_log2, const float* row_stats, const float* w_row,
+                                           const float* col_stats, const float* w_col, const int64_t* labels,
+                                           const float* grad_loss, cudaStream_t stream);
 
 // q [B, Hq, L, d], k/v [B, Hkv, L, d] with any (b, h, l) strides that are multiples of 8 elements,
 // unit stride along d and 16-byte aligned base pointers; seq_lens int64 [B]; out [B, Hq, L, d]

@@ -1,4 +1,5 @@
-// Warp-level tile products shared by the contrastive-loss and attention kernels. CUDA headers only.
+// Dtype conversions shared by every kernel, and the warp-level tile products of the attention kernel.
+// CUDA headers only.
 //
 // A warp owns a 16-row strip of an output tile held in registers in the accumulator layout of
 // mma.sync.m16n8k16 (PTX ISA, "Matrix fragments for mma.m16n8k16"): with g = lane / 4 and

@@ -1,12 +1,13 @@
 """CUDA C++ backend of `contrastive_loss`: torch.ops.llm2comp bindings, fake kernels and autograd.
 
-The kernels (``csrc/contrastive_loss``) take the already normalised embeddings: with
-``normalize=True`` F.normalize runs once here in torch, in fp32, and autograd carries the gradient
-through it. The backward op returns fp32 gradients, so that chain rule also runs in fp32: rounding the
-gradient of the unit vectors to bf16 before projecting out their radial part would lose most digits.
-Forward: per-query losses (fp32) from online row (and, if symmetric, column) log-sum-exps over
-tensor-core tiles, never the `[B, N]` logits. Backward: the kernels recompute the tiles and fold the
-softmax and the upstream per-query gradient into dq/dd. Only the mean/sum reduction is torch here.
+The ops (``csrc/bindings.cpp``, kernels in ``csrc/contrastive_loss``) take the already normalised
+embeddings: with ``normalize=True`` F.normalize runs once here in torch, in fp32, and autograd carries the
+gradient through it. The backward op returns fp32 gradients, so that chain rule also runs in fp32: rounding
+the gradient of the unit vectors to bf16 before projecting out their radial part would lose most digits.
+Both ops go through the docs in chunks: cuBLAS computes a chunk's fp32 block of dot products and our kernels
+fold it into online row (and, if symmetric, column) log-sum-exps (forward), or turn it into the block of
+logit gradients dS that two more cuBLAS products take to dq and dd (backward). A chunk's blocks take about
+128 MiB whatever B is; the `[B, N]` logits never exist. Only the mean/sum reduction is torch here.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ cuda_extension()  # importing llm2comp_kernels._C registers torch.ops.llm2comp.*
 
 
 @torch.library.register_fake("llm2comp::contrastive_loss_fwd")
-def _contrastive_loss_fwd_fake(queries, docs, labels, temperature, symmetric):
+def _contrastive_loss_fwd_fake(queries, docs, labels, temperature, symmetric, doc_chunk=0):
     B, N = queries.shape[0], docs.shape[0]
     f32 = dict(dtype=torch.float32)
     # loss [B]; per-row and per-column (max, sum) softmax statistics [B, 2] and [N or 0, 2]
@@ -29,39 +30,42 @@ def _contrastive_loss_fwd_fake(queries, docs, labels, temperature, symmetric):
 
 
 @torch.library.register_fake("llm2comp::contrastive_loss_bwd")
-def _contrastive_loss_bwd_fake(grad_loss, queries, docs, labels, row_stats, col_stats, temperature, symmetric):
+def _contrastive_loss_bwd_fake(grad_loss, queries, docs, labels, row_stats, col_stats, temperature, symmetric,
+                               doc_chunk=0):
     return (torch.empty_like(queries, dtype=torch.float32, memory_format=torch.contiguous_format),
             torch.empty_like(docs, dtype=torch.float32, memory_format=torch.contiguous_format))
 
 
 class _ContrastiveLossFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, queries, docs, labels, temperature, symmetric, dtype):
+    def forward(ctx, queries, docs, labels, temperature, symmetric, dtype, doc_chunk):
         # The kernels run in `dtype`; queries/docs may be fp32 (normalised) and get fp32 gradients back.
         ctx.input_dtypes = (queries.dtype, docs.dtype)
         queries, docs = queries.to(dtype).contiguous(), docs.to(dtype).contiguous()
         loss, row_stats, col_stats = torch.ops.llm2comp.contrastive_loss_fwd(queries, docs, labels, temperature,
-                                                                             symmetric)
+                                                                             symmetric, doc_chunk)
         ctx.save_for_backward(queries, docs, labels, row_stats, col_stats)
-        ctx.temperature, ctx.symmetric = temperature, symmetric
+        ctx.temperature, ctx.symmetric, ctx.doc_chunk = temperature, symmetric, doc_chunk
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         queries, docs, labels, row_stats, col_stats = ctx.saved_tensors
         dq, dd = torch.ops.llm2comp.contrastive_loss_bwd(grad_loss.float().contiguous(), queries, docs, labels,
-                                                         row_stats, col_stats, ctx.temperature, ctx.symmetric)
-        return dq.to(ctx.input_dtypes[0]), dd.to(ctx.input_dtypes[1]), None, None, None, None
+                                                         row_stats, col_stats, ctx.temperature, ctx.symmetric,
+                                                         ctx.doc_chunk)
+        return dq.to(ctx.input_dtypes[0]), dd.to(ctx.input_dtypes[1]), None, None, None, None, None
 
 
 def contrastive_loss_cuda(queries: torch.Tensor, docs: torch.Tensor, labels: torch.Tensor, temperature: float,
-                          normalize: bool, symmetric: bool, reduction: str) -> torch.Tensor:
-    """queries `[B, D]`, docs `[N, D]`, labels int64 `[B]` -> scalar (`[B]` for "none") in queries' dtype."""
+                          normalize: bool, symmetric: bool, reduction: str, doc_chunk: int = 0) -> torch.Tensor:
+    """queries `[B, D]`, docs `[N, D]`, labels int64 `[B]` -> scalar (`[B]` for "none") in queries' dtype.
+    `doc_chunk`: docs per chunk (0: sized to the kernels' workspace budget)."""
     dtype = queries.dtype
     if normalize:
         queries, docs = F.normalize(queries.float(), dim=-1), F.normalize(docs.float(), dim=-1)
     per_query = _ContrastiveLossFn.apply(queries, docs, labels.to(torch.int64).contiguous(), float(temperature),
-                                         symmetric, dtype)                                     # fp32 [B]
+                                         symmetric, dtype, doc_chunk)                          # fp32 [B]
     if reduction == "mean":
         per_query = per_query.mean()
     elif reduction == "sum":

@@ -190,6 +190,31 @@ def test_contrastive_loss_cuda_unnormalized_reductions(reduction, dtype):
     assert_rel_close(dd, ref_dd, name="dd")
 
 
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("doc_chunk", [1, 7, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_contrastive_loss_cuda_doc_chunks(doc_chunk, dtype):
+    """Docs in chunks (N = 130 in chunks of 1, 7 and 64, the last one partial): the online merge of the row
+    statistics, the positive found in whichever chunk holds it, the column statistics and the accumulated dq
+    give the float64 reference's loss and gradients, symmetric with repeated labels."""
+    from llm2comp_kernels.contrastive_loss.cuda import contrastive_loss_cuda
+
+    B, N, D = 37, 130, 96
+    q, d = make_contrastive_inputs(B, N, D, dtype=dtype, device="cuda", seed=5)
+    labels = torch.randint(0, N, (B,), generator=torch.Generator().manual_seed(2)).cuda()
+    _poison_cache()
+    loss = contrastive_loss_cuda(q, d, labels, 0.1, True, True, "mean", doc_chunk=doc_chunk)
+    dq, dd = torch.autograd.grad(loss * 1.7, (q, d))
+    q64, d64 = _leaf(q.double()), _leaf(d.double())
+    ref = contrastive_loss_reference(q64, d64, labels, 0.1, True, True, "mean")
+    ref_dq, ref_dd = torch.autograd.grad(ref * 1.7, (q64, d64))
+    same_dq, same_dd = _same_dtype_torch_grads(q, d, labels, 0.1, True, 1.7)
+    assert_rel_close(loss, ref, name="loss")
+    for name, got, same, want in (("dq", dq, same_dq, ref_dq), ("dd", dd, same_dd, ref_dd)):
+        assert_rel_close(got, want, tol=max(REL_TOL[dtype], 2 * rel_err(same, want)), name=name)
+
+
 # ---- memory_attention --------------------------------------------------------------------------------
 
 ATTN_CASES = list(itertools.product([1, 17, 64, 130], [(4, 4), (6, 2), (8, 1)], [64, 128], [False, True],
@@ -286,6 +311,7 @@ def _bad_input_cases():
         ("cl bwd col_stats", lambda: ops.contrastive_loss_bwd(torch.ones(3, **cuda), q, d, lab,
                                                               torch.zeros(3, 2, **cuda), torch.zeros(3, **cuda), 0.05,
                                                               True), "col_stats must be"),
+        ("cl doc_chunk", lambda: ops.contrastive_loss_fwd(q, d, lab, 0.05, False, -1), "doc_chunk must be >= 0"),
         ("attn fp32", lambda: ops.memory_attention_fwd(a.float(), a.float(), a.float(), lens, False, 0.1),
          "float16/bfloat16"),
         ("attn head dim", lambda: ops.memory_attention_fwd(a[..., :32], a[..., :32], a[..., :32], lens, False, 0.1),
@@ -303,7 +329,7 @@ def _bad_input_cases():
 
 BAD_INPUT_NAMES = ["pool int hidden", "pool non-contiguous", "pool int32 start", "pool cpu length", "pool bwd L",
                    "cl dtype mismatch", "cl D mismatch", "cl labels length", "cl cpu queries", "cl bwd row_stats",
-                   "cl bwd col_stats",
+                   "cl bwd col_stats", "cl doc_chunk",
                    "attn fp32", "attn head dim", "attn stride", "attn misaligned", "attn heads", "attn cpu"]
 
 
