@@ -279,7 +279,8 @@ def _doc_chunk(B: int, N: int, itemsize: int) -> int:
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor, alpha: float, add_to: torch.Tensor | None = None) -> torch.Tensor:
     """``alpha * a @ b (+ add_to)`` in fp32 from float16/bfloat16/float32 operands (exact products, fp32 sums):
     cuBLAS with an fp32 output on CUDA (torch >= 2.8), else fp32 copies of low-precision operands (the CPU
-    interpreter: aten has no mixed-precision matmul there)."""
+    interpreter: aten has no mixed-precision matmul there). float32 operands multiply as torch's matmul
+    settings say: IEEE fp32 unless the user allowed TF32."""
     extra = {}
     if a.dtype != torch.float32:
         if a.is_cuda and _MIXED_PRECISION_MM:

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from .._autograd import needs_autograd
 from .._backends import resolve_backend
 from .checks import check_memory_attention
 
-# "auto" on CUDA tensors: Triton first. On an H200 (2026-11-26, benchmarks/results/attention_gpu.json) the Triton
-# forward was 2.2-2.8x faster than the CUDA one from L=512 on; the CUDA forward won only at L=128 (0.09 against
-# 0.21 ms per call, where the Triton call was bound by its host-side launch).
+# "auto" on CUDA tensors: Triton first, except for a forward without gradient (what `encode` runs) at
+# L <= SHORT_FORWARD_MAX_L, where the CUDA forward comes first. On an H200 (2026-11-26,
+# benchmarks/results/attention_gpu.json) the Triton forward was 2.2-2.8x faster than the CUDA one from L=512 on;
+# at L=128 the CUDA one won, 0.090 against 0.214 ms per call, where the Triton call was bound by its host-side
+# launch (0.23 ms of host time against the CUDA op's 0.11).
 AUTO_ORDER = ("triton", "cuda")
+SHORT_FORWARD_ORDER = ("cuda", "triton")
+SHORT_FORWARD_MAX_L = 128
 
 CUDA_HEAD_DIMS = (64, 128)
 TRITON_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 256)
@@ -27,6 +32,13 @@ def _unsupported(q: torch.Tensor) -> dict[str, str]:
     return reasons
 
 
+def auto_order(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[str, ...]:
+    """The order "auto" tries the kernel backends in for these inputs (see `AUTO_ORDER`)."""
+    if q.shape[2] <= SHORT_FORWARD_MAX_L and not needs_autograd(q, k, v):
+        return SHORT_FORWARD_ORDER
+    return AUTO_ORDER
+
+
 def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, *,
                      causal: bool = False, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
     """Attention over right-padded sequences, bidirectional by default, with grouped-query heads.
@@ -39,7 +51,8 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
             positions ``0 .. seq_lens[b]-1`` and padding after them.
         causal: if True, query i also sees only keys ``j <= i``.
         scale: softmax scale, default ``d ** -0.5``.
-        backend: ``"auto"`` (triton > cuda for CUDA tensors, else torch), ``"torch"``, ``"triton"``,
+        backend: ``"auto"`` (for CUDA tensors triton > cuda, but cuda > triton for a forward without
+            gradient at L <= 128; torch for CPU tensors), ``"torch"``, ``"triton"``,
             ``"cuda"`` (forward kernel; its backward runs the Triton kernel) or ``"flash"``
             (``flash_attn_varlen_func``, when flash-attn is installed).
 
@@ -50,7 +63,7 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
     scale = check_memory_attention(q, k, v, seq_lens, causal, scale)
     allowed = ("torch", "triton", "cuda", "flash")
     chosen = resolve_backend("memory_attention", backend, q.device, q.dtype, cuda_op="memory_attention_fwd",
-                             allowed=allowed, unsupported=_unsupported(q), auto_order=AUTO_ORDER)
+                             allowed=allowed, unsupported=_unsupported(q), auto_order=auto_order(q, k, v))
     if chosen == "triton":
         from .triton import memory_attention_triton
         return memory_attention_triton(q, k, v, seq_lens, causal, scale)

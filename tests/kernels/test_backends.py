@@ -31,3 +31,16 @@ def test_requested_backend_that_cannot_run_says_why(monkeypatch):
         _backends.resolve_backend("op", "cuda", torch.device("cuda"), torch.bfloat16)
     with pytest.raises(ValueError, match="backend must be one of"):
         _backends.resolve_backend("op", "flash", torch.device("cuda"), torch.bfloat16)
+
+
+def test_attention_auto_order_puts_cuda_first_only_for_a_short_forward_without_grad():
+    from llm2comp_kernels.memory_attention.api import AUTO_ORDER, SHORT_FORWARD_MAX_L, SHORT_FORWARD_ORDER, auto_order
+
+    def inputs(L, requires_grad=False):
+        return [torch.zeros(1, 2, L, 8, requires_grad=requires_grad) for _ in range(3)]
+
+    assert auto_order(*inputs(SHORT_FORWARD_MAX_L)) == SHORT_FORWARD_ORDER == ("cuda", "triton")
+    assert auto_order(*inputs(SHORT_FORWARD_MAX_L + 1)) == AUTO_ORDER == ("triton", "cuda")
+    assert auto_order(*inputs(1, requires_grad=True)) == AUTO_ORDER
+    with torch.no_grad():
+        assert auto_order(*inputs(1, requires_grad=True)) == SHORT_FORWARD_ORDER

@@ -372,15 +372,19 @@ def test_fake_kernels_match_the_real_ops():
 @pytest.mark.gpu
 @needs_ext
 def test_seq_lens_int32_and_backend_auto_follows_the_op_order():
-    """int32 seq_lens reach the CUDA kernel; "auto" runs attention on Triton (AUTO_ORDER), pooling on CUDA."""
+    """int32 seq_lens reach the CUDA kernel; "auto" runs attention on CUDA for a short forward without gradient
+    and on Triton otherwise (memory_attention.api.auto_order), pooling on CUDA."""
     q, k, v, _ = make_attention_inputs(2, 2, 2, 9, 64, dtype=torch.bfloat16, device="cuda", requires_grad=False)
     seq_lens = seq_lens_mixed(2, 9, "cuda")
     assert seq_lens.dtype == torch.int32
     assert_rel_close(memory_attention(q, k, v, seq_lens, backend="cuda"),
                      memory_attention_reference(q.double(), k.double(), v.double(), seq_lens, False, 64 ** -0.5),
                      name="cuda")
-    assert_rel_close(memory_attention(q, k, v, seq_lens, backend="auto"),
-                     memory_attention(q, k, v, seq_lens, backend="triton"), tol=0.0)
+    assert torch.equal(memory_attention(q, k, v, seq_lens, backend="auto"),
+                       memory_attention(q, k, v, seq_lens, backend="cuda"))
+    q.requires_grad_()
+    assert torch.equal(memory_attention(q, k, v, seq_lens, backend="auto"),
+                       memory_attention(q, k, v, seq_lens, backend="triton"))
     hidden, start, length = make_pool_inputs(3, 7, 16, dtype=torch.bfloat16, device="cuda", requires_grad=False)
     assert_rel_close(span_mean_pool(hidden, start, length, backend="auto"),
                      span_mean_pool(hidden, start, length, backend="cuda"), tol=0.0)
