@@ -4,8 +4,11 @@
   span, BLOCK_L positions at a time as one `[BLOCK_L, BLOCK_D]` masked load (many independent loads in
   flight, which is what keeps HBM busy for spans of 8-16 positions), accumulates in fp32 and stores
   ``sum / length`` in the output dtype.
-- `_span_mean_pool_bwd_kernel`: same grid; writes ``grad_out[b] / length[b]`` into the span positions of a
-  zero-initialised `[B, L, D]` buffer (positions outside the span are never touched, they stay zero).
+- `_span_mean_pool_bwd_kernel`: same grid; writes the whole `[B, L, D]` gradient, ``grad_out[b] / length[b]``
+  at the span positions and zeros elsewhere, in one pass. The dense gradient is what autograd hands to the
+  layer below, and one kernel writing it beats zero-filling a buffer and then writing the spans into it: on an
+  H200 the CUDA kernel, which writes every element, ran forward+backward at 67-79% of copy bandwidth, and this
+  backend's zero-fill-then-scatter at 49-52%.
 
 Both stores are plain writes (no accumulation), so autotuning, which runs a kernel several times, is safe.
 Block sizes are autotuned on a GPU (keyed on D); under ``TRITON_INTERPRET=1`` or with
@@ -53,25 +56,25 @@ def _span_mean_pool_fwd_kernel(
 
 @triton.jit
 def _span_mean_pool_bwd_kernel(
-    GRAD, START, LENGTH, DH,  # GRAD [B, D] (any strides), START/LENGTH int [B], DH [B, L, D] (any strides, zeros)
+    GRAD, START, LENGTH, DH,  # GRAD [B, D] (any strides), START/LENGTH int [B], DH [B, L, D] (any strides)
     stride_gb, stride_gd,
     stride_db, stride_dl, stride_dd,
-    D,
+    L, D,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_in = offs_d < D
-    start = tl.load(START + b).to(tl.int64)
+    start = tl.load(START + b).to(tl.int32)
     length = tl.load(LENGTH + b).to(tl.int32)
     g = tl.load(GRAD + b * stride_gb + offs_d * stride_gd, mask=d_in, other=0.0).to(tl.float32)
     g = (g / length.to(tl.float32)).to(DH.dtype.element_ty)
-    tile = tl.zeros([BLOCK_L, BLOCK_D], DH.dtype.element_ty) + g[None, :]
-    base = DH + b * stride_db + start * stride_dl + offs_d[None, :] * stride_dd
-    for l0 in range(0, length, BLOCK_L):
+    base = DH + b * stride_db + offs_d[None, :] * stride_dd
+    for l0 in range(0, L, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
-        tl.store(base + offs_l[:, None].to(tl.int64) * stride_dl, tile,
-                 mask=(offs_l < length)[:, None] & d_in[None, :])
+        in_span = (offs_l >= start) & (offs_l < start + length)
+        tile = tl.where(in_span[:, None], g[None, :], 0.0).to(DH.dtype.element_ty)
+        tl.store(base + offs_l[:, None].to(tl.int64) * stride_dl, tile, mask=(offs_l < L)[:, None] & d_in[None, :])
 
 
 _fwd_tuned = triton.autotune(_CONFIGS, key=["D"])(_span_mean_pool_fwd_kernel)
@@ -104,10 +107,9 @@ class _SpanMeanPoolFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         start, length = ctx.saved_tensors
         B, L, D = ctx.shape
-        # Zeros outside the spans; the kernel overwrites only the span positions.
-        dh = torch.zeros(B, L, D, device=grad_out.device, dtype=ctx.dtype)
+        dh = torch.empty(B, L, D, device=grad_out.device, dtype=ctx.dtype)  # the kernel writes every element
         _launch(_span_mean_pool_bwd_kernel, _bwd_tuned, B, D, grad_out, start, length, dh,
-                *grad_out.stride(), *dh.stride(), D)
+                *grad_out.stride(), *dh.stride(), L, D)
         return dh, None, None
 
 

@@ -227,7 +227,7 @@ def _n(B, kind):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("B, n_kind, labels_kind, normalize, symmetric, reduction, dtype", COVERING)
 def test_matches_reference(backend, B, n_kind, labels_kind, normalize, symmetric, reduction, dtype, device,
-                           poisoned_allocations):
+                           poison_empty):
     _check(backend, device, B, _n(B, n_kind), D_TEST, dtype, labels_kind, normalize, symmetric, reduction)
 
 
@@ -237,7 +237,7 @@ def test_matches_reference(backend, B, n_kind, labels_kind, normalize, symmetric
     [1, 3, 37], ["eq", "more"], ["default", "custom"], [True, False], [True, False], REDUCTIONS,
     [torch.float32, torch.bfloat16])))
 def test_matches_reference_full(backend, B, n_kind, labels_kind, normalize, symmetric, reduction, dtype, device,
-                                poisoned_allocations):
+                                poison_empty):
     _check(backend, device, B, _n(B, n_kind), D_TEST, dtype, labels_kind, normalize, symmetric, reduction)
 
 

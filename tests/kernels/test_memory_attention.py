@@ -218,14 +218,14 @@ def _check_against_reference(backend, device, case, B=3, seq_lens=None):
 
 @pytest.mark.parametrize("case", DEFAULT_CASES, ids=_case_id)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_reference(backend, case, device, poisoned_allocations):
+def test_matches_reference(backend, case, device, poison_empty):
     _check_against_reference(backend, device, case)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", FULL_CASES, ids=_case_id)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_reference_full(backend, case, device, poisoned_allocations):
+def test_matches_reference_full(backend, case, device, poison_empty):
     _check_against_reference(backend, device, case)
 
 
