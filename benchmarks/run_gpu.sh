@@ -84,7 +84,7 @@ for part in $PARTS; do
                 log "compute-sanitizer --tool $tool"
                 PYTORCH_NO_CUDA_MEMORY_CACHING=1 CAP=150 in_time compute-sanitizer --tool "$tool" --error-exitcode 1 \
                     "$PY" -m pytest -q -x -p no:cacheprovider -m gpu tests/kernels/test_cuda_extension.py \
-                    -k "${SANITIZE_K:-unaligned_pointer or unnormalized_reductions or strided_inputs}" \
+                    -k "${SANITIZE_K:-unaligned_pointer or unnormalized_reductions or strided_inputs or (doc_chunks and 7)}" \
                     >"$R/sanitize_$tool.log" 2>&1
                 log "compute-sanitizer --tool $tool: exit $? ($(tail -1 "$R/sanitize_$tool.log"))"
               done ) &

@@ -61,10 +61,9 @@ _LN2 = 0.6931471805599453
 
 # (BLOCK_M, BLOCK_N, BLOCK_K) when not autotuning; every tl.dot dim must be >= 16. Every tuned config has the
 # same BLOCK_K, so forward and backward sum each logit over D in the same chunk order (the backward's
-# exp2(s - max) is then 1 at the max, not 1 +- the rounding of a differently summed logit). Wide doc tiles
-# (BLOCK_N 256) halve how often the gradient kernels read and write their fp32 rows per doc, the memory traffic
-# that bounds them at large D. The 128x64 and 64x128 tiles use 8 warps: with 4, the gradient kernels spill
-# registers on sm_90 (`python .ci/compile_triton.py --only contrastive` prints registers and spills per config).
+# exp2(s - max) is then 1 at the max, not 1 +- the rounding of a differently summed logit). The 128x64 and
+# 64x128 tiles use 8 warps: with 4 they spill registers on sm_90 (`python .ci/compile_triton.py --only
+# contrastive` prints registers and spills per config and kernel).
 _FIXED = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
 # The backward's dS block: docs per chunk sized for this many bytes on a GPU (128 MiB: B = N = 8192 in bf16 is
 # one chunk; B = 32768 takes chunks of 2048 docs), a fixed 48 docs under the interpreter.
