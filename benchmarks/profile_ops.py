@@ -2,11 +2,12 @@
 
 The benchmarks give one time per call; this splits it, to answer what the first GPU run left open: is
 `memory_attention` at L=128 bound by the host (launch and Python) or by its kernel, how the contrastive loss's
-time divides between its Triton kernels and its cuBLAS products, what bandwidth the pooling kernels reach without the host in the way, and how linear-KL's time divides
-between the matmuls and the fused kernel. Each case runs its step twice (warm-up: compile, autotune), then
-`CALLS` times under the profiler. Per case: wall ms per call, device µs per call (all kernels), and the kernels
-by device time (µs per call, launches per call). GPU: the benchmarks' shapes. CPU ``--quick``: tiny shapes under
-the Triton interpreter and CPU op times: proves the script, measures nothing.
+time divides between its kernels and its cuBLAS products, what bandwidth the pooling kernels reach without the
+host in the way, and how linear-KL's time divides between the matmuls and the fused kernel. Each case runs its
+step twice (warm-up: compile, autotune), then `CALLS` times under the profiler. Per case: wall ms per call,
+device µs per call (all kernels), and the kernels by device time (µs per call, launches per call). GPU: the
+benchmarks' shapes. CPU ``--quick``: tiny shapes under the Triton interpreter and CPU op times: proves the
+script, measures nothing.
 
 Run: ``python -m benchmarks.profile_ops [--quick] [--only attention,contrastive] [--out DIR]``.
 """
