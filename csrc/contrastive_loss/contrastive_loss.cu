@@ -22,7 +22,7 @@ namespace llm2comp {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kRowsPerBlock = kThreads / 32;       // block_stats: one warp per row
+constexpr int kWarps = kThreads / 32;
 constexpr int64_t kWorkspaceBytes = int64_t(128) << 20;
 constexpr int64_t kChunkMultiple = 256;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -36,18 +36,20 @@ __device__ __forceinline__ void merge_stats(float& m, float& l, float m2, float 
     m = m_new;
 }
 
+// One block per row: its threads stride over the columns (consecutive threads, consecutive floats), each
+// keeping online statistics, then the warps' and the block's are merged in a fixed order. A block per row
+// rather than a warp: the column pass has few rows (one chunk of docs) that are long (all B queries).
 __global__ void __launch_bounds__(kThreads) contrastive_block_stats_kernel(
     const float* __restrict__ logits,      // [rows, cols] raw dot products
-    int64_t rows, int64_t cols, int64_t col0, float scale_log2, bool first,
+    int64_t cols, int64_t col0, float scale_log2, bool first,
     float2* __restrict__ stats,            // [rows] (max, sum), merged into unless `first`
     const int64_t* __restrict__ target,    // [rows] global column whose x is saved, or nullptr
     float* __restrict__ target_logit) {    // [rows], written when the target column is in this block
-    const int lane = threadIdx.x & 31;
-    const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
-    if (row >= rows) return;  // the whole warp leaves together
+    __shared__ float2 warp_stats[kWarps];
+    const int64_t row = blockIdx.x;
     const float* x_row = logits + row * cols;
     float m = -INFINITY, l = 0.0f;
-    for (int64_t j = lane; j < cols; j += 32) {  // a warp reads 32 consecutive floats per step
+    for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
         const float x = x_row[j] * scale_log2;
         if (x > m) {
             l = l * exp2f(m - x) + 1.0f;
@@ -62,7 +64,13 @@ __global__ void __launch_bounds__(kThreads) contrastive_block_stats_kernel(
         const float l2 = __shfl_xor_sync(0xffffffffu, l, offset);
         merge_stats(m, l, m2, l2);
     }
-    if (lane != 0) return;
+    if ((threadIdx.x & 31) == 0) warp_stats[threadIdx.x / 32] = make_float2(m, l);
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    m = -INFINITY;
+    l = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) merge_stats(m, l, warp_stats[w].x, warp_stats[w].y);
     if (!first) {
         const float2 previous = stats[row];
         merge_stats(m, l, previous.x, previous.y);
@@ -164,8 +172,8 @@ int64_t contrastive_loss_doc_chunk(int64_t B, int64_t N, int64_t bytes_per_logit
 cudaError_t contrastive_loss_block_stats(const float* logits, int64_t rows, int64_t cols, int64_t col0,
                                          float scale_log2, bool first, float* stats, const int64_t* target,
                                          float* target_logit, cudaStream_t stream) {
-    contrastive_block_stats_kernel<<<blocks_1d(rows, kRowsPerBlock), kThreads, 0, stream>>>(
-        logits, rows, cols, col0, scale_log2, first, reinterpret_cast<float2*>(stats), target, target_logit);
+    contrastive_block_stats_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+        logits, cols, col0, scale_log2, first, reinterpret_cast<float2*>(stats), target, target_logit);
     return cudaGetLastError();
 }
 
