@@ -46,7 +46,7 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup_ms: 
 
     peak = _cuda_peak_mib(fn)
     p20, median, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
-    host = _wall_clock_ms(fn, rep_ms=0, min_calls=10)
+    host = host_times_ms(fn)
     torch.cuda.synchronize()
     return {"ms": median, "ms_p20": p20, "ms_p80": p80, "host_ms": statistics.median(host), "peak_mem_mib": peak}
 
@@ -135,6 +135,11 @@ def _cuda_peak_mib(fn: Callable[[], object]) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def host_times_ms(fn: Callable[[], object]) -> list[float]:
+    """CPU time in ms of each of 10 calls of `fn` that do not wait for the GPU (checks, allocations, launches)."""
+    return _wall_clock_ms(fn, rep_ms=0, min_calls=10)
 
 
 def _wall_clock_ms(fn: Callable[[], object], rep_ms: float, min_calls: int = 3, max_calls: int = 100,

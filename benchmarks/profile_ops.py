@@ -3,11 +3,15 @@
 The benchmarks give one time per call; this splits it, to answer what the first GPU run left open: is
 `memory_attention` at L=128 bound by the host (launch and Python) or by its kernel, how the contrastive loss's
 time divides between its kernels and its cuBLAS products, what bandwidth the pooling kernels reach without the
-host in the way, and how linear-KL's time divides between the matmuls and the fused kernel. Each case runs its
-step twice (warm-up: compile, autotune), then `CALLS` times under the profiler. Per case: wall ms per call,
-device µs per call (all kernels), and the kernels by device time (µs per call, launches per call). GPU: the
-benchmarks' shapes. CPU ``--quick``: tiny shapes under the Triton interpreter and CPU op times: proves the
-script, measures nothing.
+host in the way, and how linear-KL's time divides between the matmuls and the fused kernel. The ``launch`` group
+splits a Triton call's host time: an empty kernel with as many runtime arguments as the attention forward,
+launched directly and through `triton.autotune`, and one with four arguments, to set against the host time of
+the attention group's forward (same shapes).
+Each case runs its step twice (warm-up: compile, autotune), then `CALLS` times under the profiler. Per case:
+host ms per call (the CPU time of a call that does not wait for the GPU, measured outside the profiler), wall
+ms per call under the profiler, device µs per call (all kernels), and the kernels by device time (µs per call,
+launches per call). GPU: the benchmarks' shapes. CPU ``--quick``: tiny shapes under the Triton interpreter and
+CPU op times: proves the script, measures nothing.
 
 Run: ``python -m benchmarks.profile_ops [--quick] [--only attention,contrastive] [--out DIR]``.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -87,8 +92,50 @@ def _linear_kl_cases(quick: bool, device) -> dict[str, Callable[[], object]]:
     return {f"linear_kl_loss fwd+bwd triton N{N} H{H} V{V}": harness.fwd_bwd_step(fn, student, teacher, weight)}
 
 
+@functools.cache
+def _empty_kernels():
+    """Triton kernels that load nothing and store one value: one with the attention forward's 28 runtime
+    arguments (6 tensors, 22 integers and floats), one with 4; and the first behind `triton.autotune`."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def wide(Q, K, V, O, LSE, LENS, s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15,
+             Hq, group, L, d, bucket, scale, BLOCK: tl.constexpr):
+        if tl.program_id(0) == 0:
+            tl.store(LSE, scale)
+
+    @triton.jit
+    def narrow(Q, LSE, L, scale, BLOCK: tl.constexpr):
+        if tl.program_id(0) == 0:
+            tl.store(LSE, scale)
+
+    configs = [triton.Config({"BLOCK": b}, num_warps=4) for b in (32, 64)]
+    return wide, narrow, triton.autotune(configs, key=["L", "d", "bucket"])(wide)
+
+
+def _launch_cases(quick: bool, device) -> dict[str, Callable[[], object]]:
+    import triton
+
+    wide, narrow, wide_tuned = _empty_kernels()
+    B, Hq, Hkv, L, d = (2, 4, 2, 32, 16) if quick else (32, 32, 8, 128, 128)
+    dtype = torch.float32 if quick else torch.bfloat16
+    q, k, v = (torch.randn(B, h, L, d, device=device, dtype=dtype) for h in (Hq, Hkv, Hkv))
+    o = torch.empty_like(q)
+    lse = torch.empty(B, Hq, L, device=device, dtype=torch.float32)
+    seq_lens = torch.full((B,), L, device=device, dtype=torch.int32)
+    wide_args = (q, k, v, o, lse, seq_lens, *q.stride(), *k.stride(), *v.stride(), *o.stride(), Hq, Hq // Hkv, L, d,
+                 128, 0.125)
+    grid = (triton.cdiv(L, 64), B * Hq)
+    cases = {"launch: empty Triton kernel, 28 runtime args, direct": lambda: wide[grid](*wide_args, BLOCK=64),
+             "launch: empty Triton kernel, 4 runtime args, direct": lambda: narrow[grid](q, lse, L, 0.125, BLOCK=64)}
+    if not quick:  # the interpreter has no driver to tune with
+        cases["launch: empty Triton kernel, 28 runtime args, autotuned (cached)"] = lambda: wide_tuned[grid](*wide_args)
+    return cases
+
+
 GROUPS = {"attention": _attention_cases, "contrastive": _contrastive_cases, "pool": _pool_cases,
-          "linear_kl": _linear_kl_cases}
+          "linear_kl": _linear_kl_cases, "launch": _launch_cases}
 
 
 def profile_case(step: Callable[[], object], device: torch.device) -> dict:
@@ -98,6 +145,8 @@ def profile_case(step: Callable[[], object], device: torch.device) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(2):  # compile, autotune
         step()
+    sync()
+    host_ms = statistics.median(harness.host_times_ms(step))
     sync()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -113,7 +162,7 @@ def profile_case(step: Callable[[], object], device: torch.device) -> dict:
         events = list(prof.key_averages())
         time_of = lambda e: e.self_cpu_time_total  # noqa: E731
     events.sort(key=time_of, reverse=True)
-    return {"wall_ms_per_call": wall_ms,
+    return {"host_ms_per_call": host_ms, "wall_ms_per_call": wall_ms,
             "time_us_per_call": sum(time_of(e) for e in events) / CALLS,
             "time_is": "device (all kernels)" if device.type == "cuda" else "CPU ops (self), not a GPU figure",
             "kernels": [{"name": e.key[:120], "us_per_call": time_of(e) / CALLS, "launches_per_call": e.count / CALLS}
@@ -138,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
             except Exception as exc:  # one case failing is a result
                 result = {"status": f"failed: {exc.__class__.__name__}: {str(exc)[:200]}"}
             cases.append({"case": case, **result})
-            print(f"\n## {case}: " + (result.get("status") or f"{result['wall_ms_per_call']:.3f} ms wall per call, "
+            print(f"\n## {case}: " + (result.get("status") or f"{result['host_ms_per_call']:.3f} ms host, "
+                                       f"{result['wall_ms_per_call']:.3f} ms wall per call (profiled), "
                                        f"{result['time_us_per_call']:.1f} µs {result['time_is']}"))
             for k in result.get("kernels", []):
                 print(f"  {k['us_per_call']:10.1f} µs  x{k['launches_per_call']:<5.3g} {k['name']}")
