@@ -12,6 +12,8 @@ logit gradients dS that two more cuBLAS products take to dq and dd (backward). A
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -36,25 +38,33 @@ def _contrastive_loss_bwd_fake(grad_loss, queries, docs, labels, row_stats, col_
             torch.empty_like(docs, dtype=torch.float32, memory_format=torch.contiguous_format))
 
 
+@dataclass(frozen=True)
+class _Params:
+    temperature: float
+    symmetric: bool
+    dtype: torch.dtype  # the dtype the kernels run in (the caller's inputs')
+    doc_chunk: int      # docs per chunk, 0: the kernels' workspace budget
+
+
 class _ContrastiveLossFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, queries, docs, labels, temperature, symmetric, dtype, doc_chunk):
-        # The kernels run in `dtype`; queries/docs may be fp32 (normalised) and get fp32 gradients back.
+    def forward(ctx, queries, docs, labels, params: _Params):
+        # queries/docs may be fp32 (normalised) copies of lower-precision inputs and get fp32 gradients back.
         ctx.input_dtypes = (queries.dtype, docs.dtype)
-        queries, docs = queries.to(dtype).contiguous(), docs.to(dtype).contiguous()
-        loss, row_stats, col_stats = torch.ops.llm2comp.contrastive_loss_fwd(queries, docs, labels, temperature,
-                                                                             symmetric, doc_chunk)
+        queries, docs = queries.to(params.dtype).contiguous(), docs.to(params.dtype).contiguous()
+        loss, row_stats, col_stats = torch.ops.llm2comp.contrastive_loss_fwd(
+            queries, docs, labels, params.temperature, params.symmetric, params.doc_chunk)
         ctx.save_for_backward(queries, docs, labels, row_stats, col_stats)
-        ctx.temperature, ctx.symmetric, ctx.doc_chunk = temperature, symmetric, doc_chunk
+        ctx.params = params
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         queries, docs, labels, row_stats, col_stats = ctx.saved_tensors
+        p = ctx.params
         dq, dd = torch.ops.llm2comp.contrastive_loss_bwd(grad_loss.float().contiguous(), queries, docs, labels,
-                                                         row_stats, col_stats, ctx.temperature, ctx.symmetric,
-                                                         ctx.doc_chunk)
-        return dq.to(ctx.input_dtypes[0]), dd.to(ctx.input_dtypes[1]), None, None, None, None, None
+                                                         row_stats, col_stats, p.temperature, p.symmetric, p.doc_chunk)
+        return dq.to(ctx.input_dtypes[0]), dd.to(ctx.input_dtypes[1]), None, None
 
 
 def contrastive_loss_cuda(queries: torch.Tensor, docs: torch.Tensor, labels: torch.Tensor, temperature: float,
@@ -62,10 +72,10 @@ def contrastive_loss_cuda(queries: torch.Tensor, docs: torch.Tensor, labels: tor
     """queries `[B, D]`, docs `[N, D]`, labels int64 `[B]` -> scalar (`[B]` for "none") in queries' dtype.
     `doc_chunk`: docs per chunk (0: sized to the kernels' workspace budget)."""
     dtype = queries.dtype
+    params = _Params(float(temperature), symmetric, dtype, doc_chunk)
     if normalize:
         queries, docs = F.normalize(queries.float(), dim=-1), F.normalize(docs.float(), dim=-1)
-    per_query = _ContrastiveLossFn.apply(queries, docs, labels.to(torch.int64).contiguous(), float(temperature),
-                                         symmetric, dtype, doc_chunk)                          # fp32 [B]
+    per_query = _ContrastiveLossFn.apply(queries, docs, labels.to(torch.int64).contiguous(), params)  # fp32 [B]
     if reduction == "mean":
         per_query = per_query.mean()
     elif reduction == "sum":
