@@ -142,6 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_fwd_op(const at:
                                                                        const at::Tensor& docs,
                                                                        const at::Tensor& labels, double temperature,
                                                                        bool symmetric, int64_t requested_chunk) {
+    // labels must lie in [0, N): the Python API checks it once per tensor; checking here would sync every call.
     constexpr const char* OP = "llm2comp::contrastive_loss_fwd";
     check_pair(OP, queries, docs);
     float_dtype(OP, "queries", queries);
@@ -158,10 +159,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_fwd_op(const at:
     at::Tensor col_stats = at::empty({symmetric ? N : 0, 2}, f32);
     for (int64_t n0 = 0; n0 < N; n0 += chunk) {
         const at::Tensor docs_chunk = docs.narrow(0, n0, std::min(chunk, N - n0));
-        const at::Tensor logits = mm_fp32(queries, docs_chunk.t());  // [B, width]
-        LLM2COMP_CHECK_LAUNCH(contrastive_loss_block_stats(logits.data_ptr<float>(), B, logits.size(1), n0, scale_log2,
-                                                           n0 == 0, row_stats.data_ptr<float>(),
-                                                           labels.data_ptr<int64_t>(), loss.data_ptr<float>(), stream));
+        {  // scoped: the block is free for the column pass's
+            const at::Tensor logits = mm_fp32(queries, docs_chunk.t());  // [B, width]
+            LLM2COMP_CHECK_LAUNCH(contrastive_loss_block_stats(
+                logits.data_ptr<float>(), B, logits.size(1), n0, scale_log2, n0 == 0, row_stats.data_ptr<float>(),
+                labels.data_ptr<int64_t>(), loss.data_ptr<float>(), stream));
+        }
         if (symmetric) {  // these docs against every query: their column statistics, complete
             const at::Tensor logits_t = mm_fp32(docs_chunk, queries.t());  // [width, B]
             LLM2COMP_CHECK_LAUNCH(contrastive_loss_block_stats(logits_t.data_ptr<float>(), logits_t.size(0), B, 0,
