@@ -29,13 +29,13 @@ def contrastive_loss(queries: torch.Tensor, docs: torch.Tensor, *, labels: torch
             query i) and average both directions per sample.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (`[B]`).
         backend: ``"auto"`` (triton > cuda for CUDA tensors, else torch), ``"torch"``, ``"triton"``
-            or ``"cuda"``. No backend stores the `[B, N]` logits: the kernels tile them, the torch
+            or ``"cuda"``. No backend stores the `[B, N]` logits. The triton forward tiles them; the
+            triton backward and both cuda passes go through the docs in chunks whose `[B, C]` blocks
+            take about 128 MiB (C at least 256 docs), with the matrix products on cuBLAS; the torch
             backend goes through query chunks and recomputes each chunk in backward.
 
     Returns:
-        The loss in the inputs' dtype, computed in fp32; gradients reach queries and docs. The triton
-        backend's backward works through the docs in chunks whose `[B, C]` block of logit gradients takes
-        about 128 MiB (C at least 256), and its gradient products run on cuBLAS.
+        The loss in the inputs' dtype, computed in fp32; gradients reach queries and docs.
     """
     labels = check_contrastive_loss(queries, docs, labels, temperature, normalize, symmetric, reduction)
     chosen = resolve_backend("contrastive_loss", backend, queries.device, queries.dtype, cuda_op="contrastive_loss_fwd",
