@@ -4,21 +4,20 @@ Notation: ``s_ij = q_i . d_j / T`` (q, d already normalised when ``normalize=Tru
 ``r_i = logsumexp_j s_ij``, column LSE ``c_j = logsumexp_k s_kj``, labels ``l_i``. Per query
 ``loss_i = r_i - s_{i,l_i}``; symmetric: ``0.5 * (r_i - s_{i,l_i} + c_{l_i} - s_{i,l_i})``.
 
-Each forward kernel runs one program per (block of its rows, split of the other side): a kernel whose rows
-are the queries loops over the doc tiles of one split (`_splits`: as many splits as it takes to give the GPU
-about two programs per SM; one when the row blocks alone suffice). Without splits, B=1024 queries in blocks
-of 64 would be 16 programs on a 132-SM GPU.
+Forward: one pass over the logit tiles, `_contrastive_row_kernel`, one program per (block of BLOCK_M queries,
+split of the docs) looping over the doc tiles of its split (`_splits`: as many splits as it takes to give the
+GPU about two programs per SM; one when the query blocks alone suffice; without splits, B=1024 queries in
+blocks of 64 would be 16 programs on a 132-SM GPU).
 
-Forward (extra memory O(S (B + N)) for S splits):
-
-- `_contrastive_row_kernel`: per BLOCK_M queries and doc split, online softmax (base 2, fp32) over the doc
-  tiles gives a running max and a sum of exponentials (kept apart, see `_ContrastiveLossFn`), and the positive
-  logit ``s_{i,l_i}`` is picked out of the same tiles; `_combine` merges the splits' statistics into ``r_i``.
-- `_contrastive_col_kernel` (symmetric only): per BLOCK_N docs and query split, looping over query tiles,
-  gives ``c_j`` for all N docs. Why all N rather than only the B labelled docs: gathering ``docs[labels]``
-  would copy B x D values, recompute duplicated labels, and leave the backward without a per-doc LSE to
-  index; one doc-major pass costs the same tile products as the row pass, needs no atomics (each program
-  writes its own columns' statistics) and its `[N]` result is read directly by the backward.
+- Rows: online softmax (base 2, fp32) over the doc tiles gives a running max and a sum of exponentials (kept
+  apart, see `_ContrastiveLossFn`), and the positive logit ``s_{i,l_i}`` is picked out of the same tiles;
+  `_combine` merges the splits' statistics into ``r_i``. Extra memory O(S B) for S splits.
+- Columns (symmetric only), from the same tiles: each tile's column max and sum over its BLOCK_M queries go to
+  the program's row of a `[query blocks, N]` array, which `_combine` reduces to ``c_j`` for all N docs (all N
+  rather than the B labelled ones: the backward needs every doc's). The queries go through in chunks
+  (`_query_chunk`) that keep that array near `_DS_WORKSPACE_BYTES`, each chunk's ``c_j`` merged into the
+  previous ones'. One pass instead of a second, doc-major one: the symmetric forward costs the tile products
+  of one direction, not two.
 
 Backward (recompute): with upstream ``g_i``, ``a_i = g_i`` (``g_i / 2`` if symmetric) and
 ``G_j = sum_{i: l_i = j} a_i`` (symmetric only, an O(B) scatter in torch),
@@ -65,10 +64,11 @@ _LN2 = 0.6931471805599453
 # 64x128 tiles use 8 warps: with 4 they spill registers on sm_90 (`python .ci/compile_triton.py --only
 # contrastive` prints registers and spills per config and kernel).
 _FIXED = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
-# The backward's dS block: docs per chunk sized for this many bytes on a GPU (128 MiB: B = N = 8192 in bf16 is
-# one chunk; B = 32768 takes chunks of 2048 docs), a fixed 48 docs under the interpreter.
+# Working memory per launch on a GPU: the backward's dS block of a doc chunk (B = N = 8192 in bf16 is one chunk;
+# B = 32768 takes chunks of 2048 docs) and the symmetric forward's column statistics of a query chunk (N = 32768:
+# all queries at once). Under the interpreter, chunks of 24 rows instead, so the tests cross chunk edges.
 _DS_WORKSPACE_BYTES = 128 << 20
-_INTERPRET_CHUNK = 48
+_INTERPRET_CHUNK = 24
 # torch.mm/addmm(out_dtype=float32) on float16/bfloat16 CUDA tensors (cuBLAS, fp32 output) exist from torch 2.8.
 _MIXED_PRECISION_MM = torch.torch_version.TorchVersion(torch.__version__) >= (2, 8)
 _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
@@ -119,13 +119,19 @@ def _logits_tile(Q, Dm, offs_m, offs_n, B, N, D, stride_qb, stride_qd, stride_db
 
 @triton.jit
 def _contrastive_row_kernel(
-    Q, Dm, LABELS, ROW_MAX, ROW_SUM, POS,  # Q [B, D], Dm [N, D] (any strides), LABELS int64 [B], the rest fp32 [S, B]
-    stride_qb, stride_qd, stride_db, stride_dd,
+    Q, Dm, LABELS,  # Q [B, D], Dm [N, D] (any strides), LABELS int64 [B]: this launch's queries, all docs
+    ROW_MAX, ROW_SUM, POS,  # fp32 [S, B] views, row stride `stride_part`
+    COL_MAX, COL_SUM,  # fp32 [>= cdiv(B, BLOCK_M), N] contiguous (SYMMETRIC only)
+    stride_qb, stride_qd, stride_db, stride_dd, stride_part,
     B, N, D, scale_log2,
-    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SYMMETRIC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Program (i, s): queries of block i against the docs of split s, statistics into row s of the outputs.
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Program (i, s): queries of block i against the docs of split s, row statistics into row s of the
+    # outputs; if SYMMETRIC also, per doc tile, the column statistics of its BLOCK_M queries into row i of
+    # COL_MAX/COL_SUM (each (query block, doc) pair is in exactly one split).
+    pid_m = tl.program_id(0)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
     m_in = offs_m < B
     label = tl.load(LABELS + offs_m, mask=m_in, other=-1)
@@ -137,42 +143,25 @@ def _contrastive_row_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         s = _logits_tile(Q, Dm, offs_m, offs_n, B, N, D, stride_qb, stride_qd, stride_db, stride_dd, scale_log2,
                          UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
-        s = tl.where((offs_n < N)[None, :], s, float("-inf"))
+        n_in = offs_n < N
+        if SYMMETRIC:
+            # The block's first row is a real query, so every column max is finite; columns past N are not
+            # stored.
+            s_col = tl.where(m_in[:, None], s, float("-inf"))
+            col_max = tl.max(s_col, 0)
+            col_sum = tl.sum(tl.exp2(s_col - col_max[None, :]), 0)
+            tl.store(COL_MAX + pid_m * N + offs_n, col_max, mask=n_in)
+            tl.store(COL_SUM + pid_m * N + offs_n, col_sum, mask=n_in)
+        s = tl.where(n_in[None, :], s, float("-inf"))
         pos += tl.sum(tl.where(offs_n[None, :] == label[:, None], s, 0.0), 1)
         # The split's first tile starts with a real doc, so m_new is finite from the first step on (an empty
         # split stores max -inf, sum 0: nothing, to `_combine`).
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
         m_i = m_new
-    tl.store(ROW_MAX + split * B + offs_m, m_i, mask=m_in)
-    tl.store(ROW_SUM + split * B + offs_m, l_i, mask=m_in)
-    tl.store(POS + split * B + offs_m, pos, mask=m_in)
-
-
-@triton.jit
-def _contrastive_col_kernel(
-    Q, Dm, COL_MAX, COL_SUM,  # Q [B, D], Dm [N, D] (any strides), COL_MAX/COL_SUM fp32 [S, N]
-    stride_qb, stride_qd, stride_db, stride_dd,
-    B, N, D, scale_log2,
-    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    # Program (j, s): docs of block j against the queries of split s, statistics into row s of the outputs.
-    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    split = tl.program_id(1)
-    m_j = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    l_j = tl.zeros([BLOCK_N], tl.float32)
-    b_start, b_end = _split_range(B, BLOCK_M)
-    for b0 in range(b_start, b_end, BLOCK_M):
-        offs_m = b0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        s = _logits_tile(Q, Dm, offs_m, offs_n, B, N, D, stride_qb, stride_qd, stride_db, stride_dd, scale_log2,
-                         UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
-        s = tl.where((offs_m < B)[:, None], s, float("-inf"))
-        # The split's first tile starts with a real query, so m_new is finite from the first step on.
-        m_new = tl.maximum(m_j, tl.max(s, 0))
-        l_j = l_j * tl.exp2(m_j - m_new) + tl.sum(tl.exp2(s - m_new[None, :]), 0)
-        m_j = m_new
-    tl.store(COL_MAX + split * N + offs_n, m_j, mask=offs_n < N)
-    tl.store(COL_SUM + split * N + offs_n, l_j, mask=offs_n < N)
+    tl.store(ROW_MAX + split * stride_part + offs_m, m_i, mask=m_in)
+    tl.store(ROW_SUM + split * stride_part + offs_m, l_i, mask=m_in)
+    tl.store(POS + split * stride_part + offs_m, pos, mask=m_in)
 
 
 @triton.jit
@@ -220,13 +209,10 @@ def _contrastive_dlogits_kernel(
              mask=(offs_m < B)[:, None] & (offs_n < n_end)[None, :])
 
 
-def _tuned(kernel):
-    return triton.autotune(_CONFIGS, key=["D"])(kernel)
-
-
-_row_tuned = _tuned(_contrastive_row_kernel)
-_col_tuned = _tuned(_contrastive_col_kernel)
-_dlogits_tuned = _tuned(_contrastive_dlogits_kernel)
+# Autotuning runs a kernel once per config: the row kernel's column statistics are put back as they were after
+# each trial (a trial with smaller blocks would leave rows that the chosen config does not overwrite).
+_row_tuned = triton.autotune(_CONFIGS, key=["D"], restore_value=["COL_MAX", "COL_SUM"])(_contrastive_row_kernel)
+_dlogits_tuned = triton.autotune(_CONFIGS, key=["D"])(_contrastive_dlogits_kernel)
 
 
 def _launch(kernel, tuned, grid, *args, **constexprs) -> None:
@@ -251,11 +237,14 @@ def _splits_for(rows: int, rows_key: str, cols: int, cols_key: str, sms: int | N
     """`_splits` for a GPU of `sms` SMs (None: the interpreter)."""
     if sms is None:
         return 3
-    blocks = _CONFIGS if triton_autotune() else [triton.Config(_FIXED)]
-    row_block = min(c.kwargs[rows_key] for c in blocks)  # the most row programs any config launches
-    col_block = min(c.kwargs[cols_key] for c in blocks)
-    wanted = triton.cdiv(2 * sms, triton.cdiv(rows, row_block))
-    return max(1, min(wanted, triton.cdiv(cols, col_block)))
+    wanted = triton.cdiv(2 * sms, triton.cdiv(rows, _smallest(rows_key)))  # the most row programs of any config
+    return max(1, min(wanted, triton.cdiv(cols, _smallest(cols_key))))
+
+
+def _smallest(key: str) -> int:
+    """The smallest `key` block ("BLOCK_M", "BLOCK_N") a launch of this run may use."""
+    return min(c.kwargs[key] for c in _CONFIGS) if triton_autotune() else _FIXED[key]
+
 
 
 def _combine(part_max: torch.Tensor, part_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,6 +253,16 @@ def _combine(part_max: torch.Tensor, part_sum: torch.Tensor) -> tuple[torch.Tens
         return part_max[0], part_sum[0]
     overall = part_max.amax(0)
     return overall, (part_sum * torch.exp2(part_max - overall)).sum(0)
+
+
+def _query_chunk(B: int, N: int) -> int:
+    """Queries per launch of the symmetric forward: their column statistics, one fp32 (max, sum) pair per query
+    block and doc, stay near `_DS_WORKSPACE_BYTES` (a multiple of 256 queries, at least 256, at most B). Under
+    the interpreter `_INTERPRET_CHUNK`, so the tests merge several launches' statistics."""
+    if triton_interpret():
+        return min(B, _INTERPRET_CHUNK)
+    blocks = _DS_WORKSPACE_BYTES // (8 * N)
+    return min(B, max(256, blocks * _smallest("BLOCK_M") // 256 * 256))
 
 
 def _doc_chunk(B: int, N: int, itemsize: int) -> int:
@@ -314,22 +313,34 @@ class _ContrastiveLossFn(torch.autograd.Function):
         # log-sum-exp) so that `max - pos` is exactly 0 when the positive is the largest logit, and the softmax of
         # the backward is exp2(s - max) / sum: a well separated positive keeps the precision of its small
         # loss and of its 1 - p gradient instead of losing it to the rounding of a log-sum-exp of size |s|.
-        splits = _splits(B, "BLOCK_M", N, "BLOCK_N", q.device)
+        rows = _query_chunk(B, N) if params.symmetric else B
+        splits = _splits(rows, "BLOCK_M", N, "BLOCK_N", q.device)
         part_max = torch.empty(splits, B, device=q.device, dtype=torch.float32)
         part_sum, part_pos = torch.empty_like(part_max), torch.empty_like(part_max)
-        _launch(_contrastive_row_kernel, _row_tuned, lambda blocks: (triton.cdiv(B, blocks["BLOCK_M"]), splits),
-                q, d, labels, part_max, part_sum, part_pos, *strides, B, N, D, scale_log2, UPCAST=upcast)
+        col_max = col_sum = None
+        for b0 in range(0, B, rows):
+            bc = min(rows, B - b0)
+            # Column (max, sum) of each query block (symmetric; else unused placeholders). Allocated for the smallest
+            # block any config may use and started empty (-inf, 0): a config with larger blocks fills fewer rows,
+            # and the others add nothing when merged.
+            col_part = torch.empty((2, triton.cdiv(bc, _smallest("BLOCK_M")), N) if params.symmetric else (2, 1, 1),
+                                   device=q.device, dtype=torch.float32)
+            if params.symmetric:
+                col_part[0].fill_(float("-inf"))
+                col_part[1].zero_()
+            _launch(_contrastive_row_kernel, _row_tuned,
+                    lambda blocks, bc=bc: (triton.cdiv(bc, blocks["BLOCK_M"]), splits),
+                    q[b0:b0 + bc], d, labels[b0:b0 + bc], part_max[:, b0:], part_sum[:, b0:], part_pos[:, b0:],
+                    col_part[0], col_part[1], *strides, B, bc, N, D, scale_log2, SYMMETRIC=params.symmetric,
+                    UPCAST=upcast)
+            if params.symmetric:
+                stats = _combine(col_part[0], col_part[1])
+                col_max, col_sum = stats if col_max is None else _combine(
+                    torch.stack([col_max, stats[0]]), torch.stack([col_sum, stats[1]]))
         row_max, row_sum = _combine(part_max, part_sum)
         pos = part_pos.sum(0)  # only the split holding the positive contributes
         per_query = (row_max - pos) + torch.log2(row_sum)
-        col_max = col_sum = None
         if params.symmetric:
-            splits = _splits(N, "BLOCK_N", B, "BLOCK_M", q.device)
-            part_max = torch.empty(splits, N, device=q.device, dtype=torch.float32)
-            part_sum = torch.empty_like(part_max)
-            _launch(_contrastive_col_kernel, _col_tuned, lambda blocks: (triton.cdiv(N, blocks["BLOCK_N"]), splits),
-                    q, d, part_max, part_sum, *strides, B, N, D, scale_log2, UPCAST=upcast)
-            col_max, col_sum = _combine(part_max, part_sum)
             per_query = 0.5 * (per_query + (col_max[labels] - pos) + torch.log2(col_sum[labels]))
         ctx.save_for_backward(q, d, labels, row_max, row_sum, col_max, col_sum)
         ctx.params = params

@@ -331,6 +331,25 @@ def test_triton_doc_chunks_fit_the_workspace(B, N, itemsize, monkeypatch):
     assert backend._doc_chunk(B, N, itemsize) == min(N, backend._INTERPRET_CHUNK)
 
 
+@pytest.mark.parametrize("B, N", [(8192, 8192), (32768, 32768), (65536, 65536), (300, 10**6), (100, 7)])
+def test_triton_query_chunks_fit_the_workspace(B, N, monkeypatch):
+    """Queries per launch of the symmetric forward on a GPU: whole multiples of 256 (or all B), their column
+    statistics (an fp32 pair per query block of the smallest tuned block and doc) within the workspace unless
+    256 queries alone exceed it; 32k x 32k needs one launch."""
+    pytest.importorskip("triton")
+    from llm2comp_kernels.contrastive_loss import triton as backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("LLM2COMP_TRITON_AUTOTUNE", "1")
+    chunk = backend._query_chunk(B, N)
+    block = backend._smallest("BLOCK_M")
+    assert 1 <= chunk <= B and (chunk == B or chunk % 256 == 0)
+    assert 8 * N * math.ceil(chunk / block) <= max(backend._DS_WORKSPACE_BYTES, 8 * N * 256 // block)
+    assert chunk == B or 8 * N * ((chunk + 256) // block) > backend._DS_WORKSPACE_BYTES
+    if B == N == 32768:
+        assert chunk == B
+
+
 @pytest.mark.gpu
 def test_triton_repeats_bitwise(device, monkeypatch):
     """Nothing in the Triton backend adds atomically: B = N = 1024 splits the forward's doc loop across
