@@ -28,7 +28,7 @@ constexpr int64_t kChunkMultiple = 256;
 constexpr float kLn2 = 0.6931471805599453f;
 
 // (m, l) <- the statistics of the union of two sets given by (max, sum of exp2(x - max)); an empty set is
-// (-inf, 0). Symmetric in its two arguments, so every lane of a butterfly reduction ends with the same bits.
+// (-inf, 0).
 __device__ __forceinline__ void merge_stats(float& m, float& l, float m2, float l2) {
     const float m_new = fmaxf(m, m2);
     if (m_new == -INFINITY) return;  // both empty
@@ -64,6 +64,7 @@ __global__ void __launch_bounds__(kThreads) contrastive_block_stats_kernel(
         const float l2 = __shfl_xor_sync(0xffffffffu, l, offset);
         merge_stats(m, l, m2, l2);
     }
+    // Every lane now holds its warp's statistics (up to the rounding order); lane 0's are the ones used.
     if ((threadIdx.x & 31) == 0) warp_stats[threadIdx.x / 32] = make_float2(m, l);
     __syncthreads();
     if (threadIdx.x != 0) return;
