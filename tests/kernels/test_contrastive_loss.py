@@ -370,12 +370,14 @@ def test_triton_repeats_bitwise(device, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_triton_backward_in_many_doc_chunks(dtype, device, monkeypatch):
-    """A 1 MiB dS workspace splits N = 4133 docs into 17 chunks of 256 (the last one partial) at B = 2048:
-    gradients still match the float64 reference, duplicate labels and the symmetric column terms included."""
+    """A 1 MiB workspace splits the backward's N = 4133 docs into 17 chunks of 256 (the last one partial) and the
+    symmetric forward's B = 2048 queries into 8 chunks of 256: loss and gradients still match the float64
+    reference, duplicate labels and the symmetric column terms included."""
     from llm2comp_kernels.contrastive_loss import triton as backend
 
     monkeypatch.setattr(backend, "_DS_WORKSPACE_BYTES", 1 << 20)
     assert backend._doc_chunk(2048, 4133, 2) == 256
+    assert backend._query_chunk(2048, 4133) == 256
     _check("triton", device, 2048, 4133, 1024, dtype, "custom", True, True, "mean")
 
 
