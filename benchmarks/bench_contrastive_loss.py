@@ -66,7 +66,7 @@ def _inf_cl(device):
     try:
         from inf_cl import cal_inf_loss
     except ImportError:
-        return "not installed"
+        return harness.not_installed("inf-cl")
     if device.type != "cuda":
         return "skipped: Inf-CL's kernels need CUDA"
     scale = torch.tensor(1.0 / TEMPERATURE, device=device)
@@ -95,9 +95,6 @@ def _bench_shape(B, D, dtype, device, quick) -> list[dict]:
         for name, fn in _providers(device, quick).items():
             row = {"op": OP, "mode": mode, "shape": f"B={B} N={B} D={D}", "dtype": str(dtype).split(".")[-1],
                    "provider": name}
-            if fn == "not installed":
-                rows.append(harness.not_installed(row, "inf-cl"))
-                continue
             if isinstance(fn, str):
                 rows.append({**row, "status": fn})
                 continue

@@ -47,8 +47,8 @@ def run(quick: bool) -> list[dict]:
             try:
                 st = sentence_transformer(base, device, dtype)
             except ImportError:
-                rows.append(harness.not_installed({**base_row, "provider": "sentence_transformers_mean"},
-                                                  "sentence-transformers"))
+                rows.append({**base_row, "provider": "sentence_transformers_mean",
+                             "status": harness.not_installed("sentence-transformers")})
                 continue
             st.max_seq_length = max_length
             fn = lambda m=st: m.encode(texts, batch_size=batch_size, show_progress_bar=False)

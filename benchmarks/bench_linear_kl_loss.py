@@ -77,7 +77,7 @@ def _providers(device):
     providers = {"triton": _ours("triton"), "torch": _ours("torch"), "naive": _naive,
                  "naive_compiled": torch.compile(_naive)}
     liger = _liger()
-    providers["liger"] = liger if liger is not None else "not installed"
+    providers["liger"] = liger if liger is not None else harness.not_installed("liger-kernel")
     if liger is not None and device.type != "cuda":
         providers["liger"] = "skipped: Liger's kernels need CUDA"
     return providers
@@ -97,9 +97,6 @@ def _bench_shape(N, H, V, dtype, device, quick, mode, head_trained=True) -> list
         row = {"op": OP, "mode": mode, "shape": shape, "dtype": str(dtype).split(".")[-1], "provider": name}
         if name == "liger":
             row["config"] = LIGER_NOTE
-        if fn == "not installed":
-            rows.append(harness.not_installed(row, "liger-kernel"))
-            continue
         if isinstance(fn, str):
             rows.append({**row, "status": fn})
             continue

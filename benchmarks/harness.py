@@ -265,9 +265,9 @@ def kernel_device(name: str, quick: bool) -> torch.device:
     return torch.device("cpu")
 
 
-def not_installed(row: dict, package: str) -> dict:
-    """A row recording that a peer could not be measured, instead of a crash or a made-up figure."""
-    return {**row, "status": f"not installed ({package})"}
+def not_installed(package: str) -> str:
+    """The status of a row whose peer could not be measured, instead of a crash or a made-up figure."""
+    return f"not installed ({package})"
 
 
 def failed(row: dict, exc: BaseException) -> dict:
