@@ -159,17 +159,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_fwd_op(const at:
     at::Tensor col_stats = at::empty({symmetric ? N : 0, 2}, f32);
     for (int64_t n0 = 0; n0 < N; n0 += chunk) {
         const at::Tensor docs_chunk = docs.narrow(0, n0, std::min(chunk, N - n0));
-        {  // scoped: the block is free for the column pass's
-            const at::Tensor logits = mm_fp32(queries, docs_chunk.t());  // [B, width]
-            LLM2COMP_CHECK_LAUNCH(contrastive_loss_block_stats(
-                logits.data_ptr<float>(), B, logits.size(1), n0, scale_log2, n0 == 0, row_stats.data_ptr<float>(),
-                labels.data_ptr<int64_t>(), loss.data_ptr<float>(), stream));
-        }
-        if (symmetric) {  // these docs against every query: their column statistics, complete
-            const at::Tensor logits_t = mm_fp32(docs_chunk, queries.t());  // [width, B]
-            LLM2COMP_CHECK_LAUNCH(contrastive_loss_block_stats(logits_t.data_ptr<float>(), logits_t.size(0), B, 0,
-                                                               scale_log2, true, col_stats.data_ptr<float>() + 2 * n0,
-                                                               nullptr, nullptr, stream));
+        const at::Tensor logits = mm_fp32(queries, docs_chunk.t());  // [B, width]
+        LLM2COMP_CHECK_LAUNCH(contrastive_loss_block_stats(
+            logits.data_ptr<float>(), B, logits.size(1), n0, scale_log2, n0 == 0, row_stats.data_ptr<float>(),
+            labels.data_ptr<int64_t>(), loss.data_ptr<float>(), stream));
+        if (symmetric) {  // the block holds these docs against every query: their column statistics, complete
+            LLM2COMP_CHECK_LAUNCH(contrastive_loss_col_stats(logits.data_ptr<float>(), B, logits.size(1), scale_log2,
+                                                             col_stats.data_ptr<float>() + 2 * n0, stream));
         }
     }
     LLM2COMP_CHECK_LAUNCH(contrastive_loss_finalize(row_stats.data_ptr<float>(),

@@ -34,6 +34,11 @@ cudaError_t contrastive_loss_block_stats(const float* logits, int64_t rows, int6
                                          float scale_log2, bool first, float* stats, const int64_t* target,
                                          float* target_logit, cudaStream_t stream);
 
+// logits fp32 [rows, cols] contiguous, holding every row (query) of these columns -> stats fp32 [cols, 2], the
+// columns' complete statistics (overwritten).
+cudaError_t contrastive_loss_col_stats(const float* logits, int64_t rows, int64_t cols, float scale_log2,
+                                       float* stats, cudaStream_t stream);
+
 // loss fp32 [B] holds the positive logits x_pos on entry and the per-query losses on exit, from row_stats
 // [B, 2] and (symmetric only, else nullptr) col_stats [N, 2].
 cudaError_t contrastive_loss_finalize(const float* row_stats, const float* col_stats, const int64_t* labels,

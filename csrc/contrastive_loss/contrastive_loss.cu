@@ -5,7 +5,9 @@
 // - block_stats: per row of a block, the softmax statistics in base 2, the max of x = s log2(e) / T and the
 //   sum of exp2(x - max), kept apart so that the loss (max - x_pos) + log2(sum) is exact when the positive is
 //   the largest logit; merged online into the statistics of the previous chunks, and (if asked) x at one
-//   target column. Queries x docs blocks give the row statistics, docs x queries blocks the column ones.
+//   target column (the row statistics of a queries x docs block).
+// - col_stats: the same statistics per column of that block, which holds every query: complete column
+//   statistics of the chunk's docs (symmetric), from the very logits the row pass read.
 // - block_dlogits: the logit gradient dS of a queries x docs block, in the inputs' dtype, the operand of the
 //   two gradient GEMMs (dq += dS . docs, dd = dS^T . queries) that follow on cuBLAS.
 // - finalize: per-query losses from the statistics; weights: the backward's softmax weights.
@@ -36,9 +38,19 @@ __device__ __forceinline__ void merge_stats(float& m, float& l, float m2, float 
     m = m_new;
 }
 
+// (m, l) <- the statistics with one more element x.
+__device__ __forceinline__ void add_stat(float& m, float& l, float x) {
+    if (x > m) {
+        l = l * exp2f(m - x) + 1.0f;
+        m = x;
+    } else {
+        l += exp2f(x - m);
+    }
+}
+
 // One block per row: its threads stride over the columns (consecutive threads, consecutive floats), each
 // keeping online statistics, then the warps' and the block's are merged in a fixed order. A block per row
-// rather than a warp: the column pass has few rows (one chunk of docs) that are long (all B queries).
+// rather than a warp: rows are long (a chunk of docs, thousands of columns).
 __global__ void __launch_bounds__(kThreads) contrastive_block_stats_kernel(
     const float* __restrict__ logits,      // [rows, cols] raw dot products
     int64_t cols, int64_t col0, float scale_log2, bool first,
@@ -49,15 +61,7 @@ __global__ void __launch_bounds__(kThreads) contrastive_block_stats_kernel(
     const int64_t row = blockIdx.x;
     const float* x_row = logits + row * cols;
     float m = -INFINITY, l = 0.0f;
-    for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
-        const float x = x_row[j] * scale_log2;
-        if (x > m) {
-            l = l * exp2f(m - x) + 1.0f;
-            m = x;
-        } else {
-            l += exp2f(x - m);
-        }
-    }
+    for (int64_t j = threadIdx.x; j < cols; j += kThreads) add_stat(m, l, x_row[j] * scale_log2);
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {
         const float m2 = __shfl_xor_sync(0xffffffffu, m, offset);
@@ -82,6 +86,45 @@ __global__ void __launch_bounds__(kThreads) contrastive_block_stats_kernel(
         // The same product as in the max, so max - x_pos is exactly 0 when the positive is the largest.
         if (c >= 0 && c < cols) target_logit[row] = x_row[c] * scale_log2;
     }
+}
+
+// Column statistics of a [rows, cols] block: one block per kColsPerBlock columns. Thread t reads column
+// t % kColsPerBlock of rows t / kColsPerBlock + k * kRowLanes, so each warp reads whole 32-byte sectors; the
+// kRowLanes partial statistics of a column are merged in a fixed order (within warps by shuffles, then across
+// warps through shared memory).
+constexpr int kColsPerBlock = 8;
+constexpr int kRowLanes = kThreads / kColsPerBlock;
+
+__global__ void __launch_bounds__(kThreads) contrastive_col_stats_kernel(
+    const float* __restrict__ logits,      // [rows, cols] raw dot products
+    int64_t rows, int64_t cols, float scale_log2,
+    float2* __restrict__ stats) {          // [cols] (max, sum), overwritten
+    __shared__ float2 warp_stats[kWarps][kColsPerBlock];
+    const int c = threadIdx.x % kColsPerBlock;
+    const int64_t col = int64_t(blockIdx.x) * kColsPerBlock + c;
+    float m = -INFINITY, l = 0.0f;
+    if (col < cols) {
+#pragma unroll 8
+        for (int64_t i = threadIdx.x / kColsPerBlock; i < rows; i += kRowLanes) {
+            add_stat(m, l, logits[i * cols + col] * scale_log2);
+        }
+    }
+    // Lanes c, c + 8, c + 16 and c + 24 of a warp hold the same column.
+#pragma unroll
+    for (int offset = 16; offset >= kColsPerBlock; offset >>= 1) {
+        const float m2 = __shfl_xor_sync(0xffffffffu, m, offset);
+        const float l2 = __shfl_xor_sync(0xffffffffu, l, offset);
+        merge_stats(m, l, m2, l2);
+    }
+    const int lane = threadIdx.x % 32;
+    if (lane < kColsPerBlock) warp_stats[threadIdx.x / 32][lane] = make_float2(m, l);
+    __syncthreads();
+    if (threadIdx.x >= kColsPerBlock || col >= cols) return;
+    m = -INFINITY;
+    l = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) merge_stats(m, l, warp_stats[w][c].x, warp_stats[w][c].y);
+    stats[col] = make_float2(m, l);
 }
 
 // dS(i, j) = w_row[i] softmax_row(i, j) + w_col[j] softmax_col(i, j) - g[i] [j == labels[i]] for the
@@ -175,6 +218,13 @@ cudaError_t contrastive_loss_block_stats(const float* logits, int64_t rows, int6
                                          float* target_logit, cudaStream_t stream) {
     contrastive_block_stats_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
         logits, cols, col0, scale_log2, first, reinterpret_cast<float2*>(stats), target, target_logit);
+    return cudaGetLastError();
+}
+
+cudaError_t contrastive_loss_col_stats(const float* logits, int64_t rows, int64_t cols, float scale_log2,
+                                       float* stats, cudaStream_t stream) {
+    contrastive_col_stats_kernel<<<blocks_1d(cols, kColsPerBlock), kThreads, 0, stream>>>(
+        logits, rows, cols, scale_log2, reinterpret_cast<float2*>(stats));
     return cudaGetLastError();
 }
 
