@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     failures = []
     for name in names:
         print(f"\n## {name}", flush=True)
+        start = time.perf_counter()
         try:
             rows = importlib.import_module(f"benchmarks.bench_{name}").run(args.quick)
         except Exception:
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(name)
             continue
         print(harness.format_table(rows))
-        path = harness.write_results(name, rows, args.out)
+        path = harness.write_results(name, rows, args.out, time.perf_counter() - start)
         print(f"wrote {path}")
         if not args.no_plots:
             plot = plot_results(path)

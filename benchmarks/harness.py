@@ -359,12 +359,14 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in table)
 
 
-def write_results(name: str, rows: list[dict], out_dir: Path | str | None = None) -> Path:
+def write_results(name: str, rows: list[dict], out_dir: Path | str | None, wall_s: float) -> Path:
+    """`<out_dir>/<name>_{gpu,cpu}.json`: the environment, the rows, and the run's wall time (`wall_s`, what a GPU
+    visit's time budget must hold for this benchmark)."""
     out_dir = Path(out_dir or RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = "gpu" if torch.cuda.is_available() else "cpu"
     path = out_dir / f"{name}_{tag}.json"
-    path.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=1))
+    path.write_text(json.dumps({"environment": {**environment(), "wall_s": round(wall_s, 1)}, "rows": rows}, indent=1))
     return path
 
 
@@ -374,6 +376,7 @@ def main(name: str, run: Callable[[bool], list[dict]]) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes: proves the harness, claims no timings")
     parser.add_argument("--out", default=None, help=f"result folder (default {RESULTS_DIR})")
     args = parser.parse_args()
+    start = time.perf_counter()
     rows = run(args.quick)
     print(format_table(rows))
-    print(f"wrote {write_results(name, rows, args.out)}")
+    print(f"wrote {write_results(name, rows, args.out, time.perf_counter() - start)}")

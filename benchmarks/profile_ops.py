@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := sorted(set(names) - set(GROUPS)):
         parser.error(f"unknown groups {unknown}; available: {sorted(GROUPS)}")
     device = harness.kernel_device("profile_ops", args.quick)
-    cases = []
+    cases, start = [], time.perf_counter()
     for name in names:
         for case, step in GROUPS[name](args.quick, device).items():
             try:
@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"profile_{'gpu' if device.type == 'cuda' else 'cpu'}.json"
-    path.write_text(json.dumps({"environment": harness.environment(), "cases": cases}, indent=1))
+    environment = {**harness.environment(), "wall_s": round(time.perf_counter() - start, 1)}
+    path.write_text(json.dumps({"environment": environment, "cases": cases}, indent=1))
     print(f"wrote {path}")
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine with CUDA torch: build the extension, run the GPU tests and the benchmarks, and leave the
-# logs and JSON in $OUT (default ./out) as one results.tar.gz. Prepare the offline machine's wheels and data
-# here first with `bash benchmarks/prepare_gpu.sh`, and carry .gpu-wheels and .gpu-data with the call.
+# logs and JSON in $OUT (default ./out) as one results.tar.gz, beside this script's timestamped log run_gpu.log.
+# Prepare the offline machine's wheels and data here first with `bash benchmarks/prepare_gpu.sh`, and carry
+# .gpu-wheels and .gpu-data with the call.
 #
 # Parts, chosen with PARTS (default: tests profile kernels e2e, in this order):
 #   PARTS=tests    the kernel test matrix on the GPU (TEST_MARKS, default "gpu or not slow") and every gpu-marked
@@ -20,6 +21,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 R=$OUT/results
 mkdir -p "$R"
+exec > >(tee -a "$OUT/run_gpu.log") 2>&1  # the timestamped steps, beside the tarball: how long each one took
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 PARTS=${PARTS-tests profile kernels e2e}  # PARTS= (empty): none, e.g. with BENCH=...

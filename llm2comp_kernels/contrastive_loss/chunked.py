@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .._validation import rows_per_chunk
+from .reference import reduce_losses
 
 # fp32 `[C, N]` buffers alive at once in a chunk's backward (logits, softmax, its gradient).
 _BUFFERS_PER_ROW = 3
@@ -49,8 +50,4 @@ def contrastive_loss_torch(queries: torch.Tensor, docs: torch.Tensor, labels: to
         targets = torch.arange(labels.shape[0], device=labels.device)
         back = _chunked_losses(d.index_select(0, labels), q, targets, temperature, chunk_rows)
         per_query = 0.5 * (per_query + back)
-    if reduction == "mean":
-        per_query = per_query.mean()
-    elif reduction == "sum":
-        per_query = per_query.sum()
-    return per_query.to(queries.dtype)
+    return reduce_losses(per_query, reduction, queries.dtype)

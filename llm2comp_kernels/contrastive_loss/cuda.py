@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .._backends import cuda_extension
+from .reference import reduce_losses
 
 cuda_extension()  # importing llm2comp_kernels._C registers torch.ops.llm2comp.*
 
@@ -76,8 +77,4 @@ def contrastive_loss_cuda(queries: torch.Tensor, docs: torch.Tensor, labels: tor
     if normalize:
         queries, docs = F.normalize(queries.float(), dim=-1), F.normalize(docs.float(), dim=-1)
     per_query = _ContrastiveLossFn.apply(queries, docs, labels.to(torch.int64).contiguous(), params)  # fp32 [B]
-    if reduction == "mean":
-        per_query = per_query.mean()
-    elif reduction == "sum":
-        per_query = per_query.sum()
-    return per_query.to(dtype)
+    return reduce_losses(per_query, reduction, dtype)

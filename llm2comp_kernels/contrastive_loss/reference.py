@@ -23,8 +23,14 @@ def contrastive_loss_reference(queries: torch.Tensor, docs: torch.Tensor, labels
         doc_to_query = logits[:, labels].T                              # [B, B]
         target = torch.arange(len(labels), device=labels.device)
         per_query = 0.5 * (per_query + F.cross_entropy(doc_to_query, target, reduction="none"))
+    return reduce_losses(per_query, reduction, queries.dtype)
+
+
+def reduce_losses(per_query: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
+    """Per-query losses `[B]` -> their mean, their sum, or themselves (``"none"``), in `dtype`. Every backend
+    ends with it."""
     if reduction == "mean":
         per_query = per_query.mean()
     elif reduction == "sum":
         per_query = per_query.sum()
-    return per_query.to(queries.dtype)
+    return per_query.to(dtype)

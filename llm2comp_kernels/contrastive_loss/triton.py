@@ -55,6 +55,8 @@ import triton
 import triton.language as tl
 
 from .._backends import triton_autotune, triton_interpret
+from .._triton_dot import dot, dot_upcast
+from .reference import reduce_losses
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -75,18 +77,6 @@ _MIXED_PRECISION_MM = torch.torch_version.TorchVersion(torch.__version__) >= (2,
 _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
             for m, n, k, w, s in [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3),
                                   (64, 64, 64, 4, 4), (64, 256, 64, 8, 3)]]
-
-
-@triton.jit
-def _dot(a, b, UPCAST: tl.constexpr):
-    """fp32-accumulated ``a @ b``. float32 operands use IEEE fp32 products (TF32 would cost ~1e-3 relative
-    error). UPCAST (CPU interpreter with bfloat16 only) multiplies fp32 copies, since the triton 3.9
-    interpreter computes bfloat16 dots wrongly; bf16 products are exact in fp32."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    if a.dtype == tl.float32:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
 
 
 @triton.jit
@@ -114,7 +104,7 @@ def _logits_tile(Q, Dm, offs_m, offs_n, B, N, D, stride_qb, stride_qd, stride_db
                     mask=m_in[:, None] & k_in[None, :], other=0.0)
         d = tl.load(Dm + offs_n[:, None] * stride_db + offs_k[None, :] * stride_dd,
                     mask=n_in[:, None] & k_in[None, :], other=0.0)
-        acc += _dot(q, tl.trans(d), UPCAST)
+        acc += dot(q, tl.trans(d), UPCAST)
     return acc * scale_log2
 
 
@@ -308,7 +298,7 @@ class _ContrastiveLossFn(torch.autograd.Function):
         B, D = q.shape
         N = d.shape[0]
         scale_log2 = _LOG2E / params.temperature
-        upcast = triton_interpret() and params.dtype == torch.bfloat16
+        upcast = dot_upcast(params.dtype)
         strides = (*q.stride(), *d.stride())
         # Softmax statistics in base 2: running max and sum of exp2(s - max), kept apart (not folded into one
         # log-sum-exp) so that `max - pos` is exactly 0 when the positive is the largest logit, and the softmax of
@@ -361,7 +351,7 @@ class _ContrastiveLossFn(torch.autograd.Function):
             col_w = torch.zeros(N, device=g.device, dtype=torch.float32).index_put_((labels,), a, accumulate=True)
             col_w = col_w / col_sum
         inputs = (q, d, labels, row_max, col_max, a / row_sum, g, col_w)
-        flags = dict(SYMMETRIC=params.symmetric, UPCAST=triton_interpret() and params.dtype == torch.bfloat16)
+        flags = dict(SYMMETRIC=params.symmetric, UPCAST=dot_upcast(params.dtype))
         scale = 1.0 / params.temperature
         chunk = _doc_chunk(B, N, q.element_size())
         dq = dd = None
@@ -396,8 +386,4 @@ def contrastive_loss_triton(queries: torch.Tensor, docs: torch.Tensor, labels: t
     if normalize:
         queries, docs = F.normalize(queries.float(), dim=-1), F.normalize(docs.float(), dim=-1)
     per_query = _ContrastiveLossFn.apply(queries, docs, labels.to(torch.int64).contiguous(), params)  # fp32 [B]
-    if reduction == "mean":
-        per_query = per_query.mean()
-    elif reduction == "sum":
-        per_query = per_query.sum()
-    return per_query.to(params.dtype)
+    return reduce_losses(per_query, reduction, params.dtype)

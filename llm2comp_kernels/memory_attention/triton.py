@@ -28,6 +28,7 @@ import triton.language as tl
 
 from .._autograd import needs_autograd
 from .._backends import triton_autotune, triton_interpret
+from .._triton_dot import dot, dot_upcast
 
 _LOG2E = 1.4426950408889634
 
@@ -82,19 +83,6 @@ def _pruner(fp32_configs):
 
 
 @triton.jit
-def _dot(a, b, UPCAST: tl.constexpr):
-    """fp32-accumulated ``a @ b``. float32 operands use IEEE fp32 products (as torch does by default; TF32
-    would cost ~1e-3 relative error). UPCAST (CPU interpreter with bfloat16 only) multiplies fp32 copies,
-    since the triton 3.9 interpreter computes bfloat16 dots wrongly; products of bf16 values are exact in
-    fp32, so this matches the tensor-core result up to summation order."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    if a.dtype == tl.float32:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
-
-
-@triton.jit
 def _memory_attention_fwd_kernel(
     Q, K, V, O, LSE, SEQ_LENS,  # Q/O [B, Hq, L, D], K/V [B, Hkv, L, D] (any strides), LSE fp32 [B, Hq, L], SEQ_LENS [B]
     stride_qb, stride_qh, stride_ql, stride_qd,
@@ -135,7 +123,7 @@ def _memory_attention_fwd_kernel(
         kv_mask = col_real[:, None] & d_real[None, :]
         k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), DOT_UPCAST) * scale_log2
+        s = dot(q, tl.trans(k), DOT_UPCAST) * scale_log2
         allowed = col_real[None, :]
         if CAUSAL:
             allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
@@ -145,7 +133,7 @@ def _memory_attention_fwd_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_UPCAST)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_UPCAST)
         m_i = m_new
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -230,15 +218,15 @@ def _memory_attention_bwd_dkdv_kernel(
                          mask=q_mask, other=0.0)
             lse = tl.load(LSE + row_base + offs_m, mask=row_real, other=0.0)
             delta = tl.load(DELTA + row_base + offs_m, mask=row_real, other=0.0)
-            s_t = _dot(k, tl.trans(q), DOT_UPCAST) * scale_log2
+            s_t = dot(k, tl.trans(q), DOT_UPCAST) * scale_log2
             allowed = col_real[:, None] & row_real[None, :]
             if CAUSAL:
                 allowed = allowed & (offs_m[None, :] >= offs_n[:, None])
             p_t = tl.where(allowed, tl.exp2(s_t - lse[None, :]), 0.0)
-            dv += _dot(p_t.to(do.dtype), do, DOT_UPCAST)
-            dp_t = _dot(v, tl.trans(do), DOT_UPCAST)
+            dv += dot(p_t.to(do.dtype), do, DOT_UPCAST)
+            dp_t = dot(v, tl.trans(do), DOT_UPCAST)
             ds_t = p_t * (dp_t - delta[None, :])
-            dk += _dot(ds_t.to(q.dtype), q, DOT_UPCAST)
+            dk += dot(ds_t.to(q.dtype), q, DOT_UPCAST)
 
     # Padded key rows got no contribution (p_t is 0 there), so they store exact zeros.
     row_in = (offs_n < L)[:, None] & d_real[None, :]
@@ -291,14 +279,14 @@ def _memory_attention_bwd_dq_kernel(
         kv_mask = col_real[:, None] & d_real[None, :]
         k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), DOT_UPCAST) * scale_log2
+        s = dot(q, tl.trans(k), DOT_UPCAST) * scale_log2
         allowed = row_real[:, None] & col_real[None, :]
         if CAUSAL:
             allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
         p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), DOT_UPCAST)
+        dp = dot(do, tl.trans(v), DOT_UPCAST)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, DOT_UPCAST)
+        dq += dot(ds.to(k.dtype), k, DOT_UPCAST)
 
     row_in = (offs_m < L)[:, None] & d_real[None, :]
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :] * stride_dqd,
@@ -339,10 +327,6 @@ def _launch(name: str, kernel, tuned, rows_key: str, L: int, heads: int, B: int,
         kernel[(triton.cdiv(L, blocks[rows_key]), B * heads)](*args, **constexprs, **blocks)
 
 
-def _dot_upcast(dtype: torch.dtype) -> bool:
-    return triton_interpret() and dtype == torch.bfloat16
-
-
 def _l_bucket(L: int) -> int:
     """Autotune bucket for the sequence length: powers of two from 64 to 8192, so tuning runs a few times."""
     return min(max(triton.next_power_of_2(L), 64), 8192)
@@ -363,7 +347,7 @@ def _forward(q, k, v, seq_lens, params: _AttentionParams):
     _launch("fwd", _memory_attention_fwd_kernel, _fwd_tuned, "BLOCK_M", L, Hq, B,
             q, k, v, o, lse, seq_lens, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             Hq, Hq // Hkv, L, d, _l_bucket(L), params.scale * _LOG2E,
-            CAUSAL=params.causal, DOT_UPCAST=_dot_upcast(q.dtype), BLOCK_D=max(16, triton.next_power_of_2(d)))
+            CAUSAL=params.causal, DOT_UPCAST=dot_upcast(q.dtype), BLOCK_D=max(16, triton.next_power_of_2(d)))
     return o, lse
 
 
@@ -377,7 +361,7 @@ def _backward(q, k, v, o, lse, seq_lens, do, params: _AttentionParams):
         o, do, delta, seq_lens, *o.stride(), *do.stride(), Hq, L, d, BLOCK_D=block_d, BLOCK_M=delta_block)
     # empty_like keeps the inputs' strides when they are dense, so each grad matches its input's layout.
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    common = dict(CAUSAL=params.causal, DOT_UPCAST=_dot_upcast(q.dtype), BLOCK_D=block_d)
+    common = dict(CAUSAL=params.causal, DOT_UPCAST=dot_upcast(q.dtype), BLOCK_D=block_d)
     _launch("dkdv", _memory_attention_bwd_dkdv_kernel, _dkdv_tuned, "BLOCK_N", L, Hkv, B,
             q, k, v, do, dk, dv, lse, delta, seq_lens,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
