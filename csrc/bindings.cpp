@@ -129,6 +129,22 @@ at::Tensor mm_fp32(const at::Tensor& a, const at::Tensor& b) {
     return a.scalar_type() == at::kFloat ? at::mm(a, b) : at::mm(a, b, at::kFloat);
 }
 
+// Whether at::addmm takes an fp32 tensor to add to 16-bit operands' fp32 product (out_dtype kFloat). The first
+// releases with out_dtype (torch 2.8, 2.9) required it in the operands' dtype; later ones accept the output's.
+// Probed once, on a 1 x 1 product on `like`'s device, rather than guessed from the version.
+bool addmm_takes_fp32_accumulator(const at::Tensor& like) {
+    static const bool takes = [&] {
+        const at::Tensor x = at::zeros({1, 1}, like.options());
+        try {
+            at::addmm(at::zeros({1, 1}, like.options().dtype(at::kFloat)), x, x, at::kFloat);
+        } catch (const c10::Error&) {
+            return false;
+        }
+        return true;
+    }();
+    return takes;
+}
+
 // Docs per chunk: `requested` if > 0 (the tests' way to cover many chunks), else the kernels' budget for a
 // block of fp32 logits plus (16-bit inputs) its dS block.
 int64_t doc_chunk(const char* OP, int64_t requested, int64_t B, int64_t N, const at::Tensor& queries) {
@@ -222,8 +238,10 @@ std::tuple<at::Tensor, at::Tensor> contrastive_loss_bwd_op(const at::Tensor& gra
         // 1/T on the fp32 products: dS itself stays within |g|, in range for fp16 under loss scaling.
         if (dtype == DType::kFloat32) {
             dq.addmm_(ds, docs_chunk, 1.0, inv_temp);
-        } else {
+        } else if (addmm_takes_fp32_accumulator(queries)) {
             dq = at::addmm(dq, ds, docs_chunk, at::kFloat, 1.0, inv_temp);
+        } else {
+            dq.add_(at::mm(ds, docs_chunk, at::kFloat), inv_temp);
         }
         at::Tensor dd_chunk = dd.narrow(0, n0, width);
         at::mul_out(dd_chunk, mm_fp32(ds.t(), queries), inv_temp);

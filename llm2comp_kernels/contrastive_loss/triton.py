@@ -47,6 +47,7 @@ with unequal query/doc blocks so the tests cross tile edges that do not line up.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -278,7 +279,22 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor, alpha: float, add_to: torch.Tenso
             a, b = a.float(), b.float()
     if add_to is None:
         return torch.mm(a, b, **extra).mul_(alpha)
+    if extra and not _addmm_takes_fp32_accumulator(a.device):
+        return add_to.add_(torch.mm(a, b, **extra), alpha=alpha)
     return torch.addmm(add_to, a, b, alpha=alpha, **extra)
+
+
+@functools.cache
+def _addmm_takes_fp32_accumulator(device: torch.device) -> bool:
+    """Whether ``torch.addmm(fp32, bf16, bf16, out_dtype=float32)`` runs here. The first releases with out_dtype
+    (2.8, 2.9) required the added tensor in the operands' dtype; later ones accept it in the output's. Probed once
+    on a 1 x 1 product rather than guessed from the version."""
+    acc, x = torch.zeros(1, 1, device=device), torch.zeros(1, 1, device=device, dtype=torch.bfloat16)
+    try:
+        torch.addmm(acc, x, x, out_dtype=torch.float32)
+    except (RuntimeError, TypeError):
+        return False
+    return True
 
 
 @dataclass(frozen=True)
