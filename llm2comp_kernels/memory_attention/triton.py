@@ -83,6 +83,39 @@ def _pruner(fp32_configs):
 
 
 @triton.jit
+def _rows(base, offs, stride_row, stride_d, real, D, BLOCK_D: tl.constexpr):
+    """The `[rows, BLOCK_D]` tile of rows `offs` at `base`; rows where `real` is False and columns >= D read as 0."""
+    offs_d = tl.arange(0, BLOCK_D)
+    return tl.load(base + offs[:, None] * stride_row + offs_d[None, :] * stride_d,
+                   mask=real[:, None] & (offs_d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(base, offs, stride_row, stride_d, tile, L, D, BLOCK_D: tl.constexpr):
+    """Store the fp32 `tile` `[rows, BLOCK_D]` at rows `offs` of `base` in base's dtype: rows < L, columns < D."""
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(base + offs[:, None] * stride_row + offs_d[None, :] * stride_d, tile.to(base.dtype.element_ty),
+             mask=(offs < L)[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _query_block(SEQ_LENS, Hq, GROUP, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's query block (program ids: query block, batch row * Hq + q head): (b * Hq + h, b, h, the kv
+    head, seq_lens[b], the block's rows, which of them are real, and the end of the keys they read: 0 for a block
+    wholly in the padding, so that nothing of its row is loaded; causal: up to the block's last row)."""
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
+    start_m = tl.program_id(0) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    end_n = tl.where(start_m < seq_len, seq_len, 0)
+    if CAUSAL:
+        end_n = tl.minimum(end_n, start_m + BLOCK_M)
+    return pid_bh, b, h, h // GROUP, seq_len, offs_m, offs_m < seq_len, end_n
+
+
+@triton.jit
 def _memory_attention_fwd_kernel(
     Q, K, V, O, LSE, SEQ_LENS,  # Q/O [B, Hq, L, D], K/V [B, Hkv, L, D] (any strides), LSE fp32 [B, Hq, L], SEQ_LENS [B]
     stride_qb, stride_qh, stride_ql, stride_qd,
@@ -93,36 +126,18 @@ def _memory_attention_fwd_kernel(
     CAUSAL: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // GROUP
-    seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_real = offs_m < seq_len
-    d_real = offs_d < D
-
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
-                mask=row_real[:, None] & d_real[None, :], other=0.0)
+    pid_bh, b, h, hk, seq_len, offs_m, row_real, end_n = _query_block(SEQ_LENS, Hq, GROUP, CAUSAL, BLOCK_M)
+    q = _rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_ql, stride_qd, row_real, D, BLOCK_D)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-
-    # A query block entirely in the padding runs no iteration: nothing of its row is loaded.
-    end_n = tl.where(start_m < seq_len, seq_len, 0)
-    if CAUSAL:
-        end_n = tl.minimum(end_n, start_m + BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_real = offs_n < seq_len
-        kv_mask = col_real[:, None] & d_real[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        k = _rows(k_base, offs_n, stride_kl, stride_kd, col_real, D, BLOCK_D)
+        v = _rows(v_base, offs_n, stride_vl, stride_vd, col_real, D, BLOCK_D)
         s = dot(q, tl.trans(k), DOT_UPCAST) * scale_log2
         allowed = col_real[None, :]
         if CAUSAL:
@@ -138,11 +153,9 @@ def _memory_attention_fwd_kernel(
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = tl.where(row_real[:, None], acc / l_safe[:, None], 0.0)
-    row_in = offs_m < L
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od,
-             out.to(O.dtype.element_ty), mask=row_in[:, None] & d_real[None, :])
+    _store_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_ol, stride_od, out, L, D, BLOCK_D)
     lse = tl.where(row_real, m_i + tl.log2(l_safe), 0.0)
-    tl.store(LSE + pid_bh * L + offs_m, lse, mask=row_in)
+    tl.store(LSE + pid_bh * L + offs_m, lse, mask=offs_m < L)
 
 
 @triton.jit
@@ -159,12 +172,9 @@ def _memory_attention_bwd_delta_kernel(
     h = pid_bh % Hq
     seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < seq_len)[:, None] & (offs_d < D)[None, :]
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od,
-                mask=mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :] * stride_dod,
-                 mask=mask, other=0.0)
+    row_real = offs_m < seq_len
+    o = _rows(O + b * stride_ob + h * stride_oh, offs_m, stride_ol, stride_od, row_real, D, BLOCK_D)
+    do = _rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dol, stride_dod, row_real, D, BLOCK_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh * L + offs_m, delta, mask=offs_m < L)
 
@@ -189,14 +199,9 @@ def _memory_attention_bwd_dkdv_kernel(
     seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     col_real = offs_n < seq_len
-    d_real = offs_d < D
-    kv_mask = col_real[:, None] & d_real[None, :]
-    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd,
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd,
-                mask=kv_mask, other=0.0)
+    k = _rows(K + b * stride_kb + hk * stride_kh, offs_n, stride_kl, stride_kd, col_real, D, BLOCK_D)
+    v = _rows(V + b * stride_vb + hk * stride_vh, offs_n, stride_vl, stride_vd, col_real, D, BLOCK_D)
 
     # Causal: queries before this key block never see it, so start at the query block holding start_n.
     start_q = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0
@@ -212,10 +217,8 @@ def _memory_attention_bwd_dkdv_kernel(
         for start_m in range(start_q, end_q, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_real = offs_m < seq_len
-            q_mask = row_real[:, None] & d_real[None, :]
-            q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dol + offs_d[None, :] * stride_dod,
-                         mask=q_mask, other=0.0)
+            q = _rows(q_base, offs_m, stride_ql, stride_qd, row_real, D, BLOCK_D)
+            do = _rows(do_base, offs_m, stride_dol, stride_dod, row_real, D, BLOCK_D)
             lse = tl.load(LSE + row_base + offs_m, mask=row_real, other=0.0)
             delta = tl.load(DELTA + row_base + offs_m, mask=row_real, other=0.0)
             s_t = dot(k, tl.trans(q), DOT_UPCAST) * scale_log2
@@ -229,11 +232,8 @@ def _memory_attention_bwd_dkdv_kernel(
             dk += dot(ds_t.to(q.dtype), q, DOT_UPCAST)
 
     # Padded key rows got no contribution (p_t is 0 there), so they store exact zeros.
-    row_in = (offs_n < L)[:, None] & d_real[None, :]
-    tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :] * stride_dkd,
-             (dk * scale).to(DK.dtype.element_ty), mask=row_in)
-    tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvl + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=row_in)
+    _store_rows(DK + b * stride_dkb + hk * stride_dkh, offs_n, stride_dkl, stride_dkd, dk * scale, L, D, BLOCK_D)
+    _store_rows(DV + b * stride_dvb + hk * stride_dvh, offs_n, stride_dvl, stride_dvd, dv, L, D, BLOCK_D)
 
 
 @triton.jit
@@ -248,37 +248,19 @@ def _memory_attention_bwd_dq_kernel(
     CAUSAL: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // GROUP
-    seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_real = offs_m < seq_len
-    d_real = offs_d < D
-    q_mask = row_real[:, None] & d_real[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
-                mask=q_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :] * stride_dod,
-                 mask=q_mask, other=0.0)
+    pid_bh, b, h, hk, seq_len, offs_m, row_real, end_n = _query_block(SEQ_LENS, Hq, GROUP, CAUSAL, BLOCK_M)
+    q = _rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_ql, stride_qd, row_real, D, BLOCK_D)
+    do = _rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dol, stride_dod, row_real, D, BLOCK_D)
     lse = tl.load(LSE + pid_bh * L + offs_m, mask=row_real, other=0.0)
     delta = tl.load(DELTA + pid_bh * L + offs_m, mask=row_real, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-
-    end_n = tl.where(start_m < seq_len, seq_len, 0)
-    if CAUSAL:
-        end_n = tl.minimum(end_n, start_m + BLOCK_M)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_real = offs_n < seq_len
-        kv_mask = col_real[:, None] & d_real[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        k = _rows(k_base, offs_n, stride_kl, stride_kd, col_real, D, BLOCK_D)
+        v = _rows(v_base, offs_n, stride_vl, stride_vd, col_real, D, BLOCK_D)
         s = dot(q, tl.trans(k), DOT_UPCAST) * scale_log2
         allowed = row_real[:, None] & col_real[None, :]
         if CAUSAL:
@@ -288,9 +270,7 @@ def _memory_attention_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += dot(ds.to(k.dtype), k, DOT_UPCAST)
 
-    row_in = (offs_m < L)[:, None] & d_real[None, :]
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :] * stride_dqd,
-             (dq * scale).to(DQ.dtype.element_ty), mask=row_in)
+    _store_rows(DQ + b * stride_dqb + h * stride_dqh, offs_m, stride_dql, stride_dqd, dq * scale, L, D, BLOCK_D)
 
 
 def _tuned(name, kernel):
