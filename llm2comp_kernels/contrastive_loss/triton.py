@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from .._backends import triton_autotune, triton_interpret
-from .._triton_dot import dot, dot_upcast
+from .._triton_common import dot, dot_upcast
 from .reference import reduce_losses
 
 _LOG2E = 1.4426950408889634

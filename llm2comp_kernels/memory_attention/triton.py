@@ -13,7 +13,8 @@ Three kernels plus a tiny preprocess, none with atomics:
 Padding is skipped: blocks past ``seq_lens[b]`` load nothing and only write zeros, and rows past it inside a
 partial block are loaded as zeros (whatever the padding holds, even NaN, never reaches a result). The head
 dim is padded to the next power of two inside the kernels with masked loads. Block sizes are autotuned on a
-GPU (keyed on the padded head dim, causal, dtypes and a power-of-two bucket of L); under ``TRITON_INTERPRET=1``
+GPU (keyed on the padded head dim, causal, dtypes and a power-of-two bucket of L; after its first call a key
+launches with its config directly, see `TunedLauncher`); under ``TRITON_INTERPRET=1``
 or with ``LLM2COMP_TRITON_AUTOTUNE=0`` a fixed small config (`_FIXED_BLOCKS`) is used, with unequal
 query/key blocks so the tests exercise block edges that do not line up.
 """
@@ -28,7 +29,7 @@ import triton.language as tl
 
 from .._autograd import needs_autograd
 from .._backends import triton_autotune, triton_interpret
-from .._triton_dot import dot, dot_upcast
+from .._triton_common import TunedLauncher, dot, dot_upcast
 
 _LOG2E = 1.4426950408889634
 
@@ -279,37 +280,47 @@ def _tuned(name, kernel):
         kernel)
 
 
-_fwd_tuned = _tuned("fwd", _memory_attention_fwd_kernel)
-_dq_tuned = _tuned("dq", _memory_attention_bwd_dq_kernel)
-_dkdv_tuned = _tuned("dkdv", _memory_attention_bwd_dkdv_kernel)
+_KERNELS = {"fwd": _memory_attention_fwd_kernel, "dq": _memory_attention_bwd_dq_kernel,
+            "dkdv": _memory_attention_bwd_dkdv_kernel}
+_LAUNCHERS = {name: TunedLauncher(kernel, _tuned(name, kernel)) for name, kernel in _KERNELS.items()}
 
 
 def last_tuned_configs() -> dict[str, str]:
     """The config each autotuned kernel ran with last ("fwd", "dq", "dkdv" -> "BLOCK_M/BLOCK_N/warps/stages"),
     for benchmarks to record what the tuner chose; kernels not yet run are absent."""
-    chosen = {}
-    for name, tuned in (("fwd", _fwd_tuned), ("dq", _dq_tuned), ("dkdv", _dkdv_tuned)):
-        config = getattr(tuned, "best_config", None)
-        if config is not None:
-            chosen[name] = (f"{config.kwargs['BLOCK_M']}/{config.kwargs['BLOCK_N']}/"
-                            f"{config.num_warps}/{config.num_stages}")
-    return chosen
+    return {name: f"{c.kwargs['BLOCK_M']}/{c.kwargs['BLOCK_N']}/{c.num_warps}/{c.num_stages}"
+            for name, launcher in _LAUNCHERS.items() if (c := launcher.last) is not None}
 
 
-def _launch(name: str, kernel, tuned, rows_key: str, L: int, heads: int, B: int, *args, **constexprs) -> None:
-    """Run `tuned` (autotuned), or `kernel` with `_FIXED_BLOCKS`; one program per block of `rows_key`
-    ("BLOCK_M" or "BLOCK_N") rows, per batch row and head."""
-    if triton_autotune():
-        tuned[lambda meta: (triton.cdiv(L, meta[rows_key]), B * heads)](*args, **constexprs)
+def _tune_key(q: torch.Tensor, seq_lens: torch.Tensor, block_d: int, causal: bool) -> tuple | None:
+    """The key the autotuner would compute for this call's launches (`_TUNE_KEY` and every tensor's dtype, which
+    q's and seq_lens' decide: o and the gradients have q's, lse and delta are fp32), or None when not autotuning."""
+    if not triton_autotune():
+        return None
+    return block_d, causal, _l_bucket(q.shape[2]), q.dtype, seq_lens.dtype
+
+
+def _launch(name: str, rows_key: str, L: int, heads: int, B: int, key: tuple | None, *args, **constexprs) -> None:
+    """Run kernel `name`, autotuned for `key` (`TunedLauncher`) or with `_FIXED_BLOCKS` when it is None; one
+    program per block of `rows_key` ("BLOCK_M" or "BLOCK_N") rows, per batch row and head."""
+    def grid(meta):
+        return triton.cdiv(L, meta[rows_key]), B * heads
+    if key is not None:
+        _LAUNCHERS[name](key, grid, *args, **constexprs)
     else:
         block_m, block_n = _FIXED_BLOCKS[name]
         blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-        kernel[(triton.cdiv(L, blocks[rows_key]), B * heads)](*args, **constexprs, **blocks)
+        _KERNELS[name][grid(blocks)](*args, **constexprs, **blocks)
 
 
 def _l_bucket(L: int) -> int:
     """Autotune bucket for the sequence length: powers of two from 64 to 8192, so tuning runs a few times."""
-    return min(max(triton.next_power_of_2(L), 64), 8192)
+    return min(max(1 << (L - 1).bit_length(), 64), 8192)
+
+
+def _block_d(d: int) -> int:
+    """The head dim padded to a power of two, at least 16 (the kernels mask the columns past d)."""
+    return max(16, 1 << (d - 1).bit_length())
 
 
 @dataclass(frozen=True)
@@ -324,17 +335,18 @@ def _forward(q, k, v, seq_lens, params: _AttentionParams):
     # Output as a transposed view of [B, L, Hq, d]: the model merges heads with a free reshape.
     o = q.new_empty(B, L, Hq, d).transpose(1, 2)
     lse = torch.empty(B, Hq, L, device=q.device, dtype=torch.float32)
-    _launch("fwd", _memory_attention_fwd_kernel, _fwd_tuned, "BLOCK_M", L, Hq, B,
+    block_d = _block_d(d)
+    _launch("fwd", "BLOCK_M", L, Hq, B, _tune_key(q, seq_lens, block_d, params.causal),
             q, k, v, o, lse, seq_lens, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             Hq, Hq // Hkv, L, d, _l_bucket(L), params.scale * _LOG2E,
-            CAUSAL=params.causal, DOT_UPCAST=dot_upcast(q.dtype), BLOCK_D=max(16, triton.next_power_of_2(d)))
+            CAUSAL=params.causal, DOT_UPCAST=dot_upcast(q.dtype), BLOCK_D=block_d)
     return o, lse
 
 
 def _backward(q, k, v, o, lse, seq_lens, do, params: _AttentionParams):
     B, Hq, L, d = q.shape
     Hkv = k.shape[1]
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = _block_d(d)
     delta = torch.empty_like(lse)
     delta_block = 16 if triton_interpret() else 64
     _memory_attention_bwd_delta_kernel[(triton.cdiv(L, delta_block), B * Hq)](
@@ -342,11 +354,12 @@ def _backward(q, k, v, o, lse, seq_lens, do, params: _AttentionParams):
     # empty_like keeps the inputs' strides when they are dense, so each grad matches its input's layout.
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(CAUSAL=params.causal, DOT_UPCAST=dot_upcast(q.dtype), BLOCK_D=block_d)
-    _launch("dkdv", _memory_attention_bwd_dkdv_kernel, _dkdv_tuned, "BLOCK_N", L, Hkv, B,
+    key = _tune_key(q, seq_lens, block_d, params.causal)
+    _launch("dkdv", "BLOCK_N", L, Hkv, B, key,
             q, k, v, do, dk, dv, lse, delta, seq_lens,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             Hq, Hkv, Hq // Hkv, L, d, _l_bucket(L), params.scale, params.scale * _LOG2E, **common)
-    _launch("dq", _memory_attention_bwd_dq_kernel, _dq_tuned, "BLOCK_M", L, Hq, B,
+    _launch("dq", "BLOCK_M", L, Hq, B, key,
             q, k, v, do, dq, lse, delta, seq_lens,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             Hq, Hq // Hkv, L, d, _l_bucket(L), params.scale, params.scale * _LOG2E, **common)

@@ -1,0 +1,79 @@
+"""`TunedLauncher`: the autotuner runs once per tuning key, later launches go straight to the kernel with the config
+it chose, the same grid and meta-parameters. Fakes stand in for the kernel and the autotuner (on a GPU the realistic
+attention tests run the real ones, autotuned)."""
+
+import pytest
+import torch
+import triton
+
+from llm2comp_kernels._triton_common import TunedLauncher
+
+
+class _FakeKernel:
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
+
+
+class _FakeAutotuner:
+    def __init__(self, config):
+        self.config, self.launches, self.best_config = config, [], None
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.best_config = self.config
+            self.launches.append((grid(self.config.all_kwargs()), args, kwargs))
+        return run
+
+
+def _grid(meta):
+    return (triton.cdiv(100, meta["BLOCK_M"]), 6)
+
+
+def test_tunes_once_per_key_then_launches_directly():
+    config = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=2)
+    kernel, tuner = _FakeKernel(), _FakeAutotuner(config)
+    launch = TunedLauncher(kernel, tuner)
+    launch(("a",), _grid, 1, 2, CAUSAL=True)
+    assert len(tuner.launches) == 1 and not kernel.launches and launch.last is config
+    launch(("a",), _grid, 3, 4, CAUSAL=True)
+    assert len(tuner.launches) == 1
+    (grid, args, kwargs), = kernel.launches
+    assert grid == tuner.launches[0][0] == (4, 6) and args == (3, 4)
+    assert kwargs == {"CAUSAL": True, **config.all_kwargs()} and kwargs["num_warps"] == 4
+    launch(("b",), _grid, 5, CAUSAL=False)  # a new key is tuned again
+    assert len(tuner.launches) == 2 and len(kernel.launches) == 1
+
+
+def test_attention_key_separates_dtypes_and_length_buckets(monkeypatch):
+    from llm2comp_kernels.memory_attention import triton as backend
+
+    monkeypatch.setattr(backend, "triton_autotune", lambda: True)
+    lens32, lens64 = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int64)
+    def key(dtype, L, seq_lens=lens32, causal=False):
+        return backend._tune_key(torch.zeros(1, 1, L, 64, dtype=dtype), seq_lens, 64, causal)
+    base = key(torch.bfloat16, 100)
+    assert base == key(torch.bfloat16, 120)  # one length bucket (128)
+    others = [key(torch.float16, 100), key(torch.bfloat16, 1000), key(torch.bfloat16, 100, lens64),
+              key(torch.bfloat16, 100, causal=True)]
+    assert len({base, *others}) == 5
+    monkeypatch.setattr(backend, "triton_autotune", lambda: False)
+    assert key(torch.bfloat16, 100) is None  # fixed blocks
+
+
+def test_attention_bucket_and_block_d_are_powers_of_two():
+    from llm2comp_kernels.memory_attention import triton as backend
+
+    for n in range(1, 20000, 7):
+        assert backend._l_bucket(n) == min(max(triton.next_power_of_2(n), 64), 8192)
+        assert backend._block_d(n) == max(16, triton.next_power_of_2(n))
+
+
+@pytest.mark.parametrize("name", ["fwd", "dq", "dkdv"])
+def test_attention_launchers_wrap_the_autotuned_kernels(name):
+    from llm2comp_kernels.memory_attention import triton as backend
+
+    launcher = backend._LAUNCHERS[name]
+    assert launcher.kernel is backend._KERNELS[name] and launcher.tuned.fn is backend._KERNELS[name]
