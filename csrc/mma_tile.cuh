@@ -1,11 +1,11 @@
-// Dtype conversions shared by every kernel, and the warp-level tile products of the attention kernel.
-// CUDA headers only.
+// Dtype conversions shared by every kernel, and the warp-level pieces of the attention kernel: tensor-core
+// products, fragment loads from shared memory, asynchronous copies. CUDA headers only.
 //
-// A warp owns a 16-row strip of an output tile held in registers in the accumulator layout of
-// mma.sync.m16n8k16 (PTX ISA, "Matrix fragments for mma.m16n8k16"): with g = lane / 4 and
-// t = lane % 4, acc[n][0..1] hold C[g][8n + 2t + {0,1}] and acc[n][2..3] hold C[g + 8][8n + 2t + {0,1}].
-// bf16/fp16 operands run on tensor cores; float operands use FMAs in the same ownership layout,
-// so the callers' softmax code is the same for every dtype.
+// Fragments of mma.sync.m16n8k16 (PTX ISA, "Matrix fragments for mma.m16n8k16"), with g = lane / 4 and
+// t = lane % 4, each register holding two 16-bit elements (lower column first):
+// - A (16 x 16, row-major): a[0] = A[g][2t..], a[1] = A[g + 8][2t..], a[2] = A[g][2t + 8..], a[3] = A[g + 8][2t + 8..];
+// - B (16 x 8, column-major): b[0] = B[2t..][g], b[1] = B[2t + 8..][g];
+// - C/D (16 x 8, fp32): c[0..1] = C[g][2t + {0,1}], c[2..3] = C[g + 8][2t + {0,1}].
 #pragma once
 
 #include <cuda_bf16.h>
@@ -15,9 +15,6 @@
 #include <type_traits>
 
 namespace llm2comp {
-
-template <typename T>
-constexpr bool kIsHalf = std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value;
 
 template <typename T>
 __device__ __forceinline__ float to_float(T x) {
@@ -51,12 +48,6 @@ __device__ __forceinline__ uint32_t pack2(T lo, T hi) {
     return static_cast<uint32_t>(l) | (static_cast<uint32_t>(h) << 16);
 }
 
-// Two consecutive 16-bit elements; `p` must be 4-byte aligned (even element offset in an aligned row).
-template <typename T>
-__device__ __forceinline__ uint32_t load2(const T* p) {
-    return *reinterpret_cast<const uint32_t*>(p);
-}
-
 // c[0..3] += A(16x16, row-major fragment a) * B(16x8, column fragment b), fp32 accumulate.
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
@@ -75,74 +66,39 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
     }
 }
 
-// acc[n] += A[16 x K] . B[8n .. 8n+7][0 .. K)^T: A rows and B rows both run along k (a "Q K^T" product).
-// A and B are row-major in shared memory with leading dims lda/ldb (even for 16-bit types); K % 16 == 0.
-template <typename T, int NT>
-__device__ __forceinline__ void warp_mma_abt(float (&acc)[NT][4], const T* A, int lda, const T* B, int ldb, int K) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    if constexpr (kIsHalf<T>) {
-        for (int k0 = 0; k0 < K; k0 += 16) {
-            uint32_t a[4];
-            a[0] = load2(A + g * lda + k0 + 2 * t);
-            a[1] = load2(A + (g + 8) * lda + k0 + 2 * t);
-            a[2] = load2(A + g * lda + k0 + 8 + 2 * t);
-            a[3] = load2(A + (g + 8) * lda + k0 + 8 + 2 * t);
-#pragma unroll
-            for (int n = 0; n < NT; ++n) {
-                const T* brow = B + (8 * n + g) * ldb + k0;
-                uint32_t b[2] = {load2(brow + 2 * t), load2(brow + 8 + 2 * t)};
-                mma_16816<T>(acc[n], a, b);
-            }
-        }
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 matrices of 16-bit elements from shared memory: lanes 8j .. 8j+7 give the addresses of matrix j's
+// rows (16-byte aligned), and every lane receives in r[j] the elements (lane / 4, 2 (lane % 4) + {0, 1}) of
+// matrix j: the mma fragment layout. TRANS: elements (2 (lane % 4) + {0, 1}, lane / 4) instead, i.e. the
+// fragment of the transposed matrix.
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+    if constexpr (TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_address(row)));
     } else {
-        for (int k = 0; k < K; ++k) {
-            const float a0 = A[g * lda + k], a1 = A[(g + 8) * lda + k];
-#pragma unroll
-            for (int n = 0; n < NT; ++n) {
-                const float b0 = B[(8 * n + 2 * t) * ldb + k], b1 = B[(8 * n + 2 * t + 1) * ldb + k];
-                acc[n][0] = fmaf(a0, b0, acc[n][0]);
-                acc[n][1] = fmaf(a0, b1, acc[n][1]);
-                acc[n][2] = fmaf(a1, b0, acc[n][2]);
-                acc[n][3] = fmaf(a1, b1, acc[n][3]);
-            }
-        }
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_address(row)));
     }
 }
 
-// acc[n] += P[16 x K] . V[0 .. K)[8n .. 8n+7]: P row-major (ld ldp), V row-major [K][...] (ld ldv),
-// a "P V" product. K % 16 == 0.
-template <typename T, int NT>
-__device__ __forceinline__ void warp_mma_ab(float (&acc)[NT][4], const T* P, int ldp, const T* V, int ldv, int K) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    if constexpr (kIsHalf<T>) {
-        for (int k0 = 0; k0 < K; k0 += 16) {
-            uint32_t a[4];
-            a[0] = load2(P + g * ldp + k0 + 2 * t);
-            a[1] = load2(P + (g + 8) * ldp + k0 + 2 * t);
-            a[2] = load2(P + g * ldp + k0 + 8 + 2 * t);
-            a[3] = load2(P + (g + 8) * ldp + k0 + 8 + 2 * t);
-            const T* v0 = V + (k0 + 2 * t) * ldv;  // rows k0+2t, +1, +8, +9 of V
-#pragma unroll
-            for (int n = 0; n < NT; ++n) {
-                const int col = 8 * n + g;
-                uint32_t b[2] = {pack2(v0[col], v0[ldv + col]), pack2(v0[8 * ldv + col], v0[9 * ldv + col])};
-                mma_16816<T>(acc[n], a, b);
-            }
-        }
-    } else {
-        for (int k = 0; k < K; ++k) {
-            const float p0 = P[g * ldp + k], p1 = P[(g + 8) * ldp + k];
-#pragma unroll
-            for (int n = 0; n < NT; ++n) {
-                const float v0 = V[k * ldv + 8 * n + 2 * t], v1 = V[k * ldv + 8 * n + 2 * t + 1];
-                acc[n][0] = fmaf(p0, v0, acc[n][0]);
-                acc[n][1] = fmaf(p0, v1, acc[n][1]);
-                acc[n][2] = fmaf(p1, v0, acc[n][2]);
-                acc[n][3] = fmaf(p1, v1, acc[n][3]);
-            }
-        }
-    }
+// 16 bytes global -> shared without going through registers (sm_80+); `valid` false writes 16 zero bytes
+// instead and reads nothing (src must still be a mapped address). Completes at cp_async_wait.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(smem_address(dst)), "l"(src), "r"(valid ? 16 : 0));
 }
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Wait until at most N committed groups of this thread's copies are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
 
 // Max / sum over the 4 lanes of a quad (the lanes sharing rows g and g + 8).
 __device__ __forceinline__ float quad_max(float x) {

@@ -1,7 +1,11 @@
 // memory_attention forward: flash-attention style, tensor cores (mma.sync m16n8k16), fp32 online softmax.
 //
-// One block of 4 warps per (64-query block, batch row, q head); each warp owns 16 query rows, keeps its
-// scores S (16 x 64) and output O (16 x d) in registers and goes through the key blocks of the row.
+// One block of 4 warps per (64-query block, batch row, q head); each warp owns 16 query rows and keeps
+// their Q fragments, scores S (16 x 64), probabilities P and output O (16 x d) in registers while it goes
+// through the key blocks of the row. K and V tiles are double-buffered in shared memory: cp.async fetches
+// the next block's while the tensor cores work on this one. Fragments come from shared memory through
+// ldmatrix (V transposed on the way), and P never leaves registers: the accumulator layout of two
+// adjacent 8-key S tiles is the A-fragment layout of one 16-key step of P V.
 // Padding is skipped: key blocks at or past seq_lens[b] are never loaded (rows past it inside the last
 // block are zero-filled in shared memory), a query block entirely in the padding only writes zeros,
 // and padded query rows of a partial block are written as zeros. GQA: q head h reads kv head
@@ -19,25 +23,24 @@ constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kBlockM = 16 * kWarps;  // queries per block
 constexpr int kBlockN = 64;           // keys per step
-constexpr int kPad = 8;               // row padding (elements): conflict-free fragment loads, 16-byte rows
+constexpr int kPad = 8;               // row padding (elements): 16-byte rows, conflict-free ldmatrix
 constexpr float kLog2e = 1.4426950408889634f;
 
 template <int HD>
 constexpr size_t smem_bytes() {
-    // Q, K, V tiles and each warp's probabilities P (16 x kBlockN), all 16-bit.
-    return 2 * ((kBlockM + 2 * kBlockN) * (HD + kPad) + kWarps * 16 * (kBlockN + kPad));
+    // Q, and two stages of K and V, all 16-bit.
+    return 2 * (kBlockM + 4 * kBlockN) * (HD + kPad);
 }
 
-// tile[r][:] = rows row0 + r of a [L, HD] slab with row stride `ld` (elements), for rows < valid;
-// zeros for the rest. 16-byte accesses: the binding guarantees aligned bases and strides.
+// Asynchronously tile[r][:] = rows row0 + r of a [L, HD] slab with row stride `ld` (elements), for rows
+// < valid; zeros for the rest. 16-byte copies: the binding guarantees aligned bases and strides.
 template <typename T, int HD, int ROWS>
-__device__ __forceinline__ void load_rows(T* tile, const T* __restrict__ src, int64_t ld, int row0, int valid) {
+__device__ __forceinline__ void copy_rows(T* tile, const T* __restrict__ src, int64_t ld, int row0, int valid) {
     constexpr int kVecs = HD / 8;  // 8 16-bit elements per 16 bytes
     for (int i = threadIdx.x; i < ROWS * kVecs; i += kThreads) {
         const int r = i / kVecs, c = (i % kVecs) * 8;
-        uint4 x = make_uint4(0, 0, 0, 0);
-        if (row0 + r < valid) x = *reinterpret_cast<const uint4*>(src + (row0 + r) * ld + c);
-        *reinterpret_cast<uint4*>(tile + r * (HD + kPad) + c) = x;
+        const bool real = row0 + r < valid;
+        cp_async_16(tile + r * (HD + kPad) + c, src + (real ? (row0 + r) * ld + c : 0), real);
     }
 }
 
@@ -50,12 +53,11 @@ __global__ void __launch_bounds__(kThreads) memory_attention_fwd_kernel(
     T* __restrict__ out,                    // [B, Hq, L, HD] contiguous
     int64_t Hq, int64_t group, int L, int blocks_m, AttentionStrides sq, AttentionStrides sk, AttentionStrides sv,
     float scale_log2) {
-    constexpr int LD = HD + kPad, LDP = kBlockN + kPad, NT_S = kBlockN / 8, NT_O = HD / 8;
+    constexpr int LD = HD + kPad, NT_S = kBlockN / 8, NT_O = HD / 8, KS_Q = HD / 16, KS_P = kBlockN / 16;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* Qs = reinterpret_cast<T*>(smem_raw);
-    T* Ks = Qs + kBlockM * LD;
-    T* Vs = Ks + kBlockN * LD;
-    T* Ps = Vs + kBlockN * LD;
+    T* Ks = Qs + kBlockM * LD;         // [2][kBlockN][LD]
+    T* Vs = Ks + 2 * kBlockN * LD;     // [2][kBlockN][LD]
 
     const int64_t bh = blockIdx.x / blocks_m;
     const int m0 = (blockIdx.x % blocks_m) * kBlockM;
@@ -72,29 +74,62 @@ __global__ void __launch_bounds__(kThreads) memory_attention_fwd_kernel(
         return;
     }
 
-    load_rows<T, HD, kBlockM>(Qs, q + b * sq.b + h * sq.h, sq.l, m0, seq);
     const T* k_bh = k + b * sk.b + hk * sk.h;
     const T* v_bh = v + b * sv.b + hk * sv.h;
+    const int n_end = CAUSAL ? min(seq, m0 + kBlockM) : seq;
+    // Group 0: Q and the first key block.
+    copy_rows<T, HD, kBlockM>(Qs, q + b * sq.b + h * sq.h, sq.l, m0, seq);
+    copy_rows<T, HD, kBlockN>(Ks, k_bh, sk.l, 0, seq);
+    copy_rows<T, HD, kBlockN>(Vs, v_bh, sv.l, 0, seq);
+    cp_async_commit();
+
+    // ldmatrix row addresses of this lane (see ldmatrix_x4): for Q, 16 rows x 16 columns per k-step; for K,
+    // 16 keys x 16 columns (two 8-key S tiles); for V, 16 keys x 16 columns (two 8-column O tiles), transposed.
+    const int a_row = lane % 16, a_col = (lane / 16) * 8;
+    const int k_row = (lane / 16) * 8 + lane % 8, k_col = ((lane / 8) % 2) * 8;
+    const int v_row = ((lane / 8) % 2) * 8 + lane % 8, v_col = (lane / 16) * 8;
 
     const int rows[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
+    uint32_t qf[KS_Q][4];
     // m: row max of the scaled scores in base 2 (shared by the quad), l: this lane's partial row sum.
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
     float o[NT_O][4];
 #pragma unroll
     for (int n = 0; n < NT_O; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-    T* Pw = Ps + warp * 16 * LDP;
-    const int n_end = CAUSAL ? min(seq, m0 + kBlockM) : seq;
 
-    for (int n0 = 0; n0 < n_end; n0 += kBlockN) {
-        __syncthreads();  // previous K/V tiles consumed (first pass: nothing to wait for but Q's load below)
-        load_rows<T, HD, kBlockN>(Ks, k_bh, sk.l, n0, seq);
-        load_rows<T, HD, kBlockN>(Vs, v_bh, sv.l, n0, seq);
+    for (int n0 = 0, stage = 0; n0 < n_end; n0 += kBlockN, stage ^= 1) {
+        // Prefetch the next key block into the other stage (freed by the barrier at the end of the last step).
+        const bool prefetch = n0 + kBlockN < n_end;
+        if (prefetch) {
+            copy_rows<T, HD, kBlockN>(Ks + (stage ^ 1) * kBlockN * LD, k_bh, sk.l, n0 + kBlockN, seq);
+            copy_rows<T, HD, kBlockN>(Vs + (stage ^ 1) * kBlockN * LD, v_bh, sv.l, n0 + kBlockN, seq);
+            cp_async_commit();
+            cp_async_wait<1>();  // this step's block has landed, the prefetch may still fly
+        } else {
+            cp_async_wait<0>();
+        }
         __syncthreads();
+        if (n0 == 0) {
+#pragma unroll
+            for (int ks = 0; ks < KS_Q; ++ks) ldmatrix_x4<false>(qf[ks], Qs + (warp * 16 + a_row) * LD + ks * 16 + a_col);
+        }
+        const T* Kt = Ks + stage * kBlockN * LD;
+        const T* Vt = Vs + stage * kBlockN * LD;
 
         float s[NT_S][4];
 #pragma unroll
         for (int n = 0; n < NT_S; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-        warp_mma_abt<T, NT_S>(s, Qs + warp * 16 * LD, LD, Ks, LD, HD);
+#pragma unroll
+        for (int ks = 0; ks < KS_Q; ++ks) {
+#pragma unroll
+            for (int np = 0; np < NT_S / 2; ++np) {
+                uint32_t kf[4];  // b fragments of S tiles 2 np (kf[0..1]) and 2 np + 1 (kf[2..3])
+                ldmatrix_x4<false>(kf, Kt + (np * 16 + k_row) * LD + ks * 16 + k_col);
+                const uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
+                mma_16816<T>(s[2 * np], qf[ks], b0);
+                mma_16816<T>(s[2 * np + 1], qf[ks], b1);
+            }
+        }
 
         float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -124,19 +159,29 @@ __global__ void __launch_bounds__(kThreads) memory_attention_fwd_kernel(
             o[n][2] *= alpha[1];
             o[n][3] *= alpha[1];
         }
+        // P in the inputs' dtype, as A fragments: 16-key step j is S tiles 2j (columns 0..7) and 2j + 1.
+        uint32_t pf[KS_P][4];
 #pragma unroll
         for (int n = 0; n < NT_S; ++n) {
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
                 const float p0 = exp2f(s[n][2 * i] - m[i]), p1 = exp2f(s[n][2 * i + 1] - m[i]);
                 l[i] += p0 + p1;
-                const T lo = from_float<T>(p0), hi = from_float<T>(p1);
-                *reinterpret_cast<uint32_t*>(Pw + (g + 8 * i) * LDP + 8 * n + 2 * t) = pack2(lo, hi);
+                pf[n / 2][2 * (n % 2) + i] = pack2(from_float<T>(p0), from_float<T>(p1));
             }
         }
-        __syncwarp();  // P is exchanged between the lanes of the warp
-        warp_mma_ab<T, NT_O>(o, Pw, LDP, Vs, LD, kBlockN);
-        __syncwarp();  // all lanes read P before the next step overwrites it
+#pragma unroll
+        for (int ks = 0; ks < KS_P; ++ks) {
+#pragma unroll
+            for (int dp = 0; dp < NT_O / 2; ++dp) {
+                uint32_t vf[4];  // b fragments of O tiles 2 dp (vf[0..1]) and 2 dp + 1 (vf[2..3])
+                ldmatrix_x4<true>(vf, Vt + (ks * 16 + v_row) * LD + dp * 16 + v_col);
+                const uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
+                mma_16816<T>(o[2 * dp], pf[ks], b0);
+                mma_16816<T>(o[2 * dp + 1], pf[ks], b1);
+            }
+        }
+        __syncthreads();  // every warp is done with this stage before the next step prefetches into it
     }
 
 #pragma unroll
