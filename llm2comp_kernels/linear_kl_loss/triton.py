@@ -1,11 +1,12 @@
 """Triton backend of `linear_kl_loss`: cuBLAS GEMMs per row chunk, one fused softmax/KL/gradient kernel.
 
-Per chunk of C selected rows: the student and teacher logits `[C, V]` come from torch matmuls in the
-input dtype (fp32 accumulate); `_linear_kl_loss_kernel` (one program per row, looping over V) computes
-both log-sum-exps and the row's KL in a first pass and overwrites the student logits with the logits
-gradient ``(p_s - p_t) / (T * n)`` in a second; then ``d_student = g @ W`` and ``dW += g.T @ h_s``.
-Since the loss is always the last op, these gradients are computed in forward and backward only
-scales them. Extra memory is two `C x V` buffers in the input dtype, plus dW `[V, H]` in the weight's dtype.
+Per chunk of C selected rows: the student and teacher logits `[C, V]` come from one torch matmul of their
+stacked hidden states `[2C, H]` in the input dtype (fp32 accumulate), so the LM head streams through once per
+chunk; `_linear_kl_loss_kernel` (one program per row, looping over V) computes both log-sum-exps and the row's
+KL in a first pass and overwrites the student logits with the logits gradient ``(p_s - p_t) / (T * n)`` in a
+second; then ``d_student = g @ W`` and ``dW += g.T @ h_s``. Since the loss is always the last op, these
+gradients are computed in forward and backward only scales them. Extra memory is the `2C x V` logits in the
+input dtype, plus dW `[V, H]` in the weight's dtype.
 """
 
 from __future__ import annotations
@@ -112,12 +113,13 @@ class _LinearKLTritonFn(GradsFromForward):
         w_t = weight.T
         for start in range(0, n, params.chunk_size):
             chunk = rows[start:start + params.chunk_size]
-            hs = student.index_select(0, chunk)                       # [C, H]
-            logits_s = hs @ w_t                                       # [C, V], input dtype
-            logits_t = teacher.index_select(0, chunk) @ w_t
-            _kl_rows(logits_s, logits_t, kl[start:start + chunk.numel()], params.temperature, grad_scale,
+            C = chunk.numel()
+            # Student and teacher rows in one product, so W streams through once per chunk instead of twice.
+            both = torch.cat((student.index_select(0, chunk), teacher.index_select(0, chunk)))  # [2C, H]
+            logits = both @ w_t                                       # [2C, V], input dtype
+            logits_s, hs = logits[:C], both[:C]
+            _kl_rows(logits_s, logits[C:], kl[start:start + C], params.temperature, grad_scale,
                      grad_student is not None)
-            del logits_t
             if grad_student is None:
                 continue
             g = logits_s                                              # now d loss / d logits_s
