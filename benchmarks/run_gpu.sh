@@ -4,7 +4,7 @@
 # Prepare the offline machine's wheels and data here first with `bash benchmarks/prepare_gpu.sh`, and carry
 # .gpu-wheels and .gpu-data with the call.
 #
-# Parts, chosen with PARTS (default: tests profile kernels e2e, in this order):
+# Parts, chosen with PARTS (default: tests kernels profile e2e, run in the order given):
 #   PARTS=tests    the kernel test matrix on the GPU (TEST_MARKS, default "gpu or not slow") and every gpu-marked
 #                  test elsewhere. The Triton tests run while the extension builds; its own tests after the build,
 #                  beside compute-sanitizer memcheck and racecheck over a few small extension tests (SANITIZE_K).
@@ -12,7 +12,8 @@
 #   PARTS=kernels  the op benchmarks: attention, contrastive_loss, linear_kl_loss, span_mean_pool
 #   PARTS=e2e      the end-to-end benchmarks: encode, train
 # e.g. LLM2COMP_GIT_COMMIT=$(git rev-parse HEAD) PARTS=tests OUT=$OUT bash benchmarks/run_gpu.sh
-# BENCH="attention" runs a subset of benchmarks/bench_<name>.py instead of the parts' lists.
+# BENCH="attention profile_ops" runs these benchmarks/bench_<name>.py (and profile_ops) instead of the parts'
+# lists.
 # A device call runs at most 10 minutes: every step gets at most the time left before DEADLINE_S (default 560 s
 # after the start), each benchmark at most BENCH_CAP_S (default 150 s); a benchmark past its cap records its
 # remaining rows as not measured and still writes its JSON ($LLM2COMP_BENCH_DEADLINE, see benchmarks/harness.py).
@@ -24,7 +25,7 @@ mkdir -p "$R"
 exec > >(tee -a "$OUT/run_gpu.log") 2>&1  # the timestamped steps, beside the tarball: how long each one took
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-PARTS=${PARTS-tests profile kernels e2e}  # PARTS= (empty): none, e.g. with BENCH=...
+PARTS=${PARTS-tests kernels profile e2e}  # PARTS= (empty): none, e.g. with BENCH=...
 WORKERS=${WORKERS:-12}
 start=$SECONDS
 log() { echo "== [$(date +%T) +$((SECONDS - start))s] $*"; }
@@ -93,11 +94,7 @@ for part in $PARTS; do
             sanitize_pid=$!
             pytest_run cuda "$WORKERS" -m "${TEST_MARKS:-gpu or not slow}" -k "cuda" tests/kernels
             wait "$sanitize_pid" ;;
-        profile)
-            wait_build
-            log "profile_ops"
-            CAP=${BENCH_CAP_S:-150} in_time "$PY" -m benchmarks.profile_ops --out "$R" 2>&1 | tee "$R/profile.log" \
-                | grep -v "^USDT" | tail -60 ;;
+        profile) benches="$benches profile_ops" ;;
         kernels) benches="$benches attention contrastive_loss linear_kl_loss span_mean_pool" ;;
         e2e) benches="$benches encode train" ;;
         *) log "unknown part '$part' (tests, profile, kernels, e2e)"; exit 2 ;;
@@ -107,6 +104,12 @@ wait_build
 for bench in ${BENCH:-$benches}; do
     cap=${BENCH_CAP_S:-150}
     if [ "$(left)" -lt "$cap" ]; then cap=$(left); fi
+    if [ "$bench" = profile_ops ]; then
+        log "profile_ops (cap ${cap}s)"
+        CAP=$cap in_time "$PY" -m benchmarks.profile_ops --out "$R" 2>&1 | tee "$R/profile.log" | grep -v "^USDT" \
+            | tail -60
+        continue
+    fi
     log "bench_$bench (cap ${cap}s)"
     LLM2COMP_BENCH_DEADLINE=$(( $(date +%s) + cap - 20 )) CAP=$cap \
         in_time "$PY" -m "benchmarks.bench_$bench" --out "$R" 2>&1 | tee -a "$R/bench.log" | tail -40
