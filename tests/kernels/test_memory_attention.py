@@ -251,6 +251,26 @@ def test_triton_autotuned_unusual_inputs_gpu(d, dtype, device, monkeypatch):
 
 
 @pytest.mark.gpu
+def test_triton_tuned_then_direct_launches_agree(device, monkeypatch):
+    """Autotuned: the first call of a shape goes through triton.autotune, the second launches the kernels
+    directly with the configs it chose (TunedLauncher); both give bitwise the same output and gradients."""
+    from llm2comp_kernels.memory_attention import triton as backend
+
+    monkeypatch.setenv("LLM2COMP_TRITON_AUTOTUNE", "1")
+    q, k, v, seq_lens = make_attention_inputs(2, 8, 2, 333, 64, dtype=torch.bfloat16, device=device,
+                                              seq_lens=torch.tensor([333, 100]))
+    runs = []
+    for _ in range(2):
+        out = memory_attention(q, k, v, seq_lens, backend="triton")
+        runs.append((out, *torch.autograd.grad(out.float().square().sum(), (q, k, v))))
+        torch.cuda.synchronize()
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+    key = backend._tune_key(q, seq_lens, 64, False)
+    assert all(key in launcher.best for launcher in backend._LAUNCHERS.values())
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("d", TRITON_HEAD_DIMS)
 def test_triton_every_head_dim_gpu(d, device):
     _check_against_reference("triton", device, (200, 4, 2, d, True, torch.bfloat16))
