@@ -7,6 +7,7 @@ importable at build time, so install with ``pip install --no-build-isolation -e 
 
 import glob
 import os
+import re
 import sys
 
 from setuptools import setup
@@ -37,6 +38,10 @@ def cuda_build():
     if not sources:
         return skip("no sources in csrc/")
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # bf16 tensor-core mma and cp.async need sm_80 or newer.
+    old = [a for a in re.findall(r"\d+\.\d+", os.environ["TORCH_CUDA_ARCH_LIST"]) if float(a) < 8.0]
+    if old:
+        return skip(f"TORCH_CUDA_ARCH_LIST has {', '.join(old)}; the kernels need compute capability 8.0 or newer")
 
     class TolerantBuild(BuildExtension):
         """Turns a compile failure into a warning unless LLM2COMP_BUILD_CUDA=1."""
