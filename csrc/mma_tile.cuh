@@ -87,6 +87,22 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
     }
 }
 
+// acc[n] += a . B_n for the NT 8-column tiles B_n of one 16-deep step, B's fragments loaded two tiles at a time
+// by ldmatrix (TRANS for a B stored k-major, like V) from `b`, this lane's address of the first pair, with
+// `pair_stride` elements between pairs.
+template <typename T, bool TRANS, int NT>
+__device__ __forceinline__ void mma_tile_pairs(float (&acc)[NT][4], const uint32_t (&a)[4], const T* b,
+                                               int pair_stride) {
+#pragma unroll
+    for (int j = 0; j < NT / 2; ++j) {
+        uint32_t f[4];  // fragments of tiles 2j (f[0..1]) and 2j + 1 (f[2..3])
+        ldmatrix_x4<TRANS>(f, b + j * pair_stride);
+        const uint32_t b0[2] = {f[0], f[1]}, b1[2] = {f[2], f[3]};
+        mma_16816<T>(acc[2 * j], a, b0);
+        mma_16816<T>(acc[2 * j + 1], a, b1);
+    }
+}
+
 // 16 bytes global -> shared without going through registers (sm_80+); `valid` false writes 16 zero bytes
 // instead and reads nothing (src must still be a mapped address). Completes at cp_async_wait.
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {

@@ -120,15 +120,8 @@ __global__ void __launch_bounds__(kThreads) memory_attention_fwd_kernel(
 #pragma unroll
         for (int n = 0; n < NT_S; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
 #pragma unroll
-        for (int ks = 0; ks < KS_Q; ++ks) {
-#pragma unroll
-            for (int np = 0; np < NT_S / 2; ++np) {
-                uint32_t kf[4];  // b fragments of S tiles 2 np (kf[0..1]) and 2 np + 1 (kf[2..3])
-                ldmatrix_x4<false>(kf, Kt + (np * 16 + k_row) * LD + ks * 16 + k_col);
-                const uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
-                mma_16816<T>(s[2 * np], qf[ks], b0);
-                mma_16816<T>(s[2 * np + 1], qf[ks], b1);
-            }
+        for (int ks = 0; ks < KS_Q; ++ks) {  // S tiles 2j, 2j + 1: keys 16j .. 16j + 15, rows of K
+            mma_tile_pairs<T, false>(s, qf[ks], Kt + k_row * LD + ks * 16 + k_col, 16 * LD);
         }
 
         float tile_max[2] = {-INFINITY, -INFINITY};
@@ -171,15 +164,8 @@ __global__ void __launch_bounds__(kThreads) memory_attention_fwd_kernel(
             }
         }
 #pragma unroll
-        for (int ks = 0; ks < KS_P; ++ks) {
-#pragma unroll
-            for (int dp = 0; dp < NT_O / 2; ++dp) {
-                uint32_t vf[4];  // b fragments of O tiles 2 dp (vf[0..1]) and 2 dp + 1 (vf[2..3])
-                ldmatrix_x4<true>(vf, Vt + (ks * 16 + v_row) * LD + dp * 16 + v_col);
-                const uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
-                mma_16816<T>(o[2 * dp], pf[ks], b0);
-                mma_16816<T>(o[2 * dp + 1], pf[ks], b1);
-            }
+        for (int ks = 0; ks < KS_P; ++ks) {  // O tiles 2j, 2j + 1: columns 16j .. 16j + 15 of V
+            mma_tile_pairs<T, true>(o, pf[ks], Vt + (ks * 16 + v_row) * LD + v_col, 16);
         }
         __syncthreads();  // every warp is done with this stage before the next step prefetches into it
     }
