@@ -32,17 +32,21 @@ _CONFIGS = [triton.Config({"BLOCK_L": bl, "BLOCK_D": bd}, num_warps=w)
 
 
 @triton.jit
+def _row_tile(START, LENGTH, D, BLOCK_D: tl.constexpr):
+    """This program's batch row b, its BLOCK_D feature offsets (and which lie inside D), and the row's span."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    return b, offs_d, offs_d < D, tl.load(START + b).to(tl.int64), tl.load(LENGTH + b).to(tl.int32)
+
+
+@triton.jit
 def _span_mean_pool_fwd_kernel(
     H, START, LENGTH, OUT,  # H [B, L, D] (any strides), START/LENGTH int [B], OUT [B, D] contiguous
     stride_hb, stride_hl, stride_hd,
     D,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_in = offs_d < D
-    start = tl.load(START + b).to(tl.int64)
-    length = tl.load(LENGTH + b).to(tl.int32)
+    b, offs_d, d_in, start, length = _row_tile(START, LENGTH, D, BLOCK_D)
     base = H + b * stride_hb + start * stride_hl + offs_d[None, :] * stride_hd
     acc = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
     for l0 in range(0, length, BLOCK_L):
@@ -62,11 +66,7 @@ def _span_mean_pool_bwd_kernel(
     L, D,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_in = offs_d < D
-    start = tl.load(START + b).to(tl.int32)
-    length = tl.load(LENGTH + b).to(tl.int32)
+    b, offs_d, d_in, start, length = _row_tile(START, LENGTH, D, BLOCK_D)
     g = tl.load(GRAD + b * stride_gb + offs_d * stride_gd, mask=d_in, other=0.0).to(tl.float32)
     g = (g / length.to(tl.float32)).to(DH.dtype.element_ty)
     base = DH + b * stride_db + offs_d[None, :] * stride_dd
