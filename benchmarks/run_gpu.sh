@@ -8,6 +8,7 @@
 #   PARTS=tests    the kernel test matrix on the GPU (TEST_MARKS, default "gpu or not slow") and every gpu-marked
 #                  test elsewhere. The Triton tests run while the extension builds; its own tests after the build,
 #                  beside compute-sanitizer memcheck and racecheck over a few small extension tests (SANITIZE_K).
+#                  The outcome, per phase and sanitizer tool: tests_gpu.json (benchmarks/tests_summary.py).
 #   PARTS=profile  benchmarks/profile_ops.py: device time per kernel and wall time per call of each op
 #   PARTS=kernels  the op benchmarks: attention, contrastive_loss, linear_kl_loss, span_mean_pool
 #   PARTS=e2e      the end-to-end benchmarks: encode, train
@@ -28,6 +29,9 @@ PY=${PYTHON:-python3}
 PARTS=${PARTS-tests kernels profile e2e}  # PARTS= (empty): none, e.g. with BENCH=...
 WORKERS=${WORKERS:-12}
 start=$SECONDS
+# What tests_gpu.json records as the run's command (the settings that shaped it).
+export LLM2COMP_RUN_COMMAND=${LLM2COMP_RUN_COMMAND:-"PARTS=\"$PARTS\" BENCH=\"${BENCH:-}\" DEADLINE_S=${DEADLINE_S:-560} \
+BENCH_CAP_S=${BENCH_CAP_S:-150} WORKERS=$WORKERS bash benchmarks/run_gpu.sh"}
 log() { echo "== [$(date +%T) +$((SECONDS - start))s] $*"; }
 left() { echo $(( ${DEADLINE_S:-560} - (SECONDS - start) - 15 )); }
 # Run "$@" under a timeout of the time left (minus a margin for the tarball) or $CAP if smaller; skip it when
@@ -93,7 +97,8 @@ for part in $PARTS; do
               done ) &
             sanitize_pid=$!
             pytest_run cuda "$WORKERS" -m "${TEST_MARKS:-gpu or not slow}" -k "cuda" tests/kernels
-            wait "$sanitize_pid" ;;
+            wait "$sanitize_pid"
+            "$PY" -m benchmarks.tests_summary "$R" | tail -5 ;;
         profile) benches="$benches profile_ops" ;;
         kernels) benches="$benches attention contrastive_loss linear_kl_loss span_mean_pool" ;;
         e2e) benches="$benches encode train" ;;
