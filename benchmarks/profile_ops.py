@@ -6,7 +6,8 @@ time divides between its kernels and its cuBLAS products, what bandwidth the poo
 host in the way, and how linear-KL's time divides between the matmuls and the fused kernel. The ``launch`` group
 splits a Triton call's host time: an empty kernel with as many runtime arguments as the attention forward,
 launched directly and through `triton.autotune`, and one with four arguments, to set against the host time of
-the attention group's forward (same shapes).
+the attention group's forward (same shapes); and that forward with Triton's launches stubbed out, i.e. the host
+time of our Python alone.
 Each case runs its step twice (warm-up: compile, autotune), then `CALLS` times under the profiler. Per case:
 host ms per call (the CPU time of a call that does not wait for the GPU, measured outside the profiler), wall
 ms per call under the profiler, device µs per call (all kernels), and the kernels by device time (µs per call,
@@ -129,9 +130,29 @@ def _launch_cases(quick: bool, device) -> dict[str, Callable[[], object]]:
     grid = (triton.cdiv(L, 64), B * Hq)
     cases = {"launch: empty Triton kernel, 28 runtime args, direct": lambda: wide[grid](*wide_args, BLOCK=64),
              "launch: empty Triton kernel, 4 runtime args, direct": lambda: narrow[grid](q, lse, L, 0.125, BLOCK=64)}
-    if not quick:  # the interpreter has no driver to tune with
+    if not quick:  # the interpreter has no driver to tune with, nor JITFunction.run to stub
         cases["launch: empty Triton kernel, 28 runtime args, autotuned (cached)"] = lambda: wide_tuned[grid](*wide_args)
+        cases["launch: memory_attention fwd triton, JIT launches stubbed (our Python alone)"] = _jit_stubbed(
+            _attention_cases(quick, device)[f"memory_attention fwd triton B{B} L{L} d{d}"])
     return cases
+
+
+def _jit_stubbed(step: Callable[[], object]) -> Callable[[], object]:
+    """`step` with Triton's `JITFunction.run` (binding, specialization, cache lookup, launch) a no-op during the
+    call, after one real call (compiled and tuned): what the call costs the host besides Triton's launch."""
+    from triton.runtime.jit import JITFunction
+
+    step()
+    torch.cuda.synchronize()
+
+    def stubbed():
+        real = JITFunction.run
+        JITFunction.run = lambda self, *args, **kwargs: None
+        try:
+            return step()
+        finally:
+            JITFunction.run = real
+    return stubbed
 
 
 GROUPS = {"attention": _attention_cases, "contrastive": _contrastive_cases, "pool": _pool_cases,
