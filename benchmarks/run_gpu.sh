@@ -28,6 +28,9 @@ export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 PARTS=${PARTS-tests kernels profile e2e}  # PARTS= (empty): none, e.g. with BENCH=...
 WORKERS=${WORKERS:-12}
+# The extension tests compute-sanitizer runs: small, and between them every kernel and its edge paths.
+SANITIZE_K=${SANITIZE_K:-"unaligned_pointer or unnormalized_reductions or strided_inputs or (doc_chunks and 7) \
+or (block_edges and causal)"}
 start=$SECONDS
 # What tests_gpu.json records as the run's command (the settings that shaped it).
 export LLM2COMP_RUN_COMMAND=${LLM2COMP_RUN_COMMAND:-"PARTS=\"$PARTS\" BENCH=\"${BENCH:-}\" DEADLINE_S=${DEADLINE_S:-560} \
@@ -91,7 +94,7 @@ for part in $PARTS; do
                 log "compute-sanitizer --tool $tool"
                 PYTORCH_NO_CUDA_MEMORY_CACHING=1 CAP=150 in_time compute-sanitizer --tool "$tool" --error-exitcode 1 \
                     "$PY" -m pytest -q -x -p no:cacheprovider -m gpu tests/kernels/test_cuda_extension.py \
-                    -k "${SANITIZE_K:-unaligned_pointer or unnormalized_reductions or strided_inputs or (doc_chunks and 7)}" \
+                    -k "$SANITIZE_K" \
                     >"$R/sanitize_$tool.log" 2>&1
                 log "compute-sanitizer --tool $tool: exit $? ($(tail -1 "$R/sanitize_$tool.log"))"
               done ) &

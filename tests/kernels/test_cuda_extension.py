@@ -244,6 +244,24 @@ def test_memory_attention_cuda_forward(L, heads, d, causal, dtype):
 
 @pytest.mark.gpu
 @needs_ext
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_memory_attention_cuda_block_edges(d, causal):
+    """Lengths on either side of the 64-key block edges (63, 64, 65, 129) and one of five blocks (300): the
+    double-buffered key loop (a prefetch per block but the last) and the zero-filled rows past each length."""
+    seq_lens = torch.tensor([300, 63, 64, 65, 129], device="cuda")
+    q, k, v, seq_lens = make_attention_inputs(5, 4, 2, 300, d, dtype=torch.bfloat16, device="cuda", seed=d,
+                                              seq_lens=seq_lens, requires_grad=False)
+    _poison_cache()
+    out = memory_attention(q, k, v, seq_lens, causal=causal, backend="cuda")
+    ref = memory_attention_reference(q.double(), k.double(), v.double(), seq_lens, causal, d ** -0.5)
+    assert_rel_close(out, ref)
+    for b in range(5):
+        assert (out[b, :, int(seq_lens[b]):] == 0).all(), "padded query rows must be exact zeros"
+
+
+@pytest.mark.gpu
+@needs_ext
 @pytest.mark.parametrize("layout", ["transposed_bld", "head_dim_strided"])
 def test_memory_attention_cuda_strided_inputs(layout):
     """Transposes of [B, L, H, d] go in without a copy; a non-unit head-dim stride is copied first."""
