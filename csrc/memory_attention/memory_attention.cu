@@ -7,8 +7,8 @@
 // ldmatrix (V transposed on the way), and P never leaves registers: the accumulator layout of two
 // adjacent 8-key S tiles is the A-fragment layout of one 16-key step of P V.
 // Padding is skipped: key blocks at or past seq_lens[b] are never loaded (rows past it inside the last
-// block are zero-filled in shared memory), a query block entirely in the padding only writes zeros,
-// and padded query rows of a partial block are written as zeros. GQA: q head h reads kv head
+// block are zero-filled in shared memory), a query block entirely in the padding only writes zeros, a warp
+// whose 16 rows are all padding skips the products, and padded query rows are written as zeros. GQA: q head h reads kv head
 // h / (Hq / Hkv), by index. Causal blocks stop at the block's last query.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -109,63 +109,68 @@ __global__ void __launch_bounds__(kThreads) memory_attention_fwd_kernel(
             cp_async_wait<0>();
         }
         __syncthreads();
-        if (n0 == 0) {
+        // A warp whose 16 rows are all padding computes nothing: its o and l stay 0, and it writes zeros.
+        if (m0 + warp * 16 < seq) {
+            if (n0 == 0) {
 #pragma unroll
-            for (int ks = 0; ks < KS_Q; ++ks) ldmatrix_x4<false>(qf[ks], Qs + (warp * 16 + a_row) * LD + ks * 16 + a_col);
-        }
-        const T* Kt = Ks + stage * kBlockN * LD;
-        const T* Vt = Vs + stage * kBlockN * LD;
-
-        float s[NT_S][4];
-#pragma unroll
-        for (int n = 0; n < NT_S; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-#pragma unroll
-        for (int ks = 0; ks < KS_Q; ++ks) {  // S tiles 2j, 2j + 1: keys 16j .. 16j + 15, rows of K
-            mma_tile_pairs<T, false>(s, qf[ks], Kt + k_row * LD + ks * 16 + k_col, 16 * LD);
-        }
-
-        float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int n = 0; n < NT_S; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int col = n0 + 8 * n + 2 * t + (e & 1);
-                const bool allowed = col < seq && (!CAUSAL || col <= rows[e >> 1]);
-                s[n][e] = allowed ? s[n][e] * scale_log2 : -INFINITY;
-                tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[n][e]);
+                for (int ks = 0; ks < KS_Q; ++ks) {
+                    ldmatrix_x4<false>(qf[ks], Qs + (warp * 16 + a_row) * LD + ks * 16 + a_col);
+                }
             }
-        }
-        // Key 0 sits in the first block and every row may see it, so the running max is finite from
-        // the first block on and exp2f never sees (-inf) - (-inf).
-        float alpha[2];
+            const T* Kt = Ks + stage * kBlockN * LD;
+            const T* Vt = Vs + stage * kBlockN * LD;
+
+            float s[NT_S][4];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            const float m_new = fmaxf(m[i], quad_max(tile_max[i]));
-            alpha[i] = exp2f(m[i] - m_new);
-            m[i] = m_new;
-            l[i] *= alpha[i];
-        }
+            for (int n = 0; n < NT_S; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
 #pragma unroll
-        for (int n = 0; n < NT_O; ++n) {
-            o[n][0] *= alpha[0];
-            o[n][1] *= alpha[0];
-            o[n][2] *= alpha[1];
-            o[n][3] *= alpha[1];
-        }
-        // P in the inputs' dtype, as A fragments: 16-key step j is S tiles 2j (columns 0..7) and 2j + 1.
-        uint32_t pf[KS_P][4];
+            for (int ks = 0; ks < KS_Q; ++ks) {  // S tiles 2j, 2j + 1: keys 16j .. 16j + 15, rows of K
+                mma_tile_pairs<T, false>(s, qf[ks], Kt + k_row * LD + ks * 16 + k_col, 16 * LD);
+            }
+
+            float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int n = 0; n < NT_S; ++n) {
+            for (int n = 0; n < NT_S; ++n) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int col = n0 + 8 * n + 2 * t + (e & 1);
+                    const bool allowed = col < seq && (!CAUSAL || col <= rows[e >> 1]);
+                    s[n][e] = allowed ? s[n][e] * scale_log2 : -INFINITY;
+                    tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[n][e]);
+                }
+            }
+            // Key 0 sits in the first block and every row may see it, so the running max is finite from
+            // the first block on and exp2f never sees (-inf) - (-inf).
+            float alpha[2];
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
-                const float p0 = exp2f(s[n][2 * i] - m[i]), p1 = exp2f(s[n][2 * i + 1] - m[i]);
-                l[i] += p0 + p1;
-                pf[n / 2][2 * (n % 2) + i] = pack2(from_float<T>(p0), from_float<T>(p1));
+                const float m_new = fmaxf(m[i], quad_max(tile_max[i]));
+                alpha[i] = exp2f(m[i] - m_new);
+                m[i] = m_new;
+                l[i] *= alpha[i];
             }
-        }
 #pragma unroll
-        for (int ks = 0; ks < KS_P; ++ks) {  // O tiles 2j, 2j + 1: columns 16j .. 16j + 15 of V
-            mma_tile_pairs<T, true>(o, pf[ks], Vt + (ks * 16 + v_row) * LD + v_col, 16);
+            for (int n = 0; n < NT_O; ++n) {
+                o[n][0] *= alpha[0];
+                o[n][1] *= alpha[0];
+                o[n][2] *= alpha[1];
+                o[n][3] *= alpha[1];
+            }
+            // P in the inputs' dtype, as A fragments: 16-key step j is S tiles 2j (columns 0..7) and 2j + 1.
+            uint32_t pf[KS_P][4];
+#pragma unroll
+            for (int n = 0; n < NT_S; ++n) {
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    const float p0 = exp2f(s[n][2 * i] - m[i]), p1 = exp2f(s[n][2 * i + 1] - m[i]);
+                    l[i] += p0 + p1;
+                    pf[n / 2][2 * (n % 2) + i] = pack2(from_float<T>(p0), from_float<T>(p1));
+                }
+            }
+#pragma unroll
+            for (int ks = 0; ks < KS_P; ++ks) {  // O tiles 2j, 2j + 1: columns 16j .. 16j + 15 of V
+                mma_tile_pairs<T, true>(o, pf[ks], Vt + (ks * 16 + v_row) * LD + v_col, 16);
+            }
         }
         __syncthreads();  // every warp is done with this stage before the next step prefetches into it
     }
