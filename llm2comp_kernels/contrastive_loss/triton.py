@@ -238,7 +238,6 @@ def _smallest(key: str) -> int:
     return min(c.kwargs[key] for c in _CONFIGS) if triton_autotune() else _FIXED[key]
 
 
-
 def _combine(part_max: torch.Tensor, part_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-split softmax statistics `[S, R]` (max, sum of exp2(x - max)) -> those of all splits `[R]`."""
     if part_max.shape[0] == 1:

@@ -292,12 +292,12 @@ def last_tuned_configs() -> dict[str, str]:
             for name, launcher in _LAUNCHERS.items() if (c := launcher.last) is not None}
 
 
-def _tune_key(q: torch.Tensor, seq_lens: torch.Tensor, block_d: int, causal: bool) -> tuple | None:
+def _tune_key(q: torch.Tensor, seq_lens: torch.Tensor, block_d: int, causal: bool, l_bucket: int) -> tuple | None:
     """The key the autotuner would compute for this call's launches (`_TUNE_KEY` and every tensor's dtype, which
     q's and seq_lens' decide: o and the gradients have q's, lse and delta are fp32), or None when not autotuning."""
     if not triton_autotune():
         return None
-    return block_d, causal, _l_bucket(q.shape[2]), q.dtype, seq_lens.dtype
+    return block_d, causal, l_bucket, q.dtype, seq_lens.dtype
 
 
 def _launch(name: str, rows_key: str, L: int, heads: int, B: int, key: tuple | None, *args, **constexprs) -> None:
@@ -335,10 +335,10 @@ def _forward(q, k, v, seq_lens, params: _AttentionParams):
     # Output as a transposed view of [B, L, Hq, d]: the model merges heads with a free reshape.
     o = q.new_empty(B, L, Hq, d).transpose(1, 2)
     lse = torch.empty(B, Hq, L, device=q.device, dtype=torch.float32)
-    block_d = _block_d(d)
-    _launch("fwd", "BLOCK_M", L, Hq, B, _tune_key(q, seq_lens, block_d, params.causal),
+    block_d, bucket = _block_d(d), _l_bucket(L)
+    _launch("fwd", "BLOCK_M", L, Hq, B, _tune_key(q, seq_lens, block_d, params.causal, bucket),
             q, k, v, o, lse, seq_lens, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            Hq, Hq // Hkv, L, d, _l_bucket(L), params.scale * _LOG2E,
+            Hq, Hq // Hkv, L, d, bucket, params.scale * _LOG2E,
             CAUSAL=params.causal, DOT_UPCAST=dot_upcast(q.dtype), BLOCK_D=block_d)
     return o, lse
 
@@ -354,15 +354,16 @@ def _backward(q, k, v, o, lse, seq_lens, do, params: _AttentionParams):
     # empty_like keeps the inputs' strides when they are dense, so each grad matches its input's layout.
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(CAUSAL=params.causal, DOT_UPCAST=dot_upcast(q.dtype), BLOCK_D=block_d)
-    key = _tune_key(q, seq_lens, block_d, params.causal)
+    bucket = _l_bucket(L)
+    key = _tune_key(q, seq_lens, block_d, params.causal, bucket)
     _launch("dkdv", "BLOCK_N", L, Hkv, B, key,
             q, k, v, do, dk, dv, lse, delta, seq_lens,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-            Hq, Hkv, Hq // Hkv, L, d, _l_bucket(L), params.scale, params.scale * _LOG2E, **common)
+            Hq, Hkv, Hq // Hkv, L, d, bucket, params.scale, params.scale * _LOG2E, **common)
     _launch("dq", "BLOCK_M", L, Hq, B, key,
             q, k, v, do, dq, lse, delta, seq_lens,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-            Hq, Hq // Hkv, L, d, _l_bucket(L), params.scale, params.scale * _LOG2E, **common)
+            Hq, Hq // Hkv, L, d, bucket, params.scale, params.scale * _LOG2E, **common)
     return dq, dk, dv
 
 

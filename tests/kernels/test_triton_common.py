@@ -53,7 +53,7 @@ def test_attention_key_separates_dtypes_and_length_buckets(monkeypatch):
     monkeypatch.setattr(backend, "triton_autotune", lambda: True)
     lens32, lens64 = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int64)
     def key(dtype, L, seq_lens=lens32, causal=False):
-        return backend._tune_key(torch.zeros(1, 1, L, 64, dtype=dtype), seq_lens, 64, causal)
+        return backend._tune_key(torch.zeros(1, 1, L, 64, dtype=dtype), seq_lens, 64, causal, backend._l_bucket(L))
     base = key(torch.bfloat16, 100)
     assert base == key(torch.bfloat16, 120)  # one length bucket (128)
     others = [key(torch.float16, 100), key(torch.bfloat16, 1000), key(torch.bfloat16, 100, lens64),
