@@ -31,9 +31,9 @@ def dot_upcast(dtype: torch.dtype) -> bool:
 class TunedLauncher:
     """Launches an autotuned kernel through `triton.autotune` the first time it meets a tuning key, and afterwards
     straight with the config the tuner chose for that key: the same launch, without the autotuner's per-call
-    Python (dicts of all 28 arguments of the attention forward, its key looked up among them). With it, the
-    Python in front of that forward's launch went from 61 to 46 us per call on a 2-core CPU (launch stubbed),
-    paid once per layer per forward.
+    Python (dicts of all 28 arguments of the attention forward, its key looked up among them), which a model
+    pays once per layer per forward. `benchmarks/profile_ops.py` times the host side of that forward (its
+    ``launch`` group) on a GPU.
 
     `key` must hold what the autotuner's key holds (its key arguments and the tensors' dtypes), or a config tuned
     for other inputs would be reused. `grid(meta)` gives the launch grid from a config's meta-parameters.
