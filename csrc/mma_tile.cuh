@@ -1,5 +1,7 @@
-// Dtype conversions shared by every kernel, and the warp-level pieces of the attention kernel: tensor-core
-// products, fragment loads from shared memory, asynchronous copies. CUDA headers only.
+// Dtype conversions shared by every kernel, the kernel launch, and the warp-level pieces of the attention
+// kernel: tensor-core products, fragment loads from shared memory, asynchronous copies. CUDA headers only.
+// Built with -DLLM2COMP_CPU_EMULATION (tests/cuda_emulation), the launch, the shared memory and the PTX
+// wrappers come from the emulator instead, and the kernels run on the CPU.
 //
 // Fragments of mma.sync.m16n8k16 (PTX ISA, "Matrix fragments for mma.m16n8k16"), with g = lane / 4 and
 // t = lane % 4, each register holding two 16-bit elements (lower column first):
@@ -13,6 +15,11 @@
 #include <stdint.h>
 
 #include <type_traits>
+#include <utility>
+
+#ifdef LLM2COMP_CPU_EMULATION
+#include "cpu_emulation.h"
+#endif
 
 namespace llm2comp {
 
@@ -46,6 +53,23 @@ __device__ __forceinline__ uint32_t pack2(T lo, T hi) {
     memcpy(&l, &lo, 2);
     memcpy(&h, &hi, 2);
     return static_cast<uint32_t>(l) | (static_cast<uint32_t>(h) << 16);
+}
+
+#ifndef LLM2COMP_CPU_EMULATION
+
+// kernel<<<grid, block, smem_bytes, stream>>>(args...), and the launch status.
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
+                          Args&&... args) {
+    kernel<<<grid, block, smem_bytes, stream>>>(std::forward<Args>(args)...);
+    return cudaGetLastError();
+}
+
+// The block's dynamic shared memory (the launch's smem_bytes), 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ T* dynamic_smem() {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    return reinterpret_cast<T*>(smem_raw);
 }
 
 // c[0..3] += A(16x16, row-major fragment a) * B(16x8, column fragment b), fp32 accumulate.
@@ -87,6 +111,21 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
     }
 }
 
+// 16 bytes global -> shared without going through registers (sm_80+); `valid` false writes 16 zero bytes
+// instead and reads nothing (src must still be a mapped address). Completes at cp_async_wait.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(smem_address(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Wait until at most N committed groups of this thread's copies are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
+
+#endif  // LLM2COMP_CPU_EMULATION
+
 // acc[n] += a . B_n for the NT 8-column tiles B_n of one 16-deep step, B's fragments loaded two tiles at a time
 // by ldmatrix (TRANS for a B stored k-major, like V) from `b`, this lane's address of the first pair, with
 // `pair_stride` elements between pairs.
@@ -102,19 +141,6 @@ __device__ __forceinline__ void mma_tile_pairs(float (&acc)[NT][4], const uint32
         mma_16816<T>(acc[2 * j + 1], a, b1);
     }
 }
-
-// 16 bytes global -> shared without going through registers (sm_80+); `valid` false writes 16 zero bytes
-// instead and reads nothing (src must still be a mapped address). Completes at cp_async_wait.
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                 :: "r"(smem_address(dst)), "l"(src), "r"(valid ? 16 : 0));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-// Wait until at most N committed groups of this thread's copies are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
 
 // Max / sum over the 4 lanes of a quad (the lanes sharing rows g and g + 8).
 __device__ __forceinline__ float quad_max(float x) {

@@ -200,10 +200,9 @@ template <typename T>
 cudaError_t launch_dlogits(const float* logits, void* dlogits, int64_t B, int64_t cols, int64_t col0, float scale_log2,
                            const float* row_stats, const float* w_row, const float* col_stats, const float* w_col,
                            const int64_t* labels, const float* grad_loss, cudaStream_t stream) {
-    contrastive_block_dlogits_kernel<T><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
-        logits, static_cast<T*>(dlogits), cols, col0, scale_log2, reinterpret_cast<const float2*>(row_stats), w_row,
-        reinterpret_cast<const float2*>(col_stats), w_col, labels, grad_loss);
-    return cudaGetLastError();
+    return launch_kernel(contrastive_block_dlogits_kernel<T>, static_cast<unsigned>(B), kThreads, 0, stream, logits,
+                         static_cast<T*>(dlogits), cols, col0, scale_log2, reinterpret_cast<const float2*>(row_stats),
+                         w_row, reinterpret_cast<const float2*>(col_stats), w_col, labels, grad_loss);
 }
 
 }  // namespace
@@ -216,29 +215,27 @@ int64_t contrastive_loss_doc_chunk(int64_t B, int64_t N, int64_t bytes_per_logit
 cudaError_t contrastive_loss_block_stats(const float* logits, int64_t rows, int64_t cols, int64_t col0,
                                          float scale_log2, bool first, float* stats, const int64_t* target,
                                          float* target_logit, cudaStream_t stream) {
-    contrastive_block_stats_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-        logits, cols, col0, scale_log2, first, reinterpret_cast<float2*>(stats), target, target_logit);
-    return cudaGetLastError();
+    return launch_kernel(contrastive_block_stats_kernel, static_cast<unsigned>(rows), kThreads, 0, stream, logits, cols,
+                         col0, scale_log2, first, reinterpret_cast<float2*>(stats), target, target_logit);
 }
 
 cudaError_t contrastive_loss_col_stats(const float* logits, int64_t rows, int64_t cols, float scale_log2,
                                        float* stats, cudaStream_t stream) {
-    contrastive_col_stats_kernel<<<blocks_1d(cols, kColsPerBlock), kThreads, 0, stream>>>(
-        logits, rows, cols, scale_log2, reinterpret_cast<float2*>(stats));
-    return cudaGetLastError();
+    return launch_kernel(contrastive_col_stats_kernel, blocks_1d(cols, kColsPerBlock), kThreads, 0, stream, logits, rows,
+                         cols, scale_log2, reinterpret_cast<float2*>(stats));
 }
 
 cudaError_t contrastive_loss_finalize(const float* row_stats, const float* col_stats, const int64_t* labels,
                                       float* loss, int64_t B, cudaStream_t stream) {
-    contrastive_loss_finalize_kernel<<<blocks_1d(B, 256), 256, 0, stream>>>(
-        reinterpret_cast<const float2*>(row_stats), reinterpret_cast<const float2*>(col_stats), labels, loss, B);
-    return cudaGetLastError();
+    return launch_kernel(contrastive_loss_finalize_kernel, blocks_1d(B, 256), 256, 0, stream,
+                         reinterpret_cast<const float2*>(row_stats), reinterpret_cast<const float2*>(col_stats), labels,
+                         loss, B);
 }
 
 cudaError_t contrastive_loss_weights(const float* grad_loss, const int64_t* labels, float* w_row, float* w_col,
                                      int64_t B, cudaStream_t stream) {
-    contrastive_loss_weights_kernel<<<blocks_1d(B, 256), 256, 0, stream>>>(grad_loss, labels, w_row, w_col, B);
-    return cudaGetLastError();
+    return launch_kernel(contrastive_loss_weights_kernel, blocks_1d(B, 256), 256, 0, stream, grad_loss, labels, w_row,
+                         w_col, B);
 }
 
 cudaError_t contrastive_loss_block_dlogits(DType dtype, const float* logits, void* dlogits, int64_t B, int64_t cols,

@@ -54,8 +54,7 @@ __global__ void __launch_bounds__(kThreads) memory_attention_fwd_kernel(
     int64_t Hq, int64_t group, int L, int blocks_m, AttentionStrides sq, AttentionStrides sk, AttentionStrides sv,
     float scale_log2) {
     constexpr int LD = HD + kPad, NT_S = kBlockN / 8, NT_O = HD / 8, KS_Q = HD / 16, KS_P = kBlockN / 16;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    T* Qs = reinterpret_cast<T*>(smem_raw);
+    T* Qs = dynamic_smem<T>();
     T* Ks = Qs + kBlockM * LD;         // [2][kBlockN][LD]
     T* Vs = Ks + 2 * kBlockN * LD;     // [2][kBlockN][LD]
 
@@ -200,10 +199,9 @@ cudaError_t launch(const void* q, const void* k, const void* v, const int64_t* s
     if (err != cudaSuccess) return err;
     const int blocks_m = static_cast<int>((L + kBlockM - 1) / kBlockM);
     const dim3 grid(static_cast<unsigned>(B * Hq * blocks_m));
-    kernel<<<grid, kThreads, bytes, stream>>>(static_cast<const T*>(q), static_cast<const T*>(k),
-                                              static_cast<const T*>(v), seq_lens, static_cast<T*>(out), Hq,
-                                              Hq / Hkv, static_cast<int>(L), blocks_m, sq, sk, sv, scale * kLog2e);
-    return cudaGetLastError();
+    return launch_kernel(kernel, grid, kThreads, bytes, stream, static_cast<const T*>(q), static_cast<const T*>(k),
+                         static_cast<const T*>(v), seq_lens, static_cast<T*>(out), Hq, Hq / Hkv, static_cast<int>(L),
+                         blocks_m, sq, sk, sv, scale * kLog2e);
 }
 
 template <typename T>

@@ -80,7 +80,6 @@ int vector_width(const void* a, const void* b, int64_t D) {
     return (aligned && D % kVec == 0) ? kVec : 1;
 }
 
-
 template <typename T>
 cudaError_t launch_fwd(const void* hidden, const int64_t* start, const int64_t* length, void* out, int64_t B,
                        int64_t L, int64_t D, cudaStream_t stream) {
@@ -90,12 +89,8 @@ cudaError_t launch_fwd(const void* hidden, const int64_t* start, const int64_t* 
     const dim3 grid(static_cast<unsigned>(B * tiles));
     auto h = static_cast<const T*>(hidden);
     auto o = static_cast<T*>(out);
-    if (vec == kVec) {
-        span_mean_pool_fwd_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(h, start, length, o, L, D, tiles);
-    } else {
-        span_mean_pool_fwd_kernel<T, 1><<<grid, kThreads, 0, stream>>>(h, start, length, o, L, D, tiles);
-    }
-    return cudaGetLastError();
+    if (vec == kVec) return launch_kernel(span_mean_pool_fwd_kernel<T, kVec>, grid, kThreads, 0, stream, h, start, length, o, L, D, tiles);
+    return launch_kernel(span_mean_pool_fwd_kernel<T, 1>, grid, kThreads, 0, stream, h, start, length, o, L, D, tiles);
 }
 
 template <typename T>
@@ -107,12 +102,8 @@ cudaError_t launch_bwd(const void* grad_out, const int64_t* start, const int64_t
     const dim3 grid(static_cast<unsigned>(B * tiles));
     auto g = static_cast<const T*>(grad_out);
     auto gh = static_cast<T*>(grad_hidden);
-    if (vec == kVec) {
-        span_mean_pool_bwd_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(g, start, length, gh, L, D, tiles);
-    } else {
-        span_mean_pool_bwd_kernel<T, 1><<<grid, kThreads, 0, stream>>>(g, start, length, gh, L, D, tiles);
-    }
-    return cudaGetLastError();
+    if (vec == kVec) return launch_kernel(span_mean_pool_bwd_kernel<T, kVec>, grid, kThreads, 0, stream, g, start, length, gh, L, D, tiles);
+    return launch_kernel(span_mean_pool_bwd_kernel<T, 1>, grid, kThreads, 0, stream, g, start, length, gh, L, D, tiles);
 }
 
 }  // namespace
