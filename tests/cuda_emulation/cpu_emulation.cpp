@@ -66,6 +66,7 @@ std::map<const void*, int> max_dynamic_smem;   // per kernel, from cudaFuncSetAt
 int schedule = 0;                              // 0 forward, 1 reverse, 2 shuffled
 bool copies_at_issue = false;                  // cp.async lands when issued, not at cp_async_wait
 std::mt19937_64 rng;
+int64_t ldmatrix_phases = 0, ldmatrix_wavefronts = 0;
 
 std::string str(const uint3& v) {
     return "(" + std::to_string(v.x) + "," + std::to_string(v.y) + "," + std::to_string(v.z) + ")";
@@ -202,6 +203,29 @@ void check_shared_16(const void* p, size_t bytes, const char* op) {
              " of " + std::to_string(running->smem_bytes) + " bytes)");
     }
     if ((c - base) % 16 != 0) fail(std::string(op) + ": shared address not 16-byte aligned");
+}
+
+void count_ldmatrix_wavefronts(const void* const* rows) {
+    for (int j = 0; j < 4; ++j) {
+        std::map<int, std::vector<uintptr_t>> words_of_bank;
+        for (int r = 0; r < 8; ++r) {
+            const auto address = reinterpret_cast<uintptr_t>(*static_cast<const void* const*>(rows[8 * j + r]));
+            for (uintptr_t word = address / 4; word < address / 4 + 4; ++word) {
+                auto& words = words_of_bank[static_cast<int>(word % 32)];
+                if (std::find(words.begin(), words.end(), word) == words.end()) words.push_back(word);
+            }
+        }
+        size_t most = 1;
+        for (const auto& [bank, words] : words_of_bank) most = std::max(most, words.size());
+        ++ldmatrix_phases;
+        ldmatrix_wavefronts += static_cast<int64_t>(most);
+    }
+}
+
+void take_ldmatrix_counts(int64_t* phases, int64_t* wavefronts) {
+    *phases = ldmatrix_phases;
+    *wavefronts = ldmatrix_wavefronts;
+    ldmatrix_phases = ldmatrix_wavefronts = 0;
 }
 
 unsigned char* dynamic_shared_memory() { return reinterpret_cast<unsigned char*>(running->smem.get()); }

@@ -59,6 +59,13 @@ void warp_collective(const char* op, CollectiveFn fn, const void* in, void* out)
 void check_shared_16(const void* p, size_t bytes, const char* op);
 unsigned char* dynamic_shared_memory();
 
+// Shared-memory bank accounting of ldmatrix.x4: rows[l] points to lane l's row address. Each of its four
+// phases (the 8 rows of one matrix, 16 bytes each) takes as many wavefronts as the most distinct 4-byte words
+// any of the 32 banks serves; 1 when conflict-free.
+void count_ldmatrix_wavefronts(const void* const* rows);
+// (phases, wavefronts) counted since the last call, which resets them.
+void take_ldmatrix_counts(int64_t* phases, int64_t* wavefronts);
+
 void cp_async(void* dst, const void* src, bool valid);
 void cp_async_commit();
 void cp_async_wait(int groups_left);
@@ -135,6 +142,7 @@ template <bool TRANS>
 void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
     emu::check_shared_16(row, 16, "ldmatrix");
     emu::warp_collective(TRANS ? "ldmatrix.x4.trans" : "ldmatrix.x4", +[](const void* const* ins, void* const* outs) {
+        emu::count_ldmatrix_wavefronts(ins);
         for (int lane = 0; lane < 32; ++lane) {
             uint32_t* out = static_cast<uint32_t*>(outs[lane]);
             const int g = lane / 4, t = lane % 4;

@@ -41,6 +41,9 @@ int emu_set_schedule(int order, uint64_t seed, bool land_copies_at_issue) {
     });
 }
 
+// counts[0..1] = (ldmatrix phases, shared-memory wavefronts they took) since the last call.
+void emu_take_ldmatrix_counts(int64_t* counts) { llm2comp::emu::take_ldmatrix_counts(counts, counts + 1); }
+
 int emu_faulty(int bug, float* buffer, float salt) {
     return guarded([&] { return llm2comp::launch_faulty(bug, buffer, salt); });
 }

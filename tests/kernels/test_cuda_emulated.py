@@ -8,6 +8,7 @@ shows as NaN and a write past it as changed guard bytes."""
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import pytest
@@ -121,6 +122,20 @@ def test_memory_attention_schedules(lib, order, at_issue, causal):
     q, k, v, _ = make_attention_inputs(5, 2, 1, 300, 64, dtype=torch.bfloat16, requires_grad=False)
     out = run_attention(lib, q, k, v, seq_lens, causal, layout="blhd")
     check_attention(out, q, k, v, seq_lens, causal)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_memory_attention_ldmatrix_is_conflict_free(lib, d):
+    """The row padding of the shared-memory tiles (kPad) puts the 8 rows of every ldmatrix phase, Q, K and
+    transposed V alike, in distinct banks: one wavefront per phase."""
+    q, k, v, seq_lens = make_attention_inputs(1, 1, 1, 130, d, dtype=torch.bfloat16, requires_grad=False,
+                                              seq_lens=torch.tensor([130]))
+    counts = torch.zeros(2, dtype=torch.int64)
+    lib.emu_take_ldmatrix_counts(ctypes.c_void_p(counts.data_ptr()))
+    run_attention(lib, q, k, v, seq_lens, False)
+    lib.emu_take_ldmatrix_counts(ctypes.c_void_p(counts.data_ptr()))
+    phases, wavefronts = counts.tolist()
+    assert phases > 0 and wavefronts == phases, f"{wavefronts} wavefronts for {phases} ldmatrix phases"
 
 
 def test_memory_attention_unsupported_head_dim(lib):
