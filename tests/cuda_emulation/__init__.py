@@ -2,7 +2,10 @@
 called through ctypes on CPU tensors (see cpu_emulation.h for what the emulator runs and checks).
 
 `load()` compiles once per content of the sources (cached under the system temp dir) and returns a
-`ctypes.CDLL`, or raises `Unavailable` when there is no C++ compiler or no CUDA headers."""
+`ctypes.CDLL`, or raises `Unavailable` when there is no C++ compiler or no CUDA headers. The build has
+UBSan in trap mode: a misaligned typed access (a vector load or store off its alignment), an index past a
+fixed-size array (fragments, per-warp slots) or a signed overflow stops the process with SIGILL, which
+fails the test run."""
 
 from __future__ import annotations
 
@@ -66,6 +69,7 @@ def _build(target: Path, include: Path) -> None:
     no_implicit_halves = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                           "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
     cmd = [cxx, "-std=c++17", "-O1", "-fPIC", "-shared", "-fno-strict-aliasing", "-DLLM2COMP_CPU_EMULATION",
+           "-fsanitize=undefined", "-fsanitize-undefined-trap-on-error",
            *no_implicit_halves,
            "-Wall", "-Wno-unknown-pragmas", "-Werror", f"-I{ROOT / 'csrc'}", f"-I{HERE}", f"-I{include}",
            "-x", "c++", *map(str, sources()), "-Wl,-z,defs", "-o", str(tmp)]
