@@ -25,7 +25,18 @@ struct Copy {
     void* dst;
     const void* src;
     bool valid;
+    bool landed;
 };
+
+// Race bookkeeping of one 16-byte granule of dynamic shared memory (the unit of cp.async and of an ldmatrix
+// row). Epochs count the block's completed barriers.
+struct Granule {
+    int64_t write_epoch = -1, read_epoch = -1;
+    int writer = -1;        // the thread whose copy landed last
+    int reader = -1;        // the thread that read in read_epoch, kSeveral if more than one did
+    int in_flight_by = -1;  // the thread whose copy into it has not been waited for
+};
+constexpr int kSeveral = -2;
 
 struct Thread {
     uint3 idx;
@@ -52,6 +63,8 @@ struct Launch {
     const std::function<void()>* body;
     std::unique_ptr<uint4[]> smem;  // uint4: 16-byte aligned
     size_t smem_bytes = 0;
+    std::vector<Granule> granules;
+    int64_t epoch = 0;
     std::vector<Thread> threads;
     std::vector<Warp> warps;
     int live = 0, at_barrier = 0;
@@ -88,6 +101,7 @@ void release_barrier_if_complete() {
         if (t.state == State::kAtBarrier) t.state = State::kRunnable;
     }
     l.at_barrier = 0;
+    ++l.epoch;
 }
 
 void thread_main() {
@@ -124,6 +138,8 @@ void run_block() {
     l.live = n;
     l.at_barrier = 0;
     memset(l.smem.get(), 0xff, l.smem_bytes);
+    l.granules.assign(l.smem_bytes / 16, Granule{});
+    l.epoch = 0;
     for (int i = 0; i < n; ++i) {
         Thread& t = l.threads[i];
         t.linear = i;
@@ -230,23 +246,37 @@ void take_ldmatrix_counts(int64_t* phases, int64_t* wavefronts) {
 
 unsigned char* dynamic_shared_memory() { return reinterpret_cast<unsigned char*>(running->smem.get()); }
 
-void land(const Copy& c) {
+Granule& granule(const void* p) {
+    return running->granules[(static_cast<const unsigned char*>(p) - dynamic_shared_memory()) / 16];
+}
+
+void land(Copy& c) {
+    if (c.landed) return;
     if (c.valid) {
         memcpy(c.dst, c.src, 16);
     } else {
         memset(c.dst, 0, 16);
     }
+    c.landed = true;
 }
 
 void cp_async(void* dst, const void* src, bool valid) {
     check_shared_16(dst, 16, "cp.async");
     if (reinterpret_cast<uintptr_t>(src) % 16 != 0) fail("cp.async: global source not 16-byte aligned");
-    if (copies_at_issue) {
-        land(Copy{dst, src, valid});
-        current().open_group.push_back(Copy{nullptr, nullptr, false});  // still to be committed and waited for
-    } else {
-        current().open_group.push_back(Copy{dst, src, valid});
+    Thread& t = current();
+    Granule& g = granule(dst);
+    if (g.in_flight_by >= 0) {
+        fail("shared-memory race: cp.async into 16 bytes that thread " + std::to_string(g.in_flight_by) +
+             "'s copy has not landed in yet");
     }
+    if (g.read_epoch == running->epoch && g.reader != t.linear) {
+        fail("shared-memory race (write after read): cp.async over 16 bytes that " +
+             (g.reader == kSeveral ? std::string("other threads") : "thread " + std::to_string(g.reader)) +
+             " read since the last __syncthreads");
+    }
+    g.in_flight_by = t.linear;
+    t.open_group.push_back(Copy{dst, src, valid, false});
+    if (copies_at_issue) land(t.open_group.back());
 }
 
 void cp_async_commit() {
@@ -258,10 +288,34 @@ void cp_async_commit() {
 void cp_async_wait(int groups_left) {
     Thread& t = current();
     while (static_cast<int>(t.committed.size()) > groups_left) {
-        if (!copies_at_issue) {
-            for (const Copy& c : t.committed.front()) land(c);
+        for (Copy& c : t.committed.front()) {
+            land(c);
+            Granule& g = granule(c.dst);
+            g.in_flight_by = -1;
+            g.write_epoch = running->epoch;
+            g.writer = t.linear;
         }
         t.committed.pop_front();
+    }
+}
+
+void shared_read_16(const void* p, const char* op) {
+    check_shared_16(p, 16, op);
+    const int me = current().linear;
+    Granule& g = granule(p);
+    if (g.in_flight_by >= 0) {
+        fail(std::string("shared-memory race: ") + op + " reads 16 bytes that thread " +
+             std::to_string(g.in_flight_by) + "'s cp.async has not landed in (no cp_async_wait and barrier)");
+    }
+    if (g.write_epoch == running->epoch && g.writer != me) {
+        fail(std::string("shared-memory race (read after write): ") + op + " reads 16 bytes that thread " +
+             std::to_string(g.writer) + "'s copy landed in since the last __syncthreads");
+    }
+    if (g.read_epoch != running->epoch) {
+        g.read_epoch = running->epoch;
+        g.reader = me;
+    } else if (g.reader != me) {
+        g.reader = kSeveral;
     }
 }
 

@@ -9,7 +9,11 @@
 // - a collective while lanes of the warp have exited, or a lane exiting while its warp waits;
 // - ldmatrix and cp.async addresses outside the dynamic shared memory, or not 16-byte aligned;
 // - dynamic shared memory over 48 KiB without cudaFuncSetAttribute, or over the 227 KiB of sm_90;
-// - cp.async copies not waited for when the thread exits, cp.async sources not 16-byte aligned.
+// - cp.async copies not waited for when the thread exits, cp.async sources not 16-byte aligned;
+// - races on the dynamic shared memory between cp.async writes and ldmatrix reads, whatever the order: a read
+//   of 16 bytes whose copy is in flight or landed (by another thread) since the last barrier, a copy over 16
+//   bytes another thread read since the last barrier or that another copy has not landed in yet. Plain loads
+//   and stores, and static __shared__ arrays, are not tracked.
 // cp.async copies land at cp_async_wait (or, if the test asks, when issued), and dynamic shared memory
 // starts as 0xff bytes (NaN in every float format), so a tile read before its copy has landed reads NaN.
 #pragma once
@@ -57,6 +61,9 @@ void warp_collective(const char* op, CollectiveFn fn, const void* in, void* out)
 
 // Fails unless [p, p + bytes) lies in the running block's dynamic shared memory and p is 16-byte aligned.
 void check_shared_16(const void* p, size_t bytes, const char* op);
+// The current thread reads the 16 bytes at p (checked as above): fails on a race with a copy into them, one
+// still in flight or landed since the last barrier by another thread.
+void shared_read_16(const void* p, const char* op);
 unsigned char* dynamic_shared_memory();
 
 // Shared-memory bank accounting of ldmatrix.x4: rows[l] points to lane l's row address. Each of its four
@@ -140,7 +147,7 @@ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 
 template <bool TRANS>
 void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
-    emu::check_shared_16(row, 16, "ldmatrix");
+    emu::shared_read_16(row, "ldmatrix");
     emu::warp_collective(TRANS ? "ldmatrix.x4.trans" : "ldmatrix.x4", +[](const void* const* ins, void* const* outs) {
         emu::count_ldmatrix_wavefronts(ins);
         for (int lane = 0; lane < 32; ++lane) {

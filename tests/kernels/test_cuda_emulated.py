@@ -261,8 +261,12 @@ THREADS = 64  # faulty_kernels.cpp
     (3, "not 16-byte aligned"),
     (5, "never waited for"),
     (6, "cudaFuncSetAttribute"),
+    (7, "shared-memory race"),
+    (8, r"shared-memory race \(write after read\)"),
 ])
-def test_emulator_reports_faults(lib, bug, message):
+@pytest.mark.parametrize("order", [0, 1], ids=["forward", "reverse"])
+def test_emulator_reports_faults(lib, bug, message, order):
+    call(lib, "emu_set_schedule", order, 0, False)
     with pytest.raises(EmulationError, match=message):
         call(lib, "emu_faulty", bug, torch.zeros(5 * THREADS), 0.0)
 
