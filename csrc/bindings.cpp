@@ -2,7 +2,7 @@
 //
 // Layout of csrc/:
 //   launchers.h                    plain C++ launchers (raw device pointers, sizes, cudaStream_t)
-//   mma_tile.cuh                   warp-level mma.sync tile products shared by the kernels
+//   device.cuh                     dtype conversions, the launch, warp-level mma.sync/ldmatrix/cp.async pieces
 //   span_mean_pool/*.cu            span mean forward/backward (vectorised, bandwidth-bound)
 //   contrastive_loss/*.cu          InfoNCE's fused kernels around cuBLAS similarity GEMMs (online LSE, dS)
 //   memory_attention/*.cu          flash-attention forward over right-padded rows, GQA, causal option
@@ -261,8 +261,9 @@ AttentionStrides attention_strides(const char* OP, const char* name, const at::T
     return {x.stride(0), x.stride(1), x.stride(2)};
 }
 
-at::Tensor memory_attention_fwd_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                   const at::Tensor& seq_lens, bool causal, double scale) {
+std::tuple<at::Tensor, at::Tensor> memory_attention_fwd_op(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v, const at::Tensor& seq_lens,
+                                                           bool causal, double scale, bool with_lse) {
     constexpr const char* OP = "llm2comp::memory_attention_fwd";
     LLM2COMP_CHECK_CUDA(q);
     LLM2COMP_CHECK_CUDA(k);
@@ -292,14 +293,17 @@ at::Tensor memory_attention_fwd_op(const at::Tensor& q, const at::Tensor& k, con
                            sv = attention_strides(OP, "v", v);
     const c10::cuda::CUDAGuard guard(q.device());
     at::Tensor out = at::empty({B, Hq, L, d}, q.options());
-    if (B == 0 || Hq == 0) return out;
+    const auto f32 = q.options().dtype(at::kFloat);
+    at::Tensor lse = with_lse ? at::empty({B, Hq, L}, f32) : at::empty({0}, f32);
+    if (B == 0 || Hq == 0) return {out, lse};
     const DType dtype = q.scalar_type() == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
     const cudaError_t err = memory_attention_fwd(dtype, q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                                 seq_lens.data_ptr<int64_t>(), out.data_ptr(), B, Hq, Hkv, L, d, sq,
+                                                 seq_lens.data_ptr<int64_t>(), out.data_ptr(),
+                                                 with_lse ? lse.data_ptr<float>() : nullptr, B, Hq, Hkv, L, d, sq,
                                                  sk, sv, causal, static_cast<float>(scale),
                                                  at::cuda::getCurrentCUDAStream());
     LLM2COMP_CHECK_LAUNCH(err);
-    return out;
+    return {out, lse};
 }
 
 }  // namespace
@@ -312,7 +316,8 @@ TORCH_LIBRARY(llm2comp, m) {
           " int doc_chunk=0) -> (Tensor, Tensor, Tensor)");
     m.def("contrastive_loss_bwd(Tensor grad_loss, Tensor queries, Tensor docs, Tensor labels, Tensor row_stats,"
           " Tensor col_stats, float temperature, bool symmetric, int doc_chunk=0) -> (Tensor, Tensor)");
-    m.def("memory_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor seq_lens, bool causal, float scale) -> Tensor");
+    m.def("memory_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor seq_lens, bool causal, float scale,"
+          " bool with_lse=False) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(llm2comp, CUDA, m) {

@@ -18,7 +18,7 @@
 #include <algorithm>
 
 #include "launchers.h"
-#include "mma_tile.cuh"
+#include "device.cuh"
 
 namespace llm2comp {
 namespace {

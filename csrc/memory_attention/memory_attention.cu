@@ -14,7 +14,7 @@
 #include <cuda_fp16.h>
 
 #include "launchers.h"
-#include "mma_tile.cuh"
+#include "device.cuh"
 
 namespace llm2comp {
 namespace {
@@ -51,6 +51,7 @@ __global__ void __launch_bounds__(kThreads) memory_attention_fwd_kernel(
     const T* __restrict__ v,                // [B, Hkv, L, HD], strides sv
     const int64_t* __restrict__ seq_lens,   // [B]
     T* __restrict__ out,                    // [B, Hq, L, HD] contiguous
+    float* __restrict__ lse,                // [B, Hq, L] or nullptr: log2 of each row's sum of exp2(s * scale_log2)
     int64_t Hq, int64_t group, int L, int blocks_m, AttentionStrides sq, AttentionStrides sk, AttentionStrides sv,
     float scale_log2) {
     constexpr int LD = HD + kPad, NT_S = kBlockN / 8, NT_O = HD / 8, KS_Q = HD / 16, KS_P = kBlockN / 16;
@@ -65,11 +66,13 @@ __global__ void __launch_bounds__(kThreads) memory_attention_fwd_kernel(
     const int seq = static_cast<int>(min(max(seq_lens[b], int64_t(0)), int64_t(L)));
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, warp = threadIdx.x / 32;
     T* out_bh = out + bh * int64_t(L) * HD;
+    float* lse_bh = lse == nullptr ? nullptr : lse + bh * int64_t(L);
 
     if (m0 >= seq) {  // all padding: zeros, nothing loaded
         const T zero = from_float<T>(0.0f);
         const int rows = min(kBlockM, L - m0);
         for (int i = threadIdx.x; i < rows * HD; i += kThreads) out_bh[int64_t(m0) * HD + i] = zero;
+        if (lse_bh != nullptr && int(threadIdx.x) < rows) lse_bh[m0 + threadIdx.x] = 0.0f;
         return;
     }
 
@@ -180,6 +183,7 @@ __global__ void __launch_bounds__(kThreads) memory_attention_fwd_kernel(
         const int row = rows[i];
         if (row >= L) continue;
         const float inv = row < seq ? 1.0f / total : 0.0f;  // padded rows are exact zeros
+        if (lse_bh != nullptr && t == 0) lse_bh[row] = row < seq ? m[i] + log2f(total) : 0.0f;
         T* dst = out_bh + int64_t(row) * HD + 2 * t;
 #pragma unroll
         for (int n = 0; n < NT_O; ++n) {
@@ -189,51 +193,50 @@ __global__ void __launch_bounds__(kThreads) memory_attention_fwd_kernel(
     }
 }
 
+// The launcher's arguments, passed as one through the dtype / head dim / causal dispatch.
+struct Args {
+    const void *q, *k, *v;
+    const int64_t* seq_lens;
+    void* out;
+    float* lse;
+    int64_t B, Hq, Hkv, L;
+    AttentionStrides sq, sk, sv;
+    float scale;
+    cudaStream_t stream;
+};
+
 template <typename T, int HD, bool CAUSAL>
-cudaError_t launch(const void* q, const void* k, const void* v, const int64_t* seq_lens, void* out, int64_t B,
-                   int64_t Hq, int64_t Hkv, int64_t L, AttentionStrides sq, AttentionStrides sk, AttentionStrides sv,
-                   float scale, cudaStream_t stream) {
+cudaError_t launch(const Args& a) {
     constexpr size_t bytes = smem_bytes<HD>();
     auto kernel = memory_attention_fwd_kernel<T, HD, CAUSAL>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
     if (err != cudaSuccess) return err;
-    const int blocks_m = static_cast<int>((L + kBlockM - 1) / kBlockM);
-    const dim3 grid(static_cast<unsigned>(B * Hq * blocks_m));
-    return launch_kernel(kernel, grid, kThreads, bytes, stream, static_cast<const T*>(q), static_cast<const T*>(k),
-                         static_cast<const T*>(v), seq_lens, static_cast<T*>(out), Hq, Hq / Hkv, static_cast<int>(L),
-                         blocks_m, sq, sk, sv, scale * kLog2e);
+    const int blocks_m = static_cast<int>((a.L + kBlockM - 1) / kBlockM);
+    const dim3 grid(static_cast<unsigned>(a.B * a.Hq * blocks_m));
+    return launch_kernel(kernel, grid, kThreads, bytes, a.stream, static_cast<const T*>(a.q),
+                         static_cast<const T*>(a.k), static_cast<const T*>(a.v), a.seq_lens, static_cast<T*>(a.out),
+                         a.lse, a.Hq, a.Hq / a.Hkv, static_cast<int>(a.L), blocks_m, a.sq, a.sk, a.sv,
+                         a.scale * kLog2e);
 }
 
 template <typename T>
-cudaError_t dispatch(int64_t head_dim, bool causal, const void* q, const void* k, const void* v,
-                     const int64_t* seq_lens, void* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t L,
-                     AttentionStrides sq, AttentionStrides sk, AttentionStrides sv, float scale, cudaStream_t stream) {
-    if (head_dim == 64) {
-        return causal ? launch<T, 64, true>(q, k, v, seq_lens, out, B, Hq, Hkv, L, sq, sk, sv, scale, stream)
-                      : launch<T, 64, false>(q, k, v, seq_lens, out, B, Hq, Hkv, L, sq, sk, sv, scale, stream);
-    }
-    if (head_dim == 128) {
-        return causal ? launch<T, 128, true>(q, k, v, seq_lens, out, B, Hq, Hkv, L, sq, sk, sv, scale, stream)
-                      : launch<T, 128, false>(q, k, v, seq_lens, out, B, Hq, Hkv, L, sq, sk, sv, scale, stream);
-    }
+cudaError_t dispatch(int64_t head_dim, bool causal, const Args& a) {
+    if (head_dim == 64) return causal ? launch<T, 64, true>(a) : launch<T, 64, false>(a);
+    if (head_dim == 128) return causal ? launch<T, 128, true>(a) : launch<T, 128, false>(a);
     return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
 cudaError_t memory_attention_fwd(DType dtype, const void* q, const void* k, const void* v, const int64_t* seq_lens,
-                                 void* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t head_dim,
-                                 AttentionStrides sq, AttentionStrides sk, AttentionStrides sv, bool causal,
-                                 float scale, cudaStream_t stream) {
+                                 void* out, float* lse, int64_t B, int64_t Hq, int64_t Hkv, int64_t L,
+                                 int64_t head_dim, AttentionStrides sq, AttentionStrides sk, AttentionStrides sv,
+                                 bool causal, float scale, cudaStream_t stream) {
+    const Args a{q, k, v, seq_lens, out, lse, B, Hq, Hkv, L, sq, sk, sv, scale, stream};
     switch (dtype) {
-        case DType::kFloat16:
-            return dispatch<__half>(head_dim, causal, q, k, v, seq_lens, out, B, Hq, Hkv, L, sq, sk, sv, scale,
-                                    stream);
-        case DType::kBFloat16:
-            return dispatch<__nv_bfloat16>(head_dim, causal, q, k, v, seq_lens, out, B, Hq, Hkv, L, sq, sk, sv,
-                                           scale, stream);
-        case DType::kFloat32:
-            break;
+        case DType::kFloat16: return dispatch<__half>(head_dim, causal, a);
+        case DType::kBFloat16: return dispatch<__nv_bfloat16>(head_dim, causal, a);
+        case DType::kFloat32: break;
     }
     return cudaErrorInvalidValue;
 }

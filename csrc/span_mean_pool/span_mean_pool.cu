@@ -4,7 +4,7 @@
 #include <cuda_fp16.h>
 
 #include "launchers.h"
-#include "mma_tile.cuh"
+#include "device.cuh"
 
 namespace llm2comp {
 namespace {

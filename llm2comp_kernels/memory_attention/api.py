@@ -54,8 +54,8 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
         scale: softmax scale, default ``d ** -0.5``.
         backend: ``"auto"`` (for CUDA tensors triton > cuda, but cuda > triton for a forward without
             gradient at L <= 128; torch for CPU tensors), ``"torch"``, ``"triton"``,
-            ``"cuda"`` (forward kernel; its backward runs the Triton kernel) or ``"flash"``
-            (``flash_attn_varlen_func``, when flash-attn is installed).
+            ``"cuda"`` (forward kernel; its backward runs the Triton backward kernels on the log-sum-exps
+            it saves) or ``"flash"`` (``flash_attn_varlen_func``, when flash-attn is installed).
 
     Returns:
         `[B, Hq, L, d]` in q's dtype. Rows at positions ``>= seq_lens[b]`` are exactly zero and
@@ -76,3 +76,12 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
         return memory_attention_flash(q, k, v, seq_lens, causal, scale)
     from .reference import memory_attention_reference
     return memory_attention_reference(q, k, v, seq_lens, causal, scale)
+
+
+def backward_from_saved(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor,
+                        lse: torch.Tensor, grad_out: torch.Tensor, causal: bool, scale: float):
+    """(dq, dk, dv) of a forward that saved its output `out` and row log-sum-exps `lse` (fp32 `[B, Hq, L]`, log2
+    of the sum of exp2(scores * scale * log2(e)), 0 on padded rows): the Triton backward kernels. The CUDA
+    forward's backward."""
+    from .triton import memory_attention_triton_backward
+    return memory_attention_triton_backward(q, k, v, seq_lens, out, lse, grad_out, causal, scale)

@@ -3,9 +3,9 @@
 The forward kernel (``csrc/memory_attention``) takes q/k/v with any batch/head/sequence strides as
 long as the head dim has unit stride and the strides are multiples of 8 elements (16 bytes), so the
 transposes of `[B, L, H, d]` projections go in without a copy; other layouts are copied first.
-It keeps no log-sum-exp: the backward recomputes the forward through the Triton backend
-(``memory_attention(..., backend="triton")`` under autograd), which costs one extra forward pass but
-reuses the Triton backward kernels.
+Under autograd it also writes each row's log-sum-exp (fp32 `[B, Hq, L]`, base 2, as the Triton forward
+saves it), and the backward runs the Triton backward kernels on the output and those statistics: no second
+forward pass.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ cuda_extension()  # importing llm2comp_kernels._C registers torch.ops.llm2comp.*
 
 
 @torch.library.register_fake("llm2comp::memory_attention_fwd")
-def _memory_attention_fwd_fake(q, k, v, seq_lens, causal, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+def _memory_attention_fwd_fake(q, k, v, seq_lens, causal, scale, with_lse=False):
+    B, Hq, L, _ = q.shape
+    lse = q.new_empty((B, Hq, L) if with_lse else (0,), dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), lse
 
 
 def _aligned(x: torch.Tensor) -> bool:
@@ -38,29 +40,27 @@ def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
     return x.clone(memory_format=torch.contiguous_format)
 
 
-def _forward(q, k, v, seq_lens, causal, scale):
+def _forward(q, k, v, seq_lens, causal, scale, with_lse):
+    """(out, lse): lse fp32 `[B, Hq, L]` if with_lse, else an empty tensor."""
     return torch.ops.llm2comp.memory_attention_fwd(_kernel_layout(q), _kernel_layout(k), _kernel_layout(v),
-                                                   seq_lens.to(torch.int64).contiguous(), causal, scale)
+                                                   seq_lens.to(torch.int64).contiguous(), causal, scale, with_lse)
 
 
 class _MemoryAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, seq_lens, causal, scale):
-        ctx.save_for_backward(q, k, v, seq_lens)
+        out, lse = _forward(q, k, v, seq_lens, causal, scale, True)
+        ctx.save_for_backward(q, k, v, seq_lens, out, lse)
         ctx.causal, ctx.scale = causal, scale
-        return _forward(q, k, v, seq_lens, causal, scale)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        from .api import memory_attention
+        from .api import backward_from_saved
 
-        q, k, v, seq_lens = ctx.saved_tensors
-        inputs = [x.detach().requires_grad_(need) for x, need in zip((q, k, v), ctx.needs_input_grad[:3])]
-        with torch.enable_grad():
-            out = memory_attention(*inputs, seq_lens, causal=ctx.causal, scale=ctx.scale, backend="triton")
-        wanted = [x for x in inputs if x.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out))
-        return (*(next(grads) if x.requires_grad else None for x in inputs), None, None, None)
+        q, k, v, seq_lens, out, lse = ctx.saved_tensors
+        grads = backward_from_saved(q, k, v, seq_lens, out, lse, grad_out, ctx.causal, ctx.scale)
+        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3])), None, None, None)
 
 
 def memory_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, causal: bool,
@@ -68,5 +68,5 @@ def memory_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq
     """q `[B, Hq, L, d]`, k/v `[B, Hkv, L, d]` float16/bfloat16 with d in {64, 128}, seq_lens int `[B]`
     -> `[B, Hq, L, d]` contiguous in q's dtype (padded rows are zeros)."""
     if not needs_autograd(q, k, v):
-        return _forward(q, k, v, seq_lens, causal, float(scale))
+        return _forward(q, k, v, seq_lens, causal, float(scale), False)[0]
     return _MemoryAttentionFn.apply(q, k, v, seq_lens, causal, float(scale))

@@ -382,6 +382,11 @@ class _MemoryAttentionFn(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+def memory_attention_triton_backward(q, k, v, seq_lens, out, lse, grad_out, causal: bool, scale: float):
+    """(dq, dk, dv) from a forward's output and row log-sum-exps (see `api.backward_from_saved`)."""
+    return _backward(q, k, v, out, lse, seq_lens.contiguous(), grad_out, _AttentionParams(causal, scale))
+
+
 def memory_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor,
                             causal: bool, scale: float) -> torch.Tensor:
     """q `[B, Hq, L, d]`, k/v `[B, Hkv, L, d]` (any strides, float32/float16/bfloat16), seq_lens int `[B]`

@@ -1,5 +1,5 @@
 // CPU stand-ins for the CUDA that the kernels in csrc/ use, so that a host C++ compiler can build them
-// (-DLLM2COMP_CPU_EMULATION, included by csrc/mma_tile.cuh) and tests can run them without a GPU.
+// (-DLLM2COMP_CPU_EMULATION, included by csrc/device.cuh) and tests can run them without a GPU.
 //
 // Every CUDA thread is a fiber with its own stack. One block runs at a time; its threads switch only at
 // __syncthreads and at warp collectives (shuffles, ldmatrix, mma), in an order the test picks (forward,
@@ -105,7 +105,7 @@ inline uint16_t half_word(uint32_t reg, int upper) { return static_cast<uint16_t
 using std::max;
 using std::min;
 
-// The PTX wrappers of mma_tile.cuh, from the PTX ISA's fragment layouts for mma.m16n8k16 and ldmatrix.
+// The PTX wrappers of device.cuh, from the PTX ISA's fragment layouts for mma.m16n8k16 and ldmatrix.
 
 template <typename T>
 void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {

@@ -1,7 +1,7 @@
 // Kernels with one deliberate bug each, for tests/kernels/test_cuda_emulated.py to show that the emulator
 // catches what it claims to catch (cpu_emulation.h).
 #include "cpu_emulation.h"
-#include "mma_tile.cuh"
+#include "device.cuh"
 
 namespace {
 

@@ -9,17 +9,19 @@ shows as NaN and a write past it as changed guard bytes."""
 from __future__ import annotations
 
 import ctypes
+import importlib
 import math
 
 import pytest
 import torch
 
+from llm2comp_kernels._backends import cuda_extension, triton_interpret
 from llm2comp_kernels.contrastive_loss.reference import contrastive_loss_reference
 from llm2comp_kernels.memory_attention.reference import memory_attention_reference
 from llm2comp_kernels.span_mean_pool.reference import span_mean_pool_reference
 from llm2comp_kernels.testing import make_attention_inputs, make_contrastive_inputs, make_pool_inputs, rel_err
 from tests import cuda_emulation
-from tests.cuda_emulation import DTYPE_CODES, EmulationError, call
+from tests.cuda_emulation import EmulationError, call, torch_ops
 from tests.utils import assert_rel_close
 
 GUARD_BYTES = 256
@@ -70,9 +72,9 @@ def nan_like(x: torch.Tensor) -> torch.Tensor:
 # ---- memory_attention --------------------------------------------------------------------------------
 
 
-def run_attention(lib, q, k, v, seq_lens, causal, layout="bhld"):
-    """The emulated CUDA forward on guarded copies; layout "blhd" passes q/k/v as transposed views of
-    [B, L, H, d] tensors (strides the binding accepts)."""
+def run_attention(lib, q, k, v, seq_lens, causal, layout="bhld", with_lse=True):
+    """The emulated CUDA forward on guarded copies -> (out, lse or None); layout "blhd" passes q/k/v as
+    transposed views of [B, L, H, d] tensors (strides the binding accepts)."""
     guards = Guards()
     B, Hq, L, d = q.shape
 
@@ -81,18 +83,28 @@ def run_attention(lib, q, k, v, seq_lens, causal, layout="bhld"):
             return guards(x.transpose(1, 2).contiguous()).transpose(1, 2)
         return guards(x.contiguous())
 
-    qg, kg, vg = place(q), place(k), place(v)
-    out = guards(nan_like(q))
-    strides = torch.tensor([s for x in (qg, kg, vg) for s in x.stride()[:3]], dtype=torch.int64)
-    call(lib, "emu_memory_attention_fwd", DTYPE_CODES[q.dtype], qg, kg, vg, guards(seq_lens.long()), out, B, Hq,
-         k.shape[1], L, d, strides, causal, d ** -0.5)
+    out, lse = torch_ops.memory_attention_fwd(lib, place(q), place(k), place(v), seq_lens, causal, d ** -0.5,
+                                              with_lse, place=guards)
     guards.check()
-    return out
+    return out, lse if with_lse else None
 
 
-def check_attention(out, q, k, v, seq_lens, causal):
+def reference_lse(q, k, seq_lens, causal):
+    """float64 `[B, Hq, L]`: log2 of each row's sum of exp(scores * d^-0.5) over the keys it sees, 0 if padded."""
+    B, Hq, L, d = q.shape
+    kk = k.double().repeat_interleave(Hq // k.shape[1], dim=1)
+    scores = q.double() @ kk.transpose(-1, -2) * d ** -0.5
+    allowed = (torch.arange(L) < seq_lens[:, None])[:, None, None, :]
+    if causal:
+        allowed = allowed & torch.ones(L, L, dtype=torch.bool).tril()
+    lse = torch.logsumexp(scores.masked_fill(~allowed, float("-inf")), dim=-1) / math.log(2.0)
+    return lse * (torch.arange(L) < seq_lens[:, None])[:, None, :]
+
+
+def check_attention(result, q, k, v, seq_lens, causal):
     """Error vs float64 at most twice that of the reference computed in q's dtype (which rounds only the
-    output); padded rows exactly zero."""
+    output); padded rows exactly zero; the log-sum-exps within fp32 rounding of scores from rounded inputs."""
+    out, lse = result
     d = q.shape[-1]
     exact = memory_attention_reference(q.double(), k.double(), v.double(), seq_lens, causal, d ** -0.5)
     same_dtype = memory_attention_reference(q, k, v, seq_lens, causal, d ** -0.5)
@@ -101,6 +113,8 @@ def check_attention(out, q, k, v, seq_lens, causal):
                                                                           rel_err(same_dtype, exact))
     for b, n in enumerate(seq_lens.tolist()):
         assert bool((out[b, :, n:] == 0).all()), f"padded rows of batch row {b} are not zero"
+    if lse is not None:
+        assert (lse - reference_lse(q, k, seq_lens, causal)).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -120,8 +134,7 @@ def test_memory_attention_schedules(lib, order, at_issue, causal):
     call(lib, "emu_set_schedule", order, 7, at_issue)
     seq_lens = torch.tensor([63, 64, 65, 129, 300])
     q, k, v, _ = make_attention_inputs(5, 2, 1, 300, 64, dtype=torch.bfloat16, requires_grad=False)
-    out = run_attention(lib, q, k, v, seq_lens, causal, layout="blhd")
-    check_attention(out, q, k, v, seq_lens, causal)
+    check_attention(run_attention(lib, q, k, v, seq_lens, causal, layout="blhd"), q, k, v, seq_lens, causal)
 
 
 @pytest.mark.parametrize("d", [64, 128])
@@ -144,6 +157,13 @@ def test_memory_attention_unsupported_head_dim(lib):
         run_attention(lib, q, k, v, seq_lens, False)
 
 
+def test_memory_attention_without_lse(lib):
+    """lse nullptr (inference): the output alone, the same as with it."""
+    q, k, v, seq_lens = make_attention_inputs(3, 4, 2, 70, 64, dtype=torch.bfloat16, requires_grad=False)
+    out, _ = run_attention(lib, q, k, v, seq_lens, True, with_lse=False)
+    assert torch.equal(out, run_attention(lib, q, k, v, seq_lens, True)[0])
+
+
 # ---- span_mean_pool ----------------------------------------------------------------------------------
 
 
@@ -154,15 +174,12 @@ def test_span_mean_pool(lib, D, dtype):
     start[0], length[0] = 0, 9   # the whole row
     start[1], length[1] = 8, 1   # the last position alone
     guards = Guards()
-    h, s, n = guards(hidden), guards(start), guards(length)
-    out = guards(torch.full((5, D), float("nan"), dtype=dtype))
-    call(lib, "emu_span_mean_pool_fwd", DTYPE_CODES[dtype], h, s, n, out, 5, 9, D)
+    out = torch_ops.span_mean_pool_fwd(lib, hidden, start, length, place=guards)
     ref = span_mean_pool_reference(hidden.double(), start, length)
     assert_rel_close(out, ref, tol=2 * rel_err(ref.to(dtype), ref) + 1e-7)
 
     grad_out = torch.randn(5, D, generator=torch.Generator().manual_seed(1)).to(dtype)
-    grad_hidden = guards(nan_like(hidden))
-    call(lib, "emu_span_mean_pool_bwd", DTYPE_CODES[dtype], guards(grad_out), s, n, grad_hidden, 5, 9, D)
+    grad_hidden = torch_ops.span_mean_pool_bwd(lib, grad_out, start, length, 9, place=guards)
     guards.check()
     pos = torch.arange(9)
     inside = (pos >= start[:, None]) & (pos < (start + length)[:, None])
@@ -172,41 +189,13 @@ def test_span_mean_pool(lib, D, dtype):
 
 # ---- contrastive_loss --------------------------------------------------------------------------------
 
-LOG2E = 1.0 / math.log(2.0)
-
-
 def emulated_contrastive(lib, queries, docs, labels, temperature, symmetric, chunk, grad):
-    """The binding's chunk loop (csrc/bindings.cpp) in Python: fp32 logits blocks by torch.mm, everything
-    else by the emulated kernels. Returns the per-query losses and the fp32 gradients of queries and docs."""
+    """Per-query losses and fp32 gradients of queries and docs from the emulated ops, on guarded tensors."""
     guards = Guards()
-    B, N = len(queries), len(docs)
-    scale_log2 = LOG2E / temperature
-    labels_g = guards(labels)
-    loss = guards(torch.full((B,), float("nan")))
-    row_stats = guards(torch.full((B, 2), float("nan")))
-    col_stats = guards(torch.full((N, 2), float("nan"))) if symmetric else None
-    blocks = [(n0, (queries.float() @ docs[n0:n0 + chunk].float().T).contiguous()) for n0 in range(0, N, chunk)]
-    for n0, logits in blocks:
-        x = guards(logits)
-        call(lib, "emu_contrastive_loss_block_stats", x, B, x.shape[1], n0, scale_log2, n0 == 0, row_stats,
-             labels_g, loss)
-        if symmetric:
-            call(lib, "emu_contrastive_loss_col_stats", x, B, x.shape[1], scale_log2, col_stats[n0:])
-    call(lib, "emu_contrastive_loss_finalize", row_stats, col_stats, labels_g, loss, B)
-
-    g = guards(grad)
-    w_row = guards(torch.full((B,), float("nan")))
-    w_col = guards(torch.zeros(N)) if symmetric else None
-    call(lib, "emu_contrastive_loss_weights", g, labels_g, w_row, w_col, B)
-    dq, dd = torch.zeros(B, queries.shape[1]), torch.empty(N, queries.shape[1])
-    for n0, logits in blocks:
-        x = guards(logits)
-        # float32: dS overwrites the logits in place, as in the binding.
-        ds = x if queries.dtype == torch.float32 else guards(torch.full(x.shape, float("nan"), dtype=queries.dtype))
-        call(lib, "emu_contrastive_loss_block_dlogits", DTYPE_CODES[queries.dtype], x, ds, B, x.shape[1], n0,
-             scale_log2, row_stats, w_row, col_stats, w_col, labels_g, g)
-        dq += ds.float() @ docs[n0:n0 + chunk].float() / temperature
-        dd[n0:n0 + chunk] = ds.float().T @ queries.float() / temperature
+    loss, row_stats, col_stats = torch_ops.contrastive_loss_fwd(lib, queries, docs, labels, temperature, symmetric,
+                                                                chunk, place=guards)
+    dq, dd = torch_ops.contrastive_loss_bwd(lib, grad, queries, docs, labels, row_stats, col_stats, temperature,
+                                            symmetric, chunk, place=guards)
     guards.check()
     return loss, dq, dd
 
@@ -248,6 +237,98 @@ def test_contrastive_loss_doc_chunk(lib):
     assert chunk(1024, 1000, 4) == 1000                          # never more than N
     assert chunk(1 << 20, 100_000, 6) == 256                     # at least 256 however large B
     assert chunk(1 << 20, 100, 6) == 100
+
+
+# ---- the cuda backends' Python side, over the emulated ops ------------------------------------------
+
+OPS = ("span_mean_pool", "contrastive_loss", "memory_attention")
+needs_interpreter = pytest.mark.skipif(not triton_interpret(),
+                                       reason="the attention backward runs Triton kernels: TRITON_INTERPRET=1")
+
+
+@pytest.fixture(scope="module")
+def cuda_backends(lib):
+    """torch.ops.llm2comp.* defined over the emulated kernels (schemas from bindings.cpp), and the ops' cuda
+    modules imported on top: their layouts, autograd and fake kernels, on CPU tensors."""
+    if cuda_extension() is not None:
+        pytest.skip("the real extension is loaded here: test_cuda_extension.py covers the cuda backends")
+    library = torch_ops.register(lib)
+    yield {op: importlib.import_module(f"llm2comp_kernels.{op}.cuda") for op in OPS}
+    library._destroy()
+
+
+def test_emulated_ops_match_their_fake_kernels(cuda_backends):
+    """The fake kernels of cuda.py (what torch.compile traces with) give the emulated ops' shapes and dtypes."""
+    hidden, start, length = make_pool_inputs(3, 6, 40, requires_grad=False)
+    q, d = make_contrastive_inputs(5, 9, 24, requires_grad=False)
+    labels = torch.arange(5)
+    ops = torch.ops.llm2comp
+    loss, row_stats, col_stats = ops.contrastive_loss_fwd(q, d, labels, 0.1, True)
+    aq, ak, av, lens = make_attention_inputs(2, 4, 2, 20, 64, dtype=torch.bfloat16, requires_grad=False)
+    cases = [
+        (ops.span_mean_pool_fwd.default, (hidden, start, length)),
+        (ops.span_mean_pool_bwd.default, (torch.randn(3, 40), start, length, 6)),
+        (ops.contrastive_loss_fwd.default, (q, d, labels, 0.1, True)),
+        (ops.contrastive_loss_fwd.default, (q, d, labels, 0.1, False, 4)),
+        (ops.contrastive_loss_bwd.default, (torch.ones(5), q, d, labels, row_stats, col_stats, 0.1, True)),
+        (ops.memory_attention_fwd.default, (aq, ak, av, lens.long(), True, 0.125)),
+        (ops.memory_attention_fwd.default, (aq, ak, av, lens.long(), False, 0.125, True)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_cuda_backend_memory_attention(cuda_backends, causal):
+    """Forward on the CUDA kernel (q/k/v as transposed [B, L, H, d] views, read in place), saving its
+    log-sum-exps; backward by the Triton kernels from them: output and gradients against float64."""
+    q, k, v, seq_lens = make_attention_inputs(3, 4, 2, 70, 64, dtype=torch.bfloat16, requires_grad=False)
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in (q, k, v))
+    attention = cuda_backends["memory_attention"].memory_attention_cuda
+    out = attention(q, k, v, seq_lens, causal, 64 ** -0.5)
+    with torch.no_grad():
+        assert torch.equal(out, attention(q, k, v, seq_lens, causal, 64 ** -0.5))
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.dtype)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    inputs64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = memory_attention_reference(*inputs64, seq_lens, causal, 64 ** -0.5)
+    ref_grads = torch.autograd.grad(ref, inputs64, grad.double())
+    assert_rel_close(out, ref, name="out")
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_rel_close(g, r, name=f"d{name}")
+
+
+def test_cuda_backend_span_mean_pool(cuda_backends):
+    hidden, start, length = make_pool_inputs(4, 7, 24, dtype=torch.bfloat16)
+    out = cuda_backends["span_mean_pool"].span_mean_pool_cuda(hidden, start.int(), length.int())
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out.dtype)
+    (grad_hidden,) = torch.autograd.grad(out, hidden, grad)
+    h64 = hidden.detach().double().requires_grad_()
+    ref = span_mean_pool_reference(h64, start, length)
+    (ref_grad,) = torch.autograd.grad(ref, h64, grad.double())
+    assert_rel_close(out, ref, name="out")
+    assert_rel_close(grad_hidden, ref_grad, name="grad_hidden")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_backend_contrastive_loss(cuda_backends, reduction, dtype):
+    """Normalisation in torch, the loss in the emulated ops over three doc chunks, symmetric, repeated labels."""
+    queries, docs = make_contrastive_inputs(21, 40, 24, dtype=dtype, positive_weight=0.15)
+    labels = torch.arange(21).roll(2)
+    labels[0] = labels[1]
+    loss = cuda_backends["contrastive_loss"].contrastive_loss_cuda(queries, docs, labels, 0.05, True, True,
+                                                                   reduction, doc_chunk=16)
+    grad = torch.rand(loss.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+    dq, dd = torch.autograd.grad(loss, (queries, docs), grad)
+    q64, d64 = (x.detach().double().requires_grad_() for x in (queries, docs))
+    ref = contrastive_loss_reference(q64, d64, labels, 0.05, normalize=True, symmetric=True, reduction=reduction)
+    ref_dq, ref_dd = torch.autograd.grad(ref, (q64, d64), grad.double())
+    tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: unit vectors and dS rounded for the products
+    assert_rel_close(loss, ref, tol=tol, name="loss")
+    assert_rel_close(dq, ref_dq, tol=tol, name="dq")
+    assert_rel_close(dd, ref_dd, tol=tol, name="dd")
 
 
 # ---- the emulator itself -----------------------------------------------------------------------------

@@ -382,6 +382,7 @@ def test_fake_kernels_match_the_real_ops():
         (ops.contrastive_loss_bwd.default,
          (torch.ones(5, device="cuda"), q, d, labels, row_stats, col_stats, 0.1, True)),
         (ops.memory_attention_fwd.default, (aq, ak, av, lens.long(), True, 0.125)),
+        (ops.memory_attention_fwd.default, (aq, ak, av, lens.long(), False, 0.125, True)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
