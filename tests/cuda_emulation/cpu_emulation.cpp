@@ -79,7 +79,7 @@ std::map<const void*, int> max_dynamic_smem;   // per kernel, from cudaFuncSetAt
 int schedule = 0;                              // 0 forward, 1 reverse, 2 shuffled
 bool copies_at_issue = false;                  // cp.async lands when issued, not at cp_async_wait
 std::mt19937_64 rng;
-int64_t ldmatrix_phases = 0, ldmatrix_wavefronts = 0;
+Counts counts;
 
 std::string str(const uint3& v) {
     return "(" + std::to_string(v.x) + "," + std::to_string(v.y) + "," + std::to_string(v.z) + ")";
@@ -233,15 +233,17 @@ void count_ldmatrix_wavefronts(const void* const* rows) {
         }
         size_t most = 1;
         for (const auto& [bank, words] : words_of_bank) most = std::max(most, words.size());
-        ++ldmatrix_phases;
-        ldmatrix_wavefronts += static_cast<int64_t>(most);
+        ++counts.ldmatrix_phases;
+        counts.ldmatrix_wavefronts += static_cast<int64_t>(most);
     }
 }
 
-void take_ldmatrix_counts(int64_t* phases, int64_t* wavefronts) {
-    *phases = ldmatrix_phases;
-    *wavefronts = ldmatrix_wavefronts;
-    ldmatrix_phases = ldmatrix_wavefronts = 0;
+void count_mma() { ++counts.mma; }
+
+Counts take_counts() {
+    const Counts taken = counts;
+    counts = Counts{};
+    return taken;
 }
 
 unsigned char* dynamic_shared_memory() { return reinterpret_cast<unsigned char*>(running->smem.get()); }
@@ -275,6 +277,7 @@ void cp_async(void* dst, const void* src, bool valid) {
              " read since the last __syncthreads");
     }
     g.in_flight_by = t.linear;
+    if (valid) counts.cp_async_bytes += 16;
     t.open_group.push_back(Copy{dst, src, valid, false});
     if (copies_at_issue) land(t.open_group.back());
 }

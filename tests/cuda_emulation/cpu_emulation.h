@@ -66,12 +66,19 @@ void check_shared_16(const void* p, size_t bytes, const char* op);
 void shared_read_16(const void* p, const char* op);
 unsigned char* dynamic_shared_memory();
 
-// Shared-memory bank accounting of ldmatrix.x4: rows[l] points to lane l's row address. Each of its four
-// phases (the 8 rows of one matrix, 16 bytes each) takes as many wavefronts as the most distinct 4-byte words
-// any of the 32 banks serves; 1 when conflict-free.
+// Work counted over launches, per warp instruction: what tests check a kernel's cost against.
+struct Counts {
+    int64_t ldmatrix_phases = 0;      // each ldmatrix.x4 has 4 (the 8 rows of one matrix each)
+    int64_t ldmatrix_wavefronts = 0;  // shared-memory wavefronts they took: = phases when conflict-free
+    int64_t mma = 0;                  // mma.sync.m16n8k16 instructions
+    int64_t cp_async_bytes = 0;       // bytes cp.async read from global memory (zero-fills not counted)
+};
+// Bank accounting of ldmatrix.x4: rows[l] points to lane l's row address. Each of its four phases takes as many
+// wavefronts as the most distinct 4-byte words any of the 32 banks serves.
 void count_ldmatrix_wavefronts(const void* const* rows);
-// (phases, wavefronts) counted since the last call, which resets them.
-void take_ldmatrix_counts(int64_t* phases, int64_t* wavefronts);
+void count_mma();
+// The counts since the last call, which resets them.
+Counts take_counts();
 
 void cp_async(void* dst, const void* src, bool valid);
 void cp_async_commit();
@@ -117,6 +124,7 @@ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     memcpy(in.b, b, sizeof in.b);
     memcpy(in.c, c, sizeof in.c);
     emu::warp_collective("mma.sync.m16n8k16", +[](const void* const* ins, void* const* outs) {
+        emu::count_mma();
         float A[16][16], B[16][8], C[16][8];
         for (int lane = 0; lane < 32; ++lane) {
             const In& x = *static_cast<const In*>(ins[lane]);

@@ -41,8 +41,15 @@ int emu_set_schedule(int order, uint64_t seed, bool land_copies_at_issue) {
     });
 }
 
-// counts[0..1] = (ldmatrix phases, shared-memory wavefronts they took) since the last call.
-void emu_take_ldmatrix_counts(int64_t* counts) { llm2comp::emu::take_ldmatrix_counts(counts, counts + 1); }
+// counts[0..3] = emu::Counts since the last call: ldmatrix phases, their wavefronts, mma instructions,
+// cp.async bytes.
+void emu_take_counts(int64_t* counts) {
+    const llm2comp::emu::Counts c = llm2comp::emu::take_counts();
+    counts[0] = c.ldmatrix_phases;
+    counts[1] = c.ldmatrix_wavefronts;
+    counts[2] = c.mma;
+    counts[3] = c.cp_async_bytes;
+}
 
 int emu_faulty(int bug, float* buffer, float salt) {
     return guarded([&] { return llm2comp::launch_faulty(bug, buffer, salt); });

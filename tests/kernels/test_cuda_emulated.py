@@ -137,18 +137,46 @@ def test_memory_attention_schedules(lib, order, at_issue, causal):
     check_attention(run_attention(lib, q, k, v, seq_lens, causal, layout="blhd"), q, k, v, seq_lens, causal)
 
 
+def take_counts(lib) -> dict[str, int]:
+    """The emulator's work counts since the last call (emu::Counts)."""
+    counts = torch.zeros(4, dtype=torch.int64)
+    lib.emu_take_counts(ctypes.c_void_p(counts.data_ptr()))
+    return dict(zip(("ldmatrix_phases", "wavefronts", "mma", "cp_async_bytes"), counts.tolist()))
+
+
 @pytest.mark.parametrize("d", [64, 128])
 def test_memory_attention_ldmatrix_is_conflict_free(lib, d):
     """The row padding of the shared-memory tiles (kPad) puts the 8 rows of every ldmatrix phase, Q, K and
     transposed V alike, in distinct banks: one wavefront per phase."""
     q, k, v, seq_lens = make_attention_inputs(1, 1, 1, 130, d, dtype=torch.bfloat16, requires_grad=False,
                                               seq_lens=torch.tensor([130]))
-    counts = torch.zeros(2, dtype=torch.int64)
-    lib.emu_take_ldmatrix_counts(ctypes.c_void_p(counts.data_ptr()))
+    take_counts(lib)
     run_attention(lib, q, k, v, seq_lens, False)
-    lib.emu_take_ldmatrix_counts(ctypes.c_void_p(counts.data_ptr()))
-    phases, wavefronts = counts.tolist()
-    assert phases > 0 and wavefronts == phases, f"{wavefronts} wavefronts for {phases} ldmatrix phases"
+    counts = take_counts(lib)
+    assert 0 < counts["ldmatrix_phases"] == counts["wavefronts"], counts
+
+
+def attention_work(lib, seq_lens, causal, L=256, d=64):
+    q, k, v, _ = make_attention_inputs(len(seq_lens), 2, 1, L, d, dtype=torch.bfloat16, requires_grad=False)
+    take_counts(lib)
+    run_attention(lib, q, k, v, torch.tensor(seq_lens), causal)
+    return take_counts(lib)
+
+
+def test_memory_attention_cost_tracks_real_tokens(lib):
+    """Padding is skipped, not masked: half-length rows (blocks of 64 keys and queries) take a quarter of the
+    tensor-core products (half the query blocks, each over half the key blocks) and load about a quarter of
+    the bytes; causal rows stop at the diagonal block (1 + 2 + 3 + 4 of 16 key blocks). At 80 tokens the
+    second query block has one warp with real rows, and only it computes: (4 + 1) warps x 2 key blocks, against
+    16 warps x 4 key blocks unpadded."""
+    full = attention_work(lib, [256, 256], False)
+    half = attention_work(lib, [128, 128], False)
+    short = attention_work(lib, [80, 80], False)
+    causal = attention_work(lib, [256, 256], True)
+    assert half["mma"] * 4 == full["mma"], (half, full)
+    assert short["mma"] * 64 == full["mma"] * 10, (short, full)
+    assert half["cp_async_bytes"] < 0.3 * full["cp_async_bytes"], (half, full)
+    assert causal["mma"] * 16 == full["mma"] * 10, (causal, full)
 
 
 def test_memory_attention_unsupported_head_dim(lib):
