@@ -46,12 +46,13 @@ def default_schedule(lib):
 class Guards:
     """Places tensors inside 0xff-filled buffers and checks afterwards that nothing wrote past them."""
 
-    def __init__(self):
+    def __init__(self, shift: int = 0):
         self.buffers = []
+        self.shift = shift  # elements past 16-byte alignment at which each tensor starts
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """A contiguous copy of x inside a guarded buffer (16-byte aligned, like the allocator's)."""
-        pad = GUARD_BYTES // x.element_size()
+        """A contiguous copy of x inside a guarded buffer, 16-byte aligned (like the allocator's) plus `shift`."""
+        pad = GUARD_BYTES // x.element_size() + self.shift
         buffer = torch.empty(x.numel() + 2 * pad, dtype=x.dtype)
         buffer.view(torch.uint8).fill_(0xFF)
         inner = buffer[pad:pad + x.numel()].view(x.shape)
@@ -179,6 +180,24 @@ def test_memory_attention_cost_tracks_real_tokens(lib):
     assert causal["mma"] * 16 == full["mma"] * 10, (causal, full)
 
 
+@pytest.mark.parametrize("case", range(10))
+def test_memory_attention_random_configs(lib, case):
+    """Random batch, heads, length, lengths, head dim, dtype, layout and thread schedule (seeded by `case`)."""
+    g = torch.Generator().manual_seed(case)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    B, Hkv, group, d = pick([1, 2, 4]), pick([1, 2]), pick([1, 3, 4]), pick([64, 128])
+    L = int(torch.randint(1, 200, (1,), generator=g))
+    seq_lens = torch.randint(1, L + 1, (B,), generator=g)
+    seq_lens[0] = L
+    causal, dtype, layout = pick([False, True]), pick([torch.bfloat16, torch.float16]), pick(["bhld", "blhd"])
+    call(lib, "emu_set_schedule", pick([0, 1, 2]), case, pick([False, True]))
+    q, k, v, _ = make_attention_inputs(B, Hkv * group, Hkv, L, d, dtype=dtype, requires_grad=False, seed=case)
+    check_attention(run_attention(lib, q, k, v, seq_lens, causal, layout=layout), q, k, v, seq_lens, causal)
+
+
 def test_memory_attention_unsupported_head_dim(lib):
     q, k, v, seq_lens = make_attention_inputs(1, 2, 2, 8, 80, dtype=torch.bfloat16, requires_grad=False)
     with pytest.raises(EmulationError, match="cudaError_t"):
@@ -209,10 +228,29 @@ def test_span_mean_pool(lib, D, dtype):
     grad_out = torch.randn(5, D, generator=torch.Generator().manual_seed(1)).to(dtype)
     grad_hidden = torch_ops.span_mean_pool_bwd(lib, grad_out, start, length, 9, place=guards)
     guards.check()
-    pos = torch.arange(9)
+    assert torch.equal(grad_hidden, pool_grad(grad_out, start, length, 9))
+
+
+def pool_grad(grad_out, start, length, L):
+    """`[B, L, D]`: grad_out / length inside each span (fp32 product, rounded once), exact zeros outside."""
+    pos = torch.arange(L)
     inside = (pos >= start[:, None]) & (pos < (start + length)[:, None])
-    expected = torch.where(inside[..., None], grad_out.float()[:, None] * (1.0 / length.float())[:, None, None], 0.0)
-    assert torch.equal(grad_hidden, expected.to(dtype))
+    scaled = grad_out.float()[:, None] * (1.0 / length.float())[:, None, None]
+    return torch.where(inside[..., None], scaled, 0.0).to(grad_out.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_span_mean_pool_misaligned(lib, dtype):
+    """Tensors one element past 16-byte alignment: the launcher falls back to scalar accesses (a 16-byte vector
+    access there would stop the run under UBSan)."""
+    hidden, start, length = make_pool_inputs(3, 5, 40, dtype=dtype, requires_grad=False)
+    guards = Guards(shift=1)
+    out = torch_ops.span_mean_pool_fwd(lib, hidden, start, length, place=guards)
+    grad_hidden = torch_ops.span_mean_pool_bwd(lib, out, start, length, 5, place=guards)
+    guards.check()
+    ref = span_mean_pool_reference(hidden.double(), start, length)
+    assert_rel_close(out, ref, tol=2 * rel_err(ref.to(dtype), ref) + 1e-7)
+    assert torch.equal(grad_hidden, pool_grad(out, start, length, 5))
 
 
 # ---- contrastive_loss --------------------------------------------------------------------------------
