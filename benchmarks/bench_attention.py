@@ -5,7 +5,9 @@ no-padding batch at the largest L; forward and forward+backward. Providers, each
 model has them (transposes of `[B, L, H, d]` projections) and charged for whatever reshaping it needs:
 
 - ``ours``: `memory_attention(backend="triton")`.
-- ``cuda``: `memory_attention(backend="cuda")`, when the extension has ``memory_attention_fwd``.
+- ``cuda``: `memory_attention(backend="cuda")`, when the extension has ``memory_attention_fwd``: blocks of 4 warps
+  (64 queries); ``cuda_8warps``: the same kernel with blocks of 8 warps (128 queries sharing each K/V tile),
+  to choose the default from.
 - ``sdpa_mask``: what llm2vec does: kv heads repeated to Hq, `F.scaled_dot_product_attention` with a
   bool key-padding mask broadcast from `[B, 1, 1, L]` (mask construction and repeats timed).
 - ``flex``: compiled `flex_attention` with a block mask from the lengths (`create_block_mask` timed:
@@ -61,6 +63,13 @@ def _direct(fn):
 
 def _ours(backend):
     return _direct(lambda q, k, v, seq_lens: memory_attention(q, k, v, seq_lens, backend=backend))
+
+
+def _cuda_warps(block_warps):
+    def attention(q, k, v, seq_lens):
+        from llm2comp_kernels.memory_attention.cuda import memory_attention_cuda
+        return memory_attention_cuda(q, k, v, seq_lens, False, q.shape[-1] ** -0.5, block_warps)
+    return _direct(attention)
 
 
 def _sdpa_mask(q, k, v, seq_lens):
@@ -130,10 +139,12 @@ def _providers(device):
     cpu = device.type != "cuda"
     flex, varlen, varlen_kernel = (None, None, None) if cpu else (_flex(), _varlen(False), _varlen(True))
     missing_varlen = "skipped: needs CUDA" if cpu else "not installed (torch.nn.attention.varlen)"
+    has_cuda = "memory_attention_fwd" in cuda_extension_ops() and not cpu
+    missing_cuda = "not installed (llm2comp_kernels._C memory_attention_fwd)"
     return {
         "ours": _ours("triton"),
-        "cuda": _ours("cuda") if "memory_attention_fwd" in cuda_extension_ops() and not cpu
-        else "not installed (llm2comp_kernels._C memory_attention_fwd)",
+        "cuda": _ours("cuda") if has_cuda else missing_cuda,
+        "cuda_8warps": _cuda_warps(8) if has_cuda else missing_cuda,
         "sdpa_mask": _direct(_sdpa_mask),
         "flex": flex or ("skipped: needs CUDA" if cpu else "not installed (torch flex_attention)"),
         "varlen": varlen or missing_varlen,
@@ -218,7 +229,7 @@ def run(quick: bool) -> list[dict]:
     # At 50% padding (the issue's "2x SDPA-with-mask" point), with the peers that goal and FA2's name; ours also
     # against its no-padding row above: half the tokens per row is a quarter of the flops.
     half = torch.full((B,), L // 2, dtype=torch.int32, device=device)
-    half_providers = {name: providers[name] for name in ("ours", "cuda", "sdpa_mask", "varlen_kernel")}
+    half_providers = {name: providers[name] for name in ("ours", "cuda", "cuda_8warps", "sdpa_mask", "varlen_kernel")}
     half_rows = _rows_for(f"B{B} Hq{Hq}/Hkv{Hkv} d{d} L{L} 50% padding",
                           _inputs(B, Hq, Hkv, L, d, dtype, device, half), half_providers, device, modes)
     for row in half_rows:

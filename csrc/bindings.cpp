@@ -263,7 +263,8 @@ AttentionStrides attention_strides(const char* OP, const char* name, const at::T
 
 std::tuple<at::Tensor, at::Tensor> memory_attention_fwd_op(const at::Tensor& q, const at::Tensor& k,
                                                            const at::Tensor& v, const at::Tensor& seq_lens,
-                                                           bool causal, double scale, bool with_lse) {
+                                                           bool causal, double scale, bool with_lse,
+                                                           int64_t block_warps) {
     constexpr const char* OP = "llm2comp::memory_attention_fwd";
     LLM2COMP_CHECK_CUDA(q);
     LLM2COMP_CHECK_CUDA(k);
@@ -289,6 +290,7 @@ std::tuple<at::Tensor, at::Tensor> memory_attention_fwd_op(const at::Tensor& q, 
     TORCH_CHECK(L >= 1 && L <= INT32_MAX, OP, ": sequence length must be in [1, 2^31), got ", num(L));
     check_index(OP, "seq_lens", seq_lens, q, B);
     TORCH_CHECK(scale > 0, OP, ": scale must be > 0, got ", real(scale));
+    TORCH_CHECK(block_warps == 4 || block_warps == 8, OP, ": block_warps must be 4 or 8, got ", num(block_warps));
     const AttentionStrides sq = attention_strides(OP, "q", q), sk = attention_strides(OP, "k", k),
                            sv = attention_strides(OP, "v", v);
     const c10::cuda::CUDAGuard guard(q.device());
@@ -300,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor> memory_attention_fwd_op(const at::Tensor& q, 
     const cudaError_t err = memory_attention_fwd(dtype, q.data_ptr(), k.data_ptr(), v.data_ptr(),
                                                  seq_lens.data_ptr<int64_t>(), out.data_ptr(),
                                                  with_lse ? lse.data_ptr<float>() : nullptr, B, Hq, Hkv, L, d, sq,
-                                                 sk, sv, causal, static_cast<float>(scale),
+                                                 sk, sv, causal, static_cast<float>(scale), static_cast<int>(block_warps),
                                                  at::cuda::getCurrentCUDAStream());
     LLM2COMP_CHECK_LAUNCH(err);
     return {out, lse};
@@ -317,7 +319,7 @@ TORCH_LIBRARY(llm2comp, m) {
     m.def("contrastive_loss_bwd(Tensor grad_loss, Tensor queries, Tensor docs, Tensor labels, Tensor row_stats,"
           " Tensor col_stats, float temperature, bool symmetric, int doc_chunk=0) -> (Tensor, Tensor)");
     m.def("memory_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor seq_lens, bool causal, float scale,"
-          " bool with_lse=False) -> (Tensor, Tensor)");
+          " bool with_lse=False, int block_warps=4) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(llm2comp, CUDA, m) {

@@ -61,13 +61,14 @@ cudaError_t contrastive_loss_block_dlogits(DType dtype, const float* logits, voi
 // unit stride along d and 16-byte aligned base pointers; seq_lens int64 [B]; out [B, Hq, L, d]
 // contiguous; lse fp32 [B, Hq, L] contiguous or nullptr: each row's log2 sum of exp2(scores * scale *
 // log2(e)) over the keys it sees (0 for padded rows), what the Triton backward takes. dtype float16/bfloat16,
-// head_dim 64 or 128.
+// head_dim 64 or 128; block_warps 4 or 8: 64 or 128 queries per block (sharing each K/V tile, with half the
+// blocks).
 struct AttentionStrides {
     int64_t b, h, l;
 };
 cudaError_t memory_attention_fwd(DType dtype, const void* q, const void* k, const void* v, const int64_t* seq_lens,
                                  void* out, float* lse, int64_t B, int64_t Hq, int64_t Hkv, int64_t L,
                                  int64_t head_dim, AttentionStrides sq, AttentionStrides sk, AttentionStrides sv,
-                                 bool causal, float scale, cudaStream_t stream);
+                                 bool causal, float scale, int block_warps, cudaStream_t stream);
 
 }  // namespace llm2comp

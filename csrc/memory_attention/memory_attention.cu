@@ -1,15 +1,17 @@
 // memory_attention forward: flash-attention style, tensor cores (mma.sync m16n8k16), fp32 online softmax.
 //
-// One block of 4 warps per (64-query block, batch row, q head); each warp owns 16 query rows and keeps
-// their Q fragments, scores S (16 x 64), probabilities P and output O (16 x d) in registers while it goes
-// through the key blocks of the row. K and V tiles are double-buffered in shared memory: cp.async fetches
-// the next block's while the tensor cores work on this one. Fragments come from shared memory through
-// ldmatrix (V transposed on the way), and P never leaves registers: the accumulator layout of two
-// adjacent 8-key S tiles is the A-fragment layout of one 16-key step of P V.
+// One block of 4 or 8 warps per (64- or 128-query block, batch row, q head); each warp owns 16 query rows
+// and keeps their Q fragments, scores S (16 x 64), probabilities P and output O (16 x d) in registers while
+// it goes through the key blocks of the row. K and V tiles are double-buffered in shared memory: cp.async
+// fetches the next block's while the tensor cores work on this one. Fragments come from shared memory
+// through ldmatrix (V transposed on the way), and P never leaves registers: the accumulator layout of two
+// adjacent 8-key S tiles is the A-fragment layout of one 16-key step of P V. Eight warps share each K/V tile
+// among twice the queries (half the tile traffic), four give twice the blocks (more parallelism at small
+// B * Hq * L); the benchmark measures both.
 // Padding is skipped: key blocks at or past seq_lens[b] are never loaded (rows past it inside the last
 // block are zero-filled in shared memory), a query block entirely in the padding only writes zeros, a warp
-// whose 16 rows are all padding skips the products, and padded query rows are written as zeros. GQA: q head h reads kv head
-// h / (Hq / Hkv), by index. Causal blocks stop at the block's last query.
+// whose 16 rows are all padding skips the products, and padded query rows are written as zeros. GQA: q head
+// h reads kv head h / (Hq / Hkv), by index. Causal blocks stop at the block's last query.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -19,33 +21,32 @@
 namespace llm2comp {
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = 32 * kWarps;
-constexpr int kBlockM = 16 * kWarps;  // queries per block
+// A block is WARPS warps of 16 query rows each (4 or 8: 64 or 128 queries sharing each K/V tile).
 constexpr int kBlockN = 64;           // keys per step
 constexpr int kPad = 8;               // row padding (elements): 16-byte rows, conflict-free ldmatrix
 constexpr float kLog2e = 1.4426950408889634f;
 
-template <int HD>
+template <int HD, int WARPS>
 constexpr size_t smem_bytes() {
     // Q, and two stages of K and V, all 16-bit.
-    return 2 * (kBlockM + 4 * kBlockN) * (HD + kPad);
+    return 2 * (16 * WARPS + 4 * kBlockN) * (HD + kPad);
 }
 
 // Asynchronously tile[r][:] = rows row0 + r of a [L, HD] slab with row stride `ld` (elements), for rows
-// < valid; zeros for the rest. 16-byte copies: the binding guarantees aligned bases and strides.
-template <typename T, int HD, int ROWS>
+// < valid; zeros for the rest, by the block's THREADS threads. 16-byte copies: the binding guarantees aligned
+// bases and strides.
+template <typename T, int HD, int ROWS, int THREADS>
 __device__ __forceinline__ void copy_rows(T* tile, const T* __restrict__ src, int64_t ld, int row0, int valid) {
     constexpr int kVecs = HD / 8;  // 8 16-bit elements per 16 bytes
-    for (int i = threadIdx.x; i < ROWS * kVecs; i += kThreads) {
+    for (int i = threadIdx.x; i < ROWS * kVecs; i += THREADS) {
         const int r = i / kVecs, c = (i % kVecs) * 8;
         const bool real = row0 + r < valid;
         cp_async_16(tile + r * (HD + kPad) + c, src + (real ? (row0 + r) * ld + c : 0), real);
     }
 }
 
-template <typename T, int HD, bool CAUSAL>
-__global__ void __launch_bounds__(kThreads) memory_attention_fwd_kernel(
+template <typename T, int HD, bool CAUSAL, int WARPS>
+__global__ void __launch_bounds__(32 * WARPS) memory_attention_fwd_kernel(
     const T* __restrict__ q,                // [B, Hq, L, HD], strides sq
     const T* __restrict__ k,                // [B, Hkv, L, HD], strides sk
     const T* __restrict__ v,                // [B, Hkv, L, HD], strides sv
@@ -55,6 +56,7 @@ __global__ void __launch_bounds__(kThreads) memory_attention_fwd_kernel(
     int64_t Hq, int64_t group, int L, int blocks_m, AttentionStrides sq, AttentionStrides sk, AttentionStrides sv,
     float scale_log2) {
     constexpr int LD = HD + kPad, NT_S = kBlockN / 8, NT_O = HD / 8, KS_Q = HD / 16, KS_P = kBlockN / 16;
+    constexpr int kThreads = 32 * WARPS, kBlockM = 16 * WARPS;
     T* Qs = dynamic_smem<T>();
     T* Ks = Qs + kBlockM * LD;         // [2][kBlockN][LD]
     T* Vs = Ks + 2 * kBlockN * LD;     // [2][kBlockN][LD]
@@ -80,9 +82,9 @@ __global__ void __launch_bounds__(kThreads) memory_attention_fwd_kernel(
     const T* v_bh = v + b * sv.b + hk * sv.h;
     const int n_end = CAUSAL ? min(seq, m0 + kBlockM) : seq;
     // Group 0: Q and the first key block.
-    copy_rows<T, HD, kBlockM>(Qs, q + b * sq.b + h * sq.h, sq.l, m0, seq);
-    copy_rows<T, HD, kBlockN>(Ks, k_bh, sk.l, 0, seq);
-    copy_rows<T, HD, kBlockN>(Vs, v_bh, sv.l, 0, seq);
+    copy_rows<T, HD, kBlockM, kThreads>(Qs, q + b * sq.b + h * sq.h, sq.l, m0, seq);
+    copy_rows<T, HD, kBlockN, kThreads>(Ks, k_bh, sk.l, 0, seq);
+    copy_rows<T, HD, kBlockN, kThreads>(Vs, v_bh, sv.l, 0, seq);
     cp_async_commit();
 
     // ldmatrix row addresses of this lane (see ldmatrix_x4): for Q, 16 rows x 16 columns per k-step; for K,
@@ -103,8 +105,8 @@ __global__ void __launch_bounds__(kThreads) memory_attention_fwd_kernel(
         // Prefetch the next key block into the other stage (freed by the barrier at the end of the last step).
         const bool prefetch = n0 + kBlockN < n_end;
         if (prefetch) {
-            copy_rows<T, HD, kBlockN>(Ks + (stage ^ 1) * kBlockN * LD, k_bh, sk.l, n0 + kBlockN, seq);
-            copy_rows<T, HD, kBlockN>(Vs + (stage ^ 1) * kBlockN * LD, v_bh, sv.l, n0 + kBlockN, seq);
+            copy_rows<T, HD, kBlockN, kThreads>(Ks + (stage ^ 1) * kBlockN * LD, k_bh, sk.l, n0 + kBlockN, seq);
+            copy_rows<T, HD, kBlockN, kThreads>(Vs + (stage ^ 1) * kBlockN * LD, v_bh, sv.l, n0 + kBlockN, seq);
             cp_async_commit();
             cp_async_wait<1>();  // this step's block has landed, the prefetch may still fly
         } else {
@@ -200,29 +202,38 @@ struct Args {
     void* out;
     float* lse;
     int64_t B, Hq, Hkv, L;
+    int warps;
     AttentionStrides sq, sk, sv;
     float scale;
     cudaStream_t stream;
 };
 
-template <typename T, int HD, bool CAUSAL>
+template <typename T, int HD, bool CAUSAL, int WARPS>
 cudaError_t launch(const Args& a) {
-    constexpr size_t bytes = smem_bytes<HD>();
-    auto kernel = memory_attention_fwd_kernel<T, HD, CAUSAL>;
+    constexpr size_t bytes = smem_bytes<HD, WARPS>();
+    auto kernel = memory_attention_fwd_kernel<T, HD, CAUSAL, WARPS>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
     if (err != cudaSuccess) return err;
+    constexpr int kBlockM = 16 * WARPS;
     const int blocks_m = static_cast<int>((a.L + kBlockM - 1) / kBlockM);
     const dim3 grid(static_cast<unsigned>(a.B * a.Hq * blocks_m));
-    return launch_kernel(kernel, grid, kThreads, bytes, a.stream, static_cast<const T*>(a.q),
+    return launch_kernel(kernel, grid, 32 * WARPS, bytes, a.stream, static_cast<const T*>(a.q),
                          static_cast<const T*>(a.k), static_cast<const T*>(a.v), a.seq_lens, static_cast<T*>(a.out),
                          a.lse, a.Hq, a.Hq / a.Hkv, static_cast<int>(a.L), blocks_m, a.sq, a.sk, a.sv,
                          a.scale * kLog2e);
 }
 
+template <typename T, int HD>
+cudaError_t dispatch_warps(bool causal, const Args& a) {
+    if (a.warps == 4) return causal ? launch<T, HD, true, 4>(a) : launch<T, HD, false, 4>(a);
+    if (a.warps == 8) return causal ? launch<T, HD, true, 8>(a) : launch<T, HD, false, 8>(a);
+    return cudaErrorInvalidValue;
+}
+
 template <typename T>
 cudaError_t dispatch(int64_t head_dim, bool causal, const Args& a) {
-    if (head_dim == 64) return causal ? launch<T, 64, true>(a) : launch<T, 64, false>(a);
-    if (head_dim == 128) return causal ? launch<T, 128, true>(a) : launch<T, 128, false>(a);
+    if (head_dim == 64) return dispatch_warps<T, 64>(causal, a);
+    if (head_dim == 128) return dispatch_warps<T, 128>(causal, a);
     return cudaErrorInvalidValue;
 }
 
@@ -231,8 +242,8 @@ cudaError_t dispatch(int64_t head_dim, bool causal, const Args& a) {
 cudaError_t memory_attention_fwd(DType dtype, const void* q, const void* k, const void* v, const int64_t* seq_lens,
                                  void* out, float* lse, int64_t B, int64_t Hq, int64_t Hkv, int64_t L,
                                  int64_t head_dim, AttentionStrides sq, AttentionStrides sk, AttentionStrides sv,
-                                 bool causal, float scale, cudaStream_t stream) {
-    const Args a{q, k, v, seq_lens, out, lse, B, Hq, Hkv, L, sq, sk, sv, scale, stream};
+                                 bool causal, float scale, int block_warps, cudaStream_t stream) {
+    const Args a{q, k, v, seq_lens, out, lse, B, Hq, Hkv, L, block_warps, sq, sk, sv, scale, stream};
     switch (dtype) {
         case DType::kFloat16: return dispatch<__half>(head_dim, causal, a);
         case DType::kBFloat16: return dispatch<__nv_bfloat16>(head_dim, causal, a);

@@ -17,9 +17,13 @@ from .._backends import cuda_extension
 
 cuda_extension()  # importing llm2comp_kernels._C registers torch.ops.llm2comp.*
 
+# Warps per block of the forward kernel (64 queries); benchmarks/bench_attention.py also times 8 (128 queries,
+# each K/V tile shared by twice the rows). Neither has been timed on a GPU yet.
+BLOCK_WARPS = 4
+
 
 @torch.library.register_fake("llm2comp::memory_attention_fwd")
-def _memory_attention_fwd_fake(q, k, v, seq_lens, causal, scale, with_lse=False):
+def _memory_attention_fwd_fake(q, k, v, seq_lens, causal, scale, with_lse=False, block_warps=4):
     B, Hq, L, _ = q.shape
     lse = q.new_empty((B, Hq, L) if with_lse else (0,), dtype=torch.float32)
     return torch.empty_like(q, memory_format=torch.contiguous_format), lse
@@ -40,16 +44,17 @@ def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
     return x.clone(memory_format=torch.contiguous_format)
 
 
-def _forward(q, k, v, seq_lens, causal, scale, with_lse):
+def _forward(q, k, v, seq_lens, causal, scale, with_lse, block_warps):
     """(out, lse): lse fp32 `[B, Hq, L]` if with_lse, else an empty tensor."""
     return torch.ops.llm2comp.memory_attention_fwd(_kernel_layout(q), _kernel_layout(k), _kernel_layout(v),
-                                                   seq_lens.to(torch.int64).contiguous(), causal, scale, with_lse)
+                                                   seq_lens.to(torch.int64).contiguous(), causal, scale, with_lse,
+                                                   block_warps)
 
 
 class _MemoryAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, seq_lens, causal, scale):
-        out, lse = _forward(q, k, v, seq_lens, causal, scale, True)
+    def forward(ctx, q, k, v, seq_lens, causal, scale, block_warps):
+        out, lse = _forward(q, k, v, seq_lens, causal, scale, True, block_warps)
         ctx.save_for_backward(q, k, v, seq_lens, out, lse)
         ctx.causal, ctx.scale = causal, scale
         return out
@@ -60,13 +65,14 @@ class _MemoryAttentionFn(torch.autograd.Function):
 
         q, k, v, seq_lens, out, lse = ctx.saved_tensors
         grads = backward_from_saved(q, k, v, seq_lens, out, lse, grad_out, ctx.causal, ctx.scale)
-        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3])), None, None, None)
+        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3])), None, None, None, None)
 
 
 def memory_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, causal: bool,
-                          scale: float) -> torch.Tensor:
+                          scale: float, block_warps: int = BLOCK_WARPS) -> torch.Tensor:
     """q `[B, Hq, L, d]`, k/v `[B, Hkv, L, d]` float16/bfloat16 with d in {64, 128}, seq_lens int `[B]`
-    -> `[B, Hq, L, d]` contiguous in q's dtype (padded rows are zeros)."""
+    -> `[B, Hq, L, d]` contiguous in q's dtype (padded rows are zeros). `block_warps` (4 or 8): 16 query rows
+    each, per block of the forward kernel."""
     if not needs_autograd(q, k, v):
-        return _forward(q, k, v, seq_lens, causal, float(scale), False)[0]
-    return _MemoryAttentionFn.apply(q, k, v, seq_lens, causal, float(scale))
+        return _forward(q, k, v, seq_lens, causal, float(scale), False, block_warps)[0]
+    return _MemoryAttentionFn.apply(q, k, v, seq_lens, causal, float(scale), block_warps)

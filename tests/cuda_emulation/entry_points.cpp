@@ -104,12 +104,12 @@ int emu_contrastive_loss_block_dlogits(int dtype, const float* logits, void* dlo
 // strides: q, k, v as (b, h, l) triples, in elements.
 int emu_memory_attention_fwd(int dtype, const void* q, const void* k, const void* v, const int64_t* seq_lens,
                              void* out, float* lse, int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t head_dim,
-                             const int64_t* strides, bool causal, float scale) {
+                             const int64_t* strides, bool causal, float scale, int block_warps) {
     const llm2comp::AttentionStrides sq{strides[0], strides[1], strides[2]}, sk{strides[3], strides[4], strides[5]},
         sv{strides[6], strides[7], strides[8]};
     return guarded([&] {
         return llm2comp::memory_attention_fwd(dtype_of(dtype), q, k, v, seq_lens, out, lse, B, Hq, Hkv, L, head_dim,
-                                              sq, sk, sv, causal, scale, 0);
+                                              sq, sk, sv, causal, scale, block_warps, 0);
     });
 }
 

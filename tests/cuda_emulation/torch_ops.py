@@ -99,14 +99,14 @@ def contrastive_loss_bwd(lib, grad_loss, queries, docs, labels, row_stats, col_s
     return dq, dd
 
 
-def memory_attention_fwd(lib, q, k, v, seq_lens, causal, scale, with_lse=False, place=_same):
+def memory_attention_fwd(lib, q, k, v, seq_lens, causal, scale, with_lse=False, block_warps=4, place=_same):
     """(out, lse): lse fp32 [B, Hq, L] if with_lse, else empty. q/k/v keep their strides."""
     B, Hq, L, d = q.shape
     out = place(torch.full((B, Hq, L, d), float("nan"), dtype=q.dtype))
     lse = place(torch.full((B, Hq, L), float("nan"))) if with_lse else torch.empty(0)
     strides = torch.tensor([s for x in (q, k, v) for s in x.stride()[:3]], dtype=torch.int64)
     call(lib, "emu_memory_attention_fwd", DTYPE_CODES[q.dtype], q, k, v, place(seq_lens.long()), out,
-         lse if with_lse else None, B, Hq, k.shape[1], L, d, strides, causal, scale)
+         lse if with_lse else None, B, Hq, k.shape[1], L, d, strides, causal, scale, block_warps)
     return out, lse
 
 

@@ -73,7 +73,7 @@ def nan_like(x: torch.Tensor) -> torch.Tensor:
 # ---- memory_attention --------------------------------------------------------------------------------
 
 
-def run_attention(lib, q, k, v, seq_lens, causal, layout="bhld", with_lse=True):
+def run_attention(lib, q, k, v, seq_lens, causal, layout="bhld", with_lse=True, block_warps=4):
     """The emulated CUDA forward on guarded copies -> (out, lse or None); layout "blhd" passes q/k/v as
     transposed views of [B, L, H, d] tensors (strides the binding accepts)."""
     guards = Guards()
@@ -85,7 +85,7 @@ def run_attention(lib, q, k, v, seq_lens, causal, layout="bhld", with_lse=True):
         return guards(x.contiguous())
 
     out, lse = torch_ops.memory_attention_fwd(lib, place(q), place(k), place(v), seq_lens, causal, d ** -0.5,
-                                              with_lse, place=guards)
+                                              with_lse, block_warps, place=guards)
     guards.check()
     return out, lse if with_lse else None
 
@@ -129,13 +129,15 @@ def test_memory_attention(lib, L, Hq, Hkv, d, causal, dtype):
 
 @pytest.mark.parametrize("order,at_issue", SCHEDULES)
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-def test_memory_attention_schedules(lib, order, at_issue, causal):
+@pytest.mark.parametrize("block_warps", [4, 8])
+def test_memory_attention_schedules(lib, order, at_issue, causal, block_warps):
     """Lengths on either side of the 64-key blocks, one over five blocks (the cp.async double buffer), and
     lengths that leave whole warps of a query block idle; non-contiguous [B, L, H, d] views."""
     call(lib, "emu_set_schedule", order, 7, at_issue)
     seq_lens = torch.tensor([63, 64, 65, 129, 300])
     q, k, v, _ = make_attention_inputs(5, 2, 1, 300, 64, dtype=torch.bfloat16, requires_grad=False)
-    check_attention(run_attention(lib, q, k, v, seq_lens, causal, layout="blhd"), q, k, v, seq_lens, causal)
+    out = run_attention(lib, q, k, v, seq_lens, causal, layout="blhd", block_warps=block_warps)
+    check_attention(out, q, k, v, seq_lens, causal)
 
 
 def take_counts(lib) -> dict[str, int]:
@@ -146,21 +148,22 @@ def take_counts(lib) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("d", [64, 128])
-def test_memory_attention_ldmatrix_is_conflict_free(lib, d):
+@pytest.mark.parametrize("block_warps", [4, 8])
+def test_memory_attention_ldmatrix_is_conflict_free(lib, d, block_warps):
     """The row padding of the shared-memory tiles (kPad) puts the 8 rows of every ldmatrix phase, Q, K and
     transposed V alike, in distinct banks: one wavefront per phase."""
     q, k, v, seq_lens = make_attention_inputs(1, 1, 1, 130, d, dtype=torch.bfloat16, requires_grad=False,
                                               seq_lens=torch.tensor([130]))
     take_counts(lib)
-    run_attention(lib, q, k, v, seq_lens, False)
+    run_attention(lib, q, k, v, seq_lens, False, block_warps=block_warps)
     counts = take_counts(lib)
     assert 0 < counts["ldmatrix_phases"] == counts["wavefronts"], counts
 
 
-def attention_work(lib, seq_lens, causal, L=256, d=64):
+def attention_work(lib, seq_lens, causal, L=256, d=64, block_warps=4):
     q, k, v, _ = make_attention_inputs(len(seq_lens), 2, 1, L, d, dtype=torch.bfloat16, requires_grad=False)
     take_counts(lib)
-    run_attention(lib, q, k, v, torch.tensor(seq_lens), causal)
+    run_attention(lib, q, k, v, torch.tensor(seq_lens), causal, block_warps=block_warps)
     return take_counts(lib)
 
 
@@ -180,6 +183,15 @@ def test_memory_attention_cost_tracks_real_tokens(lib):
     assert causal["mma"] * 16 == full["mma"] * 10, (causal, full)
 
 
+def test_memory_attention_eight_warps_halve_the_tile_loads(lib):
+    """128-query blocks load each K/V tile once for twice the queries: the same tensor-core products, about
+    half the bytes (Q itself is loaded once either way)."""
+    four = attention_work(lib, [256, 256], False)
+    eight = attention_work(lib, [256, 256], False, block_warps=8)
+    assert eight["mma"] == four["mma"]
+    assert eight["cp_async_bytes"] < 0.6 * four["cp_async_bytes"], (eight, four)
+
+
 @pytest.mark.parametrize("case", range(10))
 def test_memory_attention_random_configs(lib, case):
     """Random batch, heads, length, lengths, head dim, dtype, layout and thread schedule (seeded by `case`)."""
@@ -193,9 +205,17 @@ def test_memory_attention_random_configs(lib, case):
     seq_lens = torch.randint(1, L + 1, (B,), generator=g)
     seq_lens[0] = L
     causal, dtype, layout = pick([False, True]), pick([torch.bfloat16, torch.float16]), pick(["bhld", "blhd"])
+    block_warps = pick([4, 8])
     call(lib, "emu_set_schedule", pick([0, 1, 2]), case, pick([False, True]))
     q, k, v, _ = make_attention_inputs(B, Hkv * group, Hkv, L, d, dtype=dtype, requires_grad=False, seed=case)
-    check_attention(run_attention(lib, q, k, v, seq_lens, causal, layout=layout), q, k, v, seq_lens, causal)
+    out = run_attention(lib, q, k, v, seq_lens, causal, layout=layout, block_warps=block_warps)
+    check_attention(out, q, k, v, seq_lens, causal)
+
+
+def test_memory_attention_unsupported_block_warps(lib):
+    q, k, v, seq_lens = make_attention_inputs(1, 2, 2, 8, 64, dtype=torch.bfloat16, requires_grad=False)
+    with pytest.raises(EmulationError, match="cudaError_t"):
+        run_attention(lib, q, k, v, seq_lens, False, block_warps=6)
 
 
 def test_memory_attention_unsupported_head_dim(lib):
@@ -339,6 +359,7 @@ def test_emulated_ops_match_their_fake_kernels(cuda_backends):
         (ops.contrastive_loss_bwd.default, (torch.ones(5), q, d, labels, row_stats, col_stats, 0.1, True)),
         (ops.memory_attention_fwd.default, (aq, ak, av, lens.long(), True, 0.125)),
         (ops.memory_attention_fwd.default, (aq, ak, av, lens.long(), False, 0.125, True)),
+        (ops.memory_attention_fwd.default, (aq, ak, av, lens.long(), False, 0.125, True, 8)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import math
 
 import pytest
 import torch
@@ -244,20 +245,33 @@ def test_memory_attention_cuda_forward(L, heads, d, causal, dtype):
 
 @pytest.mark.gpu
 @needs_ext
+@pytest.mark.parametrize("block_warps", [4, 8])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("d", [64, 128])
-def test_memory_attention_cuda_block_edges(d, causal):
+def test_memory_attention_cuda_block_edges(d, causal, block_warps):
     """Lengths on either side of the 64-key block edges (63, 64, 65, 129) and one of five blocks (300): the
-    double-buffered key loop (a prefetch per block but the last) and the zero-filled rows past each length."""
+    double-buffered key loop (a prefetch per block but the last) and the zero-filled rows past each length;
+    64- and 128-query blocks (`block_warps`), the latter also directly through the op with its log-sum-exps."""
     seq_lens = torch.tensor([300, 63, 64, 65, 129], device="cuda")
     q, k, v, seq_lens = make_attention_inputs(5, 4, 2, 300, d, dtype=torch.bfloat16, device="cuda", seed=d,
                                               seq_lens=seq_lens, requires_grad=False)
+    from llm2comp_kernels.memory_attention.cuda import memory_attention_cuda
+
     _poison_cache()
-    out = memory_attention(q, k, v, seq_lens, causal=causal, backend="cuda")
+    out = memory_attention_cuda(q, k, v, seq_lens, causal, d ** -0.5, block_warps)
     ref = memory_attention_reference(q.double(), k.double(), v.double(), seq_lens, causal, d ** -0.5)
     assert_rel_close(out, ref)
     for b in range(5):
         assert (out[b, :, int(seq_lens[b]):] == 0).all(), "padded query rows must be exact zeros"
+    out_op, lse = torch.ops.llm2comp.memory_attention_fwd(q, k, v, seq_lens, causal, d ** -0.5, True, block_warps)
+    assert torch.equal(out_op, out)
+    scores = q.double() @ k.double().repeat_interleave(2, dim=1).transpose(-1, -2) * d ** -0.5
+    allowed = (torch.arange(300, device="cuda") < seq_lens[:, None])[:, None, None, :]
+    if causal:
+        allowed = allowed & torch.ones(300, 300, dtype=torch.bool, device="cuda").tril()
+    ref_lse = torch.logsumexp(scores.masked_fill(~allowed, float("-inf")), -1) / math.log(2.0)
+    ref_lse = ref_lse * (torch.arange(300, device="cuda") < seq_lens[:, None])[:, None, :]
+    assert (lse - ref_lse).abs().max() < 1e-3, "log-sum-exps (log2) of the forward"
 
 
 @pytest.mark.gpu
@@ -383,6 +397,7 @@ def test_fake_kernels_match_the_real_ops():
          (torch.ones(5, device="cuda"), q, d, labels, row_stats, col_stats, 0.1, True)),
         (ops.memory_attention_fwd.default, (aq, ak, av, lens.long(), True, 0.125)),
         (ops.memory_attention_fwd.default, (aq, ak, av, lens.long(), False, 0.125, True)),
+        (ops.memory_attention_fwd.default, (aq, ak, av, lens.long(), False, 0.125, True, 8)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
