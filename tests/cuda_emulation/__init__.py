@@ -113,3 +113,29 @@ def call(lib: ctypes.CDLL, name: str, *args) -> None:
 
     if getattr(lib, name)(*map(convert, args)) != 0:
         raise EmulationError(f"{name}: {lib.emu_last_error().decode()}")
+
+
+GUARD_BYTES = 256
+
+
+class Guards:
+    """Places tensors inside 0xff-filled buffers and checks afterwards that nothing wrote past them."""
+
+    def __init__(self, shift: int = 0):
+        self.buffers = []
+        self.shift = shift  # elements past 16-byte alignment at which each tensor starts
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """A contiguous copy of x inside a guarded buffer, 16-byte aligned (like the allocator's) plus `shift`."""
+        pad = GUARD_BYTES // x.element_size() + self.shift
+        buffer = torch.empty(x.numel() + 2 * pad, dtype=x.dtype)
+        buffer.view(torch.uint8).fill_(0xFF)
+        inner = buffer[pad:pad + x.numel()].view(x.shape)
+        inner.copy_(x)
+        self.buffers.append((buffer, pad, x.numel()))
+        return inner
+
+    def check(self) -> None:
+        for buffer, pad, n in self.buffers:
+            for side in (buffer[:pad], buffer[pad + n:]):
+                assert bool((side.view(torch.uint8) == 0xFF).all()), "a kernel wrote outside its tensor"

@@ -1,4 +1,4 @@
-// Kernels with one deliberate bug each, for tests/kernels/test_cuda_emulated.py to show that the emulator
+// Kernels with one deliberate bug each, for tests/kernels/test_cuda_emulator.py to show that the emulator
 // catches what it claims to catch (cpu_emulation.h).
 #include "cpu_emulation.h"
 #include "device.cuh"

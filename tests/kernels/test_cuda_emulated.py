@@ -9,71 +9,27 @@ shows as NaN and a write past it as changed guard bytes."""
 from __future__ import annotations
 
 import ctypes
-import importlib
 import math
 
 import pytest
 import torch
 
-from llm2comp_kernels._backends import cuda_extension, triton_interpret
 from llm2comp_kernels.contrastive_loss.reference import contrastive_loss_reference
 from llm2comp_kernels.memory_attention.reference import memory_attention_reference
 from llm2comp_kernels.span_mean_pool.reference import span_mean_pool_reference
 from llm2comp_kernels.testing import make_attention_inputs, make_contrastive_inputs, make_pool_inputs, rel_err
-from tests import cuda_emulation
-from tests.cuda_emulation import EmulationError, call, torch_ops
+from tests.cuda_emulation import EmulationError, Guards, call, torch_ops
 from tests.utils import assert_rel_close
 
-GUARD_BYTES = 256
 # (order, land cp.async copies when issued): forward/reverse/shuffled thread order, each with copies landing
 # at their wait (catches reads before the wait) and at issue (catches overwrites of a tile still being read).
 SCHEDULES = [(order, at_issue) for at_issue in (False, True) for order in (0, 1, 2)]
 
 
-@pytest.fixture(scope="module")
-def lib():
-    try:
-        return cuda_emulation.load()
-    except cuda_emulation.Unavailable as e:
-        pytest.skip(f"CUDA kernels cannot be emulated here: {e}")
-
-
-@pytest.fixture(autouse=True)
-def default_schedule(lib):
-    call(lib, "emu_set_schedule", 0, 0, False)
-
-
-class Guards:
-    """Places tensors inside 0xff-filled buffers and checks afterwards that nothing wrote past them."""
-
-    def __init__(self, shift: int = 0):
-        self.buffers = []
-        self.shift = shift  # elements past 16-byte alignment at which each tensor starts
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """A contiguous copy of x inside a guarded buffer, 16-byte aligned (like the allocator's) plus `shift`."""
-        pad = GUARD_BYTES // x.element_size() + self.shift
-        buffer = torch.empty(x.numel() + 2 * pad, dtype=x.dtype)
-        buffer.view(torch.uint8).fill_(0xFF)
-        inner = buffer[pad:pad + x.numel()].view(x.shape)
-        inner.copy_(x)
-        self.buffers.append((buffer, pad, x.numel()))
-        return inner
-
-    def check(self) -> None:
-        for buffer, pad, n in self.buffers:
-            for side in (buffer[:pad], buffer[pad + n:]):
-                assert bool((side.view(torch.uint8) == 0xFF).all()), "a kernel wrote outside its tensor"
-
-
-def nan_like(x: torch.Tensor) -> torch.Tensor:
-    return torch.full_like(x, float("nan"))
-
-
 # ---- memory_attention --------------------------------------------------------------------------------
 
 
-def run_attention(lib, q, k, v, seq_lens, causal, layout="bhld", with_lse=True, block_warps=4):
+def run_attention(emulated, q, k, v, seq_lens, causal, layout="bhld", with_lse=True, block_warps=4):
     """The emulated CUDA forward on guarded copies -> (out, lse or None); layout "blhd" passes q/k/v as
     transposed views of [B, L, H, d] tensors (strides the binding accepts)."""
     guards = Guards()
@@ -84,7 +40,7 @@ def run_attention(lib, q, k, v, seq_lens, causal, layout="bhld", with_lse=True, 
             return guards(x.transpose(1, 2).contiguous()).transpose(1, 2)
         return guards(x.contiguous())
 
-    out, lse = torch_ops.memory_attention_fwd(lib, place(q), place(k), place(v), seq_lens, causal, d ** -0.5,
+    out, lse = torch_ops.memory_attention_fwd(emulated, place(q), place(k), place(v), seq_lens, causal, d ** -0.5,
                                               with_lse, block_warps, place=guards)
     guards.check()
     return out, lse if with_lse else None
@@ -122,78 +78,78 @@ def check_attention(result, q, k, v, seq_lens, causal):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("L,Hq,Hkv", [(1, 4, 4), (17, 6, 2), (64, 8, 1), (130, 6, 2)])
-def test_memory_attention(lib, L, Hq, Hkv, d, causal, dtype):
+def test_memory_attention(emulated, L, Hq, Hkv, d, causal, dtype):
     q, k, v, seq_lens = make_attention_inputs(3, Hq, Hkv, L, d, dtype=dtype, requires_grad=False)
-    check_attention(run_attention(lib, q, k, v, seq_lens, causal), q, k, v, seq_lens, causal)
+    check_attention(run_attention(emulated, q, k, v, seq_lens, causal), q, k, v, seq_lens, causal)
 
 
 @pytest.mark.parametrize("order,at_issue", SCHEDULES)
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("block_warps", [4, 8])
-def test_memory_attention_schedules(lib, order, at_issue, causal, block_warps):
+def test_memory_attention_schedules(emulated, order, at_issue, causal, block_warps):
     """Lengths on either side of the 64-key blocks, one over five blocks (the cp.async double buffer), and
     lengths that leave whole warps of a query block idle; non-contiguous [B, L, H, d] views."""
-    call(lib, "emu_set_schedule", order, 7, at_issue)
+    call(emulated, "emu_set_schedule", order, 7, at_issue)
     seq_lens = torch.tensor([63, 64, 65, 129, 300])
     q, k, v, _ = make_attention_inputs(5, 2, 1, 300, 64, dtype=torch.bfloat16, requires_grad=False)
-    out = run_attention(lib, q, k, v, seq_lens, causal, layout="blhd", block_warps=block_warps)
+    out = run_attention(emulated, q, k, v, seq_lens, causal, layout="blhd", block_warps=block_warps)
     check_attention(out, q, k, v, seq_lens, causal)
 
 
-def take_counts(lib) -> dict[str, int]:
+def take_counts(emulated) -> dict[str, int]:
     """The emulator's work counts since the last call (emu::Counts)."""
     counts = torch.zeros(4, dtype=torch.int64)
-    lib.emu_take_counts(ctypes.c_void_p(counts.data_ptr()))
+    emulated.emu_take_counts(ctypes.c_void_p(counts.data_ptr()))
     return dict(zip(("ldmatrix_phases", "wavefronts", "mma", "cp_async_bytes"), counts.tolist()))
 
 
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("block_warps", [4, 8])
-def test_memory_attention_ldmatrix_is_conflict_free(lib, d, block_warps):
+def test_memory_attention_ldmatrix_is_conflict_free(emulated, d, block_warps):
     """The row padding of the shared-memory tiles (kPad) puts the 8 rows of every ldmatrix phase, Q, K and
     transposed V alike, in distinct banks: one wavefront per phase."""
     q, k, v, seq_lens = make_attention_inputs(1, 1, 1, 130, d, dtype=torch.bfloat16, requires_grad=False,
                                               seq_lens=torch.tensor([130]))
-    take_counts(lib)
-    run_attention(lib, q, k, v, seq_lens, False, block_warps=block_warps)
-    counts = take_counts(lib)
+    take_counts(emulated)
+    run_attention(emulated, q, k, v, seq_lens, False, block_warps=block_warps)
+    counts = take_counts(emulated)
     assert 0 < counts["ldmatrix_phases"] == counts["wavefronts"], counts
 
 
-def attention_work(lib, seq_lens, causal, L=256, d=64, block_warps=4):
+def attention_work(emulated, seq_lens, causal, L=256, d=64, block_warps=4):
     q, k, v, _ = make_attention_inputs(len(seq_lens), 2, 1, L, d, dtype=torch.bfloat16, requires_grad=False)
-    take_counts(lib)
-    run_attention(lib, q, k, v, torch.tensor(seq_lens), causal, block_warps=block_warps)
-    return take_counts(lib)
+    take_counts(emulated)
+    run_attention(emulated, q, k, v, torch.tensor(seq_lens), causal, block_warps=block_warps)
+    return take_counts(emulated)
 
 
-def test_memory_attention_cost_tracks_real_tokens(lib):
+def test_memory_attention_cost_tracks_real_tokens(emulated):
     """Padding is skipped, not masked: half-length rows (blocks of 64 keys and queries) take a quarter of the
     tensor-core products (half the query blocks, each over half the key blocks) and load about a quarter of
     the bytes; causal rows stop at the diagonal block (1 + 2 + 3 + 4 of 16 key blocks). At 80 tokens the
     second query block has one warp with real rows, and only it computes: (4 + 1) warps x 2 key blocks, against
     16 warps x 4 key blocks unpadded."""
-    full = attention_work(lib, [256, 256], False)
-    half = attention_work(lib, [128, 128], False)
-    short = attention_work(lib, [80, 80], False)
-    causal = attention_work(lib, [256, 256], True)
+    full = attention_work(emulated, [256, 256], False)
+    half = attention_work(emulated, [128, 128], False)
+    short = attention_work(emulated, [80, 80], False)
+    causal = attention_work(emulated, [256, 256], True)
     assert half["mma"] * 4 == full["mma"], (half, full)
     assert short["mma"] * 64 == full["mma"] * 10, (short, full)
     assert half["cp_async_bytes"] < 0.3 * full["cp_async_bytes"], (half, full)
     assert causal["mma"] * 16 == full["mma"] * 10, (causal, full)
 
 
-def test_memory_attention_eight_warps_halve_the_tile_loads(lib):
+def test_memory_attention_eight_warps_halve_the_tile_loads(emulated):
     """128-query blocks load each K/V tile once for twice the queries: the same tensor-core products, about
     half the bytes (Q itself is loaded once either way)."""
-    four = attention_work(lib, [256, 256], False)
-    eight = attention_work(lib, [256, 256], False, block_warps=8)
+    four = attention_work(emulated, [256, 256], False)
+    eight = attention_work(emulated, [256, 256], False, block_warps=8)
     assert eight["mma"] == four["mma"]
     assert eight["cp_async_bytes"] < 0.6 * four["cp_async_bytes"], (eight, four)
 
 
 @pytest.mark.parametrize("case", range(10))
-def test_memory_attention_random_configs(lib, case):
+def test_memory_attention_random_configs(emulated, case):
     """Random batch, heads, length, lengths, head dim, dtype, layout and thread schedule (seeded by `case`)."""
     g = torch.Generator().manual_seed(case)
 
@@ -206,29 +162,29 @@ def test_memory_attention_random_configs(lib, case):
     seq_lens[0] = L
     causal, dtype, layout = pick([False, True]), pick([torch.bfloat16, torch.float16]), pick(["bhld", "blhd"])
     block_warps = pick([4, 8])
-    call(lib, "emu_set_schedule", pick([0, 1, 2]), case, pick([False, True]))
+    call(emulated, "emu_set_schedule", pick([0, 1, 2]), case, pick([False, True]))
     q, k, v, _ = make_attention_inputs(B, Hkv * group, Hkv, L, d, dtype=dtype, requires_grad=False, seed=case)
-    out = run_attention(lib, q, k, v, seq_lens, causal, layout=layout, block_warps=block_warps)
+    out = run_attention(emulated, q, k, v, seq_lens, causal, layout=layout, block_warps=block_warps)
     check_attention(out, q, k, v, seq_lens, causal)
 
 
-def test_memory_attention_unsupported_block_warps(lib):
+def test_memory_attention_unsupported_block_warps(emulated):
     q, k, v, seq_lens = make_attention_inputs(1, 2, 2, 8, 64, dtype=torch.bfloat16, requires_grad=False)
     with pytest.raises(EmulationError, match="cudaError_t"):
-        run_attention(lib, q, k, v, seq_lens, False, block_warps=6)
+        run_attention(emulated, q, k, v, seq_lens, False, block_warps=6)
 
 
-def test_memory_attention_unsupported_head_dim(lib):
+def test_memory_attention_unsupported_head_dim(emulated):
     q, k, v, seq_lens = make_attention_inputs(1, 2, 2, 8, 80, dtype=torch.bfloat16, requires_grad=False)
     with pytest.raises(EmulationError, match="cudaError_t"):
-        run_attention(lib, q, k, v, seq_lens, False)
+        run_attention(emulated, q, k, v, seq_lens, False)
 
 
-def test_memory_attention_without_lse(lib):
+def test_memory_attention_without_lse(emulated):
     """lse nullptr (inference): the output alone, the same as with it."""
     q, k, v, seq_lens = make_attention_inputs(3, 4, 2, 70, 64, dtype=torch.bfloat16, requires_grad=False)
-    out, _ = run_attention(lib, q, k, v, seq_lens, True, with_lse=False)
-    assert torch.equal(out, run_attention(lib, q, k, v, seq_lens, True)[0])
+    out, _ = run_attention(emulated, q, k, v, seq_lens, True, with_lse=False)
+    assert torch.equal(out, run_attention(emulated, q, k, v, seq_lens, True)[0])
 
 
 # ---- span_mean_pool ----------------------------------------------------------------------------------
@@ -236,17 +192,17 @@ def test_memory_attention_without_lse(lib):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("D", [13, 40, 300, 1032])  # scalar path, vector path, several D-tiles of each
-def test_span_mean_pool(lib, D, dtype):
+def test_span_mean_pool(emulated, D, dtype):
     hidden, start, length = make_pool_inputs(5, 9, D, dtype=dtype, requires_grad=False)
     start[0], length[0] = 0, 9   # the whole row
     start[1], length[1] = 8, 1   # the last position alone
     guards = Guards()
-    out = torch_ops.span_mean_pool_fwd(lib, hidden, start, length, place=guards)
+    out = torch_ops.span_mean_pool_fwd(emulated, hidden, start, length, place=guards)
     ref = span_mean_pool_reference(hidden.double(), start, length)
     assert_rel_close(out, ref, tol=2 * rel_err(ref.to(dtype), ref) + 1e-7)
 
     grad_out = torch.randn(5, D, generator=torch.Generator().manual_seed(1)).to(dtype)
-    grad_hidden = torch_ops.span_mean_pool_bwd(lib, grad_out, start, length, 9, place=guards)
+    grad_hidden = torch_ops.span_mean_pool_bwd(emulated, grad_out, start, length, 9, place=guards)
     guards.check()
     assert torch.equal(grad_hidden, pool_grad(grad_out, start, length, 9))
 
@@ -260,13 +216,13 @@ def pool_grad(grad_out, start, length, L):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_span_mean_pool_misaligned(lib, dtype):
+def test_span_mean_pool_misaligned(emulated, dtype):
     """Tensors one element past 16-byte alignment: the launcher falls back to scalar accesses (a 16-byte vector
     access there would stop the run under UBSan)."""
     hidden, start, length = make_pool_inputs(3, 5, 40, dtype=dtype, requires_grad=False)
     guards = Guards(shift=1)
-    out = torch_ops.span_mean_pool_fwd(lib, hidden, start, length, place=guards)
-    grad_hidden = torch_ops.span_mean_pool_bwd(lib, out, start, length, 5, place=guards)
+    out = torch_ops.span_mean_pool_fwd(emulated, hidden, start, length, place=guards)
+    grad_hidden = torch_ops.span_mean_pool_bwd(emulated, out, start, length, 5, place=guards)
     guards.check()
     ref = span_mean_pool_reference(hidden.double(), start, length)
     assert_rel_close(out, ref, tol=2 * rel_err(ref.to(dtype), ref) + 1e-7)
@@ -275,12 +231,12 @@ def test_span_mean_pool_misaligned(lib, dtype):
 
 # ---- contrastive_loss --------------------------------------------------------------------------------
 
-def emulated_contrastive(lib, queries, docs, labels, temperature, symmetric, chunk, grad):
+def emulated_contrastive(emulated, queries, docs, labels, temperature, symmetric, chunk, grad):
     """Per-query losses and fp32 gradients of queries and docs from the emulated ops, on guarded tensors."""
     guards = Guards()
-    loss, row_stats, col_stats = torch_ops.contrastive_loss_fwd(lib, queries, docs, labels, temperature, symmetric,
+    loss, row_stats, col_stats = torch_ops.contrastive_loss_fwd(emulated, queries, docs, labels, temperature, symmetric,
                                                                 chunk, place=guards)
-    dq, dd = torch_ops.contrastive_loss_bwd(lib, grad, queries, docs, labels, row_stats, col_stats, temperature,
+    dq, dd = torch_ops.contrastive_loss_bwd(emulated, grad, queries, docs, labels, row_stats, col_stats, temperature,
                                             symmetric, chunk, place=guards)
     guards.check()
     return loss, dq, dd
@@ -289,14 +245,14 @@ def emulated_contrastive(lib, queries, docs, labels, temperature, symmetric, chu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("symmetric", [False, True], ids=["rows", "symmetric"])
 @pytest.mark.parametrize("B,N,chunk", [(1, 1, 256), (37, 37, 16), (37, 116, 50), (300, 300, 256)])
-def test_contrastive_loss(lib, B, N, chunk, symmetric, dtype):
+def test_contrastive_loss(emulated, B, N, chunk, symmetric, dtype):
     queries, docs = make_contrastive_inputs(B, N, 24, dtype=dtype, requires_grad=False, positive_weight=0.15)
     labels = torch.arange(B)
     if B > 1:
         labels = labels.roll(1)
         labels[0] = labels[1]  # a repeated positive: two queries feed one doc's column weight
     grad = torch.rand(B, generator=torch.Generator().manual_seed(3))
-    loss, dq, dd = emulated_contrastive(lib, queries, docs, labels, 0.05, symmetric, chunk, grad)
+    loss, dq, dd = emulated_contrastive(emulated, queries, docs, labels, 0.05, symmetric, chunk, grad)
 
     q64 = queries.double().requires_grad_()
     d64 = docs.double().requires_grad_()
@@ -308,152 +264,18 @@ def test_contrastive_loss(lib, B, N, chunk, symmetric, dtype):
     assert_rel_close(dd, d64.grad, tol=tol, name="dd")
 
 
-def test_contrastive_loss_extreme_inputs(lib):
+def test_contrastive_loss_extreme_inputs(emulated):
     """An all-equal batch of huge vectors: logits near 1e8 / T, yet finite losses (log N) and gradients."""
     queries = torch.full((9, 16), 3e3)
-    loss, dq, dd = emulated_contrastive(lib, queries, queries.clone(), torch.arange(9), 0.05, True, 256,
+    loss, dq, dd = emulated_contrastive(emulated, queries, queries.clone(), torch.arange(9), 0.05, True, 256,
                                         torch.ones(9))
     assert torch.isfinite(loss).all() and torch.isfinite(dq).all() and torch.isfinite(dd).all()
     assert_rel_close(loss, torch.full((9,), math.log(9.0)), tol=1e-6)
 
 
-def test_contrastive_loss_doc_chunk(lib):
-    chunk = lib.emu_contrastive_loss_doc_chunk
+def test_contrastive_loss_doc_chunk(emulated):
+    chunk = emulated.emu_contrastive_loss_doc_chunk
     assert chunk(1024, 100_000, 4) == (128 << 20) // (1024 * 4)  # the 128 MiB budget, a multiple of 256
     assert chunk(1024, 1000, 4) == 1000                          # never more than N
     assert chunk(1 << 20, 100_000, 6) == 256                     # at least 256 however large B
     assert chunk(1 << 20, 100, 6) == 100
-
-
-# ---- the cuda backends' Python side, over the emulated ops ------------------------------------------
-
-OPS = ("span_mean_pool", "contrastive_loss", "memory_attention")
-needs_interpreter = pytest.mark.skipif(not triton_interpret(),
-                                       reason="the attention backward runs Triton kernels: TRITON_INTERPRET=1")
-
-
-@pytest.fixture(scope="module")
-def cuda_backends(lib):
-    """torch.ops.llm2comp.* defined over the emulated kernels (schemas from bindings.cpp), and the ops' cuda
-    modules imported on top: their layouts, autograd and fake kernels, on CPU tensors."""
-    if cuda_extension() is not None:
-        pytest.skip("the real extension is loaded here: test_cuda_extension.py covers the cuda backends")
-    library = torch_ops.register(lib)
-    yield {op: importlib.import_module(f"llm2comp_kernels.{op}.cuda") for op in OPS}
-    library._destroy()
-
-
-def test_emulated_ops_match_their_fake_kernels(cuda_backends):
-    """The fake kernels of cuda.py (what torch.compile traces with) give the emulated ops' shapes and dtypes."""
-    hidden, start, length = make_pool_inputs(3, 6, 40, requires_grad=False)
-    q, d = make_contrastive_inputs(5, 9, 24, requires_grad=False)
-    labels = torch.arange(5)
-    ops = torch.ops.llm2comp
-    loss, row_stats, col_stats = ops.contrastive_loss_fwd(q, d, labels, 0.1, True)
-    aq, ak, av, lens = make_attention_inputs(2, 4, 2, 20, 64, dtype=torch.bfloat16, requires_grad=False)
-    cases = [
-        (ops.span_mean_pool_fwd.default, (hidden, start, length)),
-        (ops.span_mean_pool_bwd.default, (torch.randn(3, 40), start, length, 6)),
-        (ops.contrastive_loss_fwd.default, (q, d, labels, 0.1, True)),
-        (ops.contrastive_loss_fwd.default, (q, d, labels, 0.1, False, 4)),
-        (ops.contrastive_loss_bwd.default, (torch.ones(5), q, d, labels, row_stats, col_stats, 0.1, True)),
-        (ops.memory_attention_fwd.default, (aq, ak, av, lens.long(), True, 0.125)),
-        (ops.memory_attention_fwd.default, (aq, ak, av, lens.long(), False, 0.125, True)),
-        (ops.memory_attention_fwd.default, (aq, ak, av, lens.long(), False, 0.125, True, 8)),
-    ]
-    for op, args in cases:
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
-
-
-@needs_interpreter
-@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-def test_cuda_backend_memory_attention(cuda_backends, causal):
-    """Forward on the CUDA kernel (q/k/v as transposed [B, L, H, d] views, read in place), saving its
-    log-sum-exps; backward by the Triton kernels from them: output and gradients against float64."""
-    q, k, v, seq_lens = make_attention_inputs(3, 4, 2, 70, 64, dtype=torch.bfloat16, requires_grad=False)
-    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in (q, k, v))
-    attention = cuda_backends["memory_attention"].memory_attention_cuda
-    out = attention(q, k, v, seq_lens, causal, 64 ** -0.5)
-    with torch.no_grad():
-        assert torch.equal(out, attention(q, k, v, seq_lens, causal, 64 ** -0.5))
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.dtype)
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-    inputs64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    ref = memory_attention_reference(*inputs64, seq_lens, causal, 64 ** -0.5)
-    ref_grads = torch.autograd.grad(ref, inputs64, grad.double())
-    assert_rel_close(out, ref, name="out")
-    for name, g, r in zip("qkv", grads, ref_grads):
-        assert_rel_close(g, r, name=f"d{name}")
-
-
-def test_cuda_backend_span_mean_pool(cuda_backends):
-    hidden, start, length = make_pool_inputs(4, 7, 24, dtype=torch.bfloat16)
-    out = cuda_backends["span_mean_pool"].span_mean_pool_cuda(hidden, start.int(), length.int())
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out.dtype)
-    (grad_hidden,) = torch.autograd.grad(out, hidden, grad)
-    h64 = hidden.detach().double().requires_grad_()
-    ref = span_mean_pool_reference(h64, start, length)
-    (ref_grad,) = torch.autograd.grad(ref, h64, grad.double())
-    assert_rel_close(out, ref, name="out")
-    assert_rel_close(grad_hidden, ref_grad, name="grad_hidden")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_cuda_backend_contrastive_loss(cuda_backends, reduction, dtype):
-    """Normalisation in torch, the loss in the emulated ops over three doc chunks, symmetric, repeated labels."""
-    queries, docs = make_contrastive_inputs(21, 40, 24, dtype=dtype, positive_weight=0.15)
-    labels = torch.arange(21).roll(2)
-    labels[0] = labels[1]
-    loss = cuda_backends["contrastive_loss"].contrastive_loss_cuda(queries, docs, labels, 0.05, True, True,
-                                                                   reduction, doc_chunk=16)
-    grad = torch.rand(loss.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
-    dq, dd = torch.autograd.grad(loss, (queries, docs), grad)
-    q64, d64 = (x.detach().double().requires_grad_() for x in (queries, docs))
-    ref = contrastive_loss_reference(q64, d64, labels, 0.05, normalize=True, symmetric=True, reduction=reduction)
-    ref_dq, ref_dd = torch.autograd.grad(ref, (q64, d64), grad.double())
-    tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: unit vectors and dS rounded for the products
-    assert_rel_close(loss, ref, tol=tol, name="loss")
-    assert_rel_close(dq, ref_dq, tol=tol, name="dq")
-    assert_rel_close(dd, ref_dd, tol=tol, name="dd")
-
-
-# ---- the emulator itself -----------------------------------------------------------------------------
-
-THREADS = 64  # faulty_kernels.cpp
-
-
-@pytest.mark.parametrize("bug,message", [
-    (1, "deadlock in block"),
-    (2, "exit"),
-    (3, "not 16-byte aligned"),
-    (5, "never waited for"),
-    (6, "cudaFuncSetAttribute"),
-    (7, "shared-memory race"),
-    (8, r"shared-memory race \(write after read\)"),
-])
-@pytest.mark.parametrize("order", [0, 1], ids=["forward", "reverse"])
-def test_emulator_reports_faults(lib, bug, message, order):
-    call(lib, "emu_set_schedule", order, 0, False)
-    with pytest.raises(EmulationError, match=message):
-        call(lib, "emu_faulty", bug, torch.zeros(5 * THREADS), 0.0)
-
-
-def test_emulator_thread_orders_expose_a_missing_barrier(lib):
-    seen = []
-    for order, salt in ((0, 100.0), (1, 200.0)):
-        call(lib, "emu_set_schedule", order, 0, False)
-        buffer = torch.zeros(5 * THREADS)
-        call(lib, "emu_faulty", 0, buffer, salt)
-        seen.append(torch.equal(buffer[:THREADS], (torch.arange(THREADS) - 1).clamp(min=0) + salt))
-    assert seen == [True, False]  # the forward order happens to work, the reverse one reads stale slots
-
-
-def test_emulator_copies_land_at_their_wait(lib):
-    buffer = torch.arange(5 * THREADS, dtype=torch.float32)
-    call(lib, "emu_faulty", 4, buffer, 0.0)
-    assert buffer[4 * THREADS:].isnan().all()  # read before cp_async_wait: the poison of the shared memory
-    call(lib, "emu_set_schedule", 0, 0, True)
-    buffer = torch.arange(5 * THREADS, dtype=torch.float32)
-    call(lib, "emu_faulty", 4, buffer, 0.0)
-    assert torch.equal(buffer[4 * THREADS:], (torch.arange(THREADS) + 1) % THREADS * 4.0)
