@@ -1,5 +1,5 @@
-// C entry points into the csrc/ launchers, compiled for CPU emulation, for the tests (ctypes)
-// (ctypes). Each returns 0, or -1 with the message in emu_last_error(): an emulation check that failed, or the
+// C entry points into the csrc/ launchers, compiled for CPU emulation, for the tests (through ctypes).
+// Each returns 0, or -1 with the message in emu_last_error(): an emulation check that failed, or the
 // launcher's own cudaError_t.
 #include <string>
 
