@@ -99,7 +99,8 @@ for part in $PARTS; do
                 log "compute-sanitizer --tool $tool: exit $? ($(tail -1 "$R/sanitize_$tool.log"))"
               done ) &
             sanitize_pid=$!
-            pytest_run cuda "$WORKERS" -m "${TEST_MARKS:-gpu or not slow}" -k "cuda" tests/kernels
+            # The CPU emulation of the CUDA kernels (test_cuda_emulat*.py) adds nothing on a GPU: left out.
+            pytest_run cuda "$WORKERS" -m "${TEST_MARKS:-gpu or not slow}" -k "cuda and not emulat" tests/kernels
             wait "$sanitize_pid"
             "$PY" -m benchmarks.tests_summary "$R" | tail -5 ;;
         profile) benches="$benches profile_ops" ;;
