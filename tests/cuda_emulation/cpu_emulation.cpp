@@ -310,6 +310,9 @@ void shared_read_16(const void* p, const char* op) {
         fail(std::string("shared-memory race: ") + op + " reads 16 bytes that thread " +
              std::to_string(g.in_flight_by) + "'s cp.async has not landed in (no cp_async_wait and barrier)");
     }
+    if (g.writer < 0) {
+        fail(std::string(op) + " reads 16 bytes of shared memory that no copy has written in this block");
+    }
     if (g.write_epoch == running->epoch && g.writer != me) {
         fail(std::string("shared-memory race (read after write): ") + op + " reads 16 bytes that thread " +
              std::to_string(g.writer) + "'s copy landed in since the last __syncthreads");

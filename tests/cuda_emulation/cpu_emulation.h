@@ -12,8 +12,9 @@
 // - cp.async copies not waited for when the thread exits, cp.async sources not 16-byte aligned;
 // - races on the dynamic shared memory between cp.async writes and ldmatrix reads, whatever the order: a read
 //   of 16 bytes whose copy is in flight or landed (by another thread) since the last barrier, a copy over 16
-//   bytes another thread read since the last barrier or that another copy has not landed in yet. Plain loads
-//   and stores, and static __shared__ arrays, are not tracked.
+//   bytes another thread read since the last barrier or that another copy has not landed in yet; an ldmatrix
+//   of 16 bytes no cp.async has written in the block. Plain loads and stores, and static __shared__ arrays,
+//   are not tracked.
 // cp.async copies land at cp_async_wait (or, if the test asks, when issued), and dynamic shared memory
 // starts as 0xff bytes (NaN in every float format), so a tile read before its copy has landed reads NaN.
 #pragma once
@@ -62,7 +63,7 @@ void warp_collective(const char* op, CollectiveFn fn, const void* in, void* out)
 // Fails unless [p, p + bytes) lies in the running block's dynamic shared memory and p is 16-byte aligned.
 void check_shared_16(const void* p, size_t bytes, const char* op);
 // The current thread reads the 16 bytes at p (checked as above): fails on a race with a copy into them, one
-// still in flight or landed since the last barrier by another thread.
+// still in flight or landed since the last barrier by another thread, and on bytes no copy has written.
 void shared_read_16(const void* p, const char* op);
 unsigned char* dynamic_shared_memory();
 

@@ -49,16 +49,19 @@ __global__ void unwaited_copy_kernel(const float* src) {
     llm2comp::cp_async_commit();
 }
 
-// Each lane copies 16 bytes into granule `lane` and has ldmatrix read granule lane + 1 (another lane's):
-// with no barrier between the copies and the reads (`barrier_after_copy` false), a read-after-write race;
-// with one, a fresh copy into the granules after the reads is a write-after-read race.
+// Each lane copies 16 bytes into granule `lane` (after a first round of copies and a barrier, so that every
+// granule holds data) and has ldmatrix read granule lane + 1, another lane's: with no barrier between the
+// copies and the reads (`barrier_after_copy` false), a read-after-write race; with one, a fresh copy into
+// the granules after the reads is a write-after-read race.
 __global__ void shared_race_kernel(const float* src, bool barrier_after_copy) {
     auto* tile = llm2comp::dynamic_smem<__nv_bfloat16>();  // 32 granules of 8 elements
     const int lane = threadIdx.x;
-    llm2comp::cp_async_16(tile + 8 * lane, src + 4 * lane, true);
-    llm2comp::cp_async_commit();
-    llm2comp::cp_async_wait<0>();
-    if (barrier_after_copy) __syncthreads();
+    for (int round = 0; round < 2; ++round) {
+        llm2comp::cp_async_16(tile + 8 * lane, src + 4 * lane, true);
+        llm2comp::cp_async_commit();
+        llm2comp::cp_async_wait<0>();
+        if (round == 0 || barrier_after_copy) __syncthreads();
+    }
     uint32_t r[4];
     llm2comp::ldmatrix_x4<false>(r, tile + 8 * ((lane + 1) % 32));
     if (barrier_after_copy) {
@@ -66,6 +69,12 @@ __global__ void shared_race_kernel(const float* src, bool barrier_after_copy) {
         llm2comp::cp_async_commit();
         llm2comp::cp_async_wait<0>();
     }
+}
+
+// ldmatrix of shared memory nothing wrote.
+__global__ void uninitialized_read_kernel() {
+    uint32_t r[4];
+    llm2comp::ldmatrix_x4<false>(r, llm2comp::dynamic_smem<__nv_bfloat16>() + 8 * threadIdx.x);
 }
 
 __global__ void empty_kernel() {}
@@ -88,6 +97,7 @@ cudaError_t launch_faulty(int bug, float* buffer, float salt) {
         case 6: return launch_kernel(empty_kernel, 1, 32, 64 << 10, nullptr);
         case 7: return launch_kernel(shared_race_kernel, 1, 32, 512, nullptr, buffer, false);
         case 8: return launch_kernel(shared_race_kernel, 1, 32, 512, nullptr, buffer, true);
+        case 9: return launch_kernel(uninitialized_read_kernel, 1, 32, 512, nullptr);
     }
     return cudaErrorInvalidValue;
 }

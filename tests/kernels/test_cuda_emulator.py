@@ -33,6 +33,7 @@ THREADS = 64  # faulty_kernels.cpp
     (6, "cudaFuncSetAttribute"),
     (7, "shared-memory race"),
     (8, r"shared-memory race \(write after read\)"),
+    (9, "no copy has written"),
 ])
 @pytest.mark.parametrize("order", [0, 1], ids=["forward", "reverse"])
 def test_emulator_reports_faults(emulated, bug, message, order):
