@@ -21,14 +21,13 @@
 namespace llm2comp {
 namespace {
 
-// A block is WARPS warps of 16 query rows each (4 or 8: 64 or 128 queries sharing each K/V tile).
 constexpr int kBlockN = 64;           // keys per step
 constexpr int kPad = 8;               // row padding (elements): 16-byte rows, conflict-free ldmatrix
 constexpr float kLog2e = 1.4426950408889634f;
 
 template <int HD, int WARPS>
 constexpr size_t smem_bytes() {
-    // Q, and two stages of K and V, all 16-bit.
+    // Q (16 rows per warp), and two stages of K and V, all 16-bit.
     return 2 * (16 * WARPS + 4 * kBlockN) * (HD + kPad);
 }
 
@@ -45,6 +44,7 @@ __device__ __forceinline__ void copy_rows(T* tile, const T* __restrict__ src, in
     }
 }
 
+// A block is WARPS warps of 16 query rows each (4 or 8: 64 or 128 queries sharing each K/V tile).
 template <typename T, int HD, bool CAUSAL, int WARPS>
 __global__ void __launch_bounds__(32 * WARPS) memory_attention_fwd_kernel(
     const T* __restrict__ q,                // [B, Hq, L, HD], strides sq
