@@ -299,11 +299,10 @@ std::tuple<at::Tensor, at::Tensor> memory_attention_fwd_op(const at::Tensor& q, 
     at::Tensor lse = with_lse ? at::empty({B, Hq, L}, f32) : at::empty({0}, f32);
     if (B == 0 || Hq == 0) return {out, lse};
     const DType dtype = q.scalar_type() == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
-    const cudaError_t err = memory_attention_fwd(dtype, q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                                 seq_lens.data_ptr<int64_t>(), out.data_ptr(),
-                                                 with_lse ? lse.data_ptr<float>() : nullptr, B, Hq, Hkv, L, d, sq,
-                                                 sk, sv, causal, static_cast<float>(scale), static_cast<int>(block_warps),
-                                                 at::cuda::getCurrentCUDAStream());
+    const cudaError_t err = memory_attention_fwd(
+        dtype, q.data_ptr(), k.data_ptr(), v.data_ptr(), seq_lens.data_ptr<int64_t>(), out.data_ptr(),
+        with_lse ? lse.data_ptr<float>() : nullptr, B, Hq, Hkv, L, d, sq, sk, sv, causal, static_cast<float>(scale),
+        static_cast<int>(block_warps), at::cuda::getCurrentCUDAStream());
     LLM2COMP_CHECK_LAUNCH(err);
     return {out, lse};
 }

@@ -221,8 +221,8 @@ cudaError_t contrastive_loss_block_stats(const float* logits, int64_t rows, int6
 
 cudaError_t contrastive_loss_col_stats(const float* logits, int64_t rows, int64_t cols, float scale_log2,
                                        float* stats, cudaStream_t stream) {
-    return launch_kernel(contrastive_col_stats_kernel, blocks_1d(cols, kColsPerBlock), kThreads, 0, stream, logits, rows,
-                         cols, scale_log2, reinterpret_cast<float2*>(stats));
+    return launch_kernel(contrastive_col_stats_kernel, blocks_1d(cols, kColsPerBlock), kThreads, 0, stream, logits,
+                         rows, cols, scale_log2, reinterpret_cast<float2*>(stats));
 }
 
 cudaError_t contrastive_loss_finalize(const float* row_stats, const float* col_stats, const int64_t* labels,

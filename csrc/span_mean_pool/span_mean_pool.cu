@@ -80,30 +80,38 @@ int vector_width(const void* a, const void* b, int64_t D) {
     return (aligned && D % kVec == 0) ? kVec : 1;
 }
 
+// launch(VEC, grid, tiles) with VEC (a std::integral_constant) the widest vector `a` and `b` allow, and a grid
+// of one block per (row, tile of kThreads * VEC columns).
+template <typename T, typename Launch>
+cudaError_t launch_rows(const void* a, const void* b, int64_t B, int64_t D, Launch&& launch) {
+    constexpr int kVec = 16 / sizeof(T);
+    const int vec = vector_width<T>(a, b, D);
+    const int64_t tiles = (D + int64_t(kThreads) * vec - 1) / (int64_t(kThreads) * vec);
+    const dim3 grid(static_cast<unsigned>(B * tiles));
+    if (vec == kVec) return launch(std::integral_constant<int, kVec>(), grid, tiles);
+    return launch(std::integral_constant<int, 1>(), grid, tiles);
+}
+
 template <typename T>
 cudaError_t launch_fwd(const void* hidden, const int64_t* start, const int64_t* length, void* out, int64_t B,
                        int64_t L, int64_t D, cudaStream_t stream) {
-    constexpr int kVec = 16 / sizeof(T);
-    const int vec = vector_width<T>(hidden, out, D);
-    const int64_t tiles = (D + int64_t(kThreads) * vec - 1) / (int64_t(kThreads) * vec);
-    const dim3 grid(static_cast<unsigned>(B * tiles));
     auto h = static_cast<const T*>(hidden);
     auto o = static_cast<T*>(out);
-    if (vec == kVec) return launch_kernel(span_mean_pool_fwd_kernel<T, kVec>, grid, kThreads, 0, stream, h, start, length, o, L, D, tiles);
-    return launch_kernel(span_mean_pool_fwd_kernel<T, 1>, grid, kThreads, 0, stream, h, start, length, o, L, D, tiles);
+    return launch_rows<T>(hidden, out, B, D, [&](auto vec, dim3 grid, int64_t tiles) {
+        return launch_kernel(span_mean_pool_fwd_kernel<T, decltype(vec)::value>, grid, kThreads, 0, stream, h, start,
+                             length, o, L, D, tiles);
+    });
 }
 
 template <typename T>
 cudaError_t launch_bwd(const void* grad_out, const int64_t* start, const int64_t* length, void* grad_hidden,
                        int64_t B, int64_t L, int64_t D, cudaStream_t stream) {
-    constexpr int kVec = 16 / sizeof(T);
-    const int vec = vector_width<T>(grad_out, grad_hidden, D);
-    const int64_t tiles = (D + int64_t(kThreads) * vec - 1) / (int64_t(kThreads) * vec);
-    const dim3 grid(static_cast<unsigned>(B * tiles));
     auto g = static_cast<const T*>(grad_out);
     auto gh = static_cast<T*>(grad_hidden);
-    if (vec == kVec) return launch_kernel(span_mean_pool_bwd_kernel<T, kVec>, grid, kThreads, 0, stream, g, start, length, gh, L, D, tiles);
-    return launch_kernel(span_mean_pool_bwd_kernel<T, 1>, grid, kThreads, 0, stream, g, start, length, gh, L, D, tiles);
+    return launch_rows<T>(grad_out, grad_hidden, B, D, [&](auto vec, dim3 grid, int64_t tiles) {
+        return launch_kernel(span_mean_pool_bwd_kernel<T, decltype(vec)::value>, grid, kThreads, 0, stream, g, start,
+                             length, gh, L, D, tiles);
+    });
 }
 
 }  // namespace
