@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .checks import padding_mask
+
+
+def _masked_scores(q, k, seq_lens, causal, scale):
+    """`[B, Hq, L, L]` scaled scores in float32 (float64 for float64 q), -inf where a key is padding or, if
+    causal, in the future; and the `[B, L]` mask of real positions."""
+    B, Hq, L, d = q.shape
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kf = k.to(compute).repeat_interleave(Hq // k.shape[1], dim=1)
+    valid = padding_mask(seq_lens, L)                          # [B, L]
+    allowed = valid[:, None, None, :].expand(B, 1, L, L)       # key j is real
+    if causal:
+        allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    scores = (q.to(compute) @ kf.transpose(-1, -2)) * scale
+    return scores.masked_fill(~allowed, float("-inf")), valid
 
 
 def memory_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor,
@@ -14,19 +30,17 @@ def memory_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     Computes in float32 (float64 for float64 inputs). Materialises the `[B, Hq, L, L]` scores:
     meant for tests and CPU, not for long sequences on GPU.
     """
-    B, Hq, L, d = q.shape
-    group = Hq // k.shape[1]
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qf = q.to(compute)
-    kf = k.to(compute).repeat_interleave(group, dim=1)
-    vf = v.to(compute).repeat_interleave(group, dim=1)
-    valid = padding_mask(seq_lens, L)                          # [B, L]
-    allowed = valid[:, None, None, :].expand(B, 1, L, L)       # key j is real
-    if causal:
-        allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    scores = (qf @ kf.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    scores, valid = _masked_scores(q, k, seq_lens, causal, scale)
+    vf = v.to(scores.dtype).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     out = torch.softmax(scores, dim=-1) @ vf
     # Padded query rows still see key 0, so no row is all -inf; zeroing them also zeroes their grads.
     out = out * valid[:, None, :, None]
     return out.to(q.dtype)
+
+
+def memory_attention_lse_reference(q: torch.Tensor, k: torch.Tensor, seq_lens: torch.Tensor, causal: bool,
+                                   scale: float) -> torch.Tensor:
+    """`[B, Hq, L]` in float32 (float64 for float64 q): each row's log2 of the sum of exp(scores) over the keys it
+    sees, 0 on padded rows; what the forward kernels save for the backward."""
+    scores, valid = _masked_scores(q, k, seq_lens, causal, scale)
+    return torch.logsumexp(scores, dim=-1) / math.log(2.0) * valid[:, None, :]

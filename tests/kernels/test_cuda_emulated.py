@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from llm2comp_kernels.contrastive_loss.reference import contrastive_loss_reference
-from llm2comp_kernels.memory_attention.reference import memory_attention_reference
+from llm2comp_kernels.memory_attention.reference import memory_attention_lse_reference, memory_attention_reference
 from llm2comp_kernels.span_mean_pool.reference import span_mean_pool_reference
 from llm2comp_kernels.testing import make_attention_inputs, make_contrastive_inputs, make_pool_inputs, rel_err
 from tests.cuda_emulation import EmulationError, Guards, call, torch_ops
@@ -46,18 +46,6 @@ def run_attention(emulated, q, k, v, seq_lens, causal, layout="bhld", with_lse=T
     return out, lse if with_lse else None
 
 
-def reference_lse(q, k, seq_lens, causal):
-    """float64 `[B, Hq, L]`: log2 of each row's sum of exp(scores * d^-0.5) over the keys it sees, 0 if padded."""
-    B, Hq, L, d = q.shape
-    kk = k.double().repeat_interleave(Hq // k.shape[1], dim=1)
-    scores = q.double() @ kk.transpose(-1, -2) * d ** -0.5
-    allowed = (torch.arange(L) < seq_lens[:, None])[:, None, None, :]
-    if causal:
-        allowed = allowed & torch.ones(L, L, dtype=torch.bool).tril()
-    lse = torch.logsumexp(scores.masked_fill(~allowed, float("-inf")), dim=-1) / math.log(2.0)
-    return lse * (torch.arange(L) < seq_lens[:, None])[:, None, :]
-
-
 def check_attention(result, q, k, v, seq_lens, causal):
     """Error vs float64 at most twice that of the reference computed in q's dtype (which rounds only the
     output); padded rows exactly zero; the log-sum-exps within fp32 rounding of scores from rounded inputs."""
@@ -71,7 +59,8 @@ def check_attention(result, q, k, v, seq_lens, causal):
     for b, n in enumerate(seq_lens.tolist()):
         assert bool((out[b, :, n:] == 0).all()), f"padded rows of batch row {b} are not zero"
     if lse is not None:
-        assert (lse - reference_lse(q, k, seq_lens, causal)).abs().max() < 1e-4
+        ref_lse = memory_attention_lse_reference(q.double(), k.double(), seq_lens, causal, d ** -0.5)
+        assert (lse - ref_lse).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import math
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 from llm2comp_kernels import contrastive_loss, memory_attention, span_mean_pool
 from llm2comp_kernels._backends import cuda_extension
 from llm2comp_kernels.contrastive_loss.reference import contrastive_loss_reference
-from llm2comp_kernels.memory_attention.reference import memory_attention_reference
+from llm2comp_kernels.memory_attention.reference import memory_attention_lse_reference, memory_attention_reference
 from llm2comp_kernels.span_mean_pool.reference import span_mean_pool_reference
 from llm2comp_kernels.testing import (
     REL_TOL,
@@ -265,12 +264,7 @@ def test_memory_attention_cuda_block_edges(d, causal, block_warps):
         assert (out[b, :, int(seq_lens[b]):] == 0).all(), "padded query rows must be exact zeros"
     out_op, lse = torch.ops.llm2comp.memory_attention_fwd(q, k, v, seq_lens, causal, d ** -0.5, True, block_warps)
     assert torch.equal(out_op, out)
-    scores = q.double() @ k.double().repeat_interleave(2, dim=1).transpose(-1, -2) * d ** -0.5
-    allowed = (torch.arange(300, device="cuda") < seq_lens[:, None])[:, None, None, :]
-    if causal:
-        allowed = allowed & torch.ones(300, 300, dtype=torch.bool, device="cuda").tril()
-    ref_lse = torch.logsumexp(scores.masked_fill(~allowed, float("-inf")), -1) / math.log(2.0)
-    ref_lse = ref_lse * (torch.arange(300, device="cuda") < seq_lens[:, None])[:, None, :]
+    ref_lse = memory_attention_lse_reference(q.double(), k.double(), seq_lens, causal, d ** -0.5)
     assert (lse - ref_lse).abs().max() < 1e-3, "log-sum-exps (log2) of the forward"
 
 
