@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._autocast import autocast_inputs
 from .._backends import resolve_backend
 from .checks import check_linear_kl_loss, resolve_chunk_size
 
@@ -26,7 +27,12 @@ def linear_kl_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, w
     Returns:
         Scalar in the inputs' dtype: the mean over the selected rows of ``sum_v p_t (log p_t - log p_s)``;
         0 with zero gradients when the mask selects no row. Gradients are computed during forward.
+        Under `torch.autocast`, as `F.linear`: the three tensors in the autocast dtype, the loss too.
     """
+    cast = autocast_inputs(student_hidden, teacher_hidden, weight)
+    if cast is not None:
+        with torch.autocast(student_hidden.device.type, enabled=False):
+            return linear_kl_loss(*cast, mask=mask, temperature=temperature, chunk_size=chunk_size, backend=backend)
     mask = check_linear_kl_loss(student_hidden, teacher_hidden, weight, mask, temperature)
     chunk_size = resolve_chunk_size(chunk_size, weight.shape[0], weight.device)
     chosen = resolve_backend("linear_kl_loss", backend, weight.device, weight.dtype, allowed=("torch", "triton"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._autocast import autocast_inputs
 from .._autograd import needs_autograd
 from .._backends import resolve_backend
 from .checks import check_memory_attention
@@ -60,7 +61,12 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
     Returns:
         `[B, Hq, L, d]` in q's dtype. Rows at positions ``>= seq_lens[b]`` are exactly zero and
         pass zero gradient; padded keys get zero gradient. Softmax and accumulation run in fp32.
+        Under `torch.autocast`, as SDPA: q, k and v in the autocast dtype, the output too.
     """
+    cast = autocast_inputs(q, k, v)
+    if cast is not None:
+        with torch.autocast(q.device.type, enabled=False):
+            return memory_attention(*cast, seq_lens, causal=causal, scale=scale, backend=backend)
     scale = check_memory_attention(q, k, v, seq_lens, causal, scale)
     allowed = ("torch", "triton", "cuda", "flash")
     chosen = resolve_backend("memory_attention", backend, q.device, q.dtype, cuda_op="memory_attention_fwd",

@@ -66,6 +66,20 @@ def test_padding_invariance(tiny_dirs):
     assert_rel_close(together[1, :n], alone[0], tol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_float32_model_under_bf16_autocast(kind, tiny_dirs):
+    # What training with --precision bf16 and encode on a GPU run: the rotary embedding leaves q and k in fp32
+    # beside a bf16 v, and memory_attention takes all three in the autocast dtype, as SDPA does.
+    tok, model = _load(tiny_dirs[kind])
+    patch_bidirectional(model)
+    batch = tok(TEXTS, padding=True, return_tensors="pt")
+    mask = batch["attention_mask"].bool()
+    full = _hidden(model, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = _hidden(model, batch)
+    assert_rel_close(mixed[mask].float(), full[mask], tol=0.05)
+
+
 def test_left_padding_rejected(tiny_dirs):
     tok, model = _load(tiny_dirs["llama"])
     patch_bidirectional(model)

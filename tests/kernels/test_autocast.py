@@ -1,0 +1,56 @@
+"""The matrix ops under `torch.autocast` (CPU autocast here; CUDA autocast takes the same path): inputs cast to the
+autocast dtype, then the same result and gradients as a call made in that dtype without autocast."""
+
+from __future__ import annotations
+
+import torch
+
+from llm2comp_kernels import linear_kl_loss, memory_attention
+
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def test_memory_attention_mixed_dtypes_under_autocast():
+    # What a transformers layer hands the attention under autocast: fp32 q/k (rotary embedding) and a bf16 v.
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 9, 16)
+    v = torch.randn(2, 2, 9, 16).bfloat16()
+    seq_lens = torch.tensor([9, 4])
+    q1, k1, v1 = _leaves(q, k, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = memory_attention(q1, k1, v1, seq_lens)
+    out.float().square().sum().backward()
+    q2, k2, v2 = _leaves(q.bfloat16(), k.bfloat16(), v)
+    expected = memory_attention(q2, k2, v2, seq_lens)
+    expected.float().square().sum().backward()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert q1.grad.dtype == torch.float32  # the cast's backward returns the leaf's dtype
+    torch.testing.assert_close(q1.grad, q2.grad.float(), rtol=0, atol=0)
+    torch.testing.assert_close(k1.grad, k2.grad.float(), rtol=0, atol=0)
+    torch.testing.assert_close(v1.grad, v2.grad, rtol=0, atol=0)
+
+
+def test_linear_kl_loss_under_autocast():
+    torch.manual_seed(0)
+    student, teacher, weight = torch.randn(5, 16), torch.randn(5, 16), torch.randn(31, 16)
+    s1, w1 = _leaves(student, weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_kl_loss(s1, teacher, w1)
+    loss.backward()
+    s2, w2 = _leaves(student.bfloat16(), weight.bfloat16())
+    expected = linear_kl_loss(s2, teacher.bfloat16(), w2)
+    expected.backward()
+    assert loss.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    torch.testing.assert_close(s1.grad, s2.grad.float(), rtol=0, atol=0)
+    torch.testing.assert_close(w1.grad, w2.grad.float(), rtol=0, atol=0)
+
+
+def test_float64_and_autocast_off_run_as_given():
+    q = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert memory_attention(q, q, q, torch.tensor([5])).dtype == torch.float64
+    assert memory_attention(q.float(), q.float(), q.float(), torch.tensor([5])).dtype == torch.float32
