@@ -8,27 +8,36 @@ in input order.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["encode_texts"]
+__all__ = ["POOLINGS", "encode_texts"]
+
+POOLINGS = ("memory", "mean", "last")
 
 PROGRESS_BAR_MIN_BATCHES = 5
 
 
-def _check_sentences(sentences) -> tuple[list[str], bool]:
+def _check_sentences(sentences, pooling: str) -> tuple[list[str], bool]:
+    """(texts, single): a str, or any iterable of str (list, tuple, numpy array, pandas Series...)."""
     single = isinstance(sentences, str)
-    texts = [sentences] if single else sentences
-    if not isinstance(texts, Sequence):
+    if single:
+        texts = [sentences]
+    elif isinstance(sentences, (bytes, bytearray)):
+        raise TypeError("sentences is bytes; decode it to str first")
+    elif isinstance(sentences, Mapping) or not isinstance(sentences, Iterable):
         raise TypeError(f"sentences must be a str or a sequence of str, got {type(sentences).__name__}")
-    texts = list(texts)
+    else:
+        texts = list(sentences)
     for i, t in enumerate(texts):
         if not isinstance(t, str):
-            raise TypeError(f"sentences[{i}] is {type(t).__name__}, expected str")
-        if not t.strip():
-            raise ValueError(f"sentences[{i}] is empty or whitespace only; it has nothing to encode")
+            hint = "; decode it to str first" if isinstance(t, (bytes, bytearray)) else ""
+            raise TypeError(f"sentences[{i}] is {type(t).__name__}, expected str{hint}")
+        if pooling != "memory" and not t.strip():
+            raise ValueError(f"sentences[{i}] is empty or whitespace only; {pooling!r} pooling has no text "
+                             "tokens to pool (memory pooling embeds it)")
     return texts, single
 
 
@@ -40,7 +49,8 @@ def encode_texts(model, sentences: str | Sequence[str], *, instruction: str | No
 
     Args:
         model: the `LLM2Comp` model.
-        sentences: one str (returns `[D]`) or a sequence of n str (returns `[n, D]`; n = 0 gives `[0, D]`).
+        sentences: one str (returns `[D]`) or n str in any iterable (list, numpy array, pandas Series...;
+            returns `[n, D]`, n = 0 gives `[0, D]`). Empty texts are allowed with memory pooling.
         instruction: prefix for every text (e.g. ``"Instruct: ...\\nQuery: "``), excluded from mean pooling.
         batch_size: texts per forward.
         max_length: tokens per row, including BOS, instruction and memory tokens (texts are truncated).
@@ -51,7 +61,10 @@ def encode_texts(model, sentences: str | Sequence[str], *, instruction: str | No
         show_progress_bar: tqdm bar; None shows it for 5 or more batches.
         device: move the model there first.
     """
-    texts, single = _check_sentences(sentences)
+    pooling = pooling or model.pooling
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    texts, single = _check_sentences(sentences, pooling)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if device is not None:

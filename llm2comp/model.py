@@ -25,11 +25,10 @@ from llm2comp_kernels import span_mean_pool
 
 from .bidirectional import patch_bidirectional, unpatch_bidirectional
 from .default_model import DEFAULT_MODEL, default_model_files, is_default_model
-from .encode import check_encode_kwargs, encode_texts
+from .encode import POOLINGS, check_encode_kwargs, encode_texts
 from .memory_tokens import add_memory_tokens, init_memory_rows
 
 CONFIG_NAME = "llm2comp_config.json"
-POOLINGS = ("memory", "mean", "last")
 # Lets ``SentenceTransformer(directory, trust_remote_code=True)`` load a saved model through
 # `llm2comp.interop.LLM2CompModule` (a class outside sentence-transformers, hence trust_remote_code).
 ST_MODULES = [{"idx": 0, "name": "0", "path": "", "type": "llm2comp.interop.LLM2CompModule"}]
@@ -38,14 +37,22 @@ LORA_TARGETS = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj
 __all__ = ["CONFIG_NAME", "LLM2Comp", "POOLINGS"]
 
 
+def _looks_like_path(name: str) -> bool:
+    """A local path, not a hub id (``org/name``): absolute, relative with ``.``/``~``, or several ``/``."""
+    return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or Path(name).exists()
+
+
 def _load_base(name_or_path: str, dtype, hf_kwargs: dict):
     """Tokenizer and causal LM for a hub id, a local directory, or the default model."""
     reference = {"name_or_path": name_or_path, **{k: v for k, v in hf_kwargs.items() if k == "gguf_file"}}
     if is_default_model(name_or_path):
         directory, gguf_file = default_model_files()
         name_or_path, hf_kwargs = str(directory), {**hf_kwargs, "gguf_file": gguf_file}
-    elif Path(name_or_path).exists():
-        reference["name_or_path"] = str(Path(name_or_path).resolve())
+    elif _looks_like_path(name_or_path):
+        path = Path(name_or_path).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"model directory {name_or_path} does not exist")
+        name_or_path = reference["name_or_path"] = str(path.resolve())
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hf_kwargs)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **hf_kwargs)
     tokenizer.padding_side = "right"
@@ -93,14 +100,16 @@ class LLM2Comp(torch.nn.Module):
                         lora_alpha: int = 32, lora_dropout: float = 0.05, lora_targets: Sequence[str] = LORA_TARGETS,
                         pooling: str | None = None, dtype: torch.dtype | str | None = None,
                         device: torch.device | str | None = None, backend: str = "auto",
-                        **hf_kwargs) -> LLM2Comp:
+                        base_model: str | None = None, **hf_kwargs) -> LLM2Comp:
         """Load a decoder (hub id, local dir, ``gguf_file=``, or the default) or a saved LLM2Comp directory.
 
         A new model gets `num_memory_tokens` memory tokens and fresh LoRA adapters (rank, alpha,
         dropout, targets present in the model). A saved LLM2Comp directory (it holds
         ``llm2comp_config.json``) restores its own settings; the LoRA arguments then apply only to
-        a merged directory, which gets fresh adapters on top. `backend` picks the
-        `memory_attention` backend; `hf_kwargs` go to transformers' ``from_pretrained``.
+        a merged directory, which gets fresh adapters on top; `base_model` overrides where an
+        adapter directory's base model is (when it moved since saving). `backend` picks the
+        `memory_attention` backend; `hf_kwargs` go to transformers' ``from_pretrained``. Returns the
+        model in eval mode (dropout off), like transformers.
         """
         config_file = Path(name_or_path) / CONFIG_NAME
         if config_file.is_file():
@@ -112,21 +121,29 @@ class LLM2Comp(torch.nn.Module):
             else:
                 tokenizer = AutoTokenizer.from_pretrained(name_or_path)
                 ref = dict(saved["base_model"])
-                _, base, reference = _load_base(ref.pop("name_or_path"), dtype, {**ref, **hf_kwargs})
+                base_name = ref.pop("name_or_path")
+                if base_model is not None:
+                    base_name, ref = base_model, {}
+                elif _looks_like_path(base_name) and not Path(base_name).exists():
+                    raise FileNotFoundError(
+                        f"the base model {base_name} named in {config_file} (base_model.name_or_path) does not "
+                        "exist; pass base_model= with its new location")
+                _, base, reference = _load_base(base_name, dtype, {**ref, **hf_kwargs})
                 init_memory_rows(base, tokenizer, saved["memory_token_ids"])
                 patch_bidirectional(base, backend=backend)
                 model = PeftModel.from_pretrained(base, name_or_path, is_trainable=True)
                 return cls(model, tokenizer, saved["memory_token_ids"], pooling=pooling,
-                           base_reference=reference)._to(device)
+                           base_reference=reference)._loaded(device)
         else:
             tokenizer, base, reference = _load_base(name_or_path, dtype, hf_kwargs)
             ids = add_memory_tokens(base, tokenizer, num_memory_tokens)
         patch_bidirectional(base, backend=backend)
         lora = _lora_config(base, ids, lora_rank, lora_alpha, lora_dropout, lora_targets)
         model = get_peft_model(base, lora)
-        return cls(model, tokenizer, ids, pooling=pooling or "memory", base_reference=reference)._to(device)
+        return cls(model, tokenizer, ids, pooling=pooling or "memory", base_reference=reference)._loaded(device)
 
-    def _to(self, device: torch.device | str | None) -> LLM2Comp:
+    def _loaded(self, device: torch.device | str | None) -> LLM2Comp:
+        self.eval()
         return self if device is None else self.to(device)
 
     # ----------------------------------------------------------------------------- saving
@@ -180,6 +197,11 @@ class LLM2Comp(torch.nn.Module):
     def hidden_size(self) -> int:
         return self.model.get_base_model().config.hidden_size
 
+    @property
+    def max_positions(self) -> int:
+        """The longest row the base model takes (its ``max_position_embeddings``)."""
+        return self.model.get_base_model().config.max_position_embeddings
+
     def hidden_states(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Last hidden states `[B, L, D]` of the body for right-padded `[B, L]` inputs (no logits)."""
@@ -188,34 +210,52 @@ class LLM2Comp(torch.nn.Module):
         return out.last_hidden_state
 
     # ----------------------------------------------------------------------------- encoding
+    def _split_ids(self, texts: list[str], instruction: str | None) -> list[tuple[list[int], list[int]]]:
+        """(instruction ids, text ids) per text, from one tokenization of ``instruction + text`` (fast
+        tokenizers): a separate one would end "Query: " in a lone space token and start the text without its
+        leading space, which is not what the model reads in running text. A token that holds any character of
+        the text belongs to the text. Special-token names inside texts are read as plain text."""
+        tok = self.tokenizer
+        if not instruction or not tok.is_fast:
+            head = tok(instruction, add_special_tokens=False)["input_ids"] if instruction else []
+            bodies = tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            return [(head, ids) for ids in bodies]
+        joined = tok([instruction + t for t in texts], add_special_tokens=False, split_special_tokens=True,
+                     return_offsets_mapping=True)
+        rows = []
+        for ids, offsets in zip(joined["input_ids"], joined["offset_mapping"]):
+            n = sum(end <= len(instruction) for _, end in offsets)
+            rows.append((ids[:n], ids[n:]))
+        return rows
+
     def tokenize(self, texts: Sequence[str], instruction: str | None = None,
                  max_length: int = 512) -> dict[str, torch.Tensor]:
         """Token ids ``[BOS] instruction text <mem_0..M-1> <pad>...`` (right padded), on CPU.
 
-        Texts are truncated so the whole row fits `max_length`. Returns int64 tensors
+        Texts are truncated so the whole row fits `max_length` (at most the model's maximum position);
+        an empty text gives a row without text tokens (for memory pooling). Returns int64 tensors
         ``input_ids`` / ``attention_mask`` `[B, L]` and int64 `[B]` ``seq_lens`` (real tokens),
         ``memory_start`` (first memory token) and ``text_start`` (first text token, after the
         BOS and instruction).
         """
-        tok = self.tokenizer
-        prefix = self._bos + (tok(instruction, add_special_tokens=False)["input_ids"] if instruction else [])
-        budget = max_length - len(prefix) - self.num_memory_tokens
-        if budget < 1:
-            raise ValueError(f"max_length={max_length} leaves no room for text after {len(prefix)} prefix and "
-                             f"{self.num_memory_tokens} memory tokens")
-        rows = []
-        for i, ids in enumerate(tok(list(texts), add_special_tokens=False)["input_ids"]):
-            if not ids:
-                raise ValueError(f"text {i} ({texts[i]!r}) has no tokens")
+        max_length = min(max_length, self.max_positions)
+        rows, text_start = [], []
+        for head, ids in self._split_ids(list(texts), instruction):
+            prefix = self._bos + head
+            budget = max_length - len(prefix) - self.num_memory_tokens
+            if budget < 1:
+                raise ValueError(f"max_length={max_length} leaves no room for text after {len(prefix)} prefix and "
+                                 f"{self.num_memory_tokens} memory tokens")
             rows.append(prefix + ids[:budget] + self.memory_token_ids)
+            text_start.append(len(prefix))
         width = max(len(r) for r in rows)
-        pad = tok.pad_token_id
+        pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
         seq_lens = torch.tensor([len(r) for r in rows], dtype=torch.long)
         attention_mask = (torch.arange(width)[None, :] < seq_lens[:, None]).long()
         return {"input_ids": input_ids, "attention_mask": attention_mask, "seq_lens": seq_lens,
                 "memory_start": seq_lens - self.num_memory_tokens,
-                "text_start": torch.full_like(seq_lens, len(prefix))}
+                "text_start": torch.tensor(text_start, dtype=torch.long)}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seq_lens: torch.Tensor,
                 memory_start: torch.Tensor, text_start: torch.Tensor | None = None,

@@ -24,12 +24,14 @@ def _perturb(encoder, seed=1):
 
 def test_tokenize_layout(tiny_encoder):
     tok, m = tiny_encoder.tokenizer, tiny_encoder.num_memory_tokens
-    batch = tiny_encoder.tokenize(["Rain fell.", "Fires."], instruction="Query: ", max_length=64)
-    n_instr = len(tok("Query: ", add_special_tokens=False)["input_ids"])
-    for b in range(2):
+    texts = ["Rain fell.", "Fires."]
+    batch = tiny_encoder.tokenize(texts, instruction="Query: ", max_length=64)
+    for b, text in enumerate(texts):
         s, ms, ts = int(batch["seq_lens"][b]), int(batch["memory_start"][b]), int(batch["text_start"][b])
         ids = batch["input_ids"][b].tolist()
-        assert ids[0] == tok.bos_token_id and ts == 1 + n_instr
+        # one tokenization of the running text (no lone space token between instruction and text)
+        assert ids[0] == tok.bos_token_id and ids[1:ms] == tok("Query: " + text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids[1:ts]) == "Query:" and tok.decode(ids[ts:ms]) == " " + text
         assert ids[ms:s] == tiny_encoder.memory_token_ids and ms == s - m
         assert all(i == tok.pad_token_id for i in ids[s:])
         assert batch["attention_mask"][b].tolist() == [1] * s + [0] * (len(ids) - s)
@@ -37,6 +39,17 @@ def test_tokenize_layout(tiny_encoder):
     assert long["input_ids"].shape == (1, 32) and long["input_ids"][0, -m:].tolist() == tiny_encoder.memory_token_ids
     with pytest.raises(ValueError, match="no room"):
         tiny_encoder.tokenize(["x"], max_length=m)
+
+
+def test_tokenize_edge_texts(tiny_encoder):
+    m, mem = tiny_encoder.num_memory_tokens, tiny_encoder.memory_token_ids
+    batch = tiny_encoder.tokenize(["", "see <mem_0> here"], instruction="Query: ")
+    ms, ts = batch["memory_start"].tolist(), batch["text_start"].tolist()
+    assert ms[0] == ts[0] and batch["seq_lens"][0] == ts[0] + m  # empty text: instruction then memory
+    text_ids = batch["input_ids"][1, ts[1]:ms[1]].tolist()
+    assert not set(text_ids) & set(mem)  # a memory token's name in a text is plain text
+    huge = tiny_encoder.tokenize(["word " * 2000], max_length=100_000)
+    assert huge["input_ids"].shape[1] == tiny_encoder.max_positions
 
 
 def test_no_bos_tokenizer(tiny_dirs):
@@ -60,6 +73,9 @@ def test_encode_order_shapes_dtypes(tiny_encoder):
     as_list = tiny_encoder.encode(TEXTS[:2], convert_to_numpy=False)
     assert isinstance(as_list, list) and len(as_list) == 2 and as_list[0].shape == (64,)
     assert tiny_encoder.encode([]).shape == (0, 64)
+    assert not tiny_encoder.training  # loaded in eval mode
+    tiny_encoder.train()
+    tiny_encoder.encode(TEXTS[:1])
     assert tiny_encoder.training  # encode restores the mode
 
 
@@ -78,12 +94,28 @@ def test_poolings_differ_and_match_manual(tiny_encoder):
 
 
 @pytest.mark.parametrize("bad, exc, match", [
-    ("", ValueError, "empty"), (["ok", "  "], ValueError, "empty"), (["ok", 3], TypeError, "int"),
-    (None, TypeError, "sequence of str"),
+    (["ok", 3], TypeError, "int"), (None, TypeError, "sequence of str"), (b"text", TypeError, "bytes"),
+    ([b"text"], TypeError, "decode it"), ({"a": "b"}, TypeError, "sequence of str"),
 ])
 def test_encode_bad_inputs(tiny_encoder, bad, exc, match):
     with pytest.raises(exc, match=match):
         tiny_encoder.encode(bad)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_empty_text_needs_memory_pooling(tiny_encoder, pooling):
+    with pytest.raises(ValueError, match=f"sentences\\[1\\] is empty.*'{pooling}' pooling"):
+        tiny_encoder.encode(["ok", "  "], pooling=pooling)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        tiny_encoder.encode([], pooling="max")
+
+
+def test_encode_empty_text_and_array_inputs(tiny_encoder):
+    _perturb(tiny_encoder)
+    out = tiny_encoder.encode(["", TEXTS[0]])
+    assert np.isfinite(out).all() and np.abs(out[0] - out[1]).max() > 1e-4
+    np.testing.assert_array_equal(tiny_encoder.encode(np.array(TEXTS[:2])), tiny_encoder.encode(TEXTS[:2]))
+    np.testing.assert_array_equal(tiny_encoder.encode(t for t in TEXTS[:2]), tiny_encoder.encode(TEXTS[:2]))
 
 
 def test_encode_unknown_kwarg(tiny_encoder):
@@ -119,6 +151,25 @@ def test_save_load_round_trip(tiny_encoder, tmp_path):
     np.testing.assert_allclose(loaded.encode(TEXTS), expected, rtol=1e-5, atol=1e-6)
     # The untied LM head's memory rows (outside the adapter) are re-initialised identically.
     torch.testing.assert_close(loaded.lm_head.weight, tiny_encoder.lm_head.weight)
+
+
+def test_moved_base_model_and_bad_paths(tiny_encoder, tiny_dirs, tmp_path):
+    import shutil
+
+    _perturb(tiny_encoder)
+    expected = tiny_encoder.encode(TEXTS[:2])
+    base = shutil.copytree(tiny_dirs["llama"], tmp_path / "base")
+    tiny_encoder.base_reference = {"name_or_path": str(base)}
+    tiny_encoder.save_pretrained(tmp_path / "enc")
+    base.rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match=r"base model .*/base named in .*llm2comp_config.json.*base_model="):
+        LLM2Comp.from_pretrained(str(tmp_path / "enc"))
+    loaded = LLM2Comp.from_pretrained(str(tmp_path / "enc"), base_model=str(tmp_path / "moved"))
+    np.testing.assert_allclose(loaded.encode(TEXTS[:2]), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LLM2Comp.from_pretrained(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        LLM2Comp.from_pretrained(str(tiny_dirs["llama"]), backend="trition")
 
 
 def test_merge_and_save_equivalent(tiny_encoder, tmp_path):
