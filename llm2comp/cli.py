@@ -10,6 +10,7 @@ Heavy imports (torch, transformers) happen inside the ``func`` handlers.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import sys
@@ -25,12 +26,43 @@ COMMANDS = [
 POOLINGS = ("memory", "mean", "last")
 
 
+def positive_int(value: str) -> int:
+    """argparse type: an int >= 1."""
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return n
+
+
+def _one_line_errors(run):
+    """A handler whose bad-input errors (ValueError, TypeError, OSError) print one line and exit 2."""
+    @functools.wraps(run)
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except (ValueError, TypeError, OSError) as exc:
+            print(f"llm2comp {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+    return wrapped
+
+
+def _npy_path(output: str) -> Path:
+    """Where ``np.save`` writes `output` (it appends ``.npy``); its folder must exist."""
+    path = Path(output)
+    path = path if path.suffix == ".npy" else path.with_name(path.name + ".npy")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--output folder {path.parent} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"--output {path} is a directory")
+    return path
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m",
                         help="LLM2Comp directory, transformers model (hub id or local dir) or smollm2-135m")
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model, for GGUF checkpoints")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
 
 
 def _load(args: argparse.Namespace):
@@ -43,22 +75,23 @@ def _load(args: argparse.Namespace):
     return LLM2Comp.from_pretrained(args.model, device=device, **extra)
 
 
+@_one_line_errors
 def _run_encode(args: argparse.Namespace) -> int:
     import numpy as np
 
     texts = list(args.texts)
-    if args.input:
-        texts += [line.rstrip("\n") for line in Path(args.input).read_text(encoding="utf-8").splitlines()
-                  if line.strip()]
+    if args.input:  # every line is a text (blank ones too), so row i of the output is line i
+        texts += Path(args.input).read_text(encoding="utf-8-sig").splitlines()
     if not texts:
         print("llm2comp encode: no texts (give them as arguments or with --input)", file=sys.stderr)
         return 2
+    output = _npy_path(args.output) if args.output else None
     emb = _load(args).encode(texts, instruction=args.instruction, batch_size=args.batch_size,
                              max_length=args.max_length, pooling=args.pooling,
                              normalize_embeddings=args.normalize)
-    if args.output:
-        np.save(args.output, emb)
-        print(f"wrote {emb.shape[0]} x {emb.shape[1]} float32 embeddings to {args.output}")
+    if output:
+        np.save(output, emb)
+        print(f"wrote {emb.shape[0]} x {emb.shape[1]} float32 embeddings to {output}")
     else:
         for row in emb:
             print(json.dumps([round(float(x), 6) for x in row]))
@@ -69,16 +102,19 @@ def add_encode_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("encode", help="embed texts (one JSON list per line, or a .npy file)")
     _add_model_args(parser)
     parser.add_argument("texts", nargs="*", help="texts to embed")
-    parser.add_argument("--input", help="file with one text per line")
-    parser.add_argument("--output", help="write a float32 [n, D] .npy file instead of printing")
+    parser.add_argument("--input", help="UTF-8 file with one text per line (row i of the output is line i)")
+    parser.add_argument("--output", help="write a float32 [n, D] .npy file instead of printing (.npy appended "
+                                         "if missing)")
     parser.add_argument("--instruction", default=None, help="prefix for every text, e.g. 'Query: '")
     parser.add_argument("--pooling", choices=POOLINGS, default=None, help="default: the model's (memory)")
-    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-length", type=positive_int, default=512,
+                        help="tokens per text, BOS, instruction and memory tokens included")
     parser.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
     parser.set_defaults(func=_run_encode)
     return parser
 
 
+@_one_line_errors
 def _run_eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_lee
 

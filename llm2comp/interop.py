@@ -30,10 +30,13 @@ E5_TEMPLATE = "Instruct: {task}\nQuery: "
 class LLM2CompModule(InputModule):
     """sentence-transformers module: texts -> ``features["sentence_embedding"]`` `[B, D]` from an `LLM2Comp`.
 
-    Saved in the model root, as the LLM2Comp directory itself (config JSON, tokenizer, adapter).
+    Saved in the model root, as the LLM2Comp directory itself (config JSON, tokenizer, adapter), with
+    ``max_seq_length`` in ``sentence_bert_config.json``.
     """
 
     save_in_root = True
+    config_file_name = "sentence_bert_config.json"
+    config_keys = ["max_seq_length"]
 
     def __init__(self, encoder: LLM2Comp, max_seq_length: int = 512):
         super().__init__()
@@ -58,10 +61,17 @@ class LLM2CompModule(InputModule):
 
     def save(self, output_path: str, *_: Any, **__: Any) -> None:
         self.encoder.save_pretrained(output_path)
+        self.save_config(output_path)
 
     @classmethod
-    def load(cls, model_name_or_path: str, subfolder: str = "", **_: Any) -> LLM2CompModule:
-        return cls(LLM2Comp.from_pretrained(str(Path(model_name_or_path) / subfolder)))
+    def load(cls, model_name_or_path: str, subfolder: str = "", model_kwargs: dict[str, Any] | None = None,
+             **_: Any) -> LLM2CompModule:
+        """The saved module; `model_kwargs` (``dtype``/``torch_dtype``...) go to `LLM2Comp.from_pretrained`."""
+        kwargs = dict(model_kwargs or {})
+        if "torch_dtype" in kwargs:
+            kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
+        config = cls.load_config(model_name_or_path, subfolder=subfolder)
+        return cls(LLM2Comp.from_pretrained(str(Path(model_name_or_path) / subfolder), **kwargs), **config)
 
 
 def sentence_transformer(encoder: LLM2Comp, max_seq_length: int = 512):
@@ -80,7 +90,7 @@ class MTEBEncoder:
     Args:
         model_name: an LLM2Comp directory or any name `LLM2Comp.from_pretrained` takes; or pass `model`.
         revision: recorded in the model metadata only.
-        device: where to run.
+        device: where to run (default: CUDA when available for a model loaded here, else where `model` is).
         model: an already loaded `LLM2Comp` (then `model_name` is only its name).
         instructions: task name -> task description for the instruction; tasks not listed use
             their MTEB description.
@@ -90,6 +100,8 @@ class MTEBEncoder:
     def __init__(self, model_name: str, revision: str | None = None, *, device: str | None = None,
                  model: LLM2Comp | None = None, instructions: dict[str, str] | None = None,
                  batch_size: int = 32, max_length: int = 512):
+        if device is None and model is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = model if model is not None else LLM2Comp.from_pretrained(model_name, device=device)
         if device is not None:
             self.model.to(device)

@@ -23,6 +23,41 @@ def test_encode_command_writes_npy(tiny_dirs, tmp_path, capsys):
     assert emb.shape == (2, 64) and emb.dtype == np.float32
 
 
+def test_encode_command_keeps_lines_and_names_the_file(tiny_dirs, tmp_path, capsys):
+    lines = tmp_path / "texts.txt"
+    lines.write_text("\ufeffRain fell.\n\nFires burned.\n", encoding="utf-8")  # BOM, a blank line
+    assert cli.main(["encode", "--model", str(tiny_dirs["llama"]), "--device", "cpu", "--input", str(lines),
+                     "--output", str(tmp_path / "emb")]) == 0
+    assert str(tmp_path / "emb.npy") in capsys.readouterr().out
+    emb = np.load(tmp_path / "emb.npy")
+    assert emb.shape == (3, 64)  # row i is line i
+    direct = cli.main(["encode", "--model", str(tiny_dirs["llama"]), "--device", "cpu", "Rain fell."])
+    assert direct == 0
+    np.testing.assert_allclose(emb[0], [float(x) for x in capsys.readouterr().out.strip()[1:-1].split(",")],
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "{tmp}/no_model", "--output", "{tmp}/missing/emb.npy", "x"], "--output folder .*missing"),
+    (["--model", "{tmp}/no_model", "x"], "no_model does not exist"),
+    (["--model", "{llama}", "--pooling", "mean", "ok", " "], r"sentences\[1\] is empty"),
+])
+def test_encode_command_errors_are_one_line(tiny_dirs, tmp_path, capsys, argv, message):
+    import re
+
+    argv = [a.format(tmp=tmp_path, llama=tiny_dirs["llama"]) for a in argv]
+    assert cli.main(["encode", "--device", "cpu", *argv]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after any loading progress bars
+    assert last.startswith("llm2comp encode: error:") and re.search(message, last)
+
+
+@pytest.mark.parametrize("option", ["--batch-size", "--max-length"])
+def test_encode_command_rejects_non_positive_sizes(option, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["encode", option, "0", "x"])
+    assert exit_info.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
+
+
 def test_eval_command_prints_table(tiny_dirs, capsys):
     assert cli.main(["eval", "--model", str(tiny_dirs["qwen2"]), "--device", "cpu", "--pooling", "last",
                      "--batch-size", "25"]) == 0

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from llm2comp.interop import MTEBEncoder, e5_instruction, sentence_transformer
 
@@ -18,9 +19,13 @@ def test_sentence_transformer_matches_encode(tiny_encoder, tmp_path):
     tiny_encoder.save_pretrained(tmp_path / "enc")
     loaded = SentenceTransformer(str(tmp_path / "enc"), trust_remote_code=True)
     np.testing.assert_allclose(loaded.encode(TEXTS), tiny_encoder.encode(TEXTS), rtol=1e-5, atol=1e-6)
+    loaded.max_seq_length = 9
     loaded.save(str(tmp_path / "st"))
     again = SentenceTransformer(str(tmp_path / "st"), trust_remote_code=True)
-    np.testing.assert_allclose(again.encode(TEXTS), tiny_encoder.encode(TEXTS), rtol=1e-5, atol=1e-6)
+    assert again.max_seq_length == 9  # kept across save and load
+    np.testing.assert_allclose(again.encode(TEXTS), tiny_encoder.encode(TEXTS, max_length=9), rtol=1e-5, atol=1e-6)
+    bf16 = SentenceTransformer(str(tmp_path / "st"), trust_remote_code=True, model_kwargs={"torch_dtype": "bfloat16"})
+    assert next(bf16[0].encoder.parameters()).dtype == torch.bfloat16
 
 
 class _Meta:
