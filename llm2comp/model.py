@@ -42,6 +42,25 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or Path(name).exists()
 
 
+def _saved_dir(name_or_path: str, hf_kwargs: dict) -> Path | None:
+    """The LLM2Comp directory `name_or_path` names: a local one, or a hub repo holding ``llm2comp_config.json``
+    (downloaded); None for anything else (a plain decoder)."""
+    path = Path(name_or_path).expanduser()
+    if (path / CONFIG_NAME).is_file():
+        return path
+    if _looks_like_path(name_or_path) or is_default_model(name_or_path):
+        return None
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    hub = {k: v for k, v in hf_kwargs.items() if k in ("revision", "token", "cache_dir", "local_files_only")}
+    try:
+        huggingface_hub.hf_hub_download(name_or_path, CONFIG_NAME, **hub)
+    except (EntryNotFoundError, OSError, ValueError):  # not an LLM2Comp repo, not a repo id, or the hub unreachable
+        return None
+    return Path(huggingface_hub.snapshot_download(name_or_path, **hub))
+
+
 def _load_base(name_or_path: str, dtype, hf_kwargs: dict):
     """Tokenizer and causal LM for a hub id, a local directory, or the default model."""
     reference = {"name_or_path": name_or_path, **{k: v for k, v in hf_kwargs.items() if k == "gguf_file"}}
@@ -101,7 +120,8 @@ class LLM2Comp(torch.nn.Module):
                         pooling: str | None = None, dtype: torch.dtype | str | None = None,
                         device: torch.device | str | None = None, backend: str = "auto",
                         base_model: str | None = None, **hf_kwargs) -> LLM2Comp:
-        """Load a decoder (hub id, local dir, ``gguf_file=``, or the default) or a saved LLM2Comp directory.
+        """Load a decoder (hub id, local dir, ``gguf_file=``, or the default) or a saved LLM2Comp (local
+        directory or hub repo).
 
         A new model gets `num_memory_tokens` memory tokens and fresh LoRA adapters (rank, alpha,
         dropout, targets present in the model). A saved LLM2Comp directory (it holds
@@ -111,8 +131,9 @@ class LLM2Comp(torch.nn.Module):
         `memory_attention` backend; `hf_kwargs` go to transformers' ``from_pretrained``. Returns the
         model in eval mode (dropout off), like transformers.
         """
-        config_file = Path(name_or_path) / CONFIG_NAME
-        if config_file.is_file():
+        saved_dir = _saved_dir(name_or_path, hf_kwargs)
+        if saved_dir is not None:
+            name_or_path, config_file = str(saved_dir), saved_dir / CONFIG_NAME
             saved = json.loads(config_file.read_text())
             pooling = pooling or saved["pooling"]
             if saved["merged"]:

@@ -172,6 +172,30 @@ def test_moved_base_model_and_bad_paths(tiny_encoder, tiny_dirs, tmp_path):
         LLM2Comp.from_pretrained(str(tiny_dirs["llama"]), backend="trition")
 
 
+def test_saved_model_from_a_hub_repo(tiny_encoder, tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    _perturb(tiny_encoder)
+    tiny_encoder.save_pretrained(tmp_path / "enc")
+    fetched = []
+
+    def hf_hub_download(repo_id, filename, **_):
+        if repo_id != "me/llm2comp-enc":
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        return str(tmp_path / "enc" / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **_: fetched.append(repo_id) or
+                        str(tmp_path / "enc"))
+    loaded = LLM2Comp.from_pretrained("me/llm2comp-enc")
+    assert fetched == ["me/llm2comp-enc"]
+    np.testing.assert_allclose(loaded.encode(TEXTS[:2]), tiny_encoder.encode(TEXTS[:2]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(OSError):  # a repo without llm2comp_config.json is read as a plain decoder (offline here)
+        LLM2Comp.from_pretrained("me/plain-decoder", local_files_only=True)
+    assert fetched == ["me/llm2comp-enc"]
+
+
 def test_merge_and_save_equivalent(tiny_encoder, tmp_path):
     _perturb(tiny_encoder)
     expected = tiny_encoder.encode(TEXTS)
