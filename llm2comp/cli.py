@@ -80,8 +80,9 @@ def _run_encode(args: argparse.Namespace) -> int:
     import numpy as np
 
     texts = list(args.texts)
-    if args.input:  # every line is a text (blank ones too), so row i of the output is line i
-        texts += Path(args.input).read_text(encoding="utf-8-sig").splitlines()
+    if args.input:  # every "\n"-ended line is a text (blank ones too), so row i of the output is line i
+        text = Path(args.input).read_text(encoding="utf-8-sig")
+        texts += [line.rstrip("\r") for line in text.removesuffix("\n").split("\n")] if text else []
     if not texts:
         print("llm2comp encode: no texts (give them as arguments or with --input)", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["trainable_state", "save_checkpoint", "load_checkpoint", "latest_checkpoint"]
+__all__ = ["trainable_state", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "saved_config"]
 
 _PREFIX = "step-"
 
@@ -66,6 +66,11 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint under `output_dir`, or None."""
     found = _checkpoints(Path(output_dir) / "checkpoints")
     return max(found, key=_step_of) if found else None
+
+
+def saved_config(path: str | Path) -> dict:
+    """The config a checkpoint was written with (its ``meta.json``)."""
+    return json.loads((Path(path) / "meta.json").read_text())["config"]
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import STAGES, add_config_arguments, config_from_args
+from .config import STAGES, ConfigError, add_config_arguments, config_from_args
 
 __all__ = ["add_train_parser", "add_demo_parser"]
 
@@ -24,19 +24,16 @@ _STAGE_HELP = {
 
 def _run_train(args: argparse.Namespace) -> int:
     from .data import DataError
+    from .distributed import is_main
     from .trainer import train  # heavy imports only when a stage actually runs
 
     try:
         cfg = config_from_args(args, args.stage)
-    except (ValueError, OSError) as exc:  # a bad option value, an unreadable --config file
-        print(f"llm2comp train {args.stage}: {exc}", file=sys.stderr)
-        return 2
-    try:
         records = train(cfg)
-    except DataError as exc:  # the message names the file and line
+    except (ConfigError, DataError, OSError) as exc:  # the message names the option, file or path at fault
         print(f"llm2comp train {args.stage}: {exc}", file=sys.stderr)
         return 2
-    if records:
+    if records and is_main():  # every rank returns the records; one summary
         print(f"{cfg.stage}: {records[-1]['step']} steps, final loss {records[-1]['loss']:.4f}; model in {cfg.output}")
     return 0
 

@@ -55,7 +55,7 @@ class CompressionBatch:
 
 def _token_ids(tokenizer, texts: list[str], max_tokens: int) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
-                    max_length=max_tokens)
+                    max_length=max_tokens, split_special_tokens=True)  # as `LLM2Comp.tokenize` reads them
     return enc["input_ids"], enc["offset_mapping"]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,13 +19,20 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["STAGES", "TrainConfig", "stage_defaults", "load_config", "add_config_arguments", "config_from_args"]
+__all__ = ["STAGES", "ConfigError", "TrainConfig", "stage_defaults", "flag", "load_config", "add_config_arguments",
+           "config_from_args"]
 
 STAGES = ("compress", "unsupervised", "supervised")
+_CONTRASTIVE = ("unsupervised", "supervised")
 
 
-def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+class ConfigError(ValueError):
+    """An option value, config file or --output directory that cannot be used; the message names it."""
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None, stages: tuple = STAGES) -> Any:
+    """A field; `stages`: the stages it applies to (the help says so when not all)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "stages": stages})
 
 
 @dataclass
@@ -36,7 +44,7 @@ class TrainConfig:
     output: str = _opt("", "output directory: the trained model (LLM2Comp format), checkpoints/, log.jsonl")
     objective: str = _opt("kl", "compression objective: kl = distil the LLM reading the full text (paper's best), "
                           "nll = continuation cross-entropy, reconstruct = regenerate the prefix",
-                          ("kl", "nll", "reconstruct"))
+                          ("kl", "nll", "reconstruct"), stages=("compress",))
     memory_tokens: int = _opt(8, "M, memory tokens appended to each text (new models only)")
     lora_r: int = _opt(16, "LoRA rank (new models only)")
     lora_alpha: int = _opt(32, "LoRA alpha (new models only)")
@@ -51,18 +59,22 @@ class TrainConfig:
     epochs: int = _opt(1, "passes over the data (when --max-steps is 0)")
     max_steps: int = _opt(0, "optimizer steps to run; 0 = as many as --epochs gives")
     max_length: int = _opt(512, "maximum tokens per text (memory tokens included)")
-    min_split: int = _opt(10, "compress: minimum tokens on each side of the random split")
-    skip_short: bool = _opt(False, "compress: skip texts too short to split (counted in the log) instead of failing")
-    temperature: float = _opt(0.05, "contrastive temperature")
-    num_negatives: int = _opt(1, "supervised: hard negatives per query (the first ones of each row)")
-    grad_cache: bool = _opt(False, "contrastive: cached-gradient (GradCache) backward, batches larger than memory")
-    chunk_size: int = _opt(16, "contrastive: texts per chunk with --grad-cache")
+    min_split: int = _opt(10, "minimum tokens on each side of the random split", stages=("compress",))
+    skip_short: bool = _opt(False, "skip texts too short to split (counted in the log) instead of failing",
+                            stages=("compress",))
+    temperature: float = _opt(0.05, "contrastive temperature", stages=_CONTRASTIVE)
+    num_negatives: int = _opt(1, "hard negatives per query (the first ones of each row)", stages=("supervised",))
+    grad_cache: bool = _opt(False, "cached-gradient (GradCache) backward, batches larger than memory",
+                            stages=_CONTRASTIVE)
+    chunk_size: int = _opt(16, "texts per chunk with --grad-cache", stages=_CONTRASTIVE)
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
     precision: str = _opt("auto", "auto = bf16 autocast on GPU, fp32 on CPU", ("auto", "bf16", "fp32"))
     seed: int = _opt(42, "seed of the data order, splits, dropout and new weights")
     log_every: int = _opt(1, "optimizer steps between log lines (log.jsonl and the progress bar)")
     save_every: int = _opt(500, "optimizer steps between checkpoints (one is always written at the end)")
-    resume: bool = _opt(False, "continue from the newest checkpoint in --output")
+    resume: bool = _opt(False, "continue the run in --output from its newest checkpoint (same stage, model and "
+                        "data options)")
+    overwrite: bool = _opt(False, "start afresh in an --output that holds a run: its checkpoints and log are deleted")
     attention_backend: str = _opt("auto", "memory_attention backend", ("auto", "torch", "triton", "cuda", "flash"))
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,33 +93,75 @@ def stage_defaults(stage: str) -> dict[str, Any]:
     return {**base, **_STAGE_DEFAULTS[stage], "stage": stage}
 
 
+_REQUIRED = ("data", "output")
+_RANGES = (  # (options, test, what the error says they must be)
+    (("batch_size", "grad_accum", "epochs", "max_length", "min_split", "chunk_size", "log_every", "save_every",
+      "memory_tokens", "lora_r", "lora_alpha"), lambda v: v >= 1, ">= 1"),
+    (("max_steps", "num_negatives", "max_grad_norm", "weight_decay"), lambda v: v >= 0, ">= 0"),
+    (("lr", "temperature"), lambda v: v > 0, "> 0"),
+    (("lora_dropout", "warmup_ratio"), lambda v: 0 <= v < 1, "in [0, 1)"),
+)
+_TYPES = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
+          "bool": ((bool,), "true or false")}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of option `name`: ``max_length`` -> ``--max-length``."""
+    return "--" + name.replace("_", "-")
+
+
+def _kind(f: dataclasses.Field) -> str:
+    return f.type if isinstance(f.type, str) else f.type.__name__
+
+
 def _check(cfg: TrainConfig) -> TrainConfig:
     for f in fields(cfg):
-        choices = f.metadata.get("choices")
-        if choices and getattr(cfg, f.name) not in choices:
-            raise ValueError(f"{f.name} must be one of {choices}, got {getattr(cfg, f.name)!r}")
-    if not cfg.data or not cfg.output:
-        raise ValueError("data and output are required (--data, --output or the config file)")
-    positive = ("batch_size", "grad_accum", "epochs", "max_length", "min_split", "chunk_size", "log_every",
-                "save_every", "memory_tokens", "lora_r")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.temperature <= 0 or cfg.lr <= 0 or not 0 <= cfg.lora_dropout < 1 or not 0 <= cfg.warmup_ratio < 1:
-        raise ValueError("temperature and lr must be > 0, lora_dropout and warmup_ratio in [0, 1)")
+        value, choices = getattr(cfg, f.name), f.metadata["choices"]
+        if choices and value not in choices:
+            raise ConfigError(f"{flag(f.name)} must be one of {choices}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{flag(f.name)} must be a finite number, got {value}")
+    missing = [flag(name) for name in _REQUIRED if not getattr(cfg, name)]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)} required (a flag or a key of the --config file)")
+    for names, ok, what in _RANGES:
+        for name in names:
+            if not ok(getattr(cfg, name)):
+                raise ConfigError(f"{flag(name)} must be {what}, got {getattr(cfg, name)}")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
     return cfg
+
+
+def _read_toml(path: str | Path) -> dict[str, Any]:
+    """The options of a TOML config file (keys with dashes or underscores); errors name the file and key."""
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path}: not valid TOML ({exc})") from exc
+    kinds = {f.name: _kind(f) for f in fields(TrainConfig) if f.name != "stage"}
+    table = {key.replace("-", "_"): (key, value) for key, value in raw.items()}
+    if "stage" in table:
+        raise ConfigError(f"{path}: 'stage' cannot be set in a config file; the command names it "
+                          "(llm2comp train <stage>)")
+    unknown = sorted(set(table) - set(kinds))
+    if unknown:
+        raise ConfigError(f"{path}: unknown options {unknown}; valid: {sorted(kinds)}")
+    for name, (key, value) in table.items():
+        types, expected = _TYPES[kinds[name]]
+        if not isinstance(value, types) or isinstance(value, bool) != (kinds[name] == "bool"):
+            raise ConfigError(f"{path}: {key} must be {expected}, got {value!r}")
+    return {name: value for name, (_, value) in table.items()}
 
 
 def load_config(stage: str, toml_path: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """The stage's defaults, updated by the TOML file's keys (dashes or underscores), then `overrides`."""
     values = stage_defaults(stage)
     if toml_path is not None:
-        with open(toml_path, "rb") as fh:
-            table = {k.replace("-", "_"): v for k, v in tomllib.load(fh).items()}
-        unknown = set(table) - set(values)
-        if unknown:
-            raise ValueError(f"{toml_path}: unknown options {sorted(unknown)}; valid: {sorted(values)}")
-        values.update(table)
+        values.update(_read_toml(toml_path))
     values.update(overrides)
     values["stage"] = stage
     return _check(TrainConfig(**values))
@@ -120,14 +174,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
     for f in fields(TrainConfig):
         if f.name == "stage":
             continue
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {defaults[f.name]!r})"
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        applies = f.metadata["stages"]
+        only = "" if applies == STAGES else f"[{' and '.join(applies)} only] "
+        default = "required: here or in --config" if f.name in _REQUIRED else f"default: {defaults[f.name]!r}"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                                  "help": f"{only}{f.metadata['help']} ({default})"}
+        if _kind(f) == "bool":
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), **kwargs)
+            kind = {"int": int, "float": float, "str": str}[_kind(f)]
+            parser.add_argument(flag(f.name), type=kind, choices=f.metadata["choices"], **kwargs)
 
 
 def config_from_args(args: argparse.Namespace, stage: str) -> TrainConfig:

@@ -66,7 +66,15 @@ def _lines(path: str | Path) -> tuple[Path, list[tuple[int, str]]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    lines = [(i, raw.rstrip("\r\n")) for i, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)]
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark is not text
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); "
+                        "training files must be UTF-8") from exc
+    # "\n" ends a line (not str.splitlines' U+2028, \x1c... which can sit inside a document)
+    lines = [(i, raw.rstrip("\r")) for i, raw in enumerate(text.removesuffix("\n").split("\n"), 1)]
     if not any(raw.strip() for _, raw in lines):
         raise DataError(f"{path}: the file is empty")
     return path, lines

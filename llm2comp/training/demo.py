@@ -93,7 +93,7 @@ def run_demo(output: str = DEMO_DEFAULTS["output"], device: str | None = None, c
                           max_steps=size({"compress_steps": compress_steps,
                                           "unsupervised_steps": unsupervised_steps}[steps_key], steps_key),
                           batch_size=size(batch_size, "batch_size"), max_length=size(max_length, "max_length"),
-                          lr=_DEMO_LR[stage], warmup_ratio=0.1, save_every=10_000)
+                          lr=_DEMO_LR[stage], warmup_ratio=0.1, save_every=10_000, overwrite=True)
         records = train(cfg, model=model)
         rows.append((name, evaluate_lee(model, batch_size=16)))
         print(f"  {stage}: {cfg.max_steps} steps, loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}; "

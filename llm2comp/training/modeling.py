@@ -35,14 +35,22 @@ def memory_states(model: LLM2Comp, inputs: dict[str, torch.Tensor]) -> torch.Ten
     return hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
+_FROZEN = "_llm2comp_in_frozen_decoder"  # model attribute: True within `frozen_decoder`
+
+
 @contextlib.contextmanager
 def frozen_decoder(model: LLM2Comp) -> Iterator[LLM2Comp]:
     """Within the block the model is the original LLM: adapters (LoRA, memory rows) off, causal attention.
 
     Same weights, no copy: peft's ``disable_adapter`` and the patch's causal switch.
     """
+    previous = getattr(model, _FROZEN, False)
     with model.model.disable_adapter(), causal_attention(model.model):
-        yield model
+        setattr(model, _FROZEN, True)  # read by the checkpointing's recompute context (below)
+        try:
+            yield model
+        finally:
+            setattr(model, _FROZEN, previous)
 
 
 def _pad_to(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
@@ -73,7 +81,10 @@ def embed(model: LLM2Comp, texts: list[str], instructions: list[str | None], *,
 
 
 def set_lora_dropout(model: LLM2Comp, p: float) -> None:
-    """Dropout probability `p` on every LoRA path (peft puts an Identity there when built with 0)."""
+    """Dropout probability `p` on every LoRA path (peft puts an Identity there when built with 0), and
+    in the LoRA config that `save_pretrained` writes."""
+    for config in model.model.peft_config.values():
+        config.lora_dropout = p
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
         if isinstance(dropouts, torch.nn.ModuleDict):
@@ -82,5 +93,15 @@ def set_lora_dropout(model: LLM2Comp, p: float) -> None:
 
 
 def enable_gradient_checkpointing(model: LLM2Comp) -> None:
-    """Recompute each layer in backward (non-reentrant: gradients reach the LoRA and memory rows)."""
-    model.model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    """Recompute each layer in backward (non-reentrant: gradients reach the LoRA and memory rows).
+
+    A layer run inside `frozen_decoder` is recomputed inside it too: the recompute happens in
+    backward, after the block has exited, and would otherwise run with the adapters on and
+    bidirectional attention (other values, so wrong gradients or a CheckpointError).
+    """
+    def context_fn():
+        frozen = getattr(model, _FROZEN, False)
+        return contextlib.nullcontext(), frozen_decoder(model) if frozen else contextlib.nullcontext()
+
+    model.model.get_base_model().gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn})

@@ -1,8 +1,10 @@
 """The three stages as data + one micro-step each; the trainer owns the loop around them.
 
-A stage reads and validates its file at construction, and `micro_step(indices, epoch, scale)`
-runs forward and backward on the examples `indices` (this rank's share of one micro-batch),
-accumulating ``scale * loss`` gradients; it returns the unscaled loss and the tokens processed.
+A stage reads and validates its file at construction, and `micro_step(indices, epoch)` runs
+forward and backward on the examples `indices` (this rank's share of one micro-batch),
+accumulating the gradients of ``weight * loss``; it returns the loss, the tokens processed and
+the weight. The trainer divides the step's gradients by the total weight over micro-batches and
+ranks: the step's loss is the weighted mean of theirs (compress: weighted by target tokens).
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ import torch
 
 from . import modeling
 from .compress import compression_loss, make_compression_batch, usable_rows
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .contrastive import embed_and_backward, in_batch_loss
 from .data import read_pairs, read_texts
-from .distributed import all_mean
 
 __all__ = ["Stage", "CompressStage", "UnsupervisedStage", "SupervisedStage", "build_stage"]
 
@@ -27,10 +28,22 @@ class Stage(abc.ABC):
 
     def __init__(self, cfg: TrainConfig, model, device: torch.device):
         self.cfg, self.model, self.device = cfg, model, device
+        need, what = self._min_text_tokens()
+        m = model.num_memory_tokens
+        if cfg.max_length < 1 + m + need:
+            raise ConfigError(f"--max-length {cfg.max_length} is too small: a row holds the BOS, {m} memory tokens "
+                              f"(--memory-tokens, or the loaded model's) and {what}, so it needs >= {1 + m + need}")
+        if cfg.max_length > model.max_positions:
+            raise ConfigError(f"--max-length {cfg.max_length} exceeds the model's {model.max_positions} positions "
+                              "(max_position_embeddings)")
+
+    def _min_text_tokens(self) -> tuple[int, str]:
+        """The text tokens a row needs besides the BOS and memory tokens, and why (for the error)."""
+        return 1, "at least 1 text token"
 
     @abc.abstractmethod
-    def micro_step(self, indices: list[int], epoch: int, scale: float) -> tuple[float, int]:
-        """Forward and backward of ``scale * loss`` on examples `indices`; (unscaled loss, tokens read)."""
+    def micro_step(self, indices: list[int], epoch: int) -> tuple[float, int, float]:
+        """Forward and backward of ``weight * loss`` on examples `indices`; (loss, tokens read, weight)."""
 
 
 class CompressStage(Stage):
@@ -42,23 +55,26 @@ class CompressStage(Stage):
                                        cfg.skip_short)
         self.num_examples, self.skipped = len(self.rows), {"blank lines": blank, "too short to split": short}
 
-    def micro_step(self, indices, epoch, scale):
+    def _min_text_tokens(self):
+        need = 2 * self.cfg.min_split
+        return need, f"{need} text tokens to split (2 x --min-split {self.cfg.min_split})"
+
+    def micro_step(self, indices, epoch):
         batch = make_compression_batch(self.model, [self.rows[i].text for i in indices], objective=self.cfg.objective,
                                        min_split=self.cfg.min_split, max_length=self.cfg.max_length,
                                        seed=self.cfg.seed, epoch=epoch, indices=indices).to(self.device)
-        loss = compression_loss(self.model, batch, self.cfg.objective)  # mean over this rank's target tokens
-        # Weighted by this rank's share of the target tokens: with gradients averaged over ranks,
-        # the step's loss is the mean over all ranks' tokens, as one process on the whole batch.
-        loss = loss * (batch.num_tokens / all_mean(batch.num_tokens, self.device))
-        (loss * scale).backward()
-        return loss.item(), batch.num_tokens + int(batch.encoder_inputs["attention_mask"].sum())
+        loss = compression_loss(self.model, batch, self.cfg.objective)  # mean over the batch's target tokens
+        # weighted by its target tokens: the step's loss is the mean over every micro-batch's and rank's
+        # tokens, as one process on the whole batch
+        (loss * batch.num_tokens).backward()
+        return loss.item(), batch.num_tokens + int(batch.encoder_inputs["attention_mask"].sum()), batch.num_tokens
 
 
 class _ContrastiveStage(Stage):
-    def _embed_all(self, groups: list[tuple[list[str], list[str | None]]], num_queries: int,
-                   scale: float) -> tuple[float, int]:
+    def _embed_all(self, groups: list[tuple[list[str], list[str | None]]],
+                   num_queries: int) -> tuple[float, int, float]:
         """Embed the texts of `groups` (texts, per-text instructions) in chunks, in order; the first
-        `num_queries` embeddings are the queries, the rest the docs."""
+        `num_queries` embeddings are the queries, the rest the docs. Every micro-batch weighs 1."""
         size = self.cfg.chunk_size if self.cfg.grad_cache else None
         chunks = [(texts[i:i + (size or len(texts))], instr[i:i + (size or len(texts))])
                   for texts, instr in groups for i in range(0, len(texts), size or len(texts))]
@@ -70,11 +86,11 @@ class _ContrastiveStage(Stage):
             return emb
 
         def loss_fn(emb):
-            return in_batch_loss(emb[:num_queries], emb[num_queries:], self.cfg.temperature) * scale
+            return in_batch_loss(emb[:num_queries], emb[num_queries:], self.cfg.temperature)
 
         loss = embed_and_backward(embed, chunks, loss_fn, cached=self.cfg.grad_cache, device=self.device)
         # GradCache embeds every chunk twice; count the tokens once
-        return loss.item() / scale, sum(tokens) // (2 if self.cfg.grad_cache else 1)
+        return loss.item(), sum(tokens) // (2 if self.cfg.grad_cache else 1), 1.0
 
 
 class UnsupervisedStage(_ContrastiveStage):
@@ -85,10 +101,10 @@ class UnsupervisedStage(_ContrastiveStage):
         self.rows, blank = read_texts(cfg.data)
         self.num_examples, self.skipped = len(self.rows), {"blank lines": blank}
 
-    def micro_step(self, indices, epoch, scale):
+    def micro_step(self, indices, epoch):
         texts = [self.rows[i].text for i in indices]
         none = [None] * len(texts)
-        return self._embed_all([(texts, none), (texts, none)], len(texts), scale)
+        return self._embed_all([(texts, none), (texts, none)], len(texts))
 
 
 class SupervisedStage(_ContrastiveStage):
@@ -99,11 +115,11 @@ class SupervisedStage(_ContrastiveStage):
         self.rows, blank = read_pairs(cfg.data, cfg.num_negatives)
         self.num_examples, self.skipped = len(self.rows), {"blank lines": blank}
 
-    def micro_step(self, indices, epoch, scale):
+    def micro_step(self, indices, epoch):
         rows = [self.rows[i] for i in indices]
         queries = ([r.query for r in rows], [r.instruction for r in rows])
         docs = [r.positive for r in rows] + [n for r in rows for n in r.negatives]
-        return self._embed_all([queries, (docs, [None] * len(docs))], len(rows), scale)
+        return self._embed_all([queries, (docs, [None] * len(docs))], len(rows))
 
 
 _STAGES = {"compress": CompressStage, "unsupervised": UnsupervisedStage, "supervised": SupervisedStage}

@@ -2,24 +2,27 @@
 
 AdamW over the trainable parameters (LoRA, memory embeddings) with linear warmup then linear,
 cosine or constant decay; gradient accumulation; bf16 autocast on GPU; gradients averaged over
-``torchrun`` ranks once per step; a tqdm bar and ``<output>/log.jsonl`` with loss, lr and
-tokens/s; atomic checkpoints every ``save_every`` steps and at the end; ``resume`` continues
-from the newest checkpoint with the same data order, splits, dropout and therefore losses.
+``torchrun`` ranks once per step; a tqdm bar and ``<output>/log.jsonl`` with the loss (mean over
+the ``log_every`` window), lr and tokens/s; atomic checkpoints every ``save_every`` steps and at
+the end; ``resume`` continues from the newest checkpoint with the same data order, splits, dropout
+and therefore losses. An ``output`` holding a run is refused unless resumed or overwritten.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ..model import CONFIG_NAME
 from . import modeling
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, saved_config
+from .config import ConfigError, TrainConfig, flag
 from .data import BatchOrder, DataError
 from .distributed import all_mean, average_gradients, broadcast_parameters, is_main, rank_and_world, setup_distributed
 from .optim import make_optimizer
@@ -28,6 +31,10 @@ from .stages import build_stage
 __all__ = ["autocast_for", "train"]
 
 log = logging.getLogger(__name__)
+
+_RUN_FILES = ("checkpoints", "log.jsonl", CONFIG_NAME)  # what a run leaves in its output directory
+# the options a checkpoint belongs to: resuming with others would continue another model or data order
+_RESUME_KEYS = ("stage", "model", "data", "memory_tokens", "lora_r", "lora_alpha", "seed", "batch_size", "grad_accum")
 
 
 def _log_line(path: Path, record: dict) -> None:
@@ -41,6 +48,27 @@ def autocast_for(cfg: TrainConfig, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def _check_output(cfg: TrainConfig) -> Path | None:
+    """Refuse an output that is a file, or that holds a run unless resumed or overwritten; with
+    ``resume``, check the newest checkpoint's options against `cfg` and return it (None: start afresh)."""
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output {out} is a file, not a directory")
+    found = [name for name in _RUN_FILES if (out / name).exists()]
+    if found and not (cfg.resume or cfg.overwrite):
+        raise ConfigError(f"--output {out} holds a run ({', '.join(found)}): --resume continues it, "
+                          "--overwrite starts afresh")
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if ckpt is not None:
+        saved = saved_config(ckpt)
+        for key in _RESUME_KEYS:
+            if saved.get(key) != getattr(cfg, key):
+                raise ConfigError(f"--resume: {'the stage' if key == 'stage' else flag(key)} is "
+                                  f"{getattr(cfg, key)!r} here but {saved.get(key)!r} in the run being resumed "
+                                  f"({ckpt / 'meta.json'})")
+    return ckpt
+
+
 def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
     """Run one stage as `cfg` says; returns the logged records (every rank computes them).
 
@@ -51,6 +79,7 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
     """
     device = setup_distributed()
     rank, world = rank_and_world()
+    ckpt = _check_output(cfg)  # before the (slow) model load
     torch.manual_seed(cfg.seed)
     if model is None:
         model = modeling.load_model(cfg)
@@ -69,17 +98,21 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
                          f"(batch {cfg.batch_size} x {world} ranks x {cfg.grad_accum} accumulation)")
     optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay, cfg.schedule, cfg.warmup_ratio, total)
     out = Path(cfg.output)
-    start = 0
-    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
-        start = load_checkpoint(ckpt, model, optimizer, scheduler)
+    start = load_checkpoint(ckpt, model, optimizer, scheduler) if ckpt is not None else 0
     main = is_main()
     log_path = out / "log.jsonl"
     if main:
+        if cfg.overwrite:  # only now: bad data or options leave the old run as it was
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            log_path.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         dropped = order.num_examples - order.batches_per_epoch * order.global_batch
+        # micro-batches of the last epoch too few to fill an optimizer step (steps run across epochs)
+        unused = 0 if cfg.max_steps else cfg.epochs * order.batches_per_epoch - total * cfg.grad_accum
         _log_line(log_path, {"event": "start", "stage": cfg.stage, "resumed_from": start, "total_steps": total,
                              "examples": stage.num_examples, "skipped_rows": stage.skipped,
-                             "dropped_per_epoch_incomplete_batch": dropped, "world_size": world})
+                             "dropped_per_epoch_incomplete_batch": dropped,
+                             "dropped_at_end_incomplete_step": unused * order.global_batch, "world_size": world})
         for reason, n in stage.skipped.items():
             if n:
                 log.warning("%s: %d rows skipped (%s)", cfg.data, n, reason)
@@ -87,19 +120,25 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
     autocast = autocast_for(cfg, device)
     records: list[dict] = []
     bar = tqdm(total=total, initial=start, disable=not (progress and main), desc=f"train {cfg.stage}")
-    window_tokens, window_start = 0, time.perf_counter()
+    window_loss, window_weight, window_tokens, window_start = 0.0, 0.0, 0, time.perf_counter()
     for step in range(start, total):
         # dropout masks from (seed, step, rank): a resumed run draws what the uninterrupted one did,
         # and ranks draw different masks
         torch.manual_seed(cfg.seed + 1_000_003 * (step + 1) + rank)
-        loss_sum = 0.0
+        weight = 0.0  # of this rank's micro-batches
         for micro in range(cfg.grad_accum):
             epoch, indices = order.batch(step * cfg.grad_accum + micro)
             with autocast:
-                loss, tokens = stage.micro_step(indices, epoch, 1.0 / cfg.grad_accum)
-            loss_sum += loss / cfg.grad_accum
-            window_tokens += tokens
+                loss, tokens, w = stage.micro_step(indices, epoch)
+            window_loss, weight, window_tokens = window_loss + loss * w, weight + w, window_tokens + tokens
+        # divided by the mean weight over ranks, then averaged over ranks: the gradient of the weighted
+        # mean loss over every rank's micro-batches
+        mean_weight = all_mean(weight, device)
+        for p in params:
+            if p.grad is not None:
+                p.grad /= mean_weight
         average_gradients(params)
+        window_weight += mean_weight
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
@@ -109,13 +148,13 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
         done = step + 1
         if done % cfg.log_every == 0 or done == total:
             elapsed = time.perf_counter() - window_start
-            record = {"step": done, "loss": all_mean(loss_sum, device), "lr": lr,
+            record = {"step": done, "loss": all_mean(window_loss, device) / window_weight, "lr": lr,
                       "tokens_per_s": all_mean(window_tokens, device) * world / max(elapsed, 1e-9)}
             records.append(record)
             if main:
                 _log_line(log_path, record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            window_tokens, window_start = 0, time.perf_counter()
+            window_loss, window_weight, window_tokens, window_start = 0.0, 0.0, 0, time.perf_counter()
         bar.update(1)
         if main and (done % cfg.save_every == 0 or done == total):
             save_checkpoint(out, model, optimizer, scheduler, done, cfg.to_dict())

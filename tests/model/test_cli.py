@@ -25,7 +25,7 @@ def test_encode_command_writes_npy(tiny_dirs, tmp_path, capsys):
 
 def test_encode_command_keeps_lines_and_names_the_file(tiny_dirs, tmp_path, capsys):
     lines = tmp_path / "texts.txt"
-    lines.write_text("\ufeffRain fell.\n\nFires burned.\n", encoding="utf-8")  # BOM, a blank line
+    lines.write_text("\ufeffRain fell.\n\nFires\u2028burned.\r\n", encoding="utf-8")  # BOM, blank line, U+2028
     assert cli.main(["encode", "--model", str(tiny_dirs["llama"]), "--device", "cpu", "--input", str(lines),
                      "--output", str(tmp_path / "emb")]) == 0
     assert str(tmp_path / "emb.npy") in capsys.readouterr().out

@@ -45,6 +45,12 @@ def test_help_explains_every_option(capsys):
     for flag in ("--objective", "--grad-cache", "--resume", "--lora-dropout", "--precision", "--config"):
         assert flag in text
     assert "(default: 0.0001)" in text and "(default: 'kl')" in text
+    assert "--data DATA training file" in text and "(default: '')" not in text
+    assert text.count("(required: here or in --config)") == 2  # --data, --output
+    assert "--temperature TEMPERATURE [unsupervised and supervised only] contrastive temperature" in text
+    assert "--num-negatives NUM_NEGATIVES [supervised only] hard negatives" in text
+    assert "--objective {kl,nll,reconstruct} [compress only]" in text
+    assert "--overwrite, --no-overwrite start afresh" in text
 
 
 @pytest.mark.parametrize("stage, lines, message", [
@@ -68,6 +74,32 @@ def test_bad_option_is_reported(tmp_path, capsys):
     config.write_text('data = "x"\noutput = "y"\nlearning_rate = 1\n')
     assert main(["train", "compress", "--config", str(config)]) == 2
     assert "unknown options ['learning_rate']" in capsys.readouterr().err
+
+
+def test_bad_output_is_reported(tmp_path, capsys):
+    output = tmp_path / "a-file"
+    output.write_text("x")
+    assert main(["train", "compress", "--data", "d.txt", "--output", str(output)]) == 2
+    assert f"llm2comp train compress: --output {output} is a file, not a directory" in capsys.readouterr().err
+
+
+def test_missing_model_is_reported(tmp_path, capsys):
+    data = tmp_path / "d.txt"
+    data.write_text("some text\n")
+    assert main(["train", "unsupervised", "--model", str(tmp_path / "no_model"), "--data", str(data),
+                 "--output", str(tmp_path / "o")]) == 2
+    assert f"llm2comp train unsupervised: model directory {tmp_path / 'no_model'} does not exist" in \
+        capsys.readouterr().err
+
+
+def test_only_rank_0_prints_the_summary(tmp_path, monkeypatch, capsys):
+    from llm2comp.training import distributed, trainer
+
+    monkeypatch.setattr(trainer, "train", lambda cfg: [{"step": 1, "loss": 0.5}])
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "rank_and_world", lambda rank=rank: (rank, 2))
+        assert main(["train", "compress", "--data", "d.txt", "--output", str(tmp_path / "o")]) == 0
+        assert ("compress: 1 steps, final loss 0.5000" in capsys.readouterr().out) == (rank == 0)
 
 
 def test_demo_runs_end_to_end_on_a_tiny_model(tiny_dir, tmp_path, capsys):

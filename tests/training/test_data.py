@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llm2comp.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from llm2comp.training.config import load_config
+from llm2comp.training.config import ConfigError, load_config
 from llm2comp.training.data import BatchOrder, DataError, read_pairs, read_texts, split_point
 from llm2comp.training.optim import lr_lambda
 
@@ -33,6 +33,21 @@ def test_read_texts_txt_and_jsonl(tmp_path):
 def test_read_texts_errors_name_file_and_line(tmp_path, name, lines, match):
     with pytest.raises(DataError, match=match):
         read_texts(_write(tmp_path, name, lines))
+
+
+def test_read_texts_needs_utf8_and_tolerates_a_bom(tmp_path):
+    (tmp_path / "bom.txt").write_bytes("\ufefffirst doc\nsecond doc\n".encode())
+    assert [r.text for r in read_texts(tmp_path / "bom.txt")[0]] == ["first doc", "second doc"]
+    (tmp_path / "bom.jsonl").write_bytes("\ufeff".encode() + b'{"text": "x"}\n')
+    assert [r.text for r in read_texts(tmp_path / "bom.jsonl")[0]] == ["x"]
+    (tmp_path / "latin1.txt").write_bytes("first doc\ncaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.txt:2: not UTF-8 text \(byte 0xe9"):
+        read_texts(tmp_path / "latin1.txt")
+
+
+def test_only_newline_ends_a_line(tmp_path):
+    (tmp_path / "seps.txt").write_text("one\u2028still one\x1cstill one\r\ntwo\n", encoding="utf-8")
+    assert [r.text for r in read_texts(tmp_path / "seps.txt")[0]] == ["one\u2028still one\x1cstill one", "two"]
 
 
 def test_read_texts_missing_file(tmp_path):
@@ -81,6 +96,45 @@ def test_config_precedence_and_stage_defaults(tmp_path):
         load_config("compress", toml)
     with pytest.raises(ValueError, match="objective must be one of"):
         load_config("compress", data="d", output="o", objective="mse")
+
+
+@pytest.mark.parametrize("line, message", [
+    ('batch-size = "7"', "batch-size must be an integer, got '7'"),
+    ("epochs = true", "epochs must be an integer, got True"),
+    ('lr = "1e-4"', "lr must be a number, got '1e-4'"),
+    ("skip_short = 1", "skip_short must be true or false, got 1"),
+    ("model = 3", "model must be a string, got 3"),
+    ('stage = "supervised"', "'stage' cannot be set in a config file"),
+    ('data = "unclosed', "not valid TOML"),
+])
+def test_config_file_errors_name_the_file_and_key(tmp_path, line, message):
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'output = "o"\n{line}\n')
+    with pytest.raises(ConfigError) as info:
+        load_config("compress", toml, data="d")
+    assert str(toml) in str(info.value) and message in str(info.value), info.value
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"max_steps": -1}, "--max-steps must be >= 0, got -1"),
+    ({"num_negatives": -2}, "--num-negatives must be >= 0, got -2"),
+    ({"max_grad_norm": -1.0}, "--max-grad-norm must be >= 0, got -1.0"),
+    ({"weight_decay": -0.1}, "--weight-decay must be >= 0, got -0.1"),
+    ({"lora_alpha": 0}, "--lora-alpha must be >= 1, got 0"),
+    ({"lr": float("nan")}, "--lr must be a finite number, got nan"),
+    ({"temperature": 0.0}, "--temperature must be > 0, got 0.0"),
+    ({"warmup_ratio": 1.0}, "--warmup-ratio must be in [0, 1), got 1.0"),
+    ({"resume": True, "overwrite": True}, "--resume and --overwrite exclude each other"),
+])
+def test_option_ranges_are_checked_at_startup(options, message):
+    with pytest.raises(ConfigError) as info:
+        load_config("compress", data="d", output="o", **options)
+    assert message in str(info.value)
+
+
+def test_missing_data_and_output_are_named():
+    with pytest.raises(ConfigError, match="--data and --output required"):
+        load_config("compress")
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])

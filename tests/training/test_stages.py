@@ -1,4 +1,8 @@
-"""The three stages on a tiny random Llama: learning, the frozen decoder, GradCache, resume."""
+"""The three stages on a tiny random Llama: learning, the frozen decoder, GradCache, gradient
+checkpointing and accumulation, logging, the output directory and resume."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from llm2comp import LLM2Comp
 from llm2comp.training import load_config, modeling, train
 from llm2comp.training.compress import make_compression_batch
+from llm2comp.training.config import ConfigError
 from llm2comp.training.stages import build_stage
 
 from .conftest import LEE_BACKGROUND
@@ -41,7 +46,7 @@ def _fit_fixed_batch(stage, indices, steps, lr):
     opt = torch.optim.AdamW(params, lr=lr)
     losses = []
     for _ in range(steps):
-        losses.append(stage.micro_step(indices, 0, 1.0)[0])
+        losses.append(stage.micro_step(indices, 0)[0])
         opt.step()
         opt.zero_grad()
     return losses
@@ -92,6 +97,23 @@ def test_decoder_is_the_frozen_original_model(tiny_dir, tmp_path):
     assert not torch.allclose(encoder_view[valid], expected_ids[valid], atol=1e-3)  # outside: the encoder
 
 
+@pytest.mark.parametrize("objective", ["kl", "nll"])
+def test_gradient_checkpointing_gives_the_gradients_of_a_plain_backward(objective, tiny_dir, tmp_path):
+    """The decoder's layers run inside `frozen_decoder`; their recompute in backward must too."""
+    grads = {}
+    for checkpointing in (False, True):
+        cfg = _config("compress", tiny_dir, tmp_path, objective=objective, lora_dropout=0.0)
+        model = _model(cfg)
+        _randomize_lora_b(model)  # adapters on vs off then differ in the recompute
+        if checkpointing:
+            modeling.enable_gradient_checkpointing(model)
+        build_stage(cfg, model, CPU).micro_step([0, 5, 9, 13], 0)
+        grads[checkpointing] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads[False].keys() == grads[True].keys()
+    for n, g in grads[False].items():
+        torch.testing.assert_close(grads[True][n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
 def test_grad_cache_equals_plain_batch_on_the_model(tiny_dir, tmp_path, pairs_file):
     grads = {}
     for cached in (False, True):
@@ -100,7 +122,7 @@ def test_grad_cache_equals_plain_batch_on_the_model(tiny_dir, tmp_path, pairs_fi
         model = _model(cfg)
         _randomize_lora_b(model)
         stage = build_stage(cfg, model, CPU)
-        stage.micro_step([0, 1, 2, 3, 4], 0, 1.0)
+        stage.micro_step([0, 1, 2, 3, 4], 0)
         grads[cached] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     assert grads[False].keys() == grads[True].keys()
     for n, g in grads[False].items():
@@ -160,3 +182,103 @@ def test_chunked_cross_entropy_equals_the_full_logits_one(monkeypatch):
     torch.testing.assert_close(got, expected)
     for a, b in zip(torch.autograd.grad(got, (hidden, weight)), torch.autograd.grad(expected, (hidden, weight))):
         torch.testing.assert_close(a, b)
+
+
+def test_gradient_accumulation_weighs_micro_batches_by_their_tokens(tiny_dir, tmp_path):
+    """Stage 1: two micro-batches of 2 texts train as one batch of the same 4 (DDP weighs ranks alike)."""
+    kw = {"max_steps": 3, "lora_dropout": 0.0, "lr": 1e-3}
+    accumulated = train(_config("compress", tiny_dir, tmp_path / "accum", batch_size=2, grad_accum=2, **kw),
+                        progress=False)
+    whole = train(_config("compress", tiny_dir, tmp_path / "whole", batch_size=4, **kw), progress=False)
+    assert [r["loss"] for r in accumulated] == pytest.approx([r["loss"] for r in whole], rel=1e-5, abs=1e-7)
+
+
+def test_examples_left_out_of_the_last_step_are_counted(tiny_dir, tmp_path, lee_texts):
+    data = tmp_path / "ten.txt"
+    data.write_text("\n".join(lee_texts[:10]) + "\n")
+    cfg = _config("compress", tiny_dir, tmp_path, data=data, batch_size=3, grad_accum=2)
+    train(cfg, progress=False)
+    start = json.loads((Path(cfg.output) / "log.jsonl").read_text().splitlines()[0])
+    # 3 batches of 3 per epoch (1 example left), one step of 2 batches: the third batch is left
+    assert (start["total_steps"], start["dropped_per_epoch_incomplete_batch"],
+            start["dropped_at_end_incomplete_step"]) == (1, 1, 3)
+
+
+def test_log_every_logs_the_mean_loss_of_its_window(tiny_dir, tmp_path):
+    every_step = train(_config("unsupervised", tiny_dir, tmp_path / "a", max_steps=3), progress=False)
+    windowed = train(_config("unsupervised", tiny_dir, tmp_path / "b", max_steps=3, log_every=3), progress=False)
+    assert [r["step"] for r in windowed] == [3]
+    assert windowed[0]["loss"] == pytest.approx(sum(r["loss"] for r in every_step) / 3, rel=1e-6)
+
+
+@pytest.mark.parametrize("stage, max_length, message", [
+    ("unsupervised", 9, "--max-length 9 is too small: a row holds the BOS, 8 memory tokens (--memory-tokens, or "
+                        "the loaded model's) and at least 1 text token, so it needs >= 10"),
+    ("compress", 28, "--max-length 28 is too small: a row holds the BOS, 8 memory tokens (--memory-tokens, or "
+                     "the loaded model's) and 20 text tokens to split (2 x --min-split 10), so it needs >= 29"),
+    ("compress", 513, "--max-length 513 exceeds the model's 512 positions (max_position_embeddings)"),
+])
+def test_max_length_must_leave_room_after_the_memory_tokens(stage, max_length, message, tiny_dir, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        train(_config(stage, tiny_dir, tmp_path, max_length=max_length), progress=False)
+    assert str(info.value) == message
+
+
+def test_saved_config_records_the_lora_dropout_used(tiny_dir, tmp_path):
+    model = _model(_config("compress", tiny_dir, tmp_path))  # built with the compress default, 0.05
+    cfg = _config("unsupervised", tiny_dir, tmp_path, max_steps=1, lora_dropout=0.3)
+    train(cfg, model=model, progress=False)
+    assert json.loads((Path(cfg.output) / "llm2comp_config.json").read_text())["lora"]["dropout"] == 0.3
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """The output checks come before the model is loaded: loading it fails the test."""
+    def load_model(cfg):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(modeling, "load_model", load_model)
+
+
+@pytest.mark.parametrize("old_run", ["log.jsonl", "checkpoints", "llm2comp_config.json"])
+def test_output_holding_a_run_needs_resume_or_overwrite(old_run, tiny_dir, tmp_path, no_model):
+    cfg = _config("compress", tiny_dir, tmp_path)
+    out = Path(cfg.output)
+    out.mkdir()
+    (out / old_run).mkdir() if old_run == "checkpoints" else (out / old_run).touch()
+    with pytest.raises(ConfigError, match=rf"--output {out} holds a run \({old_run}\): --resume continues it, "
+                                          "--overwrite starts afresh"):
+        train(cfg, progress=False)
+
+
+def test_output_that_is_a_file_fails_before_the_model_loads(tiny_dir, tmp_path, no_model):
+    cfg = _config("compress", tiny_dir, tmp_path)
+    Path(cfg.output).write_text("not a directory")
+    with pytest.raises(ConfigError, match=f"--output {cfg.output} is a file, not a directory"):
+        train(cfg, progress=False)
+
+
+def test_overwrite_deletes_the_old_checkpoints_and_log(tiny_dir, tmp_path):
+    cfg = _config("compress", tiny_dir, tmp_path, max_steps=1, overwrite=True)
+    out = Path(cfg.output)
+    (out / "checkpoints" / "step-9").mkdir(parents=True)
+    (out / "log.jsonl").write_text('{"event": "start", "stage": "old"}\n')
+    train(cfg, progress=False)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r.get("event", "step") for r in log] == ["start", "step", "end"] and log[0]["stage"] == "compress"
+
+
+@pytest.mark.parametrize("option, saved, message", [
+    ("stage", "unsupervised", "--resume: the stage is 'compress' here but 'unsupervised' in the run being resumed"),
+    ("data", "other.txt", "--resume: --data is '{data}' here but 'other.txt' in the run being resumed"),
+    ("lora_r", 8, "--resume: --lora-r is 16 here but 8 in the run being resumed"),
+    ("grad_accum", 2, "--resume: --grad-accum is 1 here but 2 in the run being resumed"),
+])
+def test_resume_refuses_a_run_of_other_options(option, saved, message, tiny_dir, tmp_path, no_model):
+    cfg = _config("compress", tiny_dir, tmp_path, resume=True)
+    ckpt = Path(cfg.output) / "checkpoints" / "step-2"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(json.dumps({"step": 2, "config": {**cfg.to_dict(), option: saved}}))
+    with pytest.raises(ConfigError) as info:
+        train(cfg, progress=False)
+    assert message.format(data=cfg.data) in str(info.value) and str(ckpt / "meta.json") in str(info.value)
