@@ -72,7 +72,7 @@ def _llm2comp_step(base: Path, stage: str, backend: str, data: Path, out: Path, 
 
     def step():
         with autocast_for(cfg, device):
-            _, n = work.micro_step(indices, 0, 1.0)
+            _, n, _ = work.micro_step(indices, 0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens.append(n)
