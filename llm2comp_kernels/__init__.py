@@ -13,6 +13,7 @@ from ._backends import available_for, cuda_extension
 from .contrastive_loss import contrastive_loss
 from .linear_kl_loss import linear_kl_loss
 from .memory_attention import memory_attention
+from .memory_attention.api import LOW_PRECISION, LOW_PRECISION_BACKENDS
 from .span_mean_pool import span_mean_pool
 
 __all__ = ["memory_attention", "span_mean_pool", "contrastive_loss", "linear_kl_loss", "available_backends"]
@@ -27,13 +28,28 @@ _OP_BACKENDS = {
 }
 
 
-def available_backends(device: str | torch.device | None = None) -> dict[str, list[str]]:
-    """For each op, the backends that can run on float32 tensors of `device` here.
+def available_backends(device: str | torch.device | None = None,
+                       dtype: torch.dtype = torch.float32) -> dict[str, list[str]]:
+    """For each op, the backends that can run on `dtype` tensors of `device` here (limits that depend on
+    the inputs' shapes, such as head dims, aside).
 
     `device` defaults to ``"cuda"`` when a GPU is visible, else ``"cpu"``.
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"available_backends: not a device: {device!r} ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("available_backends: no CUDA device is visible here")
     cuda_extension()  # registers torch.ops.llm2comp.* when the extension was built
-    return {op: available_for(device, cuda_op, backends) for op, (backends, cuda_op) in _OP_BACKENDS.items()}
+    return {op: available_for(device, dtype, cuda_op, backends, _dtype_limits(op, dtype))
+            for op, (backends, cuda_op) in _OP_BACKENDS.items()}
+
+
+def _dtype_limits(op: str, dtype: torch.dtype) -> dict[str, str]:
+    """The backends of `op` that cannot take `dtype` whatever the shapes, with the reason."""
+    if op == "memory_attention" and dtype not in LOW_PRECISION:
+        return {b: f"takes float16/bfloat16 only, got {dtype}" for b in LOW_PRECISION_BACKENDS}
+    return {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import warnings
 
 import torch
 
@@ -122,12 +123,20 @@ def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dt
             raise RuntimeError(f"{op}: backend={backend!r} cannot run here: {reason}")
         return backend
     if device.type == "cuda":
+        reasons = {}
         for candidate in auto_order:
-            if candidate in allowed and why_not(candidate, device, dtype, cuda_op, unsupported) is None:
-                return candidate
+            if candidate in allowed:
+                reason = why_not(candidate, device, dtype, cuda_op, unsupported)
+                if reason is None:
+                    return candidate
+                reasons[candidate] = reason
+        if reasons:  # shown once per distinct message (Python's default warning filter)
+            warnings.warn(f"{op}: backend='auto' runs the torch reference on these CUDA tensors: "
+                          + "; ".join(f"{b}: {r}" for b, r in reasons.items()), stacklevel=3)
     return "torch"
 
 
-def available_for(device: torch.device, cuda_op: str | None, allowed: tuple[str, ...]) -> list[str]:
-    """Backends usable for float32 tensors on `device`."""
-    return [b for b in allowed if why_not(b, device, torch.float32, cuda_op) is None]
+def available_for(device: torch.device, dtype: torch.dtype, cuda_op: str | None, allowed: tuple[str, ...],
+                  unsupported: dict[str, str] | None = None) -> list[str]:
+    """Backends usable for `dtype` tensors on `device`."""
+    return [b for b in allowed if why_not(b, device, dtype, cuda_op, unsupported) is None]

@@ -7,6 +7,7 @@ whose message names the op, the argument and what was expected.
 from __future__ import annotations
 
 import collections
+import numbers
 import weakref
 from collections.abc import Callable
 
@@ -85,8 +86,9 @@ def check_once(tensors: tuple[torch.Tensor, ...], key: tuple, check: Callable[[]
 
 class _CheckedTensors:
     """The last few (tensors, check) pairs that passed `check_once`, by the tensors' ids. Weak references and
-    version counters (bumped by any in-place write) make a stale hit impossible: a modified or new tensor is
-    checked again. Inference-mode tensors have no version counter: they are never remembered."""
+    version counters (bumped by every in-place torch op) keep hits fresh: a new tensor, or one modified in place,
+    is checked again. Writes that bypass the version counter (through ``.data`` or a numpy view of the
+    storage) are not seen. Inference-mode tensors have no version counter: they are never remembered."""
 
     def __init__(self, size: int = 16):
         self.size = size
@@ -111,7 +113,7 @@ _CHECKED = _CheckedTensors()
 
 
 def positive_float(op: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # int, float, numpy scalars
         raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
     if not value > 0 or value != value or value == float("inf"):
         raise ValueError(f"{op}: {name} must be a finite number > 0, got {value}")

@@ -95,7 +95,8 @@ class LinearKLLoss(nn.Module):
     """`linear_kl_loss`: KL(teacher || student) through a shared LM head, never holding the logits.
 
     ``forward(student_hidden [N, H], teacher_hidden [N, H], weight [V, H], mask [N] | None) -> scalar``.
-    The LM head is an input (not a parameter of this module) because it belongs to the model.
+    The LM head is an input (not a parameter of this module) because it belongs to the model; it gets
+    the student path's gradient only (the teacher distribution is a constant target).
     Gradients are computed during forward, so call it with grad enabled only when you backpropagate.
     """
 

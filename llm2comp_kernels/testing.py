@@ -62,12 +62,14 @@ def make_contrastive_inputs(B, N, D, dtype=torch.float32, device="cpu", seed=0, 
             d.to(device=device, dtype=dtype).requires_grad_(requires_grad))
 
 
-def make_linear_kl_inputs(N, H, V, dtype=torch.float32, device="cpu", seed=0, weight_requires_grad=True):
-    """Student/teacher hidden `[N, H]` and LM head `[V, H]` scaled so logits have std ~2."""
+def make_linear_kl_inputs(N, H, V, dtype=torch.float32, device="cpu", seed=0, weight_requires_grad=True,
+                          teacher_noise=0.5, logit_std=2.0):
+    """Student/teacher hidden `[N, H]` (teacher = student + `teacher_noise` x noise: related, as in
+    distillation) and LM head `[V, H]` scaled so logits have std ~`logit_std`."""
     g = torch.Generator().manual_seed(seed)
     student = torch.randn(N, H, generator=g)
-    teacher = student + 0.5 * torch.randn(N, H, generator=g)   # related, as in distillation
-    weight = torch.randn(V, H, generator=g) * (2.0 / H ** 0.5)
+    teacher = student + teacher_noise * torch.randn(N, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * (logit_std / H ** 0.5)
     return (student.to(device=device, dtype=dtype).requires_grad_(True),
             teacher.to(device=device, dtype=dtype),
             weight.to(device=device, dtype=dtype).requires_grad_(weight_requires_grad))

@@ -51,3 +51,14 @@ def test_span_mean_pool_checks_spans_again_after_an_in_place_change():
     start[0] = 6
     with pytest.raises(ValueError, match=r"start\[0\] = 6"):
         span_mean_pool(hidden, start, length, backend="torch")
+
+
+def test_numbers_may_be_numpy_scalars_not_tensors():
+    import numpy as np
+
+    from llm2comp_kernels._validation import positive_float
+
+    assert positive_float("op", "temperature", np.float32(0.05)) == pytest.approx(0.05)
+    assert positive_float("op", "temperature", np.int64(2)) == 2.0
+    with pytest.raises(TypeError, match="op: temperature must be a number, got Tensor"):
+        positive_float("op", "temperature", torch.tensor(0.05))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .._autograd import first_derivative_only
 from .._backends import cuda_extension
 from .reference import reduce_losses
 
@@ -60,6 +61,7 @@ class _ContrastiveLossFn(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_derivative_only
     def backward(ctx, grad_loss):
         queries, docs, labels, row_stats, col_stats = ctx.saved_tensors
         p = ctx.params

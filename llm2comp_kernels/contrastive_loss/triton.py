@@ -26,7 +26,7 @@ Backward (recompute): with upstream ``g_i``, ``a_i = g_i`` (``g_i / 2`` if symme
 
 - `_contrastive_dlogits_kernel`, one program per (query block, doc block of the chunk), recomputes its tile of
   logits and writes ``dS`` for the chunk's `[B, C]` block in the inputs' dtype (as a tensor-core operand);
-- two cuBLAS products in fp32 (`_mm_fp32`) then give ``dd`` of the chunk's docs and add the chunk's share
+- two cuBLAS products in fp32 (`mm_fp32`) then give ``dd`` of the chunk's docs and add the chunk's share
   into ``dq``. Each gradient product thus runs as one large GEMM, with no read-modify-write of fp32 gradient
   rows per doc tile and no atomics. The design this replaces fused those products into two Triton kernels
   that added ``dS @ d`` into their fp32 rows one doc tile at a time (atomically when split); on an H200 the
@@ -47,7 +47,6 @@ with unequal query/doc blocks so the tests cross tile edges that do not line up.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +54,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .._autograd import first_derivative_only
 from .._backends import triton_autotune, triton_interpret
+from .._matmul import mm_fp32
 from .._triton_common import dot, dot_upcast
 from .reference import reduce_losses
 
@@ -73,8 +74,6 @@ _FIXED = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
 # all queries at once). Under the interpreter, chunks of 24 rows instead, so the tests cross chunk edges.
 _DS_WORKSPACE_BYTES = 128 << 20
 _INTERPRET_CHUNK = 24
-# torch.mm/addmm(out_dtype=float32) on float16/bfloat16 CUDA tensors (cuBLAS, fp32 output) exist from torch 2.8.
-_MIXED_PRECISION_MM = torch.torch_version.TorchVersion(torch.__version__) >= (2, 8)
 _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
             for m, n, k, w, s in [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3),
                                   (64, 64, 64, 4, 4), (64, 256, 64, 8, 3)]]
@@ -265,37 +264,6 @@ def _doc_chunk(B: int, N: int, itemsize: int) -> int:
     return min(N, max(256, _DS_WORKSPACE_BYTES // (B * itemsize) // 256 * 256))
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor, alpha: float, add_to: torch.Tensor | None = None) -> torch.Tensor:
-    """``alpha * a @ b (+ add_to)`` in fp32 from float16/bfloat16/float32 operands (exact products, fp32 sums):
-    cuBLAS with an fp32 output on CUDA (torch >= 2.8), else fp32 copies of low-precision operands (the CPU
-    interpreter: aten has no mixed-precision matmul there). float32 operands multiply as torch's matmul
-    settings say: IEEE fp32 unless the user allowed TF32."""
-    extra = {}
-    if a.dtype != torch.float32:
-        if a.is_cuda and _MIXED_PRECISION_MM:
-            extra["out_dtype"] = torch.float32
-        else:
-            a, b = a.float(), b.float()
-    if add_to is None:
-        return torch.mm(a, b, **extra).mul_(alpha)
-    if extra and not _addmm_takes_fp32_accumulator(a.device):
-        return add_to.add_(torch.mm(a, b, **extra), alpha=alpha)
-    return torch.addmm(add_to, a, b, alpha=alpha, **extra)
-
-
-@functools.cache
-def _addmm_takes_fp32_accumulator(device: torch.device) -> bool:
-    """Whether ``torch.addmm(fp32, bf16, bf16, out_dtype=float32)`` runs here. The first releases with out_dtype
-    (2.8, 2.9) required the added tensor in the operands' dtype; later ones accept it in the output's. Probed once
-    on a 1 x 1 product rather than guessed from the version."""
-    acc, x = torch.zeros(1, 1, device=device), torch.zeros(1, 1, device=device, dtype=torch.bfloat16)
-    try:
-        torch.addmm(acc, x, x, out_dtype=torch.float32)
-    except (RuntimeError, TypeError):
-        return False
-    return True
-
-
 @dataclass(frozen=True)
 class _ContrastiveParams:
     temperature: float
@@ -353,6 +321,7 @@ class _ContrastiveLossFn(torch.autograd.Function):
         return per_query * _LN2
 
     @staticmethod
+    @first_derivative_only
     def backward(ctx, grad_per_query):
         q, d, labels, row_max, row_sum, col_max, col_sum = ctx.saved_tensors
         params = ctx.params
@@ -379,8 +348,8 @@ class _ContrastiveLossFn(torch.autograd.Function):
                     **flags)
             # 1/T is applied to the fp32 products: |dS| <= |g| stays in fp16 range under loss scaling, dS/T may not.
             d_chunk = d[n_start:n_start + width]
-            dq = _mm_fp32(ds, d_chunk, scale, add_to=dq)
-            dd_chunk = _mm_fp32(ds.t(), q, scale)
+            dq = mm_fp32(ds, d_chunk, scale, add_to=dq)
+            dd_chunk = mm_fp32(ds.t(), q, scale)
             if width == N:
                 dd = dd_chunk
             else:

@@ -1,12 +1,14 @@
 """Triton backend of `linear_kl_loss`: cuBLAS GEMMs per row chunk, one fused softmax/KL/gradient kernel.
 
-Per chunk of C selected rows: the student and teacher logits `[C, V]` come from one torch matmul of their
-stacked hidden states `[2C, H]` in the input dtype (fp32 accumulate), so the LM head streams through once per
-chunk; `_linear_kl_loss_kernel` (one program per row, looping over V) computes both log-sum-exps and the row's
-KL in a first pass and overwrites the student logits with the logits gradient ``(p_s - p_t) / (T * n)`` in a
-second; then ``d_student = g @ W`` and ``dW += g.T @ h_s``. Since the loss is always the last op, these
-gradients are computed in forward and backward only scales them. Extra memory is the `2C x V` logits in the
-input dtype, plus dW `[V, H]` in the weight's dtype.
+Per chunk of C selected rows: the student and teacher logits `[C, V]` come from one cuBLAS product of their
+stacked hidden states `[2C, H]`, in fp32 (`mm_fp32`: rounding bf16 logits would swamp the small differences
+between teacher and student that distillation lives on), so the LM head streams through once per chunk;
+`_linear_kl_loss_kernel` (one program per row, looping over V) computes both log-sum-exps and the row's KL in
+a first pass and overwrites the student logits with the logits gradient ``g = (p_s - p_t) / (T * n)`` in a
+second; then, with g in the input dtype as a tensor-core operand, ``d_student = g @ W`` and
+``dW += g.T @ h_s``. Since the loss is always the last op, these gradients are computed in forward and
+backward only scales them. Extra memory is the `2C x V` fp32 logits and g's `C x V` copy, plus dW `[V, H]` in
+the weight's dtype.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .._autograd import GradsFromForward
+from .._matmul import mm_fp32
 
 # Largest V block a program holds in registers per pass (two loads of this many fp32 lanes).
 _MAX_BLOCK_V = 4096
@@ -25,8 +28,8 @@ _MAX_BLOCK_V = 4096
 
 @triton.jit
 def _linear_kl_loss_kernel(
-    s_ptr,          # [C, V] student logits (input dtype); overwritten with the logits gradient if WRITE_GRAD
-    t_ptr,          # [C, V] teacher logits (input dtype)
+    s_ptr,          # [C, V] fp32 student logits; overwritten with the logits gradient if WRITE_GRAD
+    t_ptr,          # [C, V] fp32 teacher logits
     kl_ptr,         # [C] fp32 per-row KL(p_t || p_s)
     V,
     stride_s,
@@ -51,8 +54,8 @@ def _linear_kl_loss_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         valid = cols < V
-        zs = tl.load(s_row + cols, mask=valid, other=0.0).to(tl.float32) * inv_temp
-        zt = tl.load(t_row + cols, mask=valid, other=0.0).to(tl.float32) * inv_temp
+        zs = tl.load(s_row + cols, mask=valid, other=0.0) * inv_temp
+        zt = tl.load(t_row + cols, mask=valid, other=0.0) * inv_temp
         # -inf past V for the max and exp; zt - zs stays finite there (0) so 0 * (zt - zs) is no nan.
         zs_inf = tl.where(valid, zs, -float("inf"))
         zt_inf = tl.where(valid, zt, -float("inf"))
@@ -74,16 +77,17 @@ def _linear_kl_loss_kernel(
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             valid = cols < V
-            zs = tl.load(s_row + cols, mask=valid, other=0.0).to(tl.float32) * inv_temp
-            zt = tl.load(t_row + cols, mask=valid, other=0.0).to(tl.float32) * inv_temp
+            zs = tl.load(s_row + cols, mask=valid, other=0.0) * inv_temp
+            zt = tl.load(t_row + cols, mask=valid, other=0.0) * inv_temp
             g = (tl.exp(zs - lse_s) - tl.exp(zt - lse_t)) * grad_scale
-            tl.store(s_row + cols, g.to(s_ptr.dtype.element_ty), mask=valid)
+            tl.store(s_row + cols, g, mask=valid)
 
 
 def _kl_rows(logits_s: torch.Tensor, logits_t: torch.Tensor, kl: torch.Tensor, temperature: float,
              grad_scale: float, write_grad: bool) -> None:
     """Launch the kernel on one chunk: `kl[C]` gets each row's KL; `logits_s` the gradient if `write_grad`."""
     C, V = logits_s.shape
+    assert logits_s.dtype == logits_t.dtype == torch.float32
     assert logits_s.stride(1) == 1 and logits_t.stride(1) == 1 and kl.is_contiguous()
     block_v = min(triton.next_power_of_2(V), _MAX_BLOCK_V)
     _linear_kl_loss_kernel[(C,)](
@@ -105,9 +109,10 @@ class _LinearKLTritonFn(GradsFromForward):
         n = rows.numel()
         kl = torch.zeros(n, dtype=torch.float32, device=student.device)
         grad_student = torch.zeros_like(student) if params.needs_grad else None
-        # In the weight's dtype, accumulated in place by each chunk's product (fp32 inside the product, one rounding
-        # per chunk), as autograd does for the torch backend: an fp32 buffer would double dW's memory (2 GiB more at
-        # V=128k, H=4096) and its traffic per chunk, plus a [V, H] temporary per chunk and a cast at the end.
+        # In the weight's dtype, accumulated in place by each chunk's product (fp32 inside the product, one
+        # rounding per chunk), as autograd does for an eager LM head in that dtype: an fp32 buffer would double
+        # dW's memory (2 GiB more at V=128k, H=4096) and its traffic per chunk, plus a [V, H] temporary per chunk
+        # and a cast at the end.
         grad_weight = torch.zeros_like(weight) if params.needs_grad and weight.requires_grad else None
         grad_scale = 1.0 / (params.temperature * max(n, 1))
         w_t = weight.T
@@ -116,13 +121,13 @@ class _LinearKLTritonFn(GradsFromForward):
             C = chunk.numel()
             # Student and teacher rows in one product, so W streams through once per chunk instead of twice.
             both = torch.cat((student.index_select(0, chunk), teacher.index_select(0, chunk)))  # [2C, H]
-            logits = both @ w_t                                       # [2C, V], input dtype
+            logits = mm_fp32(both, w_t, 1.0)                          # [2C, V] fp32
             logits_s, hs = logits[:C], both[:C]
             _kl_rows(logits_s, logits[C:], kl[start:start + C], params.temperature, grad_scale,
                      grad_student is not None)
             if grad_student is None:
                 continue
-            g = logits_s                                              # now d loss / d logits_s
+            g = logits_s.to(weight.dtype)                             # now d loss / d logits_s
             grad_student.index_copy_(0, chunk, g @ weight)
             if grad_weight is not None:
                 grad_weight.addmm_(g.T, hs)

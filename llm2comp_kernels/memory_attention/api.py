@@ -6,7 +6,7 @@ import torch
 
 from .._autocast import autocast_inputs
 from .._autograd import needs_autograd
-from .._backends import resolve_backend
+from .._backends import resolve_backend, triton_import_error
 from .checks import check_memory_attention
 
 # "auto" on CUDA tensors: Triton first, except for a forward without gradient (what `encode` runs) at
@@ -21,16 +21,28 @@ SHORT_FORWARD_MAX_L = 128
 
 CUDA_HEAD_DIMS = (64, 128)
 TRITON_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 256)
+TRITON_MAX_BATCH = 65535  # CUDA's limit on grid axes 1 and 2 (the kernels' head and batch-row axes)
+FLASH_MAX_HEAD_DIM = 256
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+LOW_PRECISION_BACKENDS = ("cuda", "flash")  # the backends that take float16/bfloat16 only
 
 
-def _unsupported(q: torch.Tensor) -> dict[str, str]:
-    d = q.shape[-1]
+def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, str]:
+    """Why a kernel backend cannot take these inputs, per backend (those it can take are absent)."""
+    B, _, _, d = q.shape
     reasons = {}
     if d not in TRITON_HEAD_DIMS:
-        reasons["triton"] = f"the Triton kernel supports head dims {TRITON_HEAD_DIMS}, got {d}"
-    if d not in CUDA_HEAD_DIMS or q.dtype not in (torch.float16, torch.bfloat16):
+        reasons["triton"] = f"the Triton kernels support head dims {TRITON_HEAD_DIMS}, got {d}"
+    elif B > TRITON_MAX_BATCH:
+        reasons["triton"] = f"the Triton kernels take at most {TRITON_MAX_BATCH} batch rows (a grid axis), got {B}"
+    if d not in CUDA_HEAD_DIMS or q.dtype not in LOW_PRECISION:
         reasons["cuda"] = (f"the CUDA kernel supports float16/bfloat16 with head dims {CUDA_HEAD_DIMS}, "
                            f"got {q.dtype} with d={d}")
+    elif needs_autograd(q, k, v) and (err := triton_import_error()) is not None:
+        reasons["cuda"] = f"its backward runs the Triton kernels, and {err}"
+    if q.dtype not in LOW_PRECISION or d > FLASH_MAX_HEAD_DIM:
+        reasons["flash"] = (f"flash_attn supports float16/bfloat16 with head dims up to {FLASH_MAX_HEAD_DIM}, "
+                            f"got {q.dtype} with d={d}")
     return reasons
 
 
@@ -70,7 +82,7 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
     scale = check_memory_attention(q, k, v, seq_lens, causal, scale)
     allowed = ("torch", "triton", "cuda", "flash")
     chosen = resolve_backend("memory_attention", backend, q.device, q.dtype, cuda_op="memory_attention_fwd",
-                             allowed=allowed, unsupported=_unsupported(q), auto_order=auto_order(q, k, v))
+                             allowed=allowed, unsupported=_unsupported(q, k, v), auto_order=auto_order(q, k, v))
     if chosen == "triton":
         from .triton import memory_attention_triton
         return memory_attention_triton(q, k, v, seq_lens, causal, scale)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .._autograd import needs_autograd
+from .._autograd import first_derivative_only, needs_autograd
 from .._backends import cuda_extension
 
 cuda_extension()  # importing llm2comp_kernels._C registers torch.ops.llm2comp.*
@@ -60,6 +60,7 @@ class _MemoryAttentionFn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_derivative_only
     def backward(ctx, grad_out):
         from .api import backward_from_saved
 

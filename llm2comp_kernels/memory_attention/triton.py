@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._autograd import needs_autograd
+from .._autograd import first_derivative_only, needs_autograd
 from .._backends import triton_autotune, triton_interpret
 from .._triton_common import TunedLauncher, dot, dot_upcast
 
@@ -101,12 +101,12 @@ def _store_rows(base, offs, stride_row, stride_d, tile, L, D, BLOCK_D: tl.conste
 
 @triton.jit
 def _query_block(SEQ_LENS, Hq, GROUP, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
-    """This program's query block (program ids: query block, batch row * Hq + q head): (b * Hq + h, b, h, the kv
+    """This program's query block (program ids: query block, q head, batch row): (b * Hq + h, b, h, the kv
     head, seq_lens[b], the block's rows, which of them are real, and the end of the keys they read: 0 for a block
     wholly in the padding, so that nothing of its row is loaded; causal: up to the block's last row)."""
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    pid_bh = b * Hq + h
     seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
     start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -168,9 +168,9 @@ def _memory_attention_bwd_delta_kernel(
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    pid_bh = b * Hq + h
     seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_real = offs_m < seq_len
@@ -194,9 +194,8 @@ def _memory_attention_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // Hkv
-    hk = pid_bh % Hkv
+    hk = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -302,9 +301,10 @@ def _tune_key(q: torch.Tensor, seq_lens: torch.Tensor, block_d: int, causal: boo
 
 def _launch(name: str, rows_key: str, L: int, heads: int, B: int, key: tuple | None, *args, **constexprs) -> None:
     """Run kernel `name`, autotuned for `key` (`TunedLauncher`) or with `_FIXED_BLOCKS` when it is None; one
-    program per block of `rows_key` ("BLOCK_M" or "BLOCK_N") rows, per batch row and head."""
+    program per block of `rows_key` ("BLOCK_M" or "BLOCK_N") rows, per head (grid axis 1) and batch row (axis 2:
+    B * heads on one axis would pass CUDA's 65535 limit of axes 1 and 2 from B = 2048 at 32 heads)."""
     def grid(meta):
-        return triton.cdiv(L, meta[rows_key]), B * heads
+        return triton.cdiv(L, meta[rows_key]), heads, B
     if key is not None:
         _LAUNCHERS[name](key, grid, *args, **constexprs)
     else:
@@ -349,7 +349,7 @@ def _backward(q, k, v, o, lse, seq_lens, do, params: _AttentionParams):
     block_d = _block_d(d)
     delta = torch.empty_like(lse)
     delta_block = 16 if triton_interpret() else 64
-    _memory_attention_bwd_delta_kernel[(triton.cdiv(L, delta_block), B * Hq)](
+    _memory_attention_bwd_delta_kernel[(triton.cdiv(L, delta_block), Hq, B)](
         o, do, delta, seq_lens, *o.stride(), *do.stride(), Hq, L, d, BLOCK_D=block_d, BLOCK_M=delta_block)
     # empty_like keeps the inputs' strides when they are dense, so each grad matches its input's layout.
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -376,6 +376,7 @@ class _MemoryAttentionFn(torch.autograd.Function):
         return o
 
     @staticmethod
+    @first_derivative_only
     def backward(ctx, do):
         q, k, v, o, lse, seq_lens = ctx.saved_tensors
         dq, dk, dv = _backward(q, k, v, o, lse, seq_lens, do, ctx.params)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .._autograd import needs_autograd
+from .._autograd import first_derivative_only, needs_autograd
 from .._backends import cuda_extension
 
 cuda_extension()  # importing llm2comp_kernels._C registers torch.ops.llm2comp.*
@@ -33,6 +33,7 @@ class _SpanMeanPoolFn(torch.autograd.Function):
         return torch.ops.llm2comp.span_mean_pool_fwd(hidden, start, length)
 
     @staticmethod
+    @first_derivative_only
     def backward(ctx, grad_out):
         start, length = ctx.saved_tensors
         return torch.ops.llm2comp.span_mean_pool_bwd(grad_out.contiguous(), start, length, ctx.L), None, None

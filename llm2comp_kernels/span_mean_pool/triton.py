@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._autograd import needs_autograd
+from .._autograd import first_derivative_only, needs_autograd
 from .._backends import triton_autotune
 
 # (BLOCK_L, BLOCK_D) when not autotuning: small, so that interpreter tests with D ~ 40 and spans of a few
@@ -104,6 +104,7 @@ class _SpanMeanPoolFn(torch.autograd.Function):
         return _forward(hidden, start, length)
 
     @staticmethod
+    @first_derivative_only
     def backward(ctx, grad_out):
         start, length = ctx.saved_tensors
         B, L, D = ctx.shape

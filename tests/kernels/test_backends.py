@@ -1,9 +1,13 @@
 """`resolve_backend`: the requested backend or an error that says why not; for "auto", the op's own order."""
 
+import warnings
+
 import pytest
 import torch
 
+import llm2comp_kernels
 from llm2comp_kernels import _backends
+from llm2comp_kernels.memory_attention import api as attention_api
 
 
 @pytest.mark.parametrize("order, runnable, expected", [
@@ -15,8 +19,14 @@ from llm2comp_kernels import _backends
 ])
 def test_auto_takes_the_first_runnable_backend_of_the_op_order(monkeypatch, order, runnable, expected):
     monkeypatch.setattr(_backends, "why_not", lambda backend, *args: None if backend in runnable else "cannot")
-    chosen = _backends.resolve_backend("op", "auto", torch.device("cuda"), torch.bfloat16, auto_order=order)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chosen = _backends.resolve_backend("op", "auto", torch.device("cuda"), torch.bfloat16, auto_order=order)
     assert chosen == expected
+    # falling back to the O(L^2) reference on a GPU is said, with each kernel's reason
+    assert [str(w.message) for w in caught] == (
+        ["op: backend='auto' runs the torch reference on these CUDA tensors: cuda: cannot; triton: cannot"]
+        if expected == "torch" else [])
 
 
 def test_auto_on_cpu_tensors_is_torch(monkeypatch):
@@ -44,3 +54,43 @@ def test_attention_auto_order_puts_cuda_first_only_for_a_short_forward_without_g
     assert auto_order(*inputs(1, requires_grad=True)) == AUTO_ORDER
     with torch.no_grad():
         assert auto_order(*inputs(1, requires_grad=True)) == SHORT_FORWARD_ORDER
+
+
+def _attention_inputs(B=1, d=16, dtype=torch.bfloat16, requires_grad=False):
+    return [torch.zeros(B, 2, 4, d, dtype=dtype, requires_grad=requires_grad) for _ in range(3)]
+
+
+@pytest.mark.parametrize("inputs, backend, reason", [
+    (_attention_inputs(d=24), "triton", "head dims .* got 24"),
+    (_attention_inputs(B=65536), "triton", "at most 65535 batch rows"),
+    (_attention_inputs(d=64, dtype=torch.float32), "cuda", "float16/bfloat16 with head dims"),
+    (_attention_inputs(dtype=torch.float32), "flash", "float16/bfloat16 with head dims up to 256"),
+    (_attention_inputs(d=288), "flash", "up to 256, got torch.bfloat16 with d=288"),
+])
+def test_attention_backends_say_which_inputs_they_refuse(inputs, backend, reason):
+    import re
+
+    assert re.search(reason, attention_api._unsupported(*inputs)[backend])
+
+
+def test_cuda_attention_with_gradients_needs_triton(monkeypatch):
+    monkeypatch.setattr(attention_api, "triton_import_error", lambda: "triton is not importable (ImportError)")
+    assert "cuda" not in attention_api._unsupported(*_attention_inputs(d=64))  # a forward alone runs without it
+    reason = attention_api._unsupported(*_attention_inputs(d=64, requires_grad=True))["cuda"]
+    assert reason == "its backward runs the Triton kernels, and triton is not importable (ImportError)"
+
+
+def test_available_backends(monkeypatch):
+    monkeypatch.setattr(_backends, "why_not", lambda backend, device, dtype, cuda_op, unsupported=None:
+                        (unsupported or {}).get(backend))   # every backend runs but for the dtype limits
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    fp32 = llm2comp_kernels.available_backends("cuda")
+    assert fp32["memory_attention"] == ["torch", "triton"] and fp32["linear_kl_loss"] == ["torch", "triton"]
+    bf16 = llm2comp_kernels.available_backends("cuda", torch.bfloat16)
+    assert bf16["memory_attention"] == ["torch", "triton", "cuda", "flash"]
+    assert bf16["contrastive_loss"] == ["torch", "triton", "cuda"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA device is visible"):
+        llm2comp_kernels.available_backends("cuda")
+    with pytest.raises(ValueError, match="not a device: 'tpu'"):
+        llm2comp_kernels.available_backends("tpu")

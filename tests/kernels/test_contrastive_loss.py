@@ -385,9 +385,10 @@ def test_triton_backward_in_many_doc_chunks(dtype, device, monkeypatch):
 def test_triton_backward_without_fp32_addmm(device, monkeypatch):
     """Where addmm cannot add the fp32 product of bf16 operands into the fp32 dq (torch 2.8/2.9), the backward adds a
     separate product: forced here whatever this torch supports, over 17 doc chunks, against the float64 reference."""
+    from llm2comp_kernels import _matmul
     from llm2comp_kernels.contrastive_loss import triton as backend
 
-    monkeypatch.setattr(backend, "_addmm_takes_fp32_accumulator", lambda device: False)
+    monkeypatch.setattr(_matmul, "_addmm_takes_fp32_accumulator", lambda device: False)
     monkeypatch.setattr(backend, "_DS_WORKSPACE_BYTES", 1 << 20)
     _check("triton", device, 2048, 4133, 1024, torch.bfloat16, "custom", True, True, "mean")
 
