@@ -12,7 +12,7 @@ __all__ = ["mm_fp32"]
 _MIXED_PRECISION_MM = torch.torch_version.TorchVersion(torch.__version__) >= (2, 8)
 
 
-def mm_fp32(a: torch.Tensor, b: torch.Tensor, alpha: float, add_to: torch.Tensor | None = None) -> torch.Tensor:
+def mm_fp32(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, add_to: torch.Tensor | None = None) -> torch.Tensor:
     """``alpha * a @ b (+ add_to)`` in fp32 from float16/bfloat16/float32 operands (exact products, fp32 sums):
     cuBLAS with an fp32 output on CUDA (torch >= 2.8), else fp32 copies of low-precision operands (the CPU
     interpreter: aten has no mixed-precision matmul there). float32 operands multiply as torch's matmul
@@ -24,7 +24,8 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor, alpha: float, add_to: torch.Tensor
         else:
             a, b = a.float(), b.float()
     if add_to is None:
-        return torch.mm(a, b, **extra).mul_(alpha)
+        out = torch.mm(a, b, **extra)
+        return out if alpha == 1.0 else out.mul_(alpha)
     if extra and not _addmm_takes_fp32_accumulator(a.device):
         return add_to.add_(torch.mm(a, b, **extra), alpha=alpha)
     return torch.addmm(add_to, a, b, alpha=alpha, **extra)

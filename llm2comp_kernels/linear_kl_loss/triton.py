@@ -121,7 +121,7 @@ class _LinearKLTritonFn(GradsFromForward):
             C = chunk.numel()
             # Student and teacher rows in one product, so W streams through once per chunk instead of twice.
             both = torch.cat((student.index_select(0, chunk), teacher.index_select(0, chunk)))  # [2C, H]
-            logits = mm_fp32(both, w_t, 1.0)                          # [2C, V] fp32
+            logits = mm_fp32(both, w_t)                               # [2C, V] fp32
             logits_s, hs = logits[:C], both[:C]
             _kl_rows(logits_s, logits[C:], kl[start:start + C], params.temperature, grad_scale,
                      grad_student is not None)
