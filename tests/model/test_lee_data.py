@@ -21,3 +21,12 @@ def test_falls_back_to_the_gensim_wheel(tmp_path, monkeypatch):
     bench = lee.load_lee()
     assert len(bench.documents) == 50 and len(bench.pairs) == 1225
     assert len(lee.lee_background_documents()) == 300
+
+
+def test_latin1_corpus_is_decoded(tmp_path):
+    """lee.cor is Latin-1: its pound sign must come through, not as a replacement character."""
+    for name, text in (("lee.cor", "A fine of \u00a33,000.\n"), ("lee_background.cor", "caf\u00e9\n"),
+                       ("similarities0-1.txt", "1 0.5\n")):
+        (tmp_path / name).write_bytes(text.encode("latin-1" if name == "lee.cor" else "utf-8"))
+    files = lee.lee_files(tmp_path)
+    assert files["lee.cor"] == "A fine of \u00a33,000.\n" and files["lee_background.cor"] == "caf\u00e9\n"
