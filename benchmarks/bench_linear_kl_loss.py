@@ -138,8 +138,10 @@ def run(quick: bool) -> list[dict]:
     device = harness.kernel_device("bench_linear_kl_loss", quick)
     peak = harness.matmul_peak_row(OP, device, quick)  # first: before a deadline can cut it
     shapes = [(64, 32, 1000, torch.float32)] if quick else [(8192, 4096, V, torch.bfloat16) for V in (32000, 128256)]
-    rows = [r for N, H, V, dtype in shapes
-            for mode, trained in (("fwd", False), ("fwd+bwd", True), ("fwd+bwd", False))
+    # The rows a deadline must not cut first: training with the head trainable (the comparison with Liger), then
+    # frozen (LLM2Comp's stage 1), then the forward alone.
+    rows = [r for mode, trained in (("fwd+bwd", True), ("fwd+bwd", False), ("fwd", False))
+            for N, H, V, dtype in shapes
             for r in _bench_shape(N, H, V, dtype, device, quick, mode, trained)]
     if quick and device.type != "cuda":
         rows += _cpu_memory_rows()

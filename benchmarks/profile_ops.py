@@ -127,7 +127,7 @@ def _launch_cases(quick: bool, device) -> dict[str, Callable[[], object]]:
     seq_lens = torch.full((B,), L, device=device, dtype=torch.int32)
     wide_args = (q, k, v, o, lse, seq_lens, *q.stride(), *k.stride(), *v.stride(), *o.stride(), Hq, Hq // Hkv, L, d,
                  128, 0.125)
-    grid = (triton.cdiv(L, 64), B * Hq)
+    grid = (triton.cdiv(L, 64), Hq, B)  # as memory_attention's kernels launch
     cases = {"launch: empty Triton kernel, 28 runtime args, direct": lambda: wide[grid](*wide_args, BLOCK=64),
              "launch: empty Triton kernel, 4 runtime args, direct": lambda: narrow[grid](q, lse, L, 0.125, BLOCK=64)}
     if not quick:  # the interpreter has no driver to tune with, nor JITFunction.run to stub
@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := sorted(set(names) - set(GROUPS)):
         parser.error(f"unknown groups {unknown}; available: {sorted(GROUPS)}")
     device = harness.kernel_device("profile_ops", args.quick)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"profile_{'gpu' if device.type == 'cuda' else 'cpu'}.json"
     cases, start = [], time.perf_counter()
     for name in names:
         for case, step in GROUPS[name](args.quick, device).items():
@@ -213,11 +216,9 @@ def main(argv: list[str] | None = None) -> None:
                                        f"{result['time_us_per_call']:.1f} µs {result['time_is']}"))
             for k in result.get("kernels", []):
                 print(f"  {k['us_per_call']:10.1f} µs  x{k['launches_per_call']:<5.3g} {k['name']}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"profile_{'gpu' if device.type == 'cuda' else 'cpu'}.json"
-    environment = {**harness.environment(), "wall_s": round(time.perf_counter() - start, 1)}
-    path.write_text(json.dumps({"environment": environment, "cases": cases}, indent=1))
+            # After every case: a run cut short by its time limit keeps what it measured.
+            environment = {**harness.environment(), "wall_s": round(time.perf_counter() - start, 1)}
+            path.write_text(json.dumps({"environment": environment, "cases": cases}, indent=1))
     print(f"wrote {path}")
 
 

@@ -15,8 +15,9 @@
 # e.g. LLM2COMP_GIT_COMMIT=$(git rev-parse HEAD) PARTS=tests OUT=$OUT bash benchmarks/run_gpu.sh
 # BENCH="attention profile_ops" runs these benchmarks/bench_<name>.py (and profile_ops) instead of the parts'
 # lists.
-# A device call runs at most 10 minutes: every step gets at most the time left before DEADLINE_S (default 560 s
-# after the start), each benchmark at most BENCH_CAP_S (default 150 s); a benchmark past its cap records its
+# A device call runs at most 10 minutes, and a whole visit has about 15 minutes of device time (machine start,
+# idle time and transfers included): set DEADLINE_S from the device status's budget_left_s (minus ~45 s) for a
+# second call. Every step gets at most the time left before DEADLINE_S (default 560 s after the start), each benchmark at most BENCH_CAP_S (default 150 s); a benchmark past its cap records its
 # remaining rows as not measured and still writes its JSON ($LLM2COMP_BENCH_DEADLINE, see benchmarks/harness.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -92,7 +93,7 @@ for part in $PARTS; do
             # Without the caching allocator every tensor is its own allocation, so memcheck sees overruns.
             ( for tool in memcheck racecheck; do
                 log "compute-sanitizer --tool $tool"
-                PYTORCH_NO_CUDA_MEMORY_CACHING=1 CAP=150 in_time compute-sanitizer --tool "$tool" --error-exitcode 1 \
+                PYTORCH_NO_CUDA_MEMORY_CACHING=1 CAP=90 in_time compute-sanitizer --tool "$tool" --error-exitcode 1 \
                     "$PY" -m pytest -q -x -p no:cacheprovider -m gpu tests/kernels/test_cuda_extension.py \
                     -k "$SANITIZE_K" \
                     >"$R/sanitize_$tool.log" 2>&1

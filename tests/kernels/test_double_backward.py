@@ -11,8 +11,8 @@ from llm2comp_kernels import contrastive_loss, linear_kl_loss, memory_attention,
 from tests.utils import backend_cases
 
 
-def _attention(backend, device):
-    q, k, v, seq_lens = testing.make_attention_inputs(2, 4, 2, 9, 16, device=device)
+def _attention(backend, device):  # bf16, d=64: what every kernel backend takes
+    q, k, v, seq_lens = testing.make_attention_inputs(2, 4, 2, 9, 64, dtype=torch.bfloat16, device=device)
     return memory_attention(q, k, v, seq_lens, backend=backend).square().sum(), q
 
 
