@@ -104,7 +104,8 @@ class LinearKLLoss(nn.Module):
         super().__init__()
         self.temperature = v.positive_float("LinearKLLoss", "temperature", temperature)
         if chunk_size is not None:
-            resolve_chunk_size(chunk_size, 1, torch.device("cpu"))  # only validates: a given size comes back as is
+            # only validates: a given size comes back as is
+            resolve_chunk_size(chunk_size, 1, torch.device("cpu"), "LinearKLLoss")
         self.chunk_size = chunk_size
         self.backend = _backend("LinearKLLoss", "linear_kl_loss", backend)
 

@@ -88,7 +88,7 @@ def test_backend_reaches_the_op(name, make, monkeypatch):
     (lambda: ContrastiveLoss(symmetric="yes"), TypeError, "symmetric must be a bool"),
     (lambda: ContrastiveLoss(reduction="max"), ValueError, "reduction must be one of"),
     (lambda: ContrastiveLoss(backend="flash"), ValueError, "backend must be one of"),
-    (lambda: LinearKLLoss(chunk_size=0), ValueError, "chunk_size must be an int >= 1"),
+    (lambda: LinearKLLoss(chunk_size=0), ValueError, "^LinearKLLoss: chunk_size must be an int >= 1"),
     (lambda: LinearKLLoss(backend="cuda"), ValueError, "backend must be one of"),
 ])
 def test_bad_options_fail_at_construction(make, error, match):
