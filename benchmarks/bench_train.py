@@ -61,8 +61,9 @@ def _write_data(root: Path) -> dict[str, Path]:
 def _llm2comp_step(base: Path, stage: str, backend: str, data: Path, out: Path, batch: int, max_length: int,
                    device: torch.device):
     """(step function, real tokens per step) of one llm2comp optimizer step on the first `batch` examples."""
+    extra = {"skip_short": True} if stage == "compress" else {}  # a compress-only option
     cfg = load_config(stage, model=str(base), data=str(data), output=str(out), batch_size=batch,
-                      max_length=max_length, attention_backend=backend, skip_short=True)
+                      max_length=max_length, attention_backend=backend, **extra)
     model = modeling.load_model(cfg).to(device).train()
     work = build_stage(cfg, model, device)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -160,21 +160,27 @@ def _read_toml(path: str | Path) -> dict[str, Any]:
 def load_config(stage: str, toml_path: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """The stage's defaults, updated by the TOML file's keys (dashes or underscores), then `overrides`."""
     values = stage_defaults(stage)
-    if toml_path is not None:
-        values.update(_read_toml(toml_path))
-    values.update(overrides)
+    given = {**(_read_toml(toml_path) if toml_path is not None else {}), **overrides}
+    applies = {f.name: f.metadata["stages"] for f in fields(TrainConfig) if f.name != "stage"}
+    for name in given:
+        if name in applies and stage not in applies[name]:
+            raise ConfigError(f"{flag(name)} applies to the {' and '.join(applies[name])} stage only, "
+                              f"not to {stage}" + (f" (set in {toml_path})" if name not in overrides else ""))
+    values.update(given)
     values["stage"] = stage
     return _check(TrainConfig(**values))
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
-    """One flag per TrainConfig field (but `stage`); unset flags stay absent from the namespace."""
+    """One flag per TrainConfig field that applies to `stage`; unset flags stay absent from the namespace."""
     defaults = stage_defaults(stage)
     parser.add_argument("--config", help="TOML file giving any of these options (flags override it)")
     for f in fields(TrainConfig):
         if f.name == "stage":
             continue
         applies = f.metadata["stages"]
+        if stage not in applies:
+            continue  # load_config refuses it for this stage too
         only = "" if applies == STAGES else f"[{' and '.join(applies)} only] "
         default = "required: here or in --config" if f.name in _REQUIRED else f"default: {defaults[f.name]!r}"
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,

@@ -42,15 +42,20 @@ def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["train", "compress", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for flag in ("--objective", "--grad-cache", "--resume", "--lora-dropout", "--precision", "--config"):
+    for flag in ("--objective", "--min-split", "--resume", "--lora-dropout", "--precision", "--config"):
         assert flag in text
     assert "(default: 0.0001)" in text and "(default: 'kl')" in text
     assert "--data DATA training file" in text and "(default: '')" not in text
     assert text.count("(required: here or in --config)") == 2  # --data, --output
-    assert "--temperature TEMPERATURE [unsupervised and supervised only] contrastive temperature" in text
-    assert "--num-negatives NUM_NEGATIVES [supervised only] hard negatives" in text
     assert "--objective {kl,nll,reconstruct} [compress only]" in text
     assert "--overwrite, --no-overwrite start afresh" in text
+    assert "--temperature" not in text and "--num-negatives" not in text  # other stages' options are left out
+    with pytest.raises(SystemExit):
+        main(["train", "supervised", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--temperature TEMPERATURE [unsupervised and supervised only] contrastive temperature" in text
+    assert "--num-negatives NUM_NEGATIVES [supervised only] hard negatives" in text
+    assert "--objective" not in text and "--min-split" not in text
 
 
 @pytest.mark.parametrize("stage, lines, message", [

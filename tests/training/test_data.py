@@ -117,19 +117,30 @@ def test_config_file_errors_name_the_file_and_key(tmp_path, line, message):
 
 @pytest.mark.parametrize("options, message", [
     ({"max_steps": -1}, "--max-steps must be >= 0, got -1"),
-    ({"num_negatives": -2}, "--num-negatives must be >= 0, got -2"),
+    ({"num_negatives": -2, "stage": "supervised"}, "--num-negatives must be >= 0, got -2"),
     ({"max_grad_norm": -1.0}, "--max-grad-norm must be >= 0, got -1.0"),
     ({"weight_decay": -0.1}, "--weight-decay must be >= 0, got -0.1"),
     ({"lora_alpha": 0}, "--lora-alpha must be >= 1, got 0"),
     ({"lr": float("nan")}, "--lr must be a finite number, got nan"),
-    ({"temperature": 0.0}, "--temperature must be > 0, got 0.0"),
+    ({"temperature": 0.0, "stage": "unsupervised"}, "--temperature must be > 0, got 0.0"),
     ({"warmup_ratio": 1.0}, "--warmup-ratio must be in [0, 1), got 1.0"),
     ({"resume": True, "overwrite": True}, "--resume and --overwrite exclude each other"),
 ])
 def test_option_ranges_are_checked_at_startup(options, message):
+    options = dict(options)
     with pytest.raises(ConfigError) as info:
-        load_config("compress", data="d", output="o", **options)
+        load_config(options.pop("stage", "compress"), data="d", output="o", **options)
     assert message in str(info.value)
+
+
+def test_options_of_other_stages_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="^--objective applies to the compress stage only, not to supervised$"):
+        load_config("supervised", data="d", output="o", objective="nll")
+    toml = tmp_path / "c.toml"
+    toml.write_text('data = "d"\noutput = "o"\ntemperature = 0.1\n')
+    with pytest.raises(ConfigError, match=f"--temperature applies to the unsupervised and supervised stage only, "
+                                          f"not to compress \\(set in {toml}\\)"):
+        load_config("compress", toml)
 
 
 def test_missing_data_and_output_are_named():
