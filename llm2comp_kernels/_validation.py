@@ -63,8 +63,13 @@ def in_range(op: str, name: str, x: torch.Tensor, low: torch.Tensor | int, high:
 def check_in_range(op: str, name: str, x: torch.Tensor, low: torch.Tensor | int, high: torch.Tensor | int,
                    rule: str) -> None:
     """Raise unless ``low <= x <= high`` elementwise; `rule` states the constraint in words. Reads the values back
-    to the host (one synchronisation) to report the first offender."""
+    to the host (one synchronisation) to report the first offender. While `torch.compile` traces, where reading
+    back would break the graph, an asynchronous device-side assert instead (a CUDA device assert, fatal to the
+    process's CUDA context, rather than kernels indexing out of bounds)."""
     bad = (x < low) | (x > high)
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), f"{op}: {name} breaks {rule}")
+        return
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"{op}: {name}[{i}] = {int(x[i])} breaks {rule}")
@@ -75,10 +80,12 @@ def check_once(tensors: tuple[torch.Tensor, ...], key: tuple, check: Callable[[]
     unmodified `tensors` passed the check named `key` recently: a model passes one `seq_lens` to every layer, a
     training loop reuses its labels, a benchmark its inputs.
 
-    Skipped while `torch.compile` traces, where reading values back would break the graph: compiled
-    code checks shapes and dtypes only, so validate index values eagerly first if they may be wrong.
+    While `torch.compile` traces, `check()` runs every call (no cache), as device-side asserts (`check_in_range`).
     """
-    if torch.compiler.is_compiling() or _CHECKED.contains(tensors, key):
+    if torch.compiler.is_compiling():
+        check()
+        return
+    if _CHECKED.contains(tensors, key):
         return
     check()
     _CHECKED.add(tensors, key)

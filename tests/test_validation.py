@@ -62,3 +62,15 @@ def test_numbers_may_be_numpy_scalars_not_tensors():
     assert positive_float("op", "temperature", np.int64(2)) == 2.0
     with pytest.raises(TypeError, match="op: temperature must be a number, got Tensor"):
         positive_float("op", "temperature", torch.tensor(0.05))
+
+
+@pytest.mark.parametrize("start, length", [([0, 5], [2, 3]), ([0, -1], [2, 1]), ([0, 1], [2, 0])])
+def test_compiled_value_checks_assert_on_the_device(start, length):
+    """Under torch.compile the host-side value checks would break the graph; a bad span must still stop the op
+    (a device-side assert) instead of reading out of bounds."""
+    pool = torch.compile(lambda h, s, n: span_mean_pool(h, s, n, backend="torch"), fullgraph=True)
+    hidden = torch.randn(2, 7, 4)
+    ok = pool(hidden, torch.tensor([0, 1]), torch.tensor([2, 3]))
+    torch.testing.assert_close(ok, span_mean_pool(hidden, torch.tensor([0, 1]), torch.tensor([2, 3])))
+    with pytest.raises(RuntimeError, match="span_mean_pool: (start|length) breaks"):
+        pool(hidden, torch.tensor(start), torch.tensor(length))
