@@ -16,6 +16,9 @@ import json
 import sys
 from pathlib import Path
 
+from .data import text_lines
+from .encode import POOLINGS
+
 COMMANDS = [
     ("encode", "llm2comp.cli:add_encode_parser"),
     ("eval", "llm2comp.cli:add_eval_parser"),
@@ -23,7 +26,6 @@ COMMANDS = [
     ("demo", "llm2comp.training.cli:add_demo_parser"),
     ("bench", "llm2comp.cli:add_bench_parser"),
 ]
-POOLINGS = ("memory", "mean", "last")
 
 
 def positive_int(value: str) -> int:
@@ -81,8 +83,7 @@ def _run_encode(args: argparse.Namespace) -> int:
 
     texts = list(args.texts)
     if args.input:  # every "\n"-ended line is a text (blank ones too), so row i of the output is line i
-        text = Path(args.input).read_text(encoding="utf-8-sig")
-        texts += [line.rstrip("\r") for line in text.removesuffix("\n").split("\n")] if text else []
+        texts += text_lines(Path(args.input).read_text(encoding="utf-8-sig"))
     if not texts:
         print("llm2comp encode: no texts (give them as arguments or with --input)", file=sys.stderr)
         return 2

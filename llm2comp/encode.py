@@ -13,9 +13,16 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-__all__ = ["POOLINGS", "encode_texts"]
+__all__ = ["POOLINGS", "check_pooling", "encode_texts"]
 
 POOLINGS = ("memory", "mean", "last")
+
+
+def check_pooling(pooling: str) -> str:
+    """`pooling` if it is one of `POOLINGS`, else ValueError."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    return pooling
 
 PROGRESS_BAR_MIN_BATCHES = 5
 
@@ -61,9 +68,7 @@ def encode_texts(model, sentences: str | Sequence[str], *, instruction: str | No
         show_progress_bar: tqdm bar; None shows it for 5 or more batches.
         device: move the model there first.
     """
-    pooling = pooling or model.pooling
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    pooling = check_pooling(pooling or model.pooling)
     texts, single = _check_sentences(sentences, pooling)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -25,7 +25,7 @@ from llm2comp_kernels import span_mean_pool
 
 from .bidirectional import patch_bidirectional, unpatch_bidirectional
 from .default_model import DEFAULT_MODEL, default_model_files, is_default_model
-from .encode import POOLINGS, check_encode_kwargs, encode_texts
+from .encode import POOLINGS, check_encode_kwargs, check_pooling, encode_texts
 from .memory_tokens import add_memory_tokens, init_memory_rows
 
 CONFIG_NAME = "llm2comp_config.json"
@@ -102,13 +102,11 @@ class LLM2Comp(torch.nn.Module):
     def __init__(self, model: PeftModel, tokenizer, memory_token_ids: Sequence[int], *, pooling: str = "memory",
                  base_reference: dict | None = None):
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.memory_token_ids = list(memory_token_ids)
         self.num_memory_tokens = len(self.memory_token_ids)
-        self.pooling = pooling
+        self.pooling = check_pooling(pooling)
         self.base_reference = base_reference or {}
         bos = tokenizer.bos_token_id
         self._bos = [bos] if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else []
@@ -287,17 +285,15 @@ class LLM2Comp(torch.nn.Module):
         (text tokens ``text_start .. memory_start-1``) or ``"last"`` (the last text token);
         default `self.pooling`.
         """
-        pooling = pooling or self.pooling
+        pooling = check_pooling(pooling or self.pooling)  # before the (costly) forward
         hidden = self.hidden_states(input_ids=input_ids, attention_mask=attention_mask)
         if pooling == "memory":
             start, length = memory_start, seq_lens - memory_start
         elif pooling == "mean":
             start = text_start if text_start is not None else torch.zeros_like(memory_start)
             length = memory_start - start
-        elif pooling == "last":
+        else:  # "last"
             start, length = memory_start - 1, torch.ones_like(memory_start)
-        else:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         return span_mean_pool(hidden, start, length)
 
     def encode(self, sentences: str | Sequence[str], **kwargs):

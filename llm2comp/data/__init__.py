@@ -2,4 +2,11 @@
 
 from .lee import LeeBenchmark, lee_background_documents, load_lee
 
-__all__ = ["LeeBenchmark", "lee_background_documents", "load_lee"]
+__all__ = ["LeeBenchmark", "lee_background_documents", "load_lee", "text_lines"]
+
+
+def text_lines(text: str) -> list[str]:
+    """The lines of `text`, ended by a newline only (not also by str.splitlines' U+2028, \\x1c and the like,
+    which can sit inside a document), carriage returns stripped; a final newline opens no empty line, and an
+    empty text has none."""
+    return [line.rstrip("\r") for line in text.removesuffix("\n").split("\n")] if text else []

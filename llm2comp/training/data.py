@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..data import text_lines
+
 __all__ = ["DataError", "TextRow", "PairRow", "read_texts", "read_pairs", "split_point", "BatchOrder"]
 
 
@@ -73,8 +75,7 @@ def _lines(path: str | Path) -> tuple[Path, list[tuple[int, str]]]:
         line = data[:exc.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); "
                         "training files must be UTF-8") from exc
-    # "\n" ends a line (not str.splitlines' U+2028, \x1c... which can sit inside a document)
-    lines = [(i, raw.rstrip("\r")) for i, raw in enumerate(text.removesuffix("\n").split("\n"), 1)]
+    lines = list(enumerate(text_lines(text), 1))
     if not any(raw.strip() for _, raw in lines):
         raise DataError(f"{path}: the file is empty")
     return path, lines
