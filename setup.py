@@ -37,7 +37,8 @@ def cuda_build():
     sources = sorted(glob.glob("csrc/**/*.cu", recursive=True) + glob.glob("csrc/**/*.cpp", recursive=True))
     if not sources:
         return skip("no sources in csrc/")
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # +PTX: newer GPUs (sm_100, sm_120) JIT-compile the sm_90 PTX instead of finding no kernel image.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     # bf16 tensor-core mma and cp.async need sm_80 or newer.
     old = [a for a in re.findall(r"\d+\.\d+", os.environ["TORCH_CUDA_ARCH_LIST"]) if float(a) < 8.0]
     if old:

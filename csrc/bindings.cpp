@@ -158,7 +158,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_fwd_op(const at:
                                                                        const at::Tensor& docs,
                                                                        const at::Tensor& labels, double temperature,
                                                                        bool symmetric, int64_t requested_chunk) {
-    // labels must lie in [0, N): the Python API checks it once per tensor; checking here would sync every call.
+    // labels must lie in [0, N): the Python API checks it once per tensor; checking here would sync every call
+    // (the kernels never index with a bad label; its loss is NaN).
     constexpr const char* OP = "llm2comp::contrastive_loss_fwd";
     check_pair(OP, queries, docs);
     float_dtype(OP, "queries", queries);
@@ -186,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_fwd_op(const at:
     }
     LLM2COMP_CHECK_LAUNCH(contrastive_loss_finalize(row_stats.data_ptr<float>(),
                                                     symmetric ? col_stats.data_ptr<float>() : nullptr,
-                                                    labels.data_ptr<int64_t>(), loss.data_ptr<float>(), B, stream));
+                                                    labels.data_ptr<int64_t>(), loss.data_ptr<float>(), B, N, stream));
     return {loss, row_stats, col_stats};
 }
 
@@ -217,11 +218,15 @@ std::tuple<at::Tensor, at::Tensor> contrastive_loss_bwd_op(const at::Tensor& gra
     const float scale_log2 = static_cast<float>(kLog2e / temperature);
     const double inv_temp = 1.0 / temperature;
     const auto f32 = queries.options().dtype(at::kFloat);
-    at::Tensor w_row = at::empty({B}, f32), w_col = at::zeros({symmetric ? N : 0}, f32);
+    // Softmax weights: the row term carries g (halved when symmetric), the column term of doc j half the g of
+    // every query whose positive is j. index_put_ sums repeated labels in a fixed order (on CUDA it sorts the
+    // indices), so the gradients are bitwise reproducible, which atomics would not make them; it also
+    // bounds-checks the labels.
+    const at::Tensor w_row = symmetric ? grad_loss * 0.5 : grad_loss;
+    at::Tensor w_col = at::zeros({symmetric ? N : 0}, f32);
+    if (symmetric) w_col.index_put_({labels}, w_row, /*accumulate=*/true);
     float* w_col_ptr = symmetric ? w_col.data_ptr<float>() : nullptr;
     const float* col_stats_ptr = symmetric ? col_stats.data_ptr<float>() : nullptr;
-    LLM2COMP_CHECK_LAUNCH(contrastive_loss_weights(grad_loss.data_ptr<float>(), labels.data_ptr<int64_t>(),
-                                                   w_row.data_ptr<float>(), w_col_ptr, B, stream));
     // fp32 gradients whatever the input dtype: the caller may still chain them through a normalisation,
     // where rounding them to bf16 first would cost accuracy.
     at::Tensor dq = at::zeros({B, D}, f32), dd = at::empty({N, D}, f32);
@@ -294,6 +299,11 @@ std::tuple<at::Tensor, at::Tensor> memory_attention_fwd_op(const at::Tensor& q, 
     const AttentionStrides sq = attention_strides(OP, "q", q), sk = attention_strides(OP, "k", k),
                            sv = attention_strides(OP, "v", v);
     const c10::cuda::CUDAGuard guard(q.device());
+    const size_t smem = memory_attention_smem_bytes(d, static_cast<int>(block_warps));
+    const size_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+    TORCH_CHECK(smem <= smem_limit, OP, ": block_warps=", num(block_warps), " with head dim ", num(d), " needs ",
+                num(smem), " bytes of shared memory per block, this GPU allows ", num(smem_limit),
+                "; use block_warps=4");
     at::Tensor out = at::empty({B, Hq, L, d}, q.options());
     const auto f32 = q.options().dtype(at::kFloat);
     at::Tensor lse = with_lse ? at::empty({B, Hq, L}, f32) : at::empty({0}, f32);

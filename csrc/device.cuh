@@ -14,6 +14,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <limits>
 #include <type_traits>
 #include <utility>
 
@@ -22,6 +23,9 @@
 #endif
 
 namespace llm2comp {
+
+// What a kernel writes for an input the Python API would have rejected (a direct torch.ops call skips it).
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 template <typename T>
 __device__ __forceinline__ float to_float(T x) {

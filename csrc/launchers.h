@@ -9,7 +9,8 @@ namespace llm2comp {
 
 enum class DType { kFloat32, kFloat16, kBFloat16 };
 
-// hidden [B, L, D] contiguous, start/length int64 [B] -> out [B, D] (same dtype), fp32 accumulation.
+// hidden [B, L, D] contiguous, start/length int64 [B] -> out [B, D] (same dtype), fp32 accumulation. A row
+// whose span breaks 0 <= start, 1 <= length, start + length <= L is NaN (out here, grad_hidden below).
 cudaError_t span_mean_pool_fwd(DType dtype, const void* hidden, const int64_t* start, const int64_t* length,
                                void* out, int64_t B, int64_t L, int64_t D, cudaStream_t stream);
 
@@ -39,19 +40,15 @@ cudaError_t contrastive_loss_block_stats(const float* logits, int64_t rows, int6
 cudaError_t contrastive_loss_col_stats(const float* logits, int64_t rows, int64_t cols, float scale_log2,
                                        float* stats, cudaStream_t stream);
 
-// loss fp32 [B] holds the positive logits x_pos on entry and the per-query losses on exit, from row_stats
-// [B, 2] and (symmetric only, else nullptr) col_stats [N, 2].
+// loss fp32 [B] holds the positive logits x_pos on entry and the per-query losses on exit (NaN where a label
+// is outside [0, N)), from row_stats [B, 2] and (symmetric only, else nullptr) col_stats [N, 2].
 cudaError_t contrastive_loss_finalize(const float* row_stats, const float* col_stats, const int64_t* labels,
-                                      float* loss, int64_t B, cudaStream_t stream);
-
-// Backward weights from grad_loss fp32 [B]: w_row [B] = g (g / 2 if symmetric); w_col [N] (symmetric only,
-// else nullptr; zeroed by the caller) += g_i / 2 at labels[i].
-cudaError_t contrastive_loss_weights(const float* grad_loss, const int64_t* labels, float* w_row, float* w_col,
-                                     int64_t B, cudaStream_t stream);
+                                      float* loss, int64_t B, int64_t N, cudaStream_t stream);
 
 // dlogits [B, cols] in `dtype` (may alias logits when float32) = the loss gradient w.r.t. the logits of docs
-// col0 .. col0 + cols, before the 1/temperature that the gradient GEMMs apply; col_stats/w_col nullptr
-// unless symmetric.
+// col0 .. col0 + cols, before the 1/temperature that the gradient GEMMs apply. Weights from grad_loss g fp32
+// [B]: w_row [B] = g (g / 2 if symmetric); w_col [N] = the sum of g_i / 2 over the queries i whose label is
+// the doc (symmetric only; col_stats and w_col nullptr otherwise).
 cudaError_t contrastive_loss_block_dlogits(DType dtype, const float* logits, void* dlogits, int64_t B, int64_t cols,
                                            int64_t col0, float scale_log2, const float* row_stats, const float* w_row,
                                            const float* col_stats, const float* w_col, const int64_t* labels,
@@ -66,6 +63,9 @@ cudaError_t contrastive_loss_block_dlogits(DType dtype, const float* logits, voi
 struct AttentionStrides {
     int64_t b, h, l;
 };
+// The dynamic shared memory (bytes) a block of the forward takes; above the device's opt-in limit the launch
+// fails (head dim 128 with 8 warps on sm_86/sm_89).
+size_t memory_attention_smem_bytes(int64_t head_dim, int block_warps);
 cudaError_t memory_attention_fwd(DType dtype, const void* q, const void* k, const void* v, const int64_t* seq_lens,
                                  void* out, float* lse, int64_t B, int64_t Hq, int64_t Hkv, int64_t L,
                                  int64_t head_dim, AttentionStrides sq, AttentionStrides sk, AttentionStrides sv,

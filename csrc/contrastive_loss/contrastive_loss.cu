@@ -10,7 +10,8 @@
 //   statistics of the chunk's docs (symmetric), from the very logits the row pass read.
 // - block_dlogits: the logit gradient dS of a queries x docs block, in the inputs' dtype, the operand of the
 //   two gradient GEMMs (dq += dS . docs, dd = dS^T . queries) that follow on cuBLAS.
-// - finalize: per-query losses from the statistics; weights: the backward's softmax weights.
+// - finalize: per-query losses from the statistics.
+// The backward's softmax weights (w_row, w_col) are two torch ops in the binding.
 // Extra memory: one chunk's blocks (about kWorkspaceBytes) besides O(B + N) statistics; never [B, N].
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -164,34 +165,25 @@ __global__ void __launch_bounds__(kThreads) contrastive_block_dlogits_kernel(
 
 // Per-query loss from the row (and column) statistics and the positive logit.
 // (max - pos) is exact (0 when the positive is the largest logit); log2(sum) carries the small rest.
+// A label outside [0, N) gives NaN: the Python API rejects it, a direct torch.ops call may not.
 __global__ void contrastive_loss_finalize_kernel(const float2* __restrict__ row_stats,
                                                  const float2* __restrict__ col_stats, const int64_t* __restrict__ labels,
-                                                 float* loss, int64_t B) {  // loss holds pos (log2 units) on entry
+                                                 float* loss, int64_t B, int64_t N) {  // loss: pos (log2 units) on entry
     const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i >= B) return;
+    const int64_t label = labels[i];
+    if (label < 0 || label >= N) {
+        loss[i] = kNaN;
+        return;
+    }
     const float pos = loss[i];
     const float2 r = row_stats[i];
     float out = (r.x - pos) + log2f(r.y);
     if (col_stats != nullptr) {
-        const float2 c = col_stats[labels[i]];
+        const float2 c = col_stats[label];
         out = 0.5f * (out + (c.x - pos) + log2f(c.y));
     }
     loss[i] = out * kLn2;
-}
-
-// Softmax weights of the backward from the per-query upstream gradient g: the row term carries g
-// (halved when symmetric), the column term of doc j carries half the g of every query whose positive
-// is j (zeroed beforehand; atomics because labels may repeat).
-__global__ void contrastive_loss_weights_kernel(const float* __restrict__ g, const int64_t* __restrict__ labels,
-                                                float* __restrict__ w_row, float* __restrict__ w_col, int64_t B) {
-    const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (i >= B) return;
-    if (w_col == nullptr) {
-        w_row[i] = g[i];
-    } else {
-        w_row[i] = 0.5f * g[i];
-        atomicAdd(w_col + labels[i], 0.5f * g[i]);
-    }
 }
 
 unsigned blocks_1d(int64_t n, int64_t per_block) { return static_cast<unsigned>((n + per_block - 1) / per_block); }
@@ -226,16 +218,10 @@ cudaError_t contrastive_loss_col_stats(const float* logits, int64_t rows, int64_
 }
 
 cudaError_t contrastive_loss_finalize(const float* row_stats, const float* col_stats, const int64_t* labels,
-                                      float* loss, int64_t B, cudaStream_t stream) {
+                                      float* loss, int64_t B, int64_t N, cudaStream_t stream) {
     return launch_kernel(contrastive_loss_finalize_kernel, blocks_1d(B, 256), 256, 0, stream,
                          reinterpret_cast<const float2*>(row_stats), reinterpret_cast<const float2*>(col_stats), labels,
-                         loss, B);
-}
-
-cudaError_t contrastive_loss_weights(const float* grad_loss, const int64_t* labels, float* w_row, float* w_col,
-                                     int64_t B, cudaStream_t stream) {
-    return launch_kernel(contrastive_loss_weights_kernel, blocks_1d(B, 256), 256, 0, stream, grad_loss, labels, w_row,
-                         w_col, B);
+                         loss, B, N);
 }
 
 cudaError_t contrastive_loss_block_dlogits(DType dtype, const float* logits, void* dlogits, int64_t B, int64_t cols,

@@ -212,8 +212,11 @@ template <typename T, int HD, bool CAUSAL, int WARPS>
 cudaError_t launch(const Args& a) {
     constexpr size_t bytes = smem_bytes<HD, WARPS>();
     auto kernel = memory_attention_fwd_kernel<T, HD, CAUSAL, WARPS>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-    if (err != cudaSuccess) return err;
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+    if (err != cudaSuccess) {
+        cudaGetLastError();  // clear it, or the next launch of any op would report it as its own
+        return err;
+    }
     constexpr int kBlockM = 16 * WARPS;
     const int blocks_m = static_cast<int>((a.L + kBlockM - 1) / kBlockM);
     const dim3 grid(static_cast<unsigned>(a.B * a.Hq * blocks_m));
@@ -238,6 +241,12 @@ cudaError_t dispatch(int64_t head_dim, bool causal, const Args& a) {
 }
 
 }  // namespace
+
+size_t memory_attention_smem_bytes(int64_t head_dim, int block_warps) {
+    const bool eight = block_warps == 8;
+    if (head_dim == 64) return eight ? smem_bytes<64, 8>() : smem_bytes<64, 4>();
+    return eight ? smem_bytes<128, 8>() : smem_bytes<128, 4>();
+}
 
 cudaError_t memory_attention_fwd(DType dtype, const void* q, const void* k, const void* v, const int64_t* seq_lens,
                                  void* out, float* lse, int64_t B, int64_t Hq, int64_t Hkv, int64_t L,

@@ -17,6 +17,10 @@ struct alignas(sizeof(T) * VEC) Vec {
     T v[VEC];
 };
 
+// 0 <= s and 1 <= n and s + n <= L: what the Python API checks; a direct torch.ops call may skip it, and an
+// invalid span then gives a NaN row instead of an out-of-bounds read.
+__device__ __forceinline__ bool valid_span(int64_t s, int64_t n, int64_t L) { return s >= 0 && n >= 1 && s <= L - n; }
+
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) span_mean_pool_fwd_kernel(
     const T* __restrict__ hidden,       // [B, L, D]
@@ -28,6 +32,13 @@ __global__ void __launch_bounds__(kThreads) span_mean_pool_fwd_kernel(
     const int64_t d0 = ((blockIdx.x % tiles_per_row) * kThreads + threadIdx.x) * VEC;
     if (d0 >= D) return;  // D % VEC == 0, so a vector starting inside D ends inside it
     const int64_t s = start[b], n = length[b];
+    Vec<T, VEC> y;
+    if (!valid_span(s, n, L)) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) y.v[j] = from_float<T>(kNaN);
+        *reinterpret_cast<Vec<T, VEC>*>(out + b * D + d0) = y;
+        return;
+    }
     const Vec<T, VEC>* src = reinterpret_cast<const Vec<T, VEC>*>(hidden + (b * L + s) * D + d0);
     const int64_t step = D / VEC;  // one position, in vectors
     float acc[VEC] = {};
@@ -38,7 +49,6 @@ __global__ void __launch_bounds__(kThreads) span_mean_pool_fwd_kernel(
         for (int j = 0; j < VEC; ++j) acc[j] += to_float(x.v[j]);
     }
     const float inv = 1.0f / static_cast<float>(n);
-    Vec<T, VEC> y;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) y.v[j] = from_float<T>(acc[j] * inv);
     *reinterpret_cast<Vec<T, VEC>*>(out + b * D + d0) = y;
@@ -56,12 +66,13 @@ __global__ void __launch_bounds__(kThreads) span_mean_pool_bwd_kernel(
     if (d0 >= D) return;
     const int64_t s = start[b], n = length[b];
     const Vec<T, VEC> g = *reinterpret_cast<const Vec<T, VEC>*>(grad_out + b * D + d0);
+    const bool valid = valid_span(s, n, L);
     const float inv = 1.0f / static_cast<float>(n);
-    Vec<T, VEC> inside, zero;
+    Vec<T, VEC> inside, zero;  // an invalid span: NaN over the whole row
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-        inside.v[j] = from_float<T>(to_float(g.v[j]) * inv);
-        zero.v[j] = from_float<T>(0.0f);
+        inside.v[j] = from_float<T>(valid ? to_float(g.v[j]) * inv : kNaN);
+        zero.v[j] = from_float<T>(valid ? 0.0f : kNaN);
     }
     Vec<T, VEC>* dst = reinterpret_cast<Vec<T, VEC>*>(grad_hidden + b * L * D + d0);
     const int64_t step = D / VEC;

@@ -92,6 +92,8 @@ def load() -> ctypes.CDLL:
     lib.emu_last_error.restype = ctypes.c_char_p
     lib.emu_contrastive_loss_doc_chunk.restype = ctypes.c_int64
     lib.emu_contrastive_loss_doc_chunk.argtypes = [ctypes.c_int64] * 3
+    lib.emu_set_device_dynamic_smem.restype = ctypes.c_int64
+    lib.emu_set_device_dynamic_smem.argtypes = [ctypes.c_int64]
     return lib
 
 

@@ -17,7 +17,7 @@ namespace {
 
 constexpr size_t kStackBytes = size_t(256) << 10;
 constexpr size_t kDefaultDynamicSmem = size_t(48) << 10;  // without cudaFuncSetAttribute
-constexpr size_t kMaxDynamicSmem = size_t(227) << 10;     // sm_90's opt-in maximum per block
+constexpr size_t kSm90DynamicSmem = size_t(227) << 10;    // sm_90's opt-in maximum per block
 
 enum class State { kRunnable, kAtBarrier, kAtCollective, kDone };
 
@@ -76,6 +76,8 @@ struct Launch {
 Launch* running = nullptr;
 std::vector<std::unique_ptr<char[]>> stacks;   // reused across launches
 std::map<const void*, int> max_dynamic_smem;   // per kernel, from cudaFuncSetAttribute
+size_t device_dynamic_smem = kSm90DynamicSmem;  // the emulated device's opt-in maximum per block
+cudaError_t last_error = cudaSuccess;           // what cudaGetLastError() returns (and clears)
 int schedule = 0;                              // 0 forward, 1 reverse, 2 shuffled
 bool copies_at_issue = false;                  // cp.async lands when issued, not at cp_async_wait
 std::mt19937_64 rng;
@@ -334,9 +336,9 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, co
     }
     const auto opt_in = max_dynamic_smem.find(kernel);
     const size_t limit = opt_in == max_dynamic_smem.end() ? kDefaultDynamicSmem : size_t(opt_in->second);
-    if (dynamic_smem > limit || dynamic_smem > kMaxDynamicSmem) {
+    if (dynamic_smem > limit || dynamic_smem > device_dynamic_smem) {
         throw Error(std::to_string(dynamic_smem) + " bytes of dynamic shared memory over the kernel's limit of " +
-                    std::to_string(std::min(limit, kMaxDynamicSmem)) +
+                    std::to_string(std::min(limit, device_dynamic_smem)) +
                     " (above 48 KiB a kernel needs cudaFuncSetAttribute(MaxDynamicSharedMemorySize))");
     }
     while (stacks.size() < threads) stacks.emplace_back(new char[kStackBytes]);
@@ -363,6 +365,10 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, co
     running = nullptr;
 }
 
+size_t set_device_dynamic_smem(size_t bytes) {
+    return std::exchange(device_dynamic_smem, bytes == 0 ? kSm90DynamicSmem : bytes);
+}
+
 void set_schedule(int order, uint64_t seed, bool land_copies_at_issue) {
     if (order < 0 || order > 2) throw Error("schedule: 0 forward, 1 reverse, 2 shuffled");
     schedule = order;
@@ -373,10 +379,14 @@ void set_schedule(int order, uint64_t seed, bool land_copies_at_issue) {
 }  // namespace emu
 }  // namespace llm2comp
 
+// As the CUDA runtime does, a failed call is also recorded for the next cudaGetLastError().
 extern "C" cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
+    namespace emu = llm2comp::emu;
     if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
-        if (value < 0 || size_t(value) > llm2comp::emu::kMaxDynamicSmem) return cudaErrorInvalidValue;
-        llm2comp::emu::max_dynamic_smem[func] = value;
+        if (value < 0 || size_t(value) > emu::device_dynamic_smem) return emu::last_error = cudaErrorInvalidValue;
+        emu::max_dynamic_smem[func] = value;
     }
     return cudaSuccess;
 }
+
+extern "C" cudaError_t cudaGetLastError() { return std::exchange(llm2comp::emu::last_error, cudaSuccess); }

@@ -8,7 +8,9 @@
 // - a barrier or collective some threads never reach (deadlock), lanes of one warp at different collectives;
 // - a collective while lanes of the warp have exited, or a lane exiting while its warp waits;
 // - ldmatrix and cp.async addresses outside the dynamic shared memory, or not 16-byte aligned;
-// - dynamic shared memory over 48 KiB without cudaFuncSetAttribute, or over the 227 KiB of sm_90;
+// - dynamic shared memory over 48 KiB without cudaFuncSetAttribute, or over the device's opt-in maximum (sm_90's
+//   227 KiB unless a test emulates a smaller device); a failed cudaFuncSetAttribute is also the next
+//   cudaGetLastError(), which every launch returns, as on a GPU;
 // - cp.async copies not waited for when the thread exits, cp.async sources not 16-byte aligned;
 // - races on the dynamic shared memory between cp.async writes and ldmatrix reads, whatever the order: a read
 //   of 16 bytes whose copy is in flight or landed (by another thread) since the last barrier, a copy over 16
@@ -89,6 +91,10 @@ void cp_async_wait(int groups_left);
 // whether cp.async copies land when issued (a copy overwriting a tile others still read shows) rather than
 // at cp_async_wait (the default: a tile read before its wait shows).
 void set_schedule(int order, uint64_t seed, bool land_copies_at_issue);
+
+// The emulated device's opt-in maximum of dynamic shared memory per block (0: sm_90's 227 KiB); returns the
+// previous value.
+size_t set_device_dynamic_smem(size_t bytes);
 
 // Runs body() as every thread of every block of the grid; throws Error on the first failure.
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, const std::function<void()>& body);
@@ -192,7 +198,7 @@ cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size
     const std::tuple<Params...> params(std::forward<Args>(args)...);
     emu::run_grid(reinterpret_cast<const void*>(kernel), grid, block, smem_bytes,
                   [&] { std::apply(kernel, params); });
-    return cudaSuccess;
+    return cudaGetLastError();  // as after a real launch: an earlier failed runtime call shows here
 }
 
 }  // namespace llm2comp

@@ -41,6 +41,10 @@ int emu_set_schedule(int order, uint64_t seed, bool land_copies_at_issue) {
     });
 }
 
+int64_t emu_set_device_dynamic_smem(int64_t bytes) {
+    return static_cast<int64_t>(llm2comp::emu::set_device_dynamic_smem(static_cast<size_t>(bytes)));
+}
+
 // counts[0..3] = emu::Counts since the last call: ldmatrix phases, their wavefronts, mma instructions,
 // cp.async bytes.
 void emu_take_counts(int64_t* counts) {
@@ -83,12 +87,8 @@ int emu_contrastive_loss_col_stats(const float* logits, int64_t rows, int64_t co
 }
 
 int emu_contrastive_loss_finalize(const float* row_stats, const float* col_stats, const int64_t* labels, float* loss,
-                                  int64_t B) {
-    return guarded([&] { return llm2comp::contrastive_loss_finalize(row_stats, col_stats, labels, loss, B, 0); });
-}
-
-int emu_contrastive_loss_weights(const float* grad_loss, const int64_t* labels, float* w_row, float* w_col, int64_t B) {
-    return guarded([&] { return llm2comp::contrastive_loss_weights(grad_loss, labels, w_row, w_col, B, 0); });
+                                  int64_t B, int64_t N) {
+    return guarded([&] { return llm2comp::contrastive_loss_finalize(row_stats, col_stats, labels, loss, B, N, 0); });
 }
 
 int emu_contrastive_loss_block_dlogits(int dtype, const float* logits, void* dlogits, int64_t B, int64_t cols,

@@ -74,7 +74,7 @@ def contrastive_loss_fwd(lib, queries, docs, labels, temperature, symmetric, doc
              labels, loss)
         if symmetric:
             call(lib, "emu_contrastive_loss_col_stats", x, B, x.shape[1], scale_log2, col_stats[n0:])
-    call(lib, "emu_contrastive_loss_finalize", row_stats, col_stats if symmetric else None, labels, loss, B)
+    call(lib, "emu_contrastive_loss_finalize", row_stats, col_stats if symmetric else None, labels, loss, B, N)
     return loss, row_stats, col_stats
 
 
@@ -83,9 +83,8 @@ def contrastive_loss_bwd(lib, grad_loss, queries, docs, labels, row_stats, col_s
     B, N = len(queries), len(docs)
     scale_log2 = LOG2E / temperature
     labels, grad_loss = place(labels), place(grad_loss)
-    w_row = place(torch.full((B,), float("nan")))
-    w_col = place(torch.zeros(N)) if symmetric else None
-    call(lib, "emu_contrastive_loss_weights", grad_loss, labels, w_row, w_col, B)
+    w_row = place(grad_loss * 0.5 if symmetric else grad_loss.clone())
+    w_col = place(torch.zeros(N).index_put_((labels,), w_row, accumulate=True)) if symmetric else None
     chunk = _doc_chunk(lib, doc_chunk, queries, N)
     dq, dd = torch.zeros(B, queries.shape[1]), torch.empty(N, queries.shape[1])
     for n0, logits in _logit_blocks(queries, docs, chunk):

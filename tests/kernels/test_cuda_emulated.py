@@ -169,6 +169,20 @@ def test_memory_attention_unsupported_head_dim(emulated):
         run_attention(emulated, q, k, v, seq_lens, False)
 
 
+def test_memory_attention_failed_smem_opt_in_is_not_left_pending(emulated):
+    """On a device with 99 KiB of opt-in shared memory (sm_86/sm_89), head dim 128 with 8 warps cannot launch;
+    the launcher clears the failed cudaFuncSetAttribute, or the next launch of any op would report it."""
+    previous = emulated.emu_set_device_dynamic_smem(99 << 10)
+    try:
+        q, k, v, seq_lens = make_attention_inputs(1, 2, 2, 8, 128, dtype=torch.bfloat16, requires_grad=False)
+        with pytest.raises(EmulationError, match="cudaError_t"):
+            run_attention(emulated, q, k, v, seq_lens, False, block_warps=8)
+        result = run_attention(emulated, q, k, v, seq_lens, False, block_warps=4)
+    finally:
+        emulated.emu_set_device_dynamic_smem(previous)
+    check_attention(result, q, k, v, seq_lens, False)
+
+
 def test_memory_attention_without_lse(emulated):
     """lse nullptr (inference): the output alone, the same as with it."""
     q, k, v, seq_lens = make_attention_inputs(3, 4, 2, 70, 64, dtype=torch.bfloat16, requires_grad=False)
@@ -194,6 +208,21 @@ def test_span_mean_pool(emulated, D, dtype):
     grad_hidden = torch_ops.span_mean_pool_bwd(emulated, grad_out, start, length, 9, place=guards)
     guards.check()
     assert torch.equal(grad_hidden, pool_grad(grad_out, start, length, 9))
+
+
+def test_span_mean_pool_invalid_span_gives_nan(emulated):
+    """Spans the Python API rejects, passed straight to the kernels (a direct torch.ops call): NaN rows, no read
+    outside the row (row 0 runs past L into row 1, row 1 starts before its row), other rows unchanged."""
+    hidden, start, length = make_pool_inputs(3, 6, 16, requires_grad=False)
+    start[0], length[0] = 4, 4
+    start[1], length[1] = -2, 3
+    guards = Guards()
+    out = torch_ops.span_mean_pool_fwd(emulated, hidden, start, length, place=guards)
+    grad_hidden = torch_ops.span_mean_pool_bwd(emulated, torch.ones(3, 16), start, length, 6, place=guards)
+    guards.check()
+    assert out[:2].isnan().all() and grad_hidden[:2].isnan().all()
+    assert_rel_close(out[2], span_mean_pool_reference(hidden[2:].double(), start[2:], length[2:])[0], tol=1e-6)
+    assert torch.equal(grad_hidden[2], pool_grad(torch.ones(1, 16), start[2:], length[2:], 6)[0])
 
 
 def pool_grad(grad_out, start, length, L):
@@ -260,6 +289,24 @@ def test_contrastive_loss_extreme_inputs(emulated):
                                         torch.ones(9))
     assert torch.isfinite(loss).all() and torch.isfinite(dq).all() and torch.isfinite(dd).all()
     assert_rel_close(loss, torch.full((9,), math.log(9.0)), tol=1e-6)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["rows", "symmetric"])
+def test_contrastive_loss_finalize_rejects_bad_labels(emulated, symmetric):
+    """A label outside [0, N) (a direct torch.ops call) gives a NaN loss, without reading column statistics
+    outside [0, N); the other queries' losses are unchanged."""
+    B, N = 4, 3
+    guards = Guards()
+    row_stats = guards(torch.tensor([[2.0, 1.5]] * B))
+    col_stats = guards(torch.tensor([[1.0, 2.0]] * N))
+    labels = guards(torch.tensor([0, N, -1, 2]))
+    loss = guards(torch.ones(B))  # the positive logits on entry
+    call(emulated, "emu_contrastive_loss_finalize", row_stats, col_stats if symmetric else None, labels, loss, B, N)
+    guards.check()
+    assert loss[1:3].isnan().all()
+    row = (2.0 - 1.0) + math.log2(1.5)
+    expected = 0.5 * (row + (1.0 - 1.0) + 1.0) if symmetric else row
+    assert_rel_close(loss[[0, 3]], torch.full((2,), expected * math.log(2.0)), tol=1e-6)
 
 
 def test_contrastive_loss_doc_chunk(emulated):

@@ -215,6 +215,41 @@ def test_contrastive_loss_cuda_doc_chunks(doc_chunk, dtype):
         assert_rel_close(got, want, tol=max(REL_TOL[dtype], 2 * rel_err(same, want)), name=name)
 
 
+@pytest.mark.gpu
+@needs_ext
+def test_contrastive_loss_cuda_backward_is_deterministic():
+    """Symmetric with every query on one of three docs: the column weights sum many queries each, in a fixed
+    order (no atomics), so repeated backwards agree bit for bit."""
+    from llm2comp_kernels.contrastive_loss.cuda import contrastive_loss_cuda
+
+    q, d = make_contrastive_inputs(4096, 3, 64, dtype=torch.bfloat16, device="cuda", seed=7)
+    labels = torch.randint(0, 3, (4096,), generator=torch.Generator().manual_seed(7)).cuda()
+    runs = [torch.autograd.grad(contrastive_loss_cuda(q, d, labels, 0.05, True, True, "mean"), (q, d))
+            for _ in range(5)]
+    for dq, dd in runs[1:]:
+        assert torch.equal(dq, runs[0][0]) and torch.equal(dd, runs[0][1])
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_direct_op_calls_with_bad_indices_give_nan():
+    """torch.ops.llm2comp.* skip the Python API's index checks (they would sync): a bad span or label gives a
+    NaN row or loss instead of an out-of-bounds access; the other rows are right."""
+    ops = torch.ops.llm2comp
+    hidden, start, length = make_pool_inputs(3, 6, 40, device="cuda", requires_grad=False)
+    start[0], length[0] = 4, 4  # past L
+    out = ops.span_mean_pool_fwd(hidden, start.long(), length.long())
+    grad_hidden = ops.span_mean_pool_bwd(torch.ones(3, 40, device="cuda"), start.long(), length.long(), 6)
+    assert out[0].isnan().all() and grad_hidden[0].isnan().all()
+    assert_rel_close(out[1:], span_mean_pool_reference(hidden[1:].double(), start[1:], length[1:]))
+    q, d = make_contrastive_inputs(3, 4, 16, device="cuda", requires_grad=False)
+    loss, _, _ = ops.contrastive_loss_fwd(q, d, torch.tensor([0, 4, 2], device="cuda"), 0.1, False)
+    ref = contrastive_loss_reference(q.double(), d.double(), torch.tensor([0, 0, 2], device="cuda"), 0.1,
+                                     normalize=False, symmetric=False, reduction="none")
+    assert loss[1].isnan() and torch.isfinite(loss[[0, 2]]).all()
+    assert_rel_close(loss[[0, 2]], ref[[0, 2]])
+
+
 # ---- memory_attention --------------------------------------------------------------------------------
 
 ATTN_CASES = list(itertools.product([1, 17, 64, 130], [(4, 4), (6, 2), (8, 1)], [64, 128], [False, True],
