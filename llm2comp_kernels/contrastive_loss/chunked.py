@@ -20,8 +20,10 @@ _BUFFERS_PER_ROW = 3
 
 
 def _row_losses(rows: torch.Tensor, cols: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """`[C]` cross-entropy of ``rows @ cols.T / temperature`` against column `targets`."""
-    return F.cross_entropy(rows @ cols.T / temperature, targets, reduction="none")
+    """`[C]` cross-entropy of ``rows @ cols.T / temperature`` against column `targets`, in the rows' dtype even
+    under `torch.autocast` (which would compute the product in bf16, as the kernel backends never do)."""
+    with torch.autocast(rows.device.type, enabled=False):
+        return F.cross_entropy(rows @ cols.T / temperature, targets, reduction="none")
 
 
 def _chunked_losses(rows: torch.Tensor, cols: torch.Tensor, targets: torch.Tensor, temperature: float,
