@@ -2,8 +2,8 @@
 
 Stage 1 and 2 read a text file (one document per line) or a jsonl file with a ``text`` field;
 stage 3 reads jsonl rows ``{"query", "positive", "negatives": [...], "instruction"?}``. Every bad
-row raises `DataError` naming the file and line; blank lines of a text file are the only rows
-dropped, and the readers return how many so the trainer logs the count.
+row raises `DataError` naming the file and line; blank lines are the only rows the readers drop,
+and they return how many so the trainer logs the count.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from . import modeling
 from .compress import compression_loss, make_compression_batch, usable_rows
 from .config import ConfigError, TrainConfig
 from .contrastive import embed_and_backward, in_batch_loss
-from .data import read_pairs, read_texts
+from .data import DataError, read_pairs, read_texts
 
 __all__ = ["Stage", "CompressStage", "UnsupervisedStage", "SupervisedStage", "build_stage"]
 
@@ -94,12 +94,20 @@ class _ContrastiveStage(Stage):
 
 
 class UnsupervisedStage(_ContrastiveStage):
-    """SimCSE: each text is embedded twice (different dropout masks) as query and positive."""
+    """SimCSE: each text is embedded twice (different dropout masks) as query and positive.
+
+    A text repeated in the file is kept once: in one batch its copies would be each other's negatives, a loss
+    no update can lower."""
 
     def __init__(self, cfg: TrainConfig, model, device: torch.device):
         super().__init__(cfg, model, device)
-        self.rows, blank = read_texts(cfg.data)
-        self.num_examples, self.skipped = len(self.rows), {"blank lines": blank}
+        rows, blank = read_texts(cfg.data)
+        first = {}
+        for row in rows:
+            first.setdefault(row.text, row)
+        self.rows = list(first.values())
+        self.num_examples = len(self.rows)
+        self.skipped = {"blank lines": blank, "repeated texts": len(rows) - len(self.rows)}
 
     def micro_step(self, indices, epoch):
         texts = [self.rows[i].text for i in indices]
@@ -114,6 +122,25 @@ class SupervisedStage(_ContrastiveStage):
         super().__init__(cfg, model, device)
         self.rows, blank = read_pairs(cfg.data, cfg.num_negatives)
         self.num_examples, self.skipped = len(self.rows), {"blank lines": blank}
+        self._check_instructions()
+
+    def _check_instructions(self):
+        """DataError naming the first row of an instruction that leaves no text token within --max-length,
+        now rather than when a batch first holds it."""
+        first_line = {}
+        for row in self.rows:
+            if row.instruction:
+                first_line.setdefault(row.instruction, row.line)
+        if not first_line:
+            return
+        model, max_length = self.model, self.cfg.max_length
+        bos = int(model.tokenize([""], max_length=max_length)["text_start"][0])
+        counts = model.tokenizer(list(first_line), add_special_tokens=False)["input_ids"]
+        for line, ids in zip(first_line.values(), counts):
+            if bos + len(ids) + model.num_memory_tokens + 1 > max_length:
+                raise DataError(f"{self.cfg.data}:{line}: the instruction takes {len(ids)} tokens, which with the "
+                                f"BOS and {model.num_memory_tokens} memory tokens leaves no text token in "
+                                f"--max-length {max_length}")
 
     def micro_step(self, indices, epoch):
         rows = [self.rows[i] for i in indices]

@@ -4,9 +4,8 @@ loss, a loss like cross-entropy, runs on its inputs as given."""
 
 from __future__ import annotations
 
-import torch
-
 import pytest
+import torch
 
 from llm2comp_kernels import contrastive_loss, linear_kl_loss, memory_attention
 

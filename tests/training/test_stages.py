@@ -12,6 +12,7 @@ from llm2comp import LLM2Comp
 from llm2comp.training import load_config, modeling, train
 from llm2comp.training.compress import make_compression_batch
 from llm2comp.training.config import ConfigError
+from llm2comp.training.data import DataError
 from llm2comp.training.stages import build_stage
 
 from .conftest import LEE_BACKGROUND
@@ -223,6 +224,34 @@ def test_max_length_must_leave_room_after_the_memory_tokens(stage, max_length, m
     with pytest.raises(ConfigError) as info:
         train(_config(stage, tiny_dir, tmp_path, max_length=max_length), progress=False)
     assert str(info.value) == message
+
+
+def test_an_instruction_leaving_no_room_for_text_fails_at_load(tiny_dir, tmp_path, lee_texts):
+    """Found when the stage reads its file, naming the line, not when a batch first holds the row (hours in)."""
+    data = tmp_path / "long.jsonl"
+    rows = [{"query": t[:40], "positive": t[40:200], "negatives": []} for t in lee_texts[:6]]
+    rows[4]["instruction"] = "Retrieve the news article that this headline sentence was written for: " * 3
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _config("supervised", tiny_dir, tmp_path, data=data, max_length=24, num_negatives=0)
+    with pytest.raises(DataError, match=r"long\.jsonl:5: the instruction takes \d+ tokens, which with the BOS and 8 "
+                                        r"memory tokens leaves no text token in --max-length 24"):
+        build_stage(cfg, _model(cfg), CPU)
+    rows[4]["instruction"] = "Retrieve the article: "
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    build_stage(cfg, _model(cfg), CPU).micro_step([3, 4], 0)
+
+
+def test_simcse_keeps_one_copy_of_a_repeated_text(tiny_dir, tmp_path, lee_texts):
+    """Two copies of a text in one SimCSE batch are each other's negatives, a loss floor no update lowers: the
+    stage keeps the first copy and counts the rest in the log."""
+    data = tmp_path / "repeated.txt"
+    data.write_text("\n".join([lee_texts[0], lee_texts[1], lee_texts[0], lee_texts[2], lee_texts[1]]) + "\n")
+    cfg = _config("unsupervised", tiny_dir, tmp_path, data=data, batch_size=3, max_steps=1)
+    stage = build_stage(cfg, _model(cfg), CPU)
+    assert [(r.line, r.text) for r in stage.rows] == [(1, lee_texts[0]), (2, lee_texts[1]), (4, lee_texts[2])]
+    train(cfg, progress=False)
+    start = json.loads((Path(cfg.output) / "log.jsonl").read_text().splitlines()[0])
+    assert start["examples"] == 3 and start["skipped_rows"]["repeated texts"] == 2
 
 
 def test_saved_config_records_the_lora_dropout_used(tiny_dir, tmp_path):
