@@ -257,9 +257,18 @@ class LLM2Comp(torch.nn.Module):
         ``memory_start`` (first memory token) and ``text_start`` (first text token, after the
         BOS and instruction).
         """
+        return self._batch(self._split_ids(list(texts), instruction), max_length)
+
+    def tokenize_ids(self, token_ids: Sequence[Sequence[int]], max_length: int = 512) -> dict[str, torch.Tensor]:
+        """`tokenize` of texts given as token ids (no instruction): the rows read exactly these tokens, where a
+        text decoded and tokenized again might not (a byte-level token cut from its character, say)."""
+        return self._batch([([], list(ids)) for ids in token_ids], max_length)
+
+    def _batch(self, rows_ids: list[tuple[list[int], list[int]]], max_length: int) -> dict[str, torch.Tensor]:
+        """The `tokenize` batch of (instruction ids, text ids) rows."""
         max_length = min(max_length, self.max_positions)
         rows, text_start = [], []
-        for head, ids in self._split_ids(list(texts), instruction):
+        for head, ids in rows_ids:
             prefix = self._bos + head
             budget = max_length - len(prefix) - self.num_memory_tokens
             if budget < 1:

@@ -53,10 +53,9 @@ class CompressionBatch:
         return int(self.target_mask.sum())
 
 
-def _token_ids(tokenizer, texts: list[str], max_tokens: int) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
-                    max_length=max_tokens, split_special_tokens=True)  # as `LLM2Comp.tokenize` reads them
-    return enc["input_ids"], enc["offset_mapping"]
+def _token_ids(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_tokens,
+                     split_special_tokens=True)["input_ids"]  # as `LLM2Comp.tokenize` reads them
 
 
 def usable_rows(tokenizer, rows: list[TextRow], path: str, min_split: int, max_tokens: int,
@@ -65,7 +64,7 @@ def usable_rows(tokenizer, rows: list[TextRow], path: str, min_split: int, max_t
 
     Raises DataError naming the first short row unless `skip_short`.
     """
-    ids, _ = _token_ids(tokenizer, [r.text for r in rows], max_tokens)
+    ids = _token_ids(tokenizer, [r.text for r in rows], max_tokens)
     keep = [r for r, i in zip(rows, ids) if len(i) >= 2 * min_split]
     if len(keep) < len(rows) and not skip_short:
         bad, n = next((r, len(i)) for r, i in zip(rows, ids) if len(i) < 2 * min_split)
@@ -93,10 +92,11 @@ def make_compression_batch(model, texts: list[str], *, objective: str, min_split
     `max_length`.
     """
     tokenizer, m = model.tokenizer, model.num_memory_tokens
-    ids, offsets = _token_ids(tokenizer, texts, max_length - m - 1)
+    ids = _token_ids(tokenizer, texts, max_length - m - 1)
     splits = [split_point(len(i), min_split, seed, epoch, idx) for i, idx in zip(ids, indices)]
-    prefixes = [t[:off[s][0]] for t, off, s in zip(texts, offsets, splits)]
-    encoder_inputs = model.tokenize(prefixes, max_length=max_length)
+    # From the ids, not the prefix text tokenized again: a split between the byte tokens of one character
+    # would lose its first bytes there (and some tokenizers would add a token at the cut).
+    encoder_inputs = model.tokenize_ids([i[:s] for i, s in zip(ids, splits)], max_length=max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     bos = modeling.bos_token_id(tokenizer)
     if objective == "reconstruct":
@@ -148,5 +148,7 @@ def compression_loss(model, batch: CompressionBatch, objective: str) -> torch.Te
                 full.shape[1] - 1)
             teacher = full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1]))  # [B, K, H]
     h = student.shape[-1]
+    # fp32 as the other objectives: under autocast linear_kl_loss returns bf16, which would round the loss and
+    # the micro-batch's token weight that multiplies it
     return linear_kl_loss(student.reshape(-1, h), teacher.reshape(-1, h).to(student.dtype), weight.to(student.dtype),
-                          mask=mask)
+                          mask=mask).float()

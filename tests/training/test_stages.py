@@ -99,6 +99,41 @@ def test_decoder_is_the_frozen_original_model(tiny_dir, tmp_path):
     assert not torch.allclose(encoder_view[valid], expected_ids[valid], atol=1e-3)  # outside: the encoder
 
 
+def test_encoder_reads_exactly_the_prefix_tokens_at_any_split(tiny_dir, tmp_path, monkeypatch):
+    """Every split of a text with multi-byte characters (byte-level BPE cuts them into several tokens): the encoder
+    reads BOS + the prefix's own tokens. Tokenizing the prefix's text again lost a character's first bytes when the
+    split fell inside it."""
+    from llm2comp.training import compress
+
+    cfg = _config("compress", tiny_dir, tmp_path)
+    model = _model(cfg)
+    text = "the café owners said — 北京 today, 🙂 and naïve façades"
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text.encode("utf-8")) // 3  # many byte tokens: splits fall inside characters
+    bos = model.tokenize([""])["input_ids"][0, :1].tolist()
+    for split in range(1, len(ids)):
+        monkeypatch.setattr(compress, "split_point", lambda *args, s=split: s)
+        batch = make_compression_batch(model, [text], objective="nll", min_split=1, max_length=128, seed=0, epoch=0,
+                                       indices=[0])
+        row = batch.encoder_inputs["input_ids"][0, :int(batch.encoder_inputs["seq_lens"][0])].tolist()
+        assert row == bos + ids[:split] + model.memory_token_ids, split
+        assert batch.targets[0].tolist() == ids[split:]
+
+
+def test_kl_loss_is_fp32_under_autocast(tiny_dir, tmp_path):
+    """linear_kl_loss returns the autocast dtype; the stage-1 loss, which the micro-step multiplies by its token
+    count, stays fp32 as the other objectives' do."""
+    from llm2comp.training.compress import compression_loss
+
+    cfg = _config("compress", tiny_dir, tmp_path, lora_dropout=0.0)
+    model = _model(cfg)
+    texts = [" ".join(["the fire crews were called to the scene early on Monday"] * 3)] * 2
+    batch = make_compression_batch(model, texts, objective="kl", min_split=5, max_length=64, seed=0, epoch=0,
+                                   indices=[0, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compression_loss(model, batch, "kl").dtype == torch.float32
+
+
 @pytest.mark.parametrize("objective", ["kl", "nll"])
 def test_gradient_checkpointing_gives_the_gradients_of_a_plain_backward(objective, tiny_dir, tmp_path):
     """The decoder's layers run inside `frozen_decoder`; their recompute in backward must too."""
