@@ -12,8 +12,10 @@ safetensors) and a ``modules.json`` so that sentence-transformers loads it too;
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -78,6 +80,15 @@ def _load_base(name_or_path: str, dtype, hf_kwargs: dict):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, model, reference
+
+
+@contextlib.contextmanager
+def _peft_deprecation_quiet():
+    """Without transformers 5's FutureWarning about `is_gradient_checkpointing`, which peft's wrapper reads on
+    every load: the user can do nothing about it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def _lora_config(model, memory_token_ids, rank, alpha, dropout, targets) -> LoraConfig:
@@ -150,7 +161,8 @@ class LLM2Comp(torch.nn.Module):
                 _, base, reference = _load_base(base_name, dtype, {**ref, **hf_kwargs})
                 init_memory_rows(base, tokenizer, saved["memory_token_ids"])
                 patch_bidirectional(base, backend=backend)
-                model = PeftModel.from_pretrained(base, name_or_path, is_trainable=True)
+                with _peft_deprecation_quiet():
+                    model = PeftModel.from_pretrained(base, name_or_path, is_trainable=True)
                 return cls(model, tokenizer, saved["memory_token_ids"], pooling=pooling,
                            base_reference=reference)._loaded(device)
         else:
@@ -158,7 +170,8 @@ class LLM2Comp(torch.nn.Module):
             ids = add_memory_tokens(base, tokenizer, num_memory_tokens)
         patch_bidirectional(base, backend=backend)
         lora = _lora_config(base, ids, lora_rank, lora_alpha, lora_dropout, lora_targets)
-        model = get_peft_model(base, lora)
+        with _peft_deprecation_quiet():
+            model = get_peft_model(base, lora)
         return cls(model, tokenizer, ids, pooling=pooling or "memory", base_reference=reference)._loaded(device)
 
     def _loaded(self, device: torch.device | str | None) -> LLM2Comp:

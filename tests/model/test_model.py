@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -147,7 +148,9 @@ def test_save_load_round_trip(tiny_encoder, tmp_path):
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
     config = json.loads((tmp_path / "enc" / CONFIG_NAME).read_text())
     assert config["num_memory_tokens"] == 4 and config["memory_token_ids"] == tiny_encoder.memory_token_ids
-    loaded = LLM2Comp.from_pretrained(str(tmp_path / "enc"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # peft's read of a deprecated transformers attribute, hidden
+        loaded = LLM2Comp.from_pretrained(str(tmp_path / "enc"))
     np.testing.assert_allclose(loaded.encode(TEXTS), expected, rtol=1e-5, atol=1e-6)
     # The untied LM head's memory rows (outside the adapter) are re-initialised identically.
     torch.testing.assert_close(loaded.lm_head.weight, tiny_encoder.lm_head.weight)
