@@ -11,6 +11,7 @@ its second, so dropout draws the same masks and the gradients are those of the p
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,10 +21,11 @@ from llm2comp_kernels import contrastive_loss
 
 from .distributed import gather_with_grad, rank_and_world
 
-__all__ = ["in_batch_loss", "embed_and_backward"]
+__all__ = ["in_batch_loss", "text_keys", "embed_and_backward"]
 
 
-def in_batch_loss(queries: torch.Tensor, docs: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+def in_batch_loss(queries: torch.Tensor, docs: torch.Tensor, temperature: float = 0.05,
+                  doc_keys: torch.Tensor | None = None) -> torch.Tensor:
     """InfoNCE of each query against every rank's docs.
 
     Args:
@@ -31,6 +33,10 @@ def in_batch_loss(queries: torch.Tensor, docs: torch.Tensor, temperature: float 
         docs: `[N, D]` this rank's docs, ``N >= B``; row i (i < B) is query i's positive, the
             other rows (hard negatives, other queries' positives) are negatives of every query.
             Docs are all-gathered with gradients, so query i of rank r has label ``r * N + i``.
+        doc_keys: int64 `[N]` (`text_keys` of the docs' texts) or None. Over all ranks, a doc whose key an
+            earlier doc has is left out and its queries point to that earlier one: a text repeated in the
+            batch (two queries' positive, one row's positive and another's negative) is one column, never a
+            negative of a query whose positive it is.
 
     Returns:
         Scalar mean over this rank's queries (fp32 accumulation in the kernel).
@@ -38,7 +44,28 @@ def in_batch_loss(queries: torch.Tensor, docs: torch.Tensor, temperature: float 
     rank, _ = rank_and_world()
     all_docs = gather_with_grad(docs)
     labels = torch.arange(queries.shape[0], device=queries.device) + rank * docs.shape[0]
+    if doc_keys is not None:
+        all_docs, labels = _merge_repeated(all_docs, labels, gather_with_grad(doc_keys.to(docs.device)))
     return contrastive_loss(queries, all_docs, labels=labels, temperature=temperature)
+
+
+def text_keys(texts: Sequence[str]) -> torch.Tensor:
+    """int64 `[n]`: a 64-bit hash of each text, equal for equal texts (the same on every rank and run)."""
+    return torch.tensor([int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest(), "little",
+                                        signed=True) for t in texts], dtype=torch.int64)
+
+
+def _merge_repeated(docs: torch.Tensor, labels: torch.Tensor,
+                    keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """docs `[N, D]` without the rows whose key an earlier row has, and `labels` pointing into what is left
+    (a dropped row's label goes to the first row of its key)."""
+    n = keys.shape[0]
+    rows = torch.arange(n, device=keys.device)
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    first = torch.full((unique.shape[0],), n, device=keys.device).scatter_reduce(0, inverse, rows, "amin")[inverse]
+    kept = first == rows
+    new_index = torch.cumsum(kept, 0) - 1
+    return docs[kept], new_index[first[labels]]
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

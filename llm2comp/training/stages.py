@@ -16,7 +16,7 @@ import torch
 from . import modeling
 from .compress import compression_loss, make_compression_batch, usable_rows
 from .config import ConfigError, TrainConfig
-from .contrastive import embed_and_backward, in_batch_loss
+from .contrastive import embed_and_backward, in_batch_loss, text_keys
 from .data import DataError, read_pairs, read_texts
 
 __all__ = ["Stage", "CompressStage", "UnsupervisedStage", "SupervisedStage", "build_stage"]
@@ -71,10 +71,11 @@ class CompressStage(Stage):
 
 
 class _ContrastiveStage(Stage):
-    def _embed_all(self, groups: list[tuple[list[str], list[str | None]]],
-                   num_queries: int) -> tuple[float, int, float]:
+    def _embed_all(self, groups: list[tuple[list[str], list[str | None]]], num_queries: int,
+                   doc_keys: torch.Tensor | None = None) -> tuple[float, int, float]:
         """Embed the texts of `groups` (texts, per-text instructions) in chunks, in order; the first
-        `num_queries` embeddings are the queries, the rest the docs. Every micro-batch weighs 1."""
+        `num_queries` embeddings are the queries, the rest the docs (`doc_keys`: see `in_batch_loss`).
+        Every micro-batch weighs 1."""
         size = self.cfg.chunk_size if self.cfg.grad_cache else None
         chunks = [(texts[i:i + (size or len(texts))], instr[i:i + (size or len(texts))])
                   for texts, instr in groups for i in range(0, len(texts), size or len(texts))]
@@ -86,7 +87,7 @@ class _ContrastiveStage(Stage):
             return emb
 
         def loss_fn(emb):
-            return in_batch_loss(emb[:num_queries], emb[num_queries:], self.cfg.temperature)
+            return in_batch_loss(emb[:num_queries], emb[num_queries:], self.cfg.temperature, doc_keys)
 
         loss = embed_and_backward(embed, chunks, loss_fn, cached=self.cfg.grad_cache, device=self.device)
         # GradCache embeds every chunk twice; count the tokens once
@@ -116,7 +117,8 @@ class UnsupervisedStage(_ContrastiveStage):
 
 
 class SupervisedStage(_ContrastiveStage):
-    """Queries (with their instructions) against positives, hard negatives and in-batch docs."""
+    """Queries (with their instructions) against positives, hard negatives and in-batch docs; a doc text the
+    global batch holds twice is one column (`in_batch_loss`'s doc_keys)."""
 
     def __init__(self, cfg: TrainConfig, model, device: torch.device):
         super().__init__(cfg, model, device)
@@ -146,7 +148,7 @@ class SupervisedStage(_ContrastiveStage):
         rows = [self.rows[i] for i in indices]
         queries = ([r.query for r in rows], [r.instruction for r in rows])
         docs = [r.positive for r in rows] + [n for r in rows for n in r.negatives]
-        return self._embed_all([queries, (docs, [None] * len(docs))], len(rows))
+        return self._embed_all([queries, (docs, [None] * len(docs))], len(rows), text_keys(docs))
 
 
 _STAGES = {"compress": CompressStage, "unsupervised": UnsupervisedStage, "supervised": SupervisedStage}

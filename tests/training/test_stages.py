@@ -276,6 +276,27 @@ def test_an_instruction_leaving_no_room_for_text_fails_at_load(tiny_dir, tmp_pat
     build_stage(cfg, _model(cfg), CPU).micro_step([3, 4], 0)
 
 
+def test_supervised_stage_merges_repeated_doc_texts(tiny_dir, tmp_path, pairs_file, monkeypatch):
+    """The stage hands the loss its docs' text keys (positives, then negatives), so a text repeated in the batch
+    is one column (tested in test_contrastive.py)."""
+    from llm2comp.training import stages
+    from llm2comp.training.contrastive import text_keys
+
+    seen, in_batch_loss = [], stages.in_batch_loss
+
+    def loss(queries, docs, temperature, doc_keys=None):
+        seen.append(doc_keys)
+        return in_batch_loss(queries, docs, temperature, doc_keys)
+
+    cfg = _config("supervised", tiny_dir, tmp_path, data=pairs_file, lora_dropout=0.0)
+    stage = build_stage(cfg, _model(cfg), CPU)
+    monkeypatch.setattr(stages, "in_batch_loss", loss)
+    stage.micro_step([0, 1], 0)
+    rows = [stage.rows[0], stage.rows[1]]
+    expected = text_keys([r.positive for r in rows] + [n for r in rows for n in r.negatives])
+    assert len(seen) == 1 and torch.equal(seen[0], expected)
+
+
 def test_simcse_keeps_one_copy_of_a_repeated_text(tiny_dir, tmp_path, lee_texts):
     """Two copies of a text in one SimCSE batch are each other's negatives, a loss floor no update lowers: the
     stage keeps the first copy and counts the rest in the log."""
