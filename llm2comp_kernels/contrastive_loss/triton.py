@@ -362,7 +362,7 @@ class _ContrastiveLossFn(torch.autograd.Function):
 def contrastive_loss_triton(queries: torch.Tensor, docs: torch.Tensor, labels: torch.Tensor, temperature: float,
                             normalize: bool, symmetric: bool, reduction: str) -> torch.Tensor:
     """queries `[B, D]`, docs `[N, D]` (float32/float16/bfloat16, any strides), labels int64 `[B]` -> scalar
-    (`[B]` for reduction "none") in queries' dtype, computed in fp32. Differentiable in queries and docs.
+    (`[B]` for reduction "none") in fp32, computed in fp32. Differentiable in queries and docs.
 
     Arguments are assumed validated by `check_contrastive_loss`.
     """
@@ -370,4 +370,4 @@ def contrastive_loss_triton(queries: torch.Tensor, docs: torch.Tensor, labels: t
     if normalize:
         queries, docs = F.normalize(queries.float(), dim=-1), F.normalize(docs.float(), dim=-1)
     per_query = _ContrastiveLossFn.apply(queries, docs, labels.to(torch.int64).contiguous(), params)  # fp32 [B]
-    return reduce_losses(per_query, reduction, params.dtype)
+    return reduce_losses(per_query, reduction)

@@ -49,7 +49,7 @@ class _LinearKLTorchFn(GradsFromForward):
             grad_student.to(student.dtype) if grad_student is not None else None,
             grad_weight.to(weight.dtype) if grad_weight is not None else None,
         )
-        return loss.to(student.dtype)
+        return loss
 
 
 def selected_rows(mask: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:

@@ -133,7 +133,7 @@ class _LinearKLTritonFn(GradsFromForward):
                 grad_weight.addmm_(g.T, hs)
         loss = kl.sum() / n if n > 0 else kl.sum()
         ctx.save_for_backward(grad_student, grad_weight)
-        return loss.to(student.dtype)
+        return loss
 
 
 def linear_kl_loss_triton(student_hidden, teacher_hidden, weight, mask, temperature: float,
@@ -141,7 +141,7 @@ def linear_kl_loss_triton(student_hidden, teacher_hidden, weight, mask, temperat
     """Mean over selected rows of KL(softmax(teacher @ W.T / T) || softmax(student @ W.T / T)).
 
     student_hidden/teacher_hidden `[N, H]`, weight `[V, H]` in float32/float16/bfloat16 on one device;
-    mask bool `[N]` or None; returns a scalar in the input dtype (0 when the mask selects nothing).
+    mask bool `[N]` or None; returns an fp32 scalar (0 when the mask selects nothing).
     """
     needs_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or weight.requires_grad)
     N = student_hidden.shape[0]

@@ -45,7 +45,7 @@ def test_linear_kl_loss_under_autocast():
     s2, w2 = _leaves(student.bfloat16(), weight.bfloat16())
     expected = linear_kl_loss(s2, teacher.bfloat16(), w2)
     expected.backward()
-    assert loss.dtype == torch.bfloat16
+    assert loss.dtype == torch.float32  # a loss, not rounded to the autocast dtype
     torch.testing.assert_close(loss, expected, rtol=0, atol=0)
     torch.testing.assert_close(s1.grad, s2.grad.float(), rtol=0, atol=0)
     torch.testing.assert_close(w1.grad, w2.grad.float(), rtol=0, atol=0)
@@ -75,3 +75,30 @@ def test_float64_and_autocast_off_run_as_given():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert memory_attention(q, q, q, torch.tensor([5])).dtype == torch.float64
     assert memory_attention(q.float(), q.float(), q.float(), torch.tensor([5])).dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("op", ["linear_kl_loss", "contrastive_loss"])
+def test_losses_of_bf16_inputs_are_fp32(op, backend):
+    """The two losses of bf16 inputs: the fp32 value computed from them (not rounded to bf16's 3 digits), and a
+    gradient weight w (a micro-batch's token count) that reaches the gradients as w, not as bf16(w)."""
+    torch.manual_seed(0)
+    if op == "linear_kl_loss":
+        inputs = [torch.randn(40, 32).bfloat16(), torch.randn(40, 32).bfloat16(), torch.randn(97, 32).bfloat16()]
+        run = lambda s, t, w: linear_kl_loss(s, t, w, backend=backend)  # noqa: E731
+        grad_of = (0, 2)
+    else:
+        inputs = [torch.randn(40, 32).bfloat16(), torch.randn(60, 32).bfloat16()]
+        run = lambda q, d: contrastive_loss(q, d, temperature=1.0, backend=backend)  # noqa: E731  (spread softmax)
+        grad_of = (0, 1)
+    leaves = _leaves(*inputs)
+    loss = run(*leaves)
+    assert loss.dtype == torch.float32
+    assert loss.item() != loss.bfloat16().item()  # not a bf16 value
+    torch.testing.assert_close(loss, run(*[x.float() for x in inputs]), rtol=1e-4, atol=0)  # bf16 rounds 4e-3
+    weight = 1027.0  # bf16(1027) = 1024: a bf16 loss scaled every gradient by 0.29% less
+    grads = torch.autograd.grad(loss, [leaves[i] for i in grad_of], retain_graph=True)
+    weighted = torch.autograd.grad(loss * weight, [leaves[i] for i in grad_of])
+    for g, gw in zip(grads, weighted):
+        ratio = gw.float().norm() / g.float().norm()
+        assert abs(ratio / weight - 1) < 1e-3, ratio  # the rest: rounding the gradients to bf16 (up to 4e-4 seen)
