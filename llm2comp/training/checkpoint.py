@@ -3,11 +3,12 @@
 A checkpoint is a directory ``<output>/checkpoints/step-<N>/`` holding
 
 - ``trainable.safetensors``: the trainable parameters only (LoRA, memory embeddings);
-- ``state.pt``: plain state dicts of the optimizer and scheduler and the step (``torch.save`` of
-  tensors, dicts and ints only; loaded with ``weights_only=True``). The step is also the data
-  position and the random state: the trainer derives the batch order, the split points and the
-  dropout seed of every step from (seed, step, rank);
-- ``meta.json``: the step and the config, for people.
+- ``state.pt``: plain state dicts of the optimizer and scheduler, the step and the trainer's
+  running state (``torch.save`` of tensors, dicts, lists and numbers only; loaded with
+  ``weights_only=True``). The step is also the data position and the random state: the trainer
+  derives the batch order, the split points and the dropout seed of every step from (seed, step,
+  rank);
+- ``meta.json``: the step, the number of processes and the config (what ``--resume`` checks).
 
 It is written under a temporary name and renamed into place, so a run killed while saving
 leaves the previous checkpoint intact and never a half-written one.
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["trainable_state", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "saved_config"]
+__all__ = ["trainable_state", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "saved_meta"]
 
 _PREFIX = "step-"
 
@@ -35,17 +36,22 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(output_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, step: int, config: dict, keep: int = 2) -> Path:
-    """Write the checkpoint of `step` atomically; keep only the `keep` newest ones. Returns its path."""
+                    scheduler: Any, step: int, config: dict, keep: int = 2, world_size: int = 1,
+                    running: dict | None = None) -> Path:
+    """Write the checkpoint of `step` atomically; keep only the `keep` newest ones. Returns its path.
+
+    `running`: the trainer's state beyond the step (plain numbers), given back by `load_checkpoint`."""
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / f"{_PREFIX}{step}", root / f".tmp-{_PREFIX}{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step}
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+             "running": running or {}}
     torch.save(state, tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "config": config}, indent=2, default=str))
+    meta = {"step": step, "world_size": world_size, "config": config}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -68,14 +74,14 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return max(found, key=_step_of) if found else None
 
 
-def saved_config(path: str | Path) -> dict:
-    """The config a checkpoint was written with (its ``meta.json``)."""
-    return json.loads((Path(path) / "meta.json").read_text())["config"]
+def saved_meta(path: str | Path) -> dict:
+    """A checkpoint's ``meta.json``: ``step``, ``world_size`` and the ``config`` it was written with."""
+    return json.loads((Path(path) / "meta.json").read_text())
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any) -> int:
-    """Restore parameters, optimizer and scheduler from `path`; returns the step."""
+                    scheduler: Any) -> tuple[int, dict]:
+    """Restore parameters, optimizer and scheduler from `path`; returns the step and the running state."""
     path = Path(path)
     weights = load_file(str(path / "trainable.safetensors"))
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -89,4 +95,4 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     state = torch.load(path / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    return int(state["step"])
+    return int(state["step"]), state.get("running", {})

@@ -72,8 +72,9 @@ class TrainConfig:
     seed: int = _opt(42, "seed of the data order, splits, dropout and new weights")
     log_every: int = _opt(1, "optimizer steps between log lines (log.jsonl and the progress bar)")
     save_every: int = _opt(500, "optimizer steps between checkpoints (one is always written at the end)")
-    resume: bool = _opt(False, "continue the run in --output from its newest checkpoint (same stage, model and "
-                        "data options)")
+    resume: bool = _opt(False, "continue the run in --output from its newest checkpoint (the same options but "
+                        "--save-every, --log-every, --attention-backend, --gradient-checkpointing, --grad-cache, "
+                        "--chunk-size; the same global batch)")
     overwrite: bool = _opt(False, "start afresh in an --output that holds a run: its checkpoints and log are deleted")
     attention_backend: str = _opt("auto", "memory_attention backend", ("auto", "torch", "triton", "cuda", "flash"))
 

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["setup_distributed", "is_main", "rank_and_world", "gather_with_grad", "average_gradients",
-           "broadcast_parameters", "all_mean"]
+           "broadcast_parameters", "all_mean", "ranks_agree"]
 
 
 def setup_distributed() -> torch.device:
@@ -102,3 +102,13 @@ def all_mean(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item() / world
+
+
+def ranks_agree(value: int, device: torch.device) -> bool:
+    """Whether every rank passed the same int64 `value` (always on one process): one all-reduce of (v, -v)
+    with MAX gives the largest and the smallest."""
+    if rank_and_world()[1] == 1:
+        return True
+    t = torch.tensor([value, -value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t[0] == -t[1])

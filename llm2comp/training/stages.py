@@ -23,6 +23,7 @@ __all__ = ["Stage", "CompressStage", "UnsupervisedStage", "SupervisedStage", "bu
 
 
 class Stage(abc.ABC):
+    rows: list  # the examples read (TextRow or PairRow), indexed by the batch order
     num_examples: int
     skipped: dict[str, int]  # reason -> rows dropped, logged by the trainer
 

@@ -10,6 +10,8 @@ and therefore losses. An ``output`` holding a run is refused unless resumed or o
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -21,10 +23,18 @@ from tqdm.auto import tqdm
 
 from ..model import CONFIG_NAME
 from . import modeling
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, saved_config
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, saved_meta
 from .config import ConfigError, TrainConfig, flag
 from .data import BatchOrder, DataError
-from .distributed import all_mean, average_gradients, broadcast_parameters, is_main, rank_and_world, setup_distributed
+from .distributed import (
+    all_mean,
+    average_gradients,
+    broadcast_parameters,
+    is_main,
+    rank_and_world,
+    ranks_agree,
+    setup_distributed,
+)
 from .optim import make_optimizer
 from .stages import build_stage
 
@@ -33,8 +43,10 @@ __all__ = ["autocast_for", "train"]
 log = logging.getLogger(__name__)
 
 _RUN_FILES = ("checkpoints", "log.jsonl", CONFIG_NAME)  # what a run leaves in its output directory
-# the options a checkpoint belongs to: resuming with others would continue another model or data order
-_RESUME_KEYS = ("stage", "model", "data", "memory_tokens", "lora_r", "lora_alpha", "seed", "batch_size", "grad_accum")
+# The options a resumed run may change: where and how often it writes, and how it computes the same steps. Any
+# other change (model, data, schedule, lengths, precision...) would not continue the run that was killed.
+_RESUME_FREE = {"output", "resume", "overwrite", "save_every", "log_every", "attention_backend",
+                "gradient_checkpointing", "grad_cache", "chunk_size"}
 
 
 def _log_line(path: Path, record: dict) -> None:
@@ -48,9 +60,10 @@ def autocast_for(cfg: TrainConfig, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _check_output(cfg: TrainConfig) -> Path | None:
+def _check_output(cfg: TrainConfig, world: int) -> Path | None:
     """Refuse an output that is a file, or that holds a run unless resumed or overwritten; with
-    ``resume``, check the newest checkpoint's options against `cfg` and return it (None: start afresh)."""
+    ``resume``, check the newest checkpoint's options and global batch against `cfg` and `world` processes,
+    and return it (None: start afresh)."""
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output {out} is a file, not a directory")
@@ -60,13 +73,27 @@ def _check_output(cfg: TrainConfig) -> Path | None:
                           "--overwrite starts afresh")
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if ckpt is not None:
-        saved = saved_config(ckpt)
-        for key in _RESUME_KEYS:
-            if saved.get(key) != getattr(cfg, key):
+        meta = saved_meta(ckpt)
+        saved, where = meta["config"], f"in the run being resumed ({ckpt / 'meta.json'})"
+        for f in dataclasses.fields(cfg):
+            key = f.name
+            if key not in _RESUME_FREE and key != "batch_size" and saved.get(key) != getattr(cfg, key):
                 raise ConfigError(f"--resume: {'the stage' if key == 'stage' else flag(key)} is "
-                                  f"{getattr(cfg, key)!r} here but {saved.get(key)!r} in the run being resumed "
-                                  f"({ckpt / 'meta.json'})")
+                                  f"{getattr(cfg, key)!r} here but {saved.get(key)!r} {where}")
+        # the data order is that of the global batch: any split of it over processes continues the run
+        saved_world = meta.get("world_size", 1)
+        if saved.get("batch_size", 0) * saved_world != cfg.batch_size * world:
+            raise ConfigError(f"--resume: the global batch (--batch-size x processes) is {cfg.batch_size} x {world} "
+                              f"here but {saved.get('batch_size')} x {saved_world} {where}")
     return ckpt
+
+
+def _fingerprint(cfg: TrainConfig, rows: list) -> int:
+    """A 64-bit digest of the options and the rows read: equal on every rank of one run."""
+    digest = hashlib.blake2b(json.dumps(cfg.to_dict(), sort_keys=True).encode(), digest_size=8)
+    for row in rows:
+        digest.update(repr(row).encode())
+    return int.from_bytes(digest.digest(), "little", signed=True)
 
 
 def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
@@ -79,7 +106,7 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
     """
     device = setup_distributed()
     rank, world = rank_and_world()
-    ckpt = _check_output(cfg)  # before the (slow) model load
+    ckpt = _check_output(cfg, world)  # before the (slow) model load
     torch.manual_seed(cfg.seed)
     if model is None:
         model = modeling.load_model(cfg)
@@ -91,6 +118,9 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
     broadcast_parameters(params)
 
     stage = build_stage(cfg, model, device)
+    if not ranks_agree(_fingerprint(cfg, stage.rows), device):
+        raise ConfigError("the processes of this run differ in their options or in the rows of --data (every "
+                          "rank must read the same file)")
     order = BatchOrder(stage.num_examples, cfg.batch_size * world, cfg.seed, rank, world)
     total = cfg.max_steps or cfg.epochs * order.batches_per_epoch // cfg.grad_accum
     if total < 1:
@@ -98,7 +128,7 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
                          f"(batch {cfg.batch_size} x {world} ranks x {cfg.grad_accum} accumulation)")
     optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay, cfg.schedule, cfg.warmup_ratio, total)
     out = Path(cfg.output)
-    start = load_checkpoint(ckpt, model, optimizer, scheduler) if ckpt is not None else 0
+    start, running = load_checkpoint(ckpt, model, optimizer, scheduler) if ckpt is not None else (0, {})
     main = is_main()
     log_path = out / "log.jsonl"
     if main:
@@ -120,7 +150,9 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
     autocast = autocast_for(cfg, device)
     records: list[dict] = []
     bar = tqdm(total=total, initial=start, disable=not (progress and main), desc=f"train {cfg.stage}")
-    window_loss, window_weight, window_tokens, window_start = 0.0, 0.0, 0, time.perf_counter()
+    # the log window so far (restored on resume: a window that spans the checkpoint logs what it would have)
+    window_loss, window_weight, window_tokens = running.get("log_window", (0.0, 0.0, 0))
+    window_start = time.perf_counter()
     for step in range(start, total):
         # dropout masks from (seed, step, rank): a resumed run draws what the uninterrupted one did,
         # and ranks draw different masks
@@ -157,7 +189,8 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
             window_loss, window_weight, window_tokens, window_start = 0.0, 0.0, 0, time.perf_counter()
         bar.update(1)
         if main and (done % cfg.save_every == 0 or done == total):
-            save_checkpoint(out, model, optimizer, scheduler, done, cfg.to_dict())
+            save_checkpoint(out, model, optimizer, scheduler, done, cfg.to_dict(), world_size=world,
+                            running={"log_window": [window_loss, window_weight, window_tokens]})
     bar.close()
     if main:
         model.save_pretrained(out)

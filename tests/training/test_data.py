@@ -176,7 +176,7 @@ def test_checkpoint_roundtrip_keeps_newest(tmp_path):
             p.zero_()
     opt2 = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
     sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lr_lambda("linear", 1, 10))
-    assert load_checkpoint(latest_checkpoint(tmp_path), model, opt2, sched2) == 3
+    assert load_checkpoint(latest_checkpoint(tmp_path), model, opt2, sched2) == (3, {})
     torch.testing.assert_close(model[1].weight, expected[2])
     assert not model[0].weight.any() and frozen_before.any()  # frozen params are not in the checkpoint
     assert sched2.last_epoch == 3 and opt2.state_dict()["state"][0]["step"] == 3
