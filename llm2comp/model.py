@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llm2comp_kernels import span_mean_pool
 
 from .bidirectional import patch_bidirectional, unpatch_bidirectional
-from .default_model import DEFAULT_MODEL, default_model_files, is_default_model
+from .default_model import DEFAULT_MODEL, HUB_ID, default_model_files, is_default_model
 from .encode import POOLINGS, check_encode_kwargs, check_pooling, encode_texts
 from .memory_tokens import add_memory_tokens, init_memory_rows
 
@@ -74,7 +74,11 @@ def _load_base(name_or_path: str, dtype, hf_kwargs: dict):
         if not path.exists():
             raise FileNotFoundError(f"model directory {name_or_path} does not exist")
         name_or_path = reference["name_or_path"] = str(path.resolve())
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hf_kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hf_kwargs)
+    except OSError as exc:  # transformers' message says what the hub answered, not what was asked for
+        where = "" if Path(name_or_path).exists() else "not a local directory, and as a hub model id: "
+        raise OSError(f"cannot load the model {name_or_path!r}: {where}{exc}") from exc
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **hf_kwargs)
     tokenizer.padding_side = "right"
     if tokenizer.pad_token_id is None:
@@ -210,6 +214,28 @@ class LLM2Comp(torch.nn.Module):
     def _write_configs(self, directory: Path, merged: bool) -> None:
         (directory / CONFIG_NAME).write_text(json.dumps(self._config(merged), indent=2))
         (directory / "modules.json").write_text(json.dumps(ST_MODULES, indent=2))
+        (directory / "README.md").write_text(self._model_card(merged))  # instead of peft's text-generation card
+
+    def _model_card(self, merged: bool) -> str:
+        """A model card for the hub: an embedding model (feature-extraction), its base model's hub id if it has
+        one, what it is and how to load it."""
+        name = self.base_reference["name_or_path"]
+        hub_id = HUB_ID if is_default_model(name) else None if _looks_like_path(name) else name
+        lora = self.model.peft_config["default"]
+        trained = ("LoRA merged into the weights" if merged else
+                   f"LoRA adapters (rank {lora.r}, alpha {lora.lora_alpha}) on the base model")
+        return "\n".join([
+            "---", "library_name: llm2comp", "pipeline_tag: feature-extraction",
+            "tags: [llm2comp, text-embeddings, sentence-similarity]", *([f"base_model: {hub_id}"] if hub_id else []),
+            "---", "", "# LLM2Comp text encoder", "",
+            f"A bidirectional text encoder made from `{hub_id or name}` by LLM2Comp (\"Learning to Compress\", "
+            f"AAAI'26): {self.num_memory_tokens} memory tokens follow each text, and its embedding is the mean of "
+            f"their last hidden states ({self.pooling} pooling by default); {trained}, and the memory tokens' "
+            "embeddings, are what training changed.", "",
+            "```python", "from llm2comp import LLM2Comp", "",
+            'model = LLM2Comp.from_pretrained("path/or/repo-id")',
+            'embeddings = model.encode(["first text", "second text"], normalize_embeddings=True)', "```", "",
+            "It also loads as `SentenceTransformer(path, trust_remote_code=True)`.", ""])
 
     # ----------------------------------------------------------------------------- modules
     def backbone(self) -> torch.nn.Module:

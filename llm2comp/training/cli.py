@@ -81,7 +81,8 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                             ("--batch-size", "batch_size", "texts per step"),
                             ("--max-length", "max_length", "tokens per training text, memory tokens included")):
         gpu, cpu = DEMO_DEFAULTS[key]
-        parser.add_argument(flag, type=int, default=None, help=f"{what} (default: {gpu} on GPU, {cpu} on CPU)")
+        default = f"{gpu}" if gpu == cpu else f"{gpu} on GPU, {cpu} on CPU"
+        parser.add_argument(flag, type=int, default=None, help=f"{what} (default: {default})")
     parser.add_argument("--no-plot", action="store_true", help="skip the matplotlib plot")
     parser.set_defaults(func=_run_demo)
     return parser

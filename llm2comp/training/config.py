@@ -173,19 +173,20 @@ def load_config(stage: str, toml_path: str | Path | None = None, **overrides: An
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
-    """One flag per TrainConfig field that applies to `stage`; unset flags stay absent from the namespace."""
+    """One flag per TrainConfig field (`--help` lists those that apply to `stage`); unset flags stay absent from
+    the namespace."""
     defaults = stage_defaults(stage)
     parser.add_argument("--config", help="TOML file giving any of these options (flags override it)")
     for f in fields(TrainConfig):
         if f.name == "stage":
             continue
         applies = f.metadata["stages"]
-        if stage not in applies:
-            continue  # load_config refuses it for this stage too
         only = "" if applies == STAGES else f"[{' and '.join(applies)} only] "
         default = "required: here or in --config" if f.name in _REQUIRED else f"default: {defaults[f.name]!r}"
+        # another stage's option: parsed but not listed, for load_config to refuse it by name
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
-                                  "help": f"{only}{f.metadata['help']} ({default})"}
+                                  "help": f"{only}{f.metadata['help']} ({default})" if stage in applies
+                                  else argparse.SUPPRESS}
         if _kind(f) == "bool":
             parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
         else:

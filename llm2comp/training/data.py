@@ -66,6 +66,8 @@ def _string_field(path: Path, lineno: int, row: dict, key: str, required: bool =
 
 def _lines(path: str | Path) -> tuple[Path, list[tuple[int, str]]]:
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: a directory, not a data file")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     data = path.read_bytes()

@@ -4,6 +4,7 @@ memory states, embeddings of mixed-instruction batches, dropout and checkpointin
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -16,11 +17,23 @@ __all__ = ["load_model", "bos_token_id", "memory_states", "frozen_decoder", "tok
            "set_lora_dropout", "enable_gradient_checkpointing"]
 
 
+log = logging.getLogger(__name__)
+
+
 def load_model(cfg: TrainConfig) -> LLM2Comp:
-    """`cfg.model` as an LLM2Comp model: a base model gets fresh adapters, an LLM2Comp directory its own."""
-    return LLM2Comp.from_pretrained(cfg.model, num_memory_tokens=cfg.memory_tokens, lora_rank=cfg.lora_r,
-                                    lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                    backend=cfg.attention_backend)
+    """`cfg.model` as an LLM2Comp model: a base model gets fresh adapters, an LLM2Comp directory its own (a
+    warning says so when they differ from the options)."""
+    model = LLM2Comp.from_pretrained(cfg.model, num_memory_tokens=cfg.memory_tokens, lora_rank=cfg.lora_r,
+                                     lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                     backend=cfg.attention_backend)
+    lora = model.model.peft_config["default"]
+    kept = {"--memory-tokens": (cfg.memory_tokens, model.num_memory_tokens), "--lora-r": (cfg.lora_r, lora.r),
+            "--lora-alpha": (cfg.lora_alpha, lora.lora_alpha)}
+    ignored = [f"{name} {given} (the model has {has})" for name, (given, has) in kept.items() if given != has]
+    if ignored:
+        log.warning("%s is an LLM2Comp model and keeps its own settings, so these apply to new models only: %s",
+                    cfg.model, "; ".join(ignored))
+    return model
 
 
 def bos_token_id(tok) -> int:

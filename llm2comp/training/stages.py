@@ -19,7 +19,7 @@ from .config import ConfigError, TrainConfig
 from .contrastive import embed_and_backward, in_batch_loss, text_keys
 from .data import DataError, read_pairs, read_texts
 
-__all__ = ["Stage", "CompressStage", "UnsupervisedStage", "SupervisedStage", "build_stage"]
+__all__ = ["Stage", "CompressStage", "UnsupervisedStage", "SupervisedStage", "read_rows", "build_stage"]
 
 
 class Stage(abc.ABC):
@@ -27,7 +27,8 @@ class Stage(abc.ABC):
     num_examples: int
     skipped: dict[str, int]  # reason -> rows dropped, logged by the trainer
 
-    def __init__(self, cfg: TrainConfig, model, device: torch.device):
+    def __init__(self, cfg: TrainConfig, model, device: torch.device, data: tuple[list, int]):
+        """`data`: `read_rows(cfg)`, the file's rows and blank lines."""
         self.cfg, self.model, self.device = cfg, model, device
         need, what = self._min_text_tokens()
         m = model.num_memory_tokens
@@ -48,9 +49,9 @@ class Stage(abc.ABC):
 
 
 class CompressStage(Stage):
-    def __init__(self, cfg: TrainConfig, model, device: torch.device):
-        super().__init__(cfg, model, device)
-        rows, blank = read_texts(cfg.data)
+    def __init__(self, cfg: TrainConfig, model, device: torch.device, data: tuple[list, int]):
+        super().__init__(cfg, model, device, data)
+        rows, blank = data
         max_tokens = cfg.max_length - model.num_memory_tokens - 1
         self.rows, short = usable_rows(model.tokenizer, rows, cfg.data, cfg.min_split, max_tokens,
                                        cfg.skip_short)
@@ -101,9 +102,9 @@ class UnsupervisedStage(_ContrastiveStage):
     A text repeated in the file is kept once: in one batch its copies would be each other's negatives, a loss
     no update can lower."""
 
-    def __init__(self, cfg: TrainConfig, model, device: torch.device):
-        super().__init__(cfg, model, device)
-        rows, blank = read_texts(cfg.data)
+    def __init__(self, cfg: TrainConfig, model, device: torch.device, data: tuple[list, int]):
+        super().__init__(cfg, model, device, data)
+        rows, blank = data
         first = {}
         for row in rows:
             first.setdefault(row.text, row)
@@ -121,9 +122,9 @@ class SupervisedStage(_ContrastiveStage):
     """Queries (with their instructions) against positives, hard negatives and in-batch docs; a doc text the
     global batch holds twice is one column (`in_batch_loss`'s doc_keys)."""
 
-    def __init__(self, cfg: TrainConfig, model, device: torch.device):
-        super().__init__(cfg, model, device)
-        self.rows, blank = read_pairs(cfg.data, cfg.num_negatives)
+    def __init__(self, cfg: TrainConfig, model, device: torch.device, data: tuple[list, int]):
+        super().__init__(cfg, model, device, data)
+        self.rows, blank = data
         self.num_examples, self.skipped = len(self.rows), {"blank lines": blank}
         self._check_instructions()
 
@@ -155,5 +156,14 @@ class SupervisedStage(_ContrastiveStage):
 _STAGES = {"compress": CompressStage, "unsupervised": UnsupervisedStage, "supervised": SupervisedStage}
 
 
-def build_stage(cfg: TrainConfig, model, device: torch.device) -> Stage:
-    return _STAGES[cfg.stage](cfg, model, device)
+def read_rows(cfg: TrainConfig) -> tuple[list, int]:
+    """The rows of `cfg.data` for its stage and the blank lines left out: what needs no model, read before it
+    loads, so that a wrong path or format fails at once."""
+    if cfg.stage == "supervised":
+        return read_pairs(cfg.data, cfg.num_negatives)
+    return read_texts(cfg.data)
+
+
+def build_stage(cfg: TrainConfig, model, device: torch.device, data: tuple[list, int] | None = None) -> Stage:
+    """The stage of `cfg` over `data` (default: `read_rows(cfg)`)."""
+    return _STAGES[cfg.stage](cfg, model, device, data if data is not None else read_rows(cfg))

@@ -36,7 +36,7 @@ from .distributed import (
     setup_distributed,
 )
 from .optim import make_optimizer
-from .stages import build_stage
+from .stages import build_stage, read_rows
 
 __all__ = ["autocast_for", "train"]
 
@@ -106,7 +106,8 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
     """
     device = setup_distributed()
     rank, world = rank_and_world()
-    ckpt = _check_output(cfg, world)  # before the (slow) model load
+    ckpt = _check_output(cfg, world)  # before the (slow) model load, as the data file's checks
+    data = read_rows(cfg)
     torch.manual_seed(cfg.seed)
     if model is None:
         model = modeling.load_model(cfg)
@@ -117,7 +118,7 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
     params = [p for p in model.parameters() if p.requires_grad]
     broadcast_parameters(params)
 
-    stage = build_stage(cfg, model, device)
+    stage = build_stage(cfg, model, device, data)
     if not ranks_agree(_fingerprint(cfg, stage.rows), device):
         raise ConfigError("the processes of this run differ in their options or in the rows of --data (every "
                           "rank must read the same file)")

@@ -67,6 +67,13 @@ def test_eval_command_prints_table(tiny_dirs, capsys):
     assert name == "last" and -1 <= float(p) <= 1 and -1 <= float(s) <= 1
 
 
+def test_eval_command_checks_the_data_dir_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded"))
+    assert cli.main(["eval", "--data-dir", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"{tmp_path} lacks one of" in captured.err
+
+
 def test_bench_passes_arguments_through(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--only", "no_such_bench"])

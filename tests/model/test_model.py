@@ -146,6 +146,10 @@ def test_save_load_round_trip(tiny_encoder, tmp_path):
     files = {p.name for p in (tmp_path / "enc").iterdir()}
     assert {CONFIG_NAME, "adapter_model.safetensors", "tokenizer.json"} <= files
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    card = (tmp_path / "enc" / "README.md").read_text()  # an embedding model's card, not peft's text-generation one
+    assert card.startswith("---\nlibrary_name: llm2comp\npipeline_tag: feature-extraction\n")
+    assert "text-generation" not in card and "base_model:" not in card  # a local base model has no hub id
+    assert "4 memory tokens" in card and "LoRA adapters (rank 4, alpha" in card
     config = json.loads((tmp_path / "enc" / CONFIG_NAME).read_text())
     assert config["num_memory_tokens"] == 4 and config["memory_token_ids"] == tiny_encoder.memory_token_ids
     with warnings.catch_warnings():
@@ -154,6 +158,15 @@ def test_save_load_round_trip(tiny_encoder, tmp_path):
     np.testing.assert_allclose(loaded.encode(TEXTS), expected, rtol=1e-5, atol=1e-6)
     # The untied LM head's memory rows (outside the adapter) are re-initialised identically.
     torch.testing.assert_close(loaded.lm_head.weight, tiny_encoder.lm_head.weight)
+
+
+@pytest.mark.parametrize("base, hub_id", [("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+                                          ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B"), ("/models/local", None)])
+def test_model_card_names_the_base_models_hub_id(tiny_encoder, base, hub_id):
+    tiny_encoder.base_reference = {"name_or_path": base}
+    card = tiny_encoder._model_card(merged=True)
+    assert (f"\nbase_model: {hub_id}\n" in card) if hub_id else ("base_model:" not in card)
+    assert "LoRA merged into the weights" in card
 
 
 def test_moved_base_model_and_bad_paths(tiny_encoder, tiny_dirs, tmp_path):
@@ -173,6 +186,18 @@ def test_moved_base_model_and_bad_paths(tiny_encoder, tiny_dirs, tmp_path):
         LLM2Comp.from_pretrained(str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="backend must be one of"):
         LLM2Comp.from_pretrained(str(tiny_dirs["llama"]), backend="trition")
+
+
+def test_a_name_that_is_neither_a_directory_nor_a_hub_model_is_named(monkeypatch):
+    from llm2comp import model as model_module
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(model_module.AutoTokenizer, "from_pretrained", offline)
+    with pytest.raises(OSError, match="cannot load the model 'no-such-dir': not a local directory, and as a hub "
+                                      "model id: We couldn't connect"):
+        model_module._load_base("no-such-dir", None, {})
 
 
 def test_saved_model_from_a_hub_repo(tiny_encoder, tmp_path, monkeypatch):

@@ -81,6 +81,13 @@ def test_bad_option_is_reported(tmp_path, capsys):
     assert "unknown options ['learning_rate']" in capsys.readouterr().err
 
 
+def test_another_stages_flag_is_refused_by_name(capsys):
+    """On the command line as in a config file: not argparse's top-level "unrecognized arguments"."""
+    assert main(["train", "unsupervised", "--data", "d.txt", "--output", "o", "--objective", "nll"]) == 2
+    assert ("llm2comp train unsupervised: --objective applies to the compress stage only, not to unsupervised"
+            in capsys.readouterr().err)
+
+
 def test_bad_output_is_reported(tmp_path, capsys):
     output = tmp_path / "a-file"
     output.write_text("x")

@@ -2,6 +2,7 @@
 checkpointing and accumulation, logging, the output directory and resume."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -208,6 +209,20 @@ def test_stage_chaining_loads_previous_output(tiny_dir, tmp_path):
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
 
 
+def test_model_options_a_saved_model_keeps_are_named_in_a_warning(tiny_dir, tmp_path, caplog):
+    first = _config("compress", tiny_dir, tmp_path, max_steps=1)
+    train(first, progress=False)
+    with caplog.at_level("WARNING"):
+        modeling.load_model(_config("unsupervised", tiny_dir, tmp_path, model=first.output))
+    assert not caplog.records  # the defaults, which the saved model has
+    with caplog.at_level("WARNING"):
+        model = modeling.load_model(_config("unsupervised", tiny_dir, tmp_path, model=first.output, lora_r=4,
+                                            memory_tokens=2))
+    assert model.num_memory_tokens == 8
+    assert "keeps its own settings, so these apply to new models only: --memory-tokens 2 (the model has 8); " \
+           "--lora-r 4 (the model has 16)" in caplog.text
+
+
 def test_chunked_cross_entropy_equals_the_full_logits_one(monkeypatch):
     """nll / reconstruct: chunks of 3 rows (the last one partial) give the loss and gradients of one matmul."""
     from llm2comp.training import compress
@@ -344,6 +359,19 @@ def test_output_that_is_a_file_fails_before_the_model_loads(tiny_dir, tmp_path, 
     Path(cfg.output).write_text("not a directory")
     with pytest.raises(ConfigError, match=f"--output {cfg.output} is a file, not a directory"):
         train(cfg, progress=False)
+
+
+@pytest.mark.parametrize("stage, data, message", [
+    ("compress", "missing.txt", "missing.txt: no such file"),
+    ("compress", ".", ": a directory, not a data file"),
+    ("supervised", "corpus.txt", "corpus.txt: supervised data must be a .jsonl file"),
+    ("unsupervised", "bad.jsonl", "bad.jsonl:2: missing field 'text'"),
+])
+def test_data_errors_come_before_the_model_loads(stage, data, message, tiny_dir, tmp_path, no_model):
+    (tmp_path / "corpus.txt").write_text("a text\n")
+    (tmp_path / "bad.jsonl").write_text('{"text": "a text"}\n{"query": "no text field"}\n')
+    with pytest.raises(DataError, match=re.escape(message)):
+        train(_config(stage, tiny_dir, tmp_path, data=tmp_path / data), progress=False)
 
 
 def test_overwrite_deletes_the_old_checkpoints_and_log(tiny_dir, tmp_path):
