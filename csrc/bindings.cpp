@@ -220,8 +220,8 @@ std::tuple<at::Tensor, at::Tensor> contrastive_loss_bwd_op(const at::Tensor& gra
     const auto f32 = queries.options().dtype(at::kFloat);
     // Softmax weights: the row term carries g (halved when symmetric), the column term of doc j half the g of
     // every query whose positive is j. index_put_ sums repeated labels in a fixed order (on CUDA it sorts the
-    // indices), so the gradients are bitwise reproducible, which atomics would not make them; it also
-    // bounds-checks the labels.
+    // indices), so the gradients are bitwise reproducible, which atomics would not make them (a label past N
+    // stops it with a device-side assert; the Python API rejects such labels first).
     const at::Tensor w_row = symmetric ? grad_loss * 0.5 : grad_loss;
     at::Tensor w_col = at::zeros({symmetric ? N : 0}, f32);
     if (symmetric) w_col.index_put_({labels}, w_row, /*accumulate=*/true);

@@ -229,9 +229,9 @@ class LLM2Comp(torch.nn.Module):
             "tags: [llm2comp, text-embeddings, sentence-similarity]", *([f"base_model: {hub_id}"] if hub_id else []),
             "---", "", "# LLM2Comp text encoder", "",
             f"A bidirectional text encoder made from `{hub_id or name}` by LLM2Comp (\"Learning to Compress\", "
-            f"AAAI'26): {self.num_memory_tokens} memory tokens follow each text, and its embedding is the mean of "
-            f"their last hidden states ({self.pooling} pooling by default); {trained}, and the memory tokens' "
-            "embeddings, are what training changed.", "",
+            f"AAAI'26): {self.num_memory_tokens} memory tokens follow each text, and the mean of their last hidden "
+            f"states is its embedding (\"memory\" pooling; this model's default: \"{self.pooling}\"); {trained}, "
+            "and the memory tokens' embeddings, are what training changed.", "",
             "```python", "from llm2comp import LLM2Comp", "",
             'model = LLM2Comp.from_pretrained("path/or/repo-id")',
             'embeddings = model.encode(["first text", "second text"], normalize_embeddings=True)', "```", "",

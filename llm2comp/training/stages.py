@@ -1,6 +1,7 @@
 """The three stages as data + one micro-step each; the trainer owns the loop around them.
 
-A stage reads and validates its file at construction, and `micro_step(indices, epoch)` runs
+A stage takes its file's rows (`read_rows`, read before the model loads) and validates what needs
+the model at construction, and `micro_step(indices, epoch)` runs
 forward and backward on the examples `indices` (this rank's share of one micro-batch),
 accumulating the gradients of ``weight * loss``; it returns the loss, the tokens processed and
 the weight. The trainer divides the step's gradients by the total weight over micro-batches and
@@ -130,21 +131,17 @@ class SupervisedStage(_ContrastiveStage):
 
     def _check_instructions(self):
         """DataError naming the first row of an instruction that leaves no text token within --max-length,
-        now rather than when a batch first holds it."""
-        first_line = {}
+        now rather than when a batch first holds it (its first row tokenized as training will)."""
+        first_row = {}
         for row in self.rows:
             if row.instruction:
-                first_line.setdefault(row.instruction, row.line)
-        if not first_line:
-            return
-        model, max_length = self.model, self.cfg.max_length
-        bos = int(model.tokenize([""], max_length=max_length)["text_start"][0])
-        counts = model.tokenizer(list(first_line), add_special_tokens=False)["input_ids"]
-        for line, ids in zip(first_line.values(), counts):
-            if bos + len(ids) + model.num_memory_tokens + 1 > max_length:
-                raise DataError(f"{self.cfg.data}:{line}: the instruction takes {len(ids)} tokens, which with the "
-                                f"BOS and {model.num_memory_tokens} memory tokens leaves no text token in "
-                                f"--max-length {max_length}")
+                first_row.setdefault(row.instruction, row)
+        for instruction, row in first_row.items():
+            try:
+                self.model.tokenize([row.query], instruction, max_length=self.cfg.max_length)
+            except ValueError as exc:
+                raise DataError(f"{self.cfg.data}:{row.line}: the instruction leaves no text token in --max-length "
+                                f"{self.cfg.max_length} ({exc})") from exc
 
     def micro_step(self, indices, epoch):
         rows = [self.rows[i] for i in indices]

@@ -76,24 +76,44 @@ def _check_output(cfg: TrainConfig, world: int) -> Path | None:
         meta = saved_meta(ckpt)
         saved, where = meta["config"], f"in the run being resumed ({ckpt / 'meta.json'})"
         for f in dataclasses.fields(cfg):
-            key = f.name
-            if key not in _RESUME_FREE and key != "batch_size" and saved.get(key) != getattr(cfg, key):
+            key = f.name  # an option the run predates is not checked
+            if key not in _RESUME_FREE and key != "batch_size" and key in saved and saved[key] != getattr(cfg, key):
                 raise ConfigError(f"--resume: {'the stage' if key == 'stage' else flag(key)} is "
-                                  f"{getattr(cfg, key)!r} here but {saved.get(key)!r} {where}")
-        # the data order is that of the global batch: any split of it over processes continues the run
-        saved_world = meta.get("world_size", 1)
-        if saved.get("batch_size", 0) * saved_world != cfg.batch_size * world:
+                                  f"{getattr(cfg, key)!r} here but {saved[key]!r} {where}")
+        # the data order is that of the global batch: any split of it over processes continues the run (a
+        # checkpoint without world_size predates that record: then the batch per process must match)
+        saved_world = meta.get("world_size")
+        here, there = cfg.batch_size * (world if saved_world else 1), saved.get("batch_size", 0) * (saved_world or 1)
+        if here != there:
             raise ConfigError(f"--resume: the global batch (--batch-size x processes) is {cfg.batch_size} x {world} "
-                              f"here but {saved.get('batch_size')} x {saved_world} {where}")
+                              f"here but {saved.get('batch_size')} x {saved_world or '?'} {where}")
     return ckpt
 
 
-def _fingerprint(cfg: TrainConfig, rows: list) -> int:
-    """A 64-bit digest of the options and the rows read: equal on every rank of one run."""
-    digest = hashlib.blake2b(json.dumps(cfg.to_dict(), sort_keys=True).encode(), digest_size=8)
-    for row in rows:
+def _fingerprint(cfg: TrainConfig, data: tuple[list, int] | None) -> int:
+    """A 64-bit digest of the options (paths aside: nodes may mount the data elsewhere) and the rows read (None:
+    reading failed), equal on every rank of one run."""
+    options = {k: v for k, v in cfg.to_dict().items() if k not in ("data", "output")}
+    digest = hashlib.blake2b(json.dumps(options, sort_keys=True, default=str).encode(), digest_size=8)
+    for row in data[0] if data is not None else ["<unreadable>"]:
         digest.update(repr(row).encode())
     return int.from_bytes(digest.digest(), "little", signed=True)
+
+
+def _read_rows_on_every_rank(cfg: TrainConfig, world: int, device: torch.device) -> tuple[list, int]:
+    """`read_rows(cfg)`, checked to be the same on every rank (with the options) before anything else talks
+    to the other ranks; every rank raises if one fails or differs, none waits for the others forever."""
+    try:
+        data, error = read_rows(cfg), None
+    except DataError as exc:
+        data, error = None, exc
+    agree = world == 1 or ranks_agree(_fingerprint(cfg, data), device)
+    if error is not None:
+        raise error
+    if not agree:
+        raise ConfigError("the processes of this run differ in their options or in the rows of --data (every "
+                          "rank must read the same rows)")
+    return data
 
 
 def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
@@ -107,7 +127,7 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
     device = setup_distributed()
     rank, world = rank_and_world()
     ckpt = _check_output(cfg, world)  # before the (slow) model load, as the data file's checks
-    data = read_rows(cfg)
+    data = _read_rows_on_every_rank(cfg, world, device)
     torch.manual_seed(cfg.seed)
     if model is None:
         model = modeling.load_model(cfg)
@@ -119,9 +139,6 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
     broadcast_parameters(params)
 
     stage = build_stage(cfg, model, device, data)
-    if not ranks_agree(_fingerprint(cfg, stage.rows), device):
-        raise ConfigError("the processes of this run differ in their options or in the rows of --data (every "
-                          "rank must read the same file)")
     order = BatchOrder(stage.num_examples, cfg.batch_size * world, cfg.seed, rank, world)
     total = cfg.max_steps or cfg.epochs * order.batches_per_epoch // cfg.grad_accum
     if total < 1:
@@ -130,6 +147,9 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
     optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay, cfg.schedule, cfg.warmup_ratio, total)
     out = Path(cfg.output)
     start, running = load_checkpoint(ckpt, model, optimizer, scheduler) if ckpt is not None else (0, {})
+    if running.get("examples", stage.num_examples) != stage.num_examples:
+        raise DataError(f"--resume: {cfg.data} gives {stage.num_examples} examples here but {running['examples']} "
+                        f"in the run being resumed ({ckpt}): the file, or how this version reads it, changed")
     main = is_main()
     log_path = out / "log.jsonl"
     if main:
@@ -152,8 +172,8 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
     records: list[dict] = []
     bar = tqdm(total=total, initial=start, disable=not (progress and main), desc=f"train {cfg.stage}")
     # the log window so far (restored on resume: a window that spans the checkpoint logs what it would have)
-    window_loss, window_weight, window_tokens = running.get("log_window", (0.0, 0.0, 0))
-    window_start = time.perf_counter()
+    window_loss, window_weight, window_tokens, elapsed = running.get("log_window", (0.0, 0.0, 0, 0.0))
+    window_start = time.perf_counter() - elapsed
     for step in range(start, total):
         # dropout masks from (seed, step, rank): a resumed run draws what the uninterrupted one did,
         # and ranks draw different masks
@@ -189,9 +209,13 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             window_loss, window_weight, window_tokens, window_start = 0.0, 0.0, 0, time.perf_counter()
         bar.update(1)
-        if main and (done % cfg.save_every == 0 or done == total):
-            save_checkpoint(out, model, optimizer, scheduler, done, cfg.to_dict(), world_size=world,
-                            running={"log_window": [window_loss, window_weight, window_tokens]})
+        if done % cfg.save_every == 0 or done == total:
+            # the window so far as means over ranks (what any rank restores), so every rank takes part
+            window = [all_mean(window_loss, device), window_weight, all_mean(window_tokens, device),
+                      time.perf_counter() - window_start]
+            if main:
+                save_checkpoint(out, model, optimizer, scheduler, done, cfg.to_dict(), world_size=world,
+                                running={"log_window": window, "examples": stage.num_examples})
     bar.close()
     if main:
         model.save_pretrained(out)

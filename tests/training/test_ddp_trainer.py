@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 
 from llm2comp.training import load_config, train
 from llm2comp.training.config import ConfigError
+from llm2comp.training.data import DataError
 
 
 def _free_port() -> int:
@@ -51,20 +52,23 @@ def _mismatch_worker(rank, port, tiny_dir, data_files, output, result_dir):
     try:
         train(load_config("unsupervised", **_options(tiny_dir, data_files[rank], output, 2)), progress=False)
         outcome = "trained"
-    except ConfigError as exc:
+    except (ConfigError, DataError) as exc:
         outcome = str(exc)
     with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as fh:
         fh.write(outcome)
     dist.destroy_process_group()
 
 
-def test_ranks_reading_different_data_stop_together(tiny_dir, lee_texts, tmp_path):
-    """Both ranks raise the same clear error (under NCCL a rank training alone would hang the other)."""
-    files = []
-    for name, texts in (("a.txt", lee_texts[:40]), ("b.txt", lee_texts[40:80])):
-        (tmp_path / name).write_text("\n".join(texts) + "\n")
-        files.append(str(tmp_path / name))
+@pytest.mark.parametrize("second", ["other rows", "missing"])
+def test_ranks_reading_different_data_stop_together(second, tiny_dir, lee_texts, tmp_path):
+    """Every rank raises a clear error, none waits for the other (under NCCL a rank training alone, or one
+    stopped by its own data error, would hang the other)."""
+    (tmp_path / "a.txt").write_text("\n".join(lee_texts[:40]) + "\n")
+    if second == "other rows":
+        (tmp_path / "b.txt").write_text("\n".join(lee_texts[40:80]) + "\n")
+    files = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
     mp.spawn(_mismatch_worker, args=(_free_port(), str(tiny_dir), files, str(tmp_path / "out"), str(tmp_path)),
              nprocs=2)
-    for rank in (0, 1):
-        assert "differ in their options or in the rows of --data" in (tmp_path / f"rank{rank}.txt").read_text()
+    outcomes = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert "differ in their options or in the rows of --data" in outcomes[0]
+    assert outcomes[1].endswith("b.txt: no such file") if second == "missing" else outcomes[1] == outcomes[0]

@@ -122,8 +122,8 @@ def test_encoder_reads_exactly_the_prefix_tokens_at_any_split(tiny_dir, tmp_path
 
 
 def test_kl_loss_is_fp32_under_autocast(tiny_dir, tmp_path):
-    """linear_kl_loss returns the autocast dtype; the stage-1 loss, which the micro-step multiplies by its token
-    count, stays fp32 as the other objectives' do."""
+    """Under autocast linear_kl_loss computes in bf16 but returns fp32: the stage-1 loss, which the micro-step
+    multiplies by its token count, is fp32 as the other objectives' are."""
     from llm2comp.training.compress import compression_loss
 
     cfg = _config("compress", tiny_dir, tmp_path, lora_dropout=0.0)
@@ -286,12 +286,25 @@ def test_an_instruction_leaving_no_room_for_text_fails_at_load(tiny_dir, tmp_pat
     rows[4]["instruction"] = "Retrieve the news article that this headline sentence was written for: " * 3
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = _config("supervised", tiny_dir, tmp_path, data=data, max_length=24, num_negatives=0)
-    with pytest.raises(DataError, match=r"long\.jsonl:5: the instruction takes \d+ tokens, which with the BOS and 8 "
-                                        r"memory tokens leaves no text token in --max-length 24"):
+    with pytest.raises(DataError, match=r"long\.jsonl:5: the instruction leaves no text token in --max-length 24 "
+                                        r"\(max_length=24 leaves no room for text after \d+ prefix and 8 memory "
+                                        r"tokens\)"):
         build_stage(cfg, _model(cfg), CPU)
     rows[4]["instruction"] = "Retrieve the article: "
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     build_stage(cfg, _model(cfg), CPU).micro_step([3, 4], 0)
+
+
+def test_resume_refuses_data_that_gives_other_examples(tiny_dir, tmp_path, lee_texts):
+    data = tmp_path / "d.txt"
+    data.write_text("\n".join(lee_texts[:8]) + "\n")
+    kw = {"data": data, "batch_size": 2, "max_steps": 2, "save_every": 1}
+    train(_config("unsupervised", tiny_dir, tmp_path, **kw), progress=False)
+    data.write_text("\n".join(lee_texts[:8] + [lee_texts[0]]) + "\n")  # a repeat, kept once: still 8 examples
+    train(_config("unsupervised", tiny_dir, tmp_path, resume=True, **{**kw, "max_steps": 2}), progress=False)
+    data.write_text("\n".join(lee_texts[:9]) + "\n")
+    with pytest.raises(DataError, match="gives 9 examples here but 8 in the run being resumed"):
+        train(_config("unsupervised", tiny_dir, tmp_path, resume=True, **kw), progress=False)
 
 
 def test_supervised_stage_merges_repeated_doc_texts(tiny_dir, tmp_path, pairs_file, monkeypatch):
@@ -394,8 +407,8 @@ def test_overwrite_deletes_the_old_checkpoints_and_log(tiny_dir, tmp_path):
     ("max_steps", 4, "--resume: --max-steps is 0 here but 4 in the run being resumed"),
     ("min_split", 5, "--resume: --min-split is 10 here but 5 in the run being resumed"),
     ("precision", "bf16", "--resume: --precision is 'auto' here but 'bf16' in the run being resumed"),
-    ("batch_size", 2, "--resume: the global batch (--batch-size x processes) is 4 x 1 here but 2 x 1 in the run "
-                      "being resumed"),
+    ("batch_size", 2, "--resume: the global batch (--batch-size x processes) is 4 x 1 here but 2 x ? in the run "
+                      "being resumed"),  # a checkpoint that predates world_size in meta.json
 ])
 def test_resume_refuses_a_run_of_other_options(option, saved, message, tiny_dir, tmp_path, no_model):
     cfg = _config("compress", tiny_dir, tmp_path, resume=True)
