@@ -6,10 +6,22 @@ Main entry points: `LLM2Comp` (load, tokenize, encode, save), `patch_bidirection
 sentence-transformers / MTEB wrappers in `llm2comp.interop`.
 """
 
-from .bidirectional import causal_attention, is_patched, patch_bidirectional, unpatch_bidirectional
-from .default_model import DEFAULT_MODEL
-from .memory_tokens import add_memory_tokens
-from .model import LLM2Comp
+import importlib
 
-__all__ = ["DEFAULT_MODEL", "LLM2Comp", "add_memory_tokens", "causal_attention", "is_patched",
-           "patch_bidirectional", "unpatch_bidirectional"]
+# name -> its module, imported on first use (PEP 562): `import llm2comp.cli` for `llm2comp --help` then loads
+# neither torch nor transformers
+_EXPORTS = {"DEFAULT_MODEL": ".default_model", "LLM2Comp": ".model", "add_memory_tokens": ".memory_tokens",
+            "causal_attention": ".bidirectional", "is_patched": ".bidirectional",
+            "patch_bidirectional": ".bidirectional", "unpatch_bidirectional": ".bidirectional"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

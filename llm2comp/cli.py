@@ -4,7 +4,7 @@ Subcommands come from `COMMANDS`: ``(name, "module:function")``, where the funct
 argparse subparsers object, adds its parser and sets ``func`` (called with the parsed namespace;
 a non-zero int return is the exit code). Modules are imported when the parser is built; one that
 cannot be imported is listed as unavailable (with the reason) instead of breaking ``--help``.
-Heavy imports (torch, transformers) happen inside the ``func`` handlers.
+Heavy imports (torch, transformers) happen inside the ``func`` handlers, so ``--help`` is quick (tested).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from .data import text_lines
-from .encode import POOLINGS
+from .pooling import POOLINGS
 
 COMMANDS = [
     ("encode", "llm2comp.cli:add_encode_parser"),

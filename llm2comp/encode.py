@@ -13,16 +13,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .pooling import POOLINGS, check_pooling
+
 __all__ = ["POOLINGS", "check_pooling", "encode_texts"]
-
-POOLINGS = ("memory", "mean", "last")
-
-
-def check_pooling(pooling: str) -> str:
-    """`pooling` if it is one of `POOLINGS`, else ValueError."""
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    return pooling
 
 PROGRESS_BAR_MIN_BATCHES = 5
 

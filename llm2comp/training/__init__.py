@@ -5,6 +5,12 @@ Entry points: `train` (one stage from a `TrainConfig`), the ``llm2comp train`` c
 """
 
 from .config import TrainConfig, load_config
-from .trainer import train
 
 __all__ = ["TrainConfig", "load_config", "train"]
+
+
+def __getattr__(name: str):
+    if name == "train":  # imported on first use (it needs torch): the command line's parser does not
+        from .trainer import train
+        return train
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -63,7 +63,7 @@ def _run_demo(args: argparse.Namespace) -> None:
 def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``demo``: the method in miniature on the Lee corpus, scored before and after."""
     from ..default_model import DEFAULT_MODEL
-    from .demo import DEMO_DEFAULTS
+    from .config import DEMO_DEFAULTS
 
     parser = subparsers.add_parser(
         "demo", help="the whole method in miniature: short compression and SimCSE stages on the Lee background "

@@ -19,21 +19,11 @@ from ..data import lee_background_documents
 from ..default_model import DEFAULT_MODEL
 from ..evaluation import evaluate_lee
 from ..model import LLM2Comp
-from .config import load_config
+from .config import DEMO_DEFAULTS, load_config
 from .trainer import train
 
-__all__ = ["DEMO_DEFAULTS", "run_demo"]
+__all__ = ["run_demo"]
 
-# (GPU, CPU) sizes. CPU: about 5.5 minutes on a 2-core machine with the four Lee evaluations (20 SimCSE
-# steps leave memory pooling below the mean-pooling baseline, 40 take it past on Pearson, 60 add nothing);
-# GPU: larger batches and longer texts, not yet timed on a GPU.
-DEMO_DEFAULTS = {
-    "output": "llm2comp-demo",
-    "compress_steps": (60, 6),
-    "unsupervised_steps": (40, 40),
-    "batch_size": (32, 8),
-    "max_length": (256, 64),
-}
 # Short runs need larger steps than the paper's full-length ones (1e-4 / 1e-5) to move at all.
 _DEMO_LR = {"compress": 5e-4, "unsupervised": 3e-4}
 

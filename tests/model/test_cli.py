@@ -74,6 +74,18 @@ def test_eval_command_checks_the_data_dir_before_loading(tmp_path, capsys, monke
     assert captured.out == "" and f"{tmp_path} lacks one of" in captured.err
 
 
+def test_parser_builds_without_torch():
+    """`llm2comp --help` and every subcommand's help stay quick: building the parser imports neither torch nor
+    transformers (seconds on a small machine); the handlers import them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, llm2comp.cli as cli; cli.build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_bench_passes_arguments_through(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--only", "no_such_bench"])
