@@ -1,5 +1,7 @@
 """In-batch contrastive loss, GradCache and the 2-process gathered-negatives equivalence (no LLM)."""
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -91,7 +93,11 @@ def _worker(rank, init_file, out_file, cached, repeated):
     dist.all_gather(losses, loss)
     if rank == 0:
         torch.save({"loss": torch.stack(losses).mean(), "grads": [p.grad for p in params]}, out_file)
+    dist.barrier()  # neither rank tears the group down while the other still uses it
     dist.destroy_process_group()
+    # Skip the interpreter's teardown: a gloo thread destroyed there aborted the process now and then
+    # ("terminate called without an active exception") after everything above had succeeded.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("cached, repeated", [(False, False), (True, False), (False, True)])

@@ -32,6 +32,7 @@ def _worker(rank, port, stage, tiny_dir, data, output, result):
     if rank == 0:
         torch.save(records, result)
     dist.destroy_process_group()
+    os._exit(0)  # past the interpreter's teardown, where a gloo thread now and then aborted the process
 
 
 @pytest.mark.parametrize("stage", ["supervised", "compress"])
@@ -57,6 +58,7 @@ def _mismatch_worker(rank, port, tiny_dir, data_files, output, result_dir):
     with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as fh:
         fh.write(outcome)
     dist.destroy_process_group()
+    os._exit(0)  # past the interpreter's teardown, where a gloo thread now and then aborted the process
 
 
 @pytest.mark.parametrize("second", ["other rows", "missing"])
