@@ -121,13 +121,13 @@ def _run_eval(args: argparse.Namespace) -> int:
     from .data import load_lee
     from .evaluation import evaluate_lee
 
-    load_lee(args.data_dir)  # a wrong --data-dir fails now, not after the model has loaded
+    bench = load_lee(args.data_dir)  # a wrong --data-dir fails now, not after the model has loaded
     model = _load(args)
     poolings = POOLINGS if args.pooling == "all" else (args.pooling,)
     print(f"Lee benchmark (1225 pairs), model {args.model}")
     print(f"{'pooling':<8} {'pearson':>8} {'spearman':>9}")
     for pooling in poolings:
-        scores = evaluate_lee(model, data_dir=args.data_dir, pooling=pooling, batch_size=args.batch_size)
+        scores = evaluate_lee(model, pooling=pooling, batch_size=args.batch_size, bench=bench)
         print(f"{pooling:<8} {scores['pearson']:>8.4f} {scores['spearman']:>9.4f}", flush=True)
     return 0
 

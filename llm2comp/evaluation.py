@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.lee import load_lee
+from .data.lee import LeeBenchmark, load_lee
 
 __all__ = ["evaluate_lee", "pearson", "spearman"]
 
@@ -37,13 +37,14 @@ def spearman(x, y) -> float:
 
 
 def evaluate_lee(model, data_dir: str | Path | None = None, pooling: str | None = None,
-                 batch_size: int = 8) -> dict[str, float]:
+                 batch_size: int = 8, bench: LeeBenchmark | None = None) -> dict[str, float]:
     """Pearson and Spearman correlation of embedding cosine similarity with the human ratings (1225 pairs).
 
     `model` is an `LLM2Comp` (``pooling`` applies to it) or anything with a sentence-transformers
-    style ``encode(texts, batch_size=...)`` (then `pooling` must be None).
+    style ``encode(texts, batch_size=...)`` (then `pooling` must be None). `bench`: the benchmark already
+    loaded (`load_lee`), else it is read from `data_dir`.
     """
-    bench = load_lee(data_dir)
+    bench = bench if bench is not None else load_lee(data_dir)
     kwargs = {"batch_size": batch_size}
     if pooling is not None:
         kwargs["pooling"] = pooling
