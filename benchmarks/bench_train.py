@@ -27,7 +27,7 @@ from llm2comp.data.lee import lee_background_documents
 from llm2comp.model import LORA_TARGETS
 from llm2comp.training import load_config, modeling
 from llm2comp.training.stages import build_stage
-from llm2comp.training.trainer import autocast_for
+from llm2comp.training.trainer import autocast_for, resolve_precision
 
 from . import harness
 from .models import GPU_SHAPES, bench_bases, sentence_transformer
@@ -72,7 +72,7 @@ def _llm2comp_step(base: Path, stage: str, backend: str, data: Path, out: Path, 
     tokens = []
 
     def step():
-        with autocast_for(cfg, device):
+        with autocast_for(resolve_precision(cfg, device), device):
             _, n, _ = work.micro_step(indices, 0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -113,7 +113,7 @@ def _st_step(base: Path, stage: str, data: Path, batch: int, max_length: int, de
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
 
     def step():
-        with autocast_for(cfg, device):
+        with autocast_for(resolve_precision(cfg, device), device):
             loss = loss_fn(features, None)
         loss.backward()
         optimizer.step()

@@ -1,8 +1,8 @@
 """`encode` for `LLM2Comp`, with sentence-transformers semantics.
 
 Texts are sorted longest first (so each batch pads little and the first batch shows the peak
-memory), embedded in inference mode (bf16 autocast on GPU when the model is float32) and put back
-in input order.
+memory), embedded in inference mode (on GPU, when the model is float32: bf16 autocast, or fp16 on GPUs
+without bf16) and put back in input order.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .pooling import POOLINGS, check_pooling
+from .precision import half_dtype
 
 __all__ = ["POOLINGS", "check_pooling", "encode_texts"]
 
@@ -81,7 +82,7 @@ def encode_texts(model, sentences: str | Sequence[str], *, instruction: str | No
     model.eval()
     chunks = []
     try:
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        with torch.inference_mode(), torch.autocast("cuda", dtype=half_dtype(device), enabled=autocast):
             for s in starts:
                 batch = model.tokenize([texts[i] for i in order[s:s + batch_size]], instruction, max_length)
                 emb = model(**{k: v.to(device) for k, v in batch.items()}, pooling=pooling).float()

@@ -16,6 +16,21 @@ import torch
 BACKENDS = ("auto", "torch", "triton", "cuda", "flash")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MIN_CAPABILITY = (8, 0)  # the Triton and CUDA kernels: bf16 tensor cores, cp.async, ldmatrix (Ampere and newer)
+
+
+def compute_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) of the CUDA device `device`."""
+    return torch.cuda.get_device_capability(device)
+
+
+def old_gpu(device: torch.device) -> str | None:
+    """Why the GPU `device` is too old for the Triton and CUDA kernels, or None (also for CPU devices)."""
+    if device.type != "cuda" or compute_capability(device) >= MIN_CAPABILITY:
+        return None
+    major, minor = compute_capability(device)
+    return (f"the GPU has compute capability {major}.{minor}; the kernels need "
+            f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (Ampere, Ada, Hopper, Blackwell)")
 
 
 def triton_interpret() -> bool:
@@ -90,7 +105,7 @@ def why_not(backend: str, device: torch.device, dtype: torch.dtype, cuda_op: str
         if device.type != "cuda" and not triton_interpret():
             return (f"Triton kernels need CUDA tensors (got {device.type}); "
                     "set TRITON_INTERPRET=1 to run them on the CPU interpreter")
-        return None
+        return old_gpu(device)
     if backend == "cuda":
         if cuda_op is None:
             return "this op has no CUDA C++ kernel (use 'triton' or 'torch')"
@@ -101,9 +116,9 @@ def why_not(backend: str, device: torch.device, dtype: torch.dtype, cuda_op: str
             return f"the CUDA extension has no op {cuda_op!r}"
         if device.type != "cuda":
             return f"the CUDA kernels need CUDA tensors, got {device.type}"
-        return None
+        return old_gpu(device)
     if backend == "flash":
-        return flash_attn_error() or ("flash_attn needs CUDA tensors" if device.type != "cuda" else None)
+        return flash_attn_error() or ("flash_attn needs CUDA tensors" if device.type != "cuda" else old_gpu(device))
     return f"unknown backend {backend!r}"
 
 

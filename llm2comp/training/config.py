@@ -80,7 +80,8 @@ class TrainConfig:
                             stages=_CONTRASTIVE)
     chunk_size: int = _opt(16, "texts per chunk with --grad-cache", stages=_CONTRASTIVE)
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
-    precision: str = _opt("auto", "auto = bf16 autocast on GPU, fp32 on CPU", ("auto", "bf16", "fp32"))
+    precision: str = _opt("auto", "autocast dtype; auto = bf16 on GPUs that have it (Ampere and newer), fp16 with "
+                          "loss scaling on older ones, fp32 on CPU", ("auto", "bf16", "fp16", "fp32"))
     seed: int = _opt(42, "seed of the data order, splits, dropout and new weights")
     log_every: int = _opt(1, "optimizer steps between log lines (log.jsonl and the progress bar)")
     save_every: int = _opt(500, "optimizer steps between checkpoints (one is always written at the end)")

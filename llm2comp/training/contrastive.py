@@ -11,7 +11,6 @@ its second, so dropout draws the same masks and the gradients are those of the p
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 
 from llm2comp_kernels import contrastive_loss
 
-from .distributed import gather_with_grad, rank_and_world
+from .distributed import digest64, gather_with_grad, rank_and_world
 
 __all__ = ["in_batch_loss", "text_keys", "embed_and_backward"]
 
@@ -51,8 +50,7 @@ def in_batch_loss(queries: torch.Tensor, docs: torch.Tensor, temperature: float 
 
 def text_keys(texts: Sequence[str]) -> torch.Tensor:
     """int64 `[n]`: a 64-bit hash of each text, equal for equal texts (the same on every rank and run)."""
-    return torch.tensor([int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest(), "little",
-                                        signed=True) for t in texts], dtype=torch.int64)
+    return torch.tensor([digest64([t.encode("utf-8")]) for t in texts], dtype=torch.int64)
 
 
 def _merge_repeated(docs: torch.Tensor, labels: torch.Tensor,
@@ -79,9 +77,14 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torc
         torch.cuda.set_rng_state(state[1], device)
 
 
+def unscaled(loss: torch.Tensor) -> torch.Tensor:
+    """The loss as it is (no loss scaling)."""
+    return loss
+
+
 def embed_and_backward(embed: Callable[[Any], torch.Tensor], chunks: Sequence[Any],
-                       loss_fn: Callable[[torch.Tensor], torch.Tensor], *, cached: bool,
-                       device: torch.device) -> torch.Tensor:
+                       loss_fn: Callable[[torch.Tensor], torch.Tensor], *, cached: bool, device: torch.device,
+                       scale: Callable[[torch.Tensor], torch.Tensor] = unscaled) -> torch.Tensor:
     """Embed `chunks`, compute ``loss_fn(cat(embeddings))`` and back-propagate it into the model.
 
     Args:
@@ -90,13 +93,15 @@ def embed_and_backward(embed: Callable[[Any], torch.Tensor], chunks: Sequence[An
         loss_fn: `[sum b_i, D]` -> scalar (already scaled for gradient accumulation).
         cached: GradCache (one chunk's graph alive at a time) instead of one graph for all.
         device: where the model runs (its RNG is saved and replayed per chunk when cached).
+        scale: what is differentiated instead of the loss (fp16 loss scaling; the cached embedding gradients are
+            scaled with it).
 
     Returns:
         The detached loss.
     """
     if not cached:
         loss = loss_fn(torch.cat([embed(chunk) for chunk in chunks]))
-        loss.backward()
+        scale(loss).backward()
         return loss.detach()
     states, reps = [], []
     with torch.no_grad():
@@ -106,7 +111,7 @@ def embed_and_backward(embed: Callable[[Any], torch.Tensor], chunks: Sequence[An
     after = _rng_state(device)
     full = torch.cat(reps).detach().requires_grad_(True)
     loss = loss_fn(full)
-    (grad,) = torch.autograd.grad(loss, full)
+    (grad,) = torch.autograd.grad(scale(loss), full)
     sizes = [r.shape[0] for r in reps]
     for chunk, state, chunk_grad in zip(chunks, states, grad.split(sizes)):
         _set_rng_state(state, device)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["setup_distributed", "is_main", "rank_and_world", "gather_with_grad", "average_gradients",
-           "broadcast_parameters", "all_mean", "ranks_agree"]
+           "broadcast_parameters", "all_mean", "digest64", "ranks_agree"]
 
 
 def setup_distributed() -> torch.device:
@@ -102,6 +104,15 @@ def all_mean(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item() / world
+
+
+def digest64(parts: Iterable[bytes]) -> int:
+    """A signed 64-bit hash of the bytes of `parts` in order, the same on every rank and run (an int64 that
+    collectives can carry)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        digest.update(part)
+    return int.from_bytes(digest.digest(), "little", signed=True)
 
 
 def ranks_agree(value: int, device: torch.device) -> bool:

@@ -116,5 +116,8 @@ def enable_gradient_checkpointing(model: LLM2Comp) -> None:
         frozen = getattr(model, _FROZEN, False)
         return contextlib.nullcontext(), frozen_decoder(model) if frozen else contextlib.nullcontext()
 
-    model.model.get_base_model().gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn})
+    base, kwargs = model.model.get_base_model(), {"use_reentrant": False, "context_fn": context_fn}
+    if hasattr(base, "activation_checkpointing_enable"):  # the new name; the old one warns it goes in v6
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -1,32 +1,37 @@
 """The three stages as data + one micro-step each; the trainer owns the loop around them.
 
 A stage takes its file's rows (`read_rows`, read before the model loads) and validates what needs
-the model at construction, and `micro_step(indices, epoch)` runs
+the model at construction, and `micro_step(indices, epoch, scale)` runs
 forward and backward on the examples `indices` (this rank's share of one micro-batch),
-accumulating the gradients of ``weight * loss``; it returns the loss, the tokens processed and
-the weight. The trainer divides the step's gradients by the total weight over micro-batches and
-ranks: the step's loss is the weighted mean of theirs (compress: weighted by target tokens).
+accumulating the gradients of ``scale(weight * loss)`` (`scale`: fp16's loss scaling, or none); it returns
+the loss, the tokens processed and the weight. The trainer divides the step's gradients by the total weight
+over micro-batches and ranks: the step's loss is the weighted mean of theirs (compress: weighted by target
+tokens).
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 import torch
 
 from . import modeling
 from .compress import compression_loss, make_compression_batch, usable_rows
 from .config import ConfigError, TrainConfig
-from .contrastive import embed_and_backward, in_batch_loss, text_keys
+from .contrastive import embed_and_backward, in_batch_loss, text_keys, unscaled
 from .data import DataError, read_pairs, read_texts
 
 __all__ = ["Stage", "CompressStage", "UnsupervisedStage", "SupervisedStage", "read_rows", "build_stage"]
+
+Scale = Callable[[torch.Tensor], torch.Tensor]  # what backward differentiates instead of the loss
 
 
 class Stage(abc.ABC):
     rows: list  # the examples read (TextRow or PairRow), indexed by the batch order
     num_examples: int
     skipped: dict[str, int]  # reason -> rows dropped, logged by the trainer
+    max_weight: float = 1.0  # the largest weight a micro-step can return
 
     def __init__(self, cfg: TrainConfig, model, device: torch.device, data: tuple[list, int]):
         """`data`: `read_rows(cfg)`, the file's rows and blank lines."""
@@ -45,8 +50,8 @@ class Stage(abc.ABC):
         return 1, "at least 1 text token"
 
     @abc.abstractmethod
-    def micro_step(self, indices: list[int], epoch: int) -> tuple[float, int, float]:
-        """Forward and backward of ``weight * loss`` on examples `indices`; (loss, tokens read, weight)."""
+    def micro_step(self, indices: list[int], epoch: int, scale: Scale = unscaled) -> tuple[float, int, float]:
+        """Forward and backward of ``scale(weight * loss)`` on examples `indices`; (loss, tokens read, weight)."""
 
 
 class CompressStage(Stage):
@@ -57,24 +62,25 @@ class CompressStage(Stage):
         self.rows, short = usable_rows(model.tokenizer, rows, cfg.data, cfg.min_split, max_tokens,
                                        cfg.skip_short)
         self.num_examples, self.skipped = len(self.rows), {"blank lines": blank, "too short to split": short}
+        self.max_weight = cfg.batch_size * cfg.max_length  # target tokens
 
     def _min_text_tokens(self):
         need = 2 * self.cfg.min_split
         return need, f"{need} text tokens to split (2 x --min-split {self.cfg.min_split})"
 
-    def micro_step(self, indices, epoch):
+    def micro_step(self, indices, epoch, scale=unscaled):
         batch = make_compression_batch(self.model, [self.rows[i].text for i in indices], objective=self.cfg.objective,
                                        min_split=self.cfg.min_split, max_length=self.cfg.max_length,
                                        seed=self.cfg.seed, epoch=epoch, indices=indices).to(self.device)
         loss = compression_loss(self.model, batch, self.cfg.objective)  # mean over the batch's target tokens
         # weighted by its target tokens: the step's loss is the mean over every micro-batch's and rank's
         # tokens, as one process on the whole batch
-        (loss * batch.num_tokens).backward()
+        scale(loss * batch.num_tokens).backward()
         return loss.item(), batch.num_tokens + int(batch.encoder_inputs["attention_mask"].sum()), batch.num_tokens
 
 
 class _ContrastiveStage(Stage):
-    def _embed_all(self, groups: list[tuple[list[str], list[str | None]]], num_queries: int,
+    def _embed_all(self, groups: list[tuple[list[str], list[str | None]]], num_queries: int, scale: Scale,
                    doc_keys: torch.Tensor | None = None) -> tuple[float, int, float]:
         """Embed the texts of `groups` (texts, per-text instructions) in chunks, in order; the first
         `num_queries` embeddings are the queries, the rest the docs (`doc_keys`: see `in_batch_loss`).
@@ -92,7 +98,7 @@ class _ContrastiveStage(Stage):
         def loss_fn(emb):
             return in_batch_loss(emb[:num_queries], emb[num_queries:], self.cfg.temperature, doc_keys)
 
-        loss = embed_and_backward(embed, chunks, loss_fn, cached=self.cfg.grad_cache, device=self.device)
+        loss = embed_and_backward(embed, chunks, loss_fn, cached=self.cfg.grad_cache, device=self.device, scale=scale)
         # GradCache embeds every chunk twice; count the tokens once
         return loss.item(), sum(tokens) // (2 if self.cfg.grad_cache else 1), 1.0
 
@@ -113,10 +119,10 @@ class UnsupervisedStage(_ContrastiveStage):
         self.num_examples = len(self.rows)
         self.skipped = {"blank lines": blank, "repeated texts": len(rows) - len(self.rows)}
 
-    def micro_step(self, indices, epoch):
+    def micro_step(self, indices, epoch, scale=unscaled):
         texts = [self.rows[i].text for i in indices]
         none = [None] * len(texts)
-        return self._embed_all([(texts, none), (texts, none)], len(texts))
+        return self._embed_all([(texts, none), (texts, none)], len(texts), scale)
 
 
 class SupervisedStage(_ContrastiveStage):
@@ -143,11 +149,11 @@ class SupervisedStage(_ContrastiveStage):
                 raise DataError(f"{self.cfg.data}:{row.line}: the instruction leaves no text token in --max-length "
                                 f"{self.cfg.max_length} ({exc})") from exc
 
-    def micro_step(self, indices, epoch):
+    def micro_step(self, indices, epoch, scale=unscaled):
         rows = [self.rows[i] for i in indices]
         queries = ([r.query for r in rows], [r.instruction for r in rows])
         docs = [r.positive for r in rows] + [n for r in rows for n in r.negatives]
-        return self._embed_all([queries, (docs, [None] * len(docs))], len(rows), text_keys(docs))
+        return self._embed_all([queries, (docs, [None] * len(docs))], len(rows), scale, text_keys(docs))
 
 
 _STAGES = {"compress": CompressStage, "unsupervised": UnsupervisedStage, "supervised": SupervisedStage}

@@ -1,7 +1,8 @@
 """The training loop shared by the three stages.
 
 AdamW over the trainable parameters (LoRA, memory embeddings) with linear warmup then linear,
-cosine or constant decay; gradient accumulation; bf16 autocast on GPU; gradients averaged over
+cosine or constant decay; gradient accumulation; bf16 autocast on GPU (fp16 with dynamic loss scaling on
+GPUs without bf16); gradients averaged over
 ``torchrun`` ranks once per step; a tqdm bar and ``<output>/log.jsonl`` with the loss (mean over
 the ``log_every`` window), lr and tokens/s; atomic checkpoints every ``save_every`` steps and at
 the end; ``resume`` continues from the newest checkpoint with the same data order, splits, dropout
@@ -11,9 +12,9 @@ and therefore losses. An ``output`` holding a run is refused unless resumed or o
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..model import CONFIG_NAME
+from ..precision import has_bf16
 from . import modeling
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, saved_meta
 from .config import ConfigError, TrainConfig, flag
@@ -30,6 +32,7 @@ from .distributed import (
     all_mean,
     average_gradients,
     broadcast_parameters,
+    digest64,
     is_main,
     rank_and_world,
     ranks_agree,
@@ -38,7 +41,7 @@ from .distributed import (
 from .optim import make_optimizer
 from .stages import build_stage, read_rows
 
-__all__ = ["autocast_for", "train"]
+__all__ = ["resolve_precision", "autocast_for", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +57,40 @@ def _log_line(path: Path, record: dict) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
-def autocast_for(cfg: TrainConfig, device: torch.device) -> torch.autocast:
-    """bf16 autocast when `cfg.precision` is bf16, or auto on a GPU; disabled otherwise."""
-    enabled = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
+    """"bf16", "fp16" or "fp32": `cfg.precision` on `device` ("auto": bf16 on GPUs with bf16 tensor cores,
+    fp16 on older GPUs, fp32 on CPU)."""
+    if cfg.precision == "auto":
+        return "fp32" if device.type != "cuda" else "bf16" if has_bf16(device) else "fp16"
+    if cfg.precision == "bf16" and not has_bf16(device):
+        raise ConfigError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16 tensor cores "
+                          "(compute capability below 8.0); use --precision fp16 (or auto)")
+    return cfg.precision
+
+
+def autocast_for(precision: str, device: torch.device) -> torch.autocast:
+    """Autocast for a `resolve_precision` result: bf16 or fp16, or disabled for fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def optimizer_step(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, scheduler,
+                   scaler: torch.amp.GradScaler, max_grad_norm: float) -> bool:
+    """Unscale the gradients (fp16), clip them to `max_grad_norm` (0: no clipping), step and clear them.
+
+    Returns False when fp16 gradients overflowed: the update and the schedule's step are skipped and the loss
+    scale halves (the scaler's usual recovery)."""
+    scaler.unscale_(optimizer)
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    stepped = scaler.get_scale() >= scale
+    if stepped:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stepped
 
 
 def _check_output(cfg: TrainConfig, world: int) -> Path | None:
@@ -94,10 +127,8 @@ def _fingerprint(cfg: TrainConfig, data: tuple[list, int] | None) -> int:
     """A 64-bit digest of the options (paths aside: nodes may mount the data elsewhere) and the rows read (None:
     reading failed), equal on every rank of one run."""
     options = {k: v for k, v in cfg.to_dict().items() if k not in ("data", "output")}
-    digest = hashlib.blake2b(json.dumps(options, sort_keys=True, default=str).encode(), digest_size=8)
-    for row in data[0] if data is not None else ["<unreadable>"]:
-        digest.update(repr(row).encode())
-    return int.from_bytes(digest.digest(), "little", signed=True)
+    rows = data[0] if data is not None else ["<unreadable>"]
+    return digest64([json.dumps(options, sort_keys=True, default=str).encode(), *(repr(r).encode() for r in rows)])
 
 
 def _read_rows_on_every_rank(cfg: TrainConfig, world: int, device: torch.device) -> tuple[list, int]:
@@ -126,6 +157,7 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
     """
     device = setup_distributed()
     rank, world = rank_and_world()
+    precision = resolve_precision(cfg, device)
     ckpt = _check_output(cfg, world)  # before the (slow) model load, as the data file's checks
     data = _read_rows_on_every_rank(cfg, world, device)
     torch.manual_seed(cfg.seed)
@@ -147,6 +179,12 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
     optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay, cfg.schedule, cfg.warmup_ratio, total)
     out = Path(cfg.output)
     start, running = load_checkpoint(ckpt, model, optimizer, scheduler) if ckpt is not None else (0, {})
+    # fp16: the stage back-propagates weight x loss, so the usual initial scale of a loss, 2^16, is divided by
+    # the largest weight (compress: target tokens; else 1); the scale then adapts as usual
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** (16 - math.ceil(math.log2(stage.max_weight))),
+                                  enabled=precision == "fp16")
+    if running.get("grad_scaler"):
+        scaler.load_state_dict(running["grad_scaler"])
     if running.get("examples", stage.num_examples) != stage.num_examples:
         raise DataError(f"--resume: {cfg.data} gives {stage.num_examples} examples here but {running['examples']} "
                         f"in the run being resumed ({ckpt}): the file, or how this version reads it, changed")
@@ -168,11 +206,12 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
             if n:
                 log.warning("%s: %d rows skipped (%s)", cfg.data, n, reason)
 
-    autocast = autocast_for(cfg, device)
+    autocast = autocast_for(precision, device)
     records: list[dict] = []
     bar = tqdm(total=total, initial=start, disable=not (progress and main), desc=f"train {cfg.stage}")
     # the log window so far (restored on resume: a window that spans the checkpoint logs what it would have)
     window_loss, window_weight, window_tokens, elapsed = running.get("log_window", (0.0, 0.0, 0, 0.0))
+    skipped = running.get("skipped_steps", 0)  # fp16 steps whose gradients overflowed, since the last log line
     window_start = time.perf_counter() - elapsed
     for step in range(start, total):
         # dropout masks from (seed, step, rank): a resumed run draws what the uninterrupted one did,
@@ -182,7 +221,7 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
         for micro in range(cfg.grad_accum):
             epoch, indices = order.batch(step * cfg.grad_accum + micro)
             with autocast:
-                loss, tokens, w = stage.micro_step(indices, epoch)
+                loss, tokens, w = stage.micro_step(indices, epoch, scaler.scale)
             window_loss, weight, window_tokens = window_loss + loss * w, weight + w, window_tokens + tokens
         # divided by the mean weight over ranks, then averaged over ranks: the gradient of the weighted
         # mean loss over every rank's micro-batches
@@ -192,22 +231,20 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
                 p.grad /= mean_weight
         average_gradients(params)
         window_weight += mean_weight
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        skipped += not optimizer_step(params, optimizer, scheduler, scaler, cfg.max_grad_norm)
         done = step + 1
         if done % cfg.log_every == 0 or done == total:
             elapsed = time.perf_counter() - window_start
             record = {"step": done, "loss": all_mean(window_loss, device) / window_weight, "lr": lr,
                       "tokens_per_s": all_mean(window_tokens, device) * world / max(elapsed, 1e-9)}
+            if scaler.is_enabled():
+                record.update(loss_scale=scaler.get_scale(), skipped_steps=skipped)
             records.append(record)
             if main:
                 _log_line(log_path, record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            window_loss, window_weight, window_tokens, window_start = 0.0, 0.0, 0, time.perf_counter()
+            window_loss, window_weight, window_tokens, window_start, skipped = 0.0, 0.0, 0, time.perf_counter(), 0
         bar.update(1)
         if done % cfg.save_every == 0 or done == total:
             # the window so far as means over ranks (what any rank restores), so every rank takes part
@@ -215,7 +252,8 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
                       time.perf_counter() - window_start]
             if main:
                 save_checkpoint(out, model, optimizer, scheduler, done, cfg.to_dict(), world_size=world,
-                                running={"log_window": window, "examples": stage.num_examples})
+                                running={"log_window": window, "examples": stage.num_examples,
+                                         "grad_scaler": scaler.state_dict(), "skipped_steps": skipped})
     bar.close()
     if main:
         model.save_pretrained(out)

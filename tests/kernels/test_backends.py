@@ -94,3 +94,23 @@ def test_available_backends(monkeypatch):
         llm2comp_kernels.available_backends("cuda")
     with pytest.raises(ValueError, match="not a device: 'tpu'"):
         llm2comp_kernels.available_backends("tpu")
+
+
+@pytest.mark.parametrize("capability, refused", [((7, 5), True), ((7, 0), True), ((8, 0), False), ((9, 0), False)])
+def test_kernels_refuse_gpus_older_than_ampere(monkeypatch, capability, refused):
+    """A T4 or V100 has no bf16 tensor cores, cp.async or ldmatrix: the kernels say so, auto runs torch."""
+    monkeypatch.setattr(_backends, "compute_capability", lambda device: capability)
+    monkeypatch.setattr(_backends, "triton_import_error", lambda: None)
+    monkeypatch.setattr(_backends, "cuda_extension", lambda: object())
+    monkeypatch.setattr(_backends, "cuda_extension_ops", lambda: frozenset({"op_fwd"}))
+    monkeypatch.setattr(_backends, "flash_attn_error", lambda: None)
+    gpu = torch.device("cuda", 0)
+    expected = f"the GPU has compute capability {capability[0]}.{capability[1]}; the kernels need 8.0 or newer"
+    for backend in ("triton", "cuda", "flash"):
+        reason = _backends.why_not(backend, gpu, torch.float16, "op_fwd")
+        assert (reason is not None and reason.startswith(expected)) if refused else reason is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chosen = _backends.resolve_backend("op", "auto", gpu, torch.float16, cuda_op="op_fwd",
+                                           auto_order=("cuda", "triton"))
+    assert chosen == ("torch" if refused else "cuda") and len(caught) == int(refused)
