@@ -59,20 +59,21 @@ def _npy_path(output: str) -> Path:
     return path
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
+def _add_model_args(parser: argparse.ArgumentParser, several_devices: bool = False) -> None:
     parser.add_argument("--model", default="smollm2-135m",
                         help="LLM2Comp directory, transformers model (hub id or local dir) or smollm2-135m")
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model, for GGUF checkpoints")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    several = "; several, comma-separated (cuda:0,cuda:1), encode at once, a worker process each" * several_devices
+    parser.add_argument("--device", default=None, help=f"cpu, cuda, cuda:1 (default: cuda if available){several}")
     parser.add_argument("--batch-size", type=positive_int, default=16)
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, device: str | None = None):
     import torch
 
     from .model import LLM2Comp
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     return LLM2Comp.from_pretrained(args.model, device=device, **extra)
 
@@ -88,9 +89,11 @@ def _run_encode(args: argparse.Namespace) -> int:
         print("llm2comp encode: no texts (give them as arguments or with --input)", file=sys.stderr)
         return 2
     output = _npy_path(args.output) if args.output else None
-    emb = _load(args).encode(texts, instruction=args.instruction, batch_size=args.batch_size,
-                             max_length=args.max_length, pooling=args.pooling,
-                             normalize_embeddings=args.normalize)
+    devices = args.device.split(",") if args.device and "," in args.device else None
+    # with several devices the model loads on the CPU, from where it is sent to the workers
+    emb = _load(args, "cpu" if devices else None).encode(
+        texts, instruction=args.instruction, batch_size=args.batch_size, max_length=args.max_length,
+        pooling=args.pooling, normalize_embeddings=args.normalize, device=devices)
     if output:
         np.save(output, emb)
         print(f"wrote {emb.shape[0]} x {emb.shape[1]} float32 embeddings to {output}")
@@ -102,7 +105,7 @@ def _run_encode(args: argparse.Namespace) -> int:
 
 def add_encode_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("encode", help="embed texts (one JSON list per line, or a .npy file)")
-    _add_model_args(parser)
+    _add_model_args(parser, several_devices=True)
     parser.add_argument("texts", nargs="*", help="texts to embed")
     parser.add_argument("--input", help="UTF-8 file with one text per line (row i of the output is line i)")
     parser.add_argument("--output", help="write a float32 [n, D] .npy file instead of printing (.npy appended "

@@ -8,6 +8,7 @@ without bf16) and put back in input order.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -45,7 +46,8 @@ def _check_sentences(sentences, pooling: str) -> tuple[list[str], bool]:
 def encode_texts(model, sentences: str | Sequence[str], *, instruction: str | None = None, batch_size: int = 32,
                  max_length: int = 512, pooling: str | None = None, normalize_embeddings: bool = False,
                  convert_to_numpy: bool = True, convert_to_tensor: bool = False,
-                 show_progress_bar: bool | None = None, device: torch.device | str | None = None):
+                 show_progress_bar: bool | None = None, device: torch.device | str | Sequence | None = None,
+                 pool=None):
     """Embed `sentences` with an `LLM2Comp` model.
 
     Args:
@@ -58,21 +60,52 @@ def encode_texts(model, sentences: str | Sequence[str], *, instruction: str | No
         pooling: ``"memory"``, ``"mean"`` or ``"last"``; default the model's.
         normalize_embeddings: L2-normalise each embedding.
         convert_to_numpy, convert_to_tensor: float32 numpy array (default) or torch tensor on the model's
-            device (convert_to_tensor wins); otherwise a list of 1-D tensors (one tensor for a str).
+            device, or on the CPU with several devices (convert_to_tensor wins); otherwise a list of 1-D tensors
+            (one tensor for a str).
         show_progress_bar: tqdm bar; None shows it for 5 or more batches.
-        device: move the model there first.
+        device: move the model there first; a list of devices (``["cuda:0", "cuda:1"]``) encodes on all of them
+            at once, in worker processes started for this call (`llm2comp.multi_process`).
+        pool: an `EncodePool` of this model (`LLM2Comp.start_multi_process_pool`), to reuse its workers.
     """
     pooling = check_pooling(pooling or model.pooling)
     texts, single = _check_sentences(sentences, pooling)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if show_progress_bar is None:
+        show_progress_bar = math.ceil(len(texts) / batch_size) >= PROGRESS_BAR_MIN_BATCHES
+    options = {"instruction": instruction, "max_length": max_length, "pooling": pooling,
+               "normalize_embeddings": normalize_embeddings}
+    several = isinstance(device, Sequence) and not isinstance(device, str)
+    if pool is not None and device is not None:
+        raise ValueError("give device or pool, not both (a pool's devices are fixed when it starts)")
+    if pool is not None and pool.model_id != id(model):
+        raise ValueError("pool was started from another model (start_multi_process_pool of this one)")
+    if several:
+        from .multi_process import EncodePool
+
+        with EncodePool(model, device) as pool:
+            out = pool.encode(texts, batch_size, show_progress_bar, **options)
+    elif pool is not None:
+        out = pool.encode(texts, batch_size, show_progress_bar, **options)
+    else:
+        out = _encode_here(model, texts, batch_size, show_progress_bar, device, **options)
+    if single:
+        out = out[0]
+    if convert_to_tensor or (single and not convert_to_numpy):
+        return out
+    if convert_to_numpy:
+        return out.cpu().numpy()
+    return list(out)
+
+
+def _encode_here(model, texts: list[str], batch_size: int, show_progress_bar: bool, device, *, instruction,
+                 max_length: int, pooling: str, normalize_embeddings: bool) -> torch.Tensor:
+    """float32 `[n, D]` embeddings of `texts`, in order, on the model's device (moved to `device` first)."""
     if device is not None:
         model.to(device)
     device = model.device
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     starts = range(0, len(texts), batch_size)
-    if show_progress_bar is None:
-        show_progress_bar = len(starts) >= PROGRESS_BAR_MIN_BATCHES
     if show_progress_bar:
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc="Batches", unit="batch")
@@ -91,15 +124,9 @@ def encode_texts(model, sentences: str | Sequence[str], *, instruction: str | No
                 chunks.append(emb)
     finally:
         model.train(was_training)
-    out = torch.cat(chunks) if chunks else torch.zeros(0, model.hidden_size, device=device)
-    out = out[torch.as_tensor(np.argsort(order), dtype=torch.long, device=device)] if chunks else out
-    if single:
-        out = out[0]
-    if convert_to_tensor or (single and not convert_to_numpy):
-        return out
-    if convert_to_numpy:
-        return out.cpu().numpy()
-    return list(out)
+    if not chunks:
+        return torch.zeros(0, model.hidden_size, device=device)
+    return torch.cat(chunks)[torch.as_tensor(np.argsort(order), dtype=torch.long, device=device)]
 
 
 ENCODE_OPTIONS = tuple(p for p in inspect.signature(encode_texts).parameters if p not in ("model", "sentences"))

@@ -349,8 +349,16 @@ class LLM2Comp(torch.nn.Module):
 
         Keyword arguments: instruction, batch_size (32), max_length (512), pooling,
         normalize_embeddings (False), convert_to_numpy (True), convert_to_tensor (False),
-        show_progress_bar (None: on when there are more than 4 batches), device. See
-        `llm2comp.encode.encode_texts`.
+        show_progress_bar (None: on when there are more than 4 batches), device (one, or a list to encode on
+        several at once), pool (`start_multi_process_pool`). See `llm2comp.encode.encode_texts`.
         """
         check_encode_kwargs(kwargs)
         return encode_texts(self, sentences, **kwargs)
+
+    def start_multi_process_pool(self, devices: Sequence[str | torch.device] | None = None):
+        """Worker processes that encode with copies of this model, one per device (default: every visible GPU),
+        for ``encode(..., pool=pool)``; use it in a ``with`` block or `close()` it. See `llm2comp.multi_process`.
+        """
+        from .multi_process import EncodePool
+
+        return EncodePool(self, devices)

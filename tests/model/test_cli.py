@@ -37,6 +37,16 @@ def test_encode_command_keeps_lines_and_names_the_file(tiny_dirs, tmp_path, caps
                                atol=1e-5)
 
 
+def test_encode_command_on_several_devices(tiny_dirs, tmp_path, capsys):
+    texts = [f"text number {i}" for i in range(9)]
+    one, two = tmp_path / "one.npy", tmp_path / "two.npy"
+    assert cli.main(["encode", "--model", str(tiny_dirs["llama"]), "--device", "cpu", "--output", str(one),
+                     "--batch-size", "2", *texts]) == 0
+    assert cli.main(["encode", "--model", str(tiny_dirs["llama"]), "--device", "cpu,cpu", "--output", str(two),
+                     "--batch-size", "2", *texts]) == 0
+    np.testing.assert_allclose(np.load(two), np.load(one), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "{tmp}/no_model", "--output", "{tmp}/missing/emb.npy", "x"], "--output folder .*missing"),
     (["--model", "{tmp}/no_model", "x"], "no_model does not exist"),

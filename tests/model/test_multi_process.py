@@ -1,0 +1,80 @@
+"""Encoding on several devices at once (here two CPU workers): the embeddings of one process, in input order;
+worker errors and deaths reach the caller."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from llm2comp.multi_process import WorkerTraceback
+
+from .test_model import _perturb
+
+TEXTS = [("word " * (i % 13 + 1) + str(i)).strip() for i in range(45)] + [""]
+
+
+@pytest.fixture
+def encoder(tiny_encoder):
+    return _perturb(tiny_encoder)
+
+
+def test_several_devices_give_the_embeddings_of_one_process(encoder):
+    ref = encoder.encode(TEXTS, batch_size=4, normalize_embeddings=True, instruction="Query: ")
+    out = encoder.encode(TEXTS, batch_size=4, normalize_embeddings=True, instruction="Query: ",
+                         device=["cpu", "cpu"], convert_to_tensor=True)
+    assert isinstance(out, torch.Tensor) and out.device.type == "cpu" and out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-6)
+    assert not encoder.training and encoder.device.type == "cpu"
+
+
+def test_a_pool_is_reused_and_reports_worker_errors_and_deaths(encoder):
+    ref = encoder.encode(TEXTS, batch_size=3)
+    with encoder.start_multi_process_pool(["cpu", "cpu"]) as pool:
+        np.testing.assert_allclose(encoder.encode(TEXTS, batch_size=3, pool=pool), ref, rtol=1e-5, atol=1e-6)
+        single = encoder.encode(TEXTS[7], batch_size=3, pool=pool)
+        assert single.shape == (encoder.hidden_size,)
+        np.testing.assert_allclose(single, ref[7], rtol=1e-5, atol=1e-6)
+        assert encoder.encode([], pool=pool).shape == (0, encoder.hidden_size)
+        # an exception in a worker is raised here, of its type, with the worker's traceback as its cause
+        with pytest.raises(ValueError, match="max_length=4 leaves no room for text") as caught:
+            encoder.encode(TEXTS, pool=pool, max_length=4)
+        assert isinstance(caught.value.__cause__, WorkerTraceback)
+        assert "in the encode worker on cpu" in str(caught.value.__cause__)
+        # ... and the pool goes on, ignoring what the failed call left
+        np.testing.assert_allclose(encoder.encode(TEXTS, batch_size=3, pool=pool), ref, rtol=1e-5, atol=1e-6)
+        pool._workers[1].kill()
+        pool._workers[1].join()
+        with pytest.raises(RuntimeError, match=r"the encode worker on cpu died \(exit code -9\); the pool is closed"):
+            encoder.encode(TEXTS, pool=pool)
+        assert pool.closed
+        with pytest.raises(RuntimeError, match="this encode pool is closed"):
+            encoder.encode(TEXTS, pool=pool)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"device": []}, ValueError, "devices is empty"),
+    ({"device": ["cpu", "cuda:0"]}, ValueError, r"device 'cuda:0': 0 CUDA device\(s\) visible"),
+    ({"device": ["cpu", "tpu"]}, RuntimeError, "tpu"),
+])
+def test_bad_device_lists_fail_before_any_worker_starts(encoder, kwargs, exc, match, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("torch.multiprocessing.get_context", lambda *a: pytest.fail("a worker was started"))
+    with pytest.raises(exc, match=match):
+        encoder.encode(TEXTS, **kwargs)
+
+
+def test_pool_arguments_are_checked(encoder, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA device is visible: pass the devices"):
+        encoder.start_multi_process_pool()
+    with pytest.raises(TypeError, match="devices must be a list of devices, got str"):
+        encoder.start_multi_process_pool("cpu")
+
+    class FakePool:
+        model_id = id(encoder)
+
+    with pytest.raises(ValueError, match="give device or pool, not both"):
+        encoder.encode(TEXTS, pool=FakePool(), device="cpu")
+    with pytest.raises(ValueError, match="pool was started from another model"):
+        copy.deepcopy(encoder).encode(TEXTS, pool=FakePool())
