@@ -78,3 +78,13 @@ def test_pool_arguments_are_checked(encoder, monkeypatch):
         encoder.encode(TEXTS, pool=FakePool(), device="cpu")
     with pytest.raises(ValueError, match="pool was started from another model"):
         copy.deepcopy(encoder).encode(TEXTS, pool=FakePool())
+
+
+@pytest.mark.gpu
+def test_gpu_workers_give_the_embeddings_of_the_caller(encoder):
+    """Two workers on the GPU (one is lent) encode as the caller does there; the caller's model stays on it."""
+    encoder.to("cuda")
+    ref = encoder.encode(TEXTS, batch_size=4)
+    out = encoder.encode(TEXTS, batch_size=4, device=["cuda:0", "cuda:0"])
+    np.testing.assert_allclose(out, ref, rtol=2e-2, atol=2e-3)
+    assert encoder.device.type == "cuda"
