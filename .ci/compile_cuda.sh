@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Compiles every csrc/**/*.cu with plain nvcc (no torch) for sm_80 and sm_90, prints each kernel's
+# Compiles every csrc/**/*.cu with plain nvcc (no torch) for sm_80 and sm_90 (what setup.py builds) and sm_100
+# and sm_120 (Blackwell, which the default build reaches through the sm_90 PTX), prints each kernel's
 # registers / shared memory / spills from ptxas, and fails if a kernel spills or a file does not compile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,7 @@ failed=0
 mapfile -t sources < <(find csrc -name '*.cu' | sort)
 [ ${#sources[@]} -gt 0 ] || { echo "no .cu files under csrc/"; exit 1; }
 for cu in "${sources[@]}"; do
-    for arch in 80 90; do
+    for arch in ${ARCHS:-80 90 100 120}; do
         log="$tmp/$(basename "$cu" .cu).sm$arch.log"
         if ! "$NVCC" -c -O3 -std=c++17 --use_fast_math -lineinfo -Icsrc \
                 -gencode "arch=compute_$arch,code=sm_$arch" -Xptxas -v "$cu" -o "$tmp/out.o" >"$log" 2>&1; then
