@@ -418,3 +418,16 @@ def test_resume_refuses_a_run_of_other_options(option, saved, message, tiny_dir,
     with pytest.raises(ConfigError) as info:
         train(cfg, progress=False)
     assert message.format(data=cfg.data) in str(info.value) and str(ckpt / "meta.json") in str(info.value)
+
+
+def test_resume_of_a_run_killed_while_saving_its_model_writes_it(tiny_dir, tmp_path):
+    """The last checkpoint is written before the final model: a run killed in between resumes to the save alone."""
+    cfg = _config("unsupervised", tiny_dir, tmp_path, max_steps=2)
+    train(cfg, progress=False)
+    out = Path(cfg.output)
+    for name in ("adapter_model.safetensors", "llm2comp_config.json"):
+        (out / name).unlink()
+    assert train(_config("unsupervised", tiny_dir, tmp_path, max_steps=2, resume=True), progress=False) == []
+    assert LLM2Comp.from_pretrained(str(out)).num_memory_tokens == cfg.memory_tokens
+    events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e.get("event", "step") for e in events] == ["start", "step", "step", "end", "start", "end"]
