@@ -90,21 +90,27 @@ class MTEBEncoder:
     Args:
         model_name: an LLM2Comp directory or any name `LLM2Comp.from_pretrained` takes; or pass `model`.
         revision: recorded in the model metadata only.
-        device: where to run (default: CUDA when available for a model loaded here, else where `model` is).
+        device: where to run (default: CUDA when available for a model loaded here, else where `model` is); a
+            list of devices encodes on all of them (`LLM2Comp.start_multi_process_pool`; `close()` stops the
+            workers, as does a ``with`` block).
         model: an already loaded `LLM2Comp` (then `model_name` is only its name).
         instructions: task name -> task description for the instruction; tasks not listed use
             their MTEB description.
         batch_size, max_length: `LLM2Comp.encode` settings.
     """
 
-    def __init__(self, model_name: str, revision: str | None = None, *, device: str | None = None,
+    def __init__(self, model_name: str, revision: str | None = None, *, device: str | list | None = None,
                  model: LLM2Comp | None = None, instructions: dict[str, str] | None = None,
                  batch_size: int = 32, max_length: int = 512):
+        several = isinstance(device, (list, tuple))
         if device is None and model is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = model if model is not None else LLM2Comp.from_pretrained(model_name, device=device)
-        if device is not None:
+        if model is None:  # with several devices: on the CPU, from where the workers get it
+            model = LLM2Comp.from_pretrained(model_name, device="cpu" if several else device)
+        self.model = model
+        if device is not None and not several:
             self.model.to(device)
+        self.pool = self.model.start_multi_process_pool(device) if several else None
         self.model_name, self.revision = model_name, revision
         self.instructions = dict(instructions or {})
         self.batch_size, self.max_length = batch_size, max_length
@@ -122,7 +128,18 @@ class MTEBEncoder:
         texts = [text for batch in inputs for text in batch["text"]]
         return self.model.encode(texts, instruction=self.instruction(task_metadata, prompt_type),
                                  batch_size=kwargs.get("batch_size", self.batch_size), max_length=self.max_length,
-                                 show_progress_bar=kwargs.get("show_progress_bar"))
+                                 show_progress_bar=kwargs.get("show_progress_bar"), pool=self.pool)
+
+    def close(self) -> None:
+        """Stop the workers of a multi-device encoder (nothing otherwise)."""
+        if self.pool is not None:
+            self.pool.close()
+
+    def __enter__(self) -> MTEBEncoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
         """Cosine similarity matrix `[n1, n2]`."""

@@ -50,6 +50,15 @@ def test_mteb_instructions(tiny_encoder):
                                rtol=1e-5)
 
 
+def test_mteb_encoder_on_several_devices(tiny_encoder):
+    batches = [{"text": TEXTS[:2]}, {"text": TEXTS[2:]}]
+    with MTEBEncoder("tiny", model=tiny_encoder, device=["cpu", "cpu"]) as enc:
+        out = enc.encode(batches, task_metadata=_Meta, hf_split="test", hf_subset="default", prompt_type="query")
+    assert enc.pool.closed
+    np.testing.assert_allclose(out, tiny_encoder.encode(TEXTS, instruction=enc.instruction(_Meta, "query")),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_mteb_protocol_runs_mock_tasks(tiny_encoder):
     mteb = pytest.importorskip("mteb")
     from mteb.mocks.mock_tasks.retrieval import MockRetrievalTask
