@@ -13,6 +13,7 @@ from ._backends import available_for, cuda_extension
 from .contrastive_loss import contrastive_loss
 from .linear_kl_loss import linear_kl_loss
 from .memory_attention import memory_attention
+from .memory_attention.api import BACKENDS as MEMORY_ATTENTION_BACKENDS
 from .memory_attention.api import LOW_PRECISION, LOW_PRECISION_BACKENDS
 from .span_mean_pool import span_mean_pool
 
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 
 # op name -> (backends it has, the extension op behind its cuda backend)
 _OP_BACKENDS = {
-    "memory_attention": (("torch", "triton", "cuda", "flash"), "memory_attention_fwd"),
+    "memory_attention": (MEMORY_ATTENTION_BACKENDS, "memory_attention_fwd"),
     "span_mean_pool": (("torch", "triton", "cuda"), "span_mean_pool_fwd"),
     "contrastive_loss": (("torch", "triton", "cuda"), "contrastive_loss_fwd"),
     "linear_kl_loss": (("torch", "triton"), None),

@@ -13,7 +13,8 @@ import warnings
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton", "cuda", "flash")
+BACKENDS = ("auto", "torch", "sdpa", "triton", "cuda", "flash")
+PURE_TORCH = ("torch", "sdpa")  # backends written in PyTorch ops alone: they run on any device and dtype
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_CAPABILITY = (8, 0)  # the Triton and CUDA kernels: bf16 tensor cores, cp.async, ldmatrix (Ampere and newer)
@@ -95,7 +96,7 @@ def why_not(backend: str, device: torch.device, dtype: torch.dtype, cuda_op: str
     """
     if unsupported and backend in unsupported:
         return unsupported[backend]
-    if backend == "torch":
+    if backend in PURE_TORCH:
         return None
     if dtype not in KERNEL_DTYPES:
         return f"the {backend} backend supports float32/float16/bfloat16, got {dtype} (use backend='torch')"
@@ -124,9 +125,10 @@ def why_not(backend: str, device: torch.device, dtype: torch.dtype, cuda_op: str
 
 def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype, *,
                     cuda_op: str | None = None, allowed: tuple[str, ...] = ("torch", "triton", "cuda"),
-                    unsupported: dict[str, str] | None = None, auto_order: tuple[str, ...] = ("triton",)) -> str:
+                    unsupported: dict[str, str] | None = None, auto_order: tuple[str, ...] = ("triton",),
+                    fallback: str = "torch") -> str:
     """The backend that runs `op`: the requested one, or for ``"auto"`` on CUDA tensors the first of
-    `auto_order` (each op's, by what measured fastest) that can run, else torch.
+    `auto_order` (each op's, by what measured fastest) that can run, else `fallback` (a pure-PyTorch backend).
 
     ``"auto"`` never picks Triton for CPU tensors, even under the interpreter (it is a test tool).
     """
@@ -146,9 +148,10 @@ def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dt
                     return candidate
                 reasons[candidate] = reason
         if reasons:  # shown once per distinct message (Python's default warning filter)
-            warnings.warn(f"{op}: backend='auto' runs the torch reference on these CUDA tensors: "
+            what = "the torch reference" if fallback == "torch" else f"the {fallback} backend"
+            warnings.warn(f"{op}: backend='auto' runs {what} on these CUDA tensors: "
                           + "; ".join(f"{b}: {r}" for b, r in reasons.items()), stacklevel=3)
-    return "torch"
+    return fallback
 
 
 def available_for(device: torch.device, dtype: torch.dtype, cuda_op: str | None, allowed: tuple[str, ...],

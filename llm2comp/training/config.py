@@ -89,7 +89,8 @@ class TrainConfig:
                         "--save-every, --log-every, --attention-backend, --gradient-checkpointing, --grad-cache, "
                         "--chunk-size; the same global batch)")
     overwrite: bool = _opt(False, "start afresh in an --output that holds a run: its checkpoints and log are deleted")
-    attention_backend: str = _opt("auto", "memory_attention backend", ("auto", "torch", "triton", "cuda", "flash"))
+    attention_backend: str = _opt("auto", "memory_attention backend",
+                                  ("auto", "torch", "sdpa", "triton", "cuda", "flash"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -19,6 +19,7 @@ AUTO_ORDER = ("triton", "cuda")
 SHORT_FORWARD_ORDER = ("cuda", "triton")
 SHORT_FORWARD_MAX_L = 128
 
+BACKENDS = ("torch", "sdpa", "triton", "cuda", "flash")
 CUDA_HEAD_DIMS = (64, 128)
 TRITON_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 256)
 TRITON_MAX_BATCH = 65535  # CUDA's limit on grid axes 1 and 2 (the kernels' head and batch-row axes)
@@ -58,7 +59,7 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
     """Attention over right-padded sequences, bidirectional by default, with grouped-query heads.
 
     Args:
-        q: `[B, Hq, L, d]` float32/float16/bfloat16 (float64 on the torch backend).
+        q: `[B, Hq, L, d]` float32/float16/bfloat16 (float64 on the torch and sdpa backends).
         k, v: `[B, Hkv, L, d]`, same dtype and device, `Hq % Hkv == 0`. Query head h reads
             key/value head ``h // (Hq // Hkv)``; k/v are never repeated in memory by the kernels.
         seq_lens: int32/int64 `[B]`, ``1 <= seq_lens[b] <= L``: row b holds real tokens at
@@ -66,9 +67,11 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
         causal: if True, query i also sees only keys ``j <= i``.
         scale: softmax scale, default ``d ** -0.5``.
         backend: ``"auto"`` (for CUDA tensors triton > cuda, but cuda > triton for a forward without
-            gradient at L <= 128; torch for CPU tensors), ``"torch"``, ``"triton"``,
-            ``"cuda"`` (forward kernel; its backward runs the Triton backward kernels on the log-sum-exps
-            it saves) or ``"flash"`` (``flash_attn_varlen_func``, when flash-attn is installed).
+            gradient at L <= 128; sdpa where neither runs: CPU tensors, GPUs older than Ampere, other head
+            dims), ``"torch"`` (the eager reference), ``"sdpa"`` (torch's `scaled_dot_product_attention`
+            with a padding mask), ``"triton"``, ``"cuda"`` (forward kernel; its backward runs the Triton
+            backward kernels on the log-sum-exps it saves) or ``"flash"`` (``flash_attn_varlen_func``, when
+            flash-attn is installed).
 
     Returns:
         `[B, Hq, L, d]` in q's dtype. Rows at positions ``>= seq_lens[b]`` are exactly zero and
@@ -80,9 +83,9 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
         with torch.autocast(q.device.type, enabled=False):
             return memory_attention(*cast, seq_lens, causal=causal, scale=scale, backend=backend)
     scale = check_memory_attention(q, k, v, seq_lens, causal, scale)
-    allowed = ("torch", "triton", "cuda", "flash")
     chosen = resolve_backend("memory_attention", backend, q.device, q.dtype, cuda_op="memory_attention_fwd",
-                             allowed=allowed, unsupported=_unsupported(q, k, v), auto_order=auto_order(q, k, v))
+                             allowed=BACKENDS, unsupported=_unsupported(q, k, v), auto_order=auto_order(q, k, v),
+                             fallback="sdpa")
     if chosen == "triton":
         from .triton import memory_attention_triton
         return memory_attention_triton(q, k, v, seq_lens, causal, scale)
@@ -92,6 +95,9 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
     if chosen == "flash":
         from .flash import memory_attention_flash
         return memory_attention_flash(q, k, v, seq_lens, causal, scale)
+    if chosen == "sdpa":
+        from .sdpa import memory_attention_sdpa
+        return memory_attention_sdpa(q, k, v, seq_lens, causal, scale)
     from .reference import memory_attention_reference
     return memory_attention_reference(q, k, v, seq_lens, causal, scale)
 

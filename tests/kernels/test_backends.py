@@ -43,6 +43,27 @@ def test_requested_backend_that_cannot_run_says_why(monkeypatch):
         _backends.resolve_backend("op", "flash", torch.device("cuda"), torch.bfloat16)
 
 
+def test_attention_auto_runs_sdpa_where_no_kernel_runs(monkeypatch):
+    """CPU tensors, or a GPU that no kernel backend takes (old, or a head dim none has): torch's fused SDPA,
+    not the eager reference."""
+    from llm2comp_kernels.memory_attention import sdpa
+
+    calls = []
+    real = sdpa.memory_attention_sdpa
+    monkeypatch.setattr(sdpa, "memory_attention_sdpa", lambda *args: calls.append(1) or real(*args))
+    q, k, v = (torch.randn(2, 2, 5, 8) for _ in range(3))
+    out = llm2comp_kernels.memory_attention(q, k, v, torch.tensor([5, 2]))
+    assert calls == [1] and (out[1, :, 2:] == 0).all()
+    monkeypatch.setattr(_backends, "why_not", lambda backend, *args: None if backend in ("torch", "sdpa") else "no")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chosen = _backends.resolve_backend("memory_attention", "auto", torch.device("cuda"), torch.float16,
+                                           allowed=attention_api.BACKENDS, auto_order=("triton",), fallback="sdpa")
+    assert chosen == "sdpa"
+    assert [str(w.message) for w in caught] == [
+        "memory_attention: backend='auto' runs the sdpa backend on these CUDA tensors: triton: no"]
+
+
 def test_attention_auto_order_puts_cuda_first_only_for_a_short_forward_without_grad():
     from llm2comp_kernels.memory_attention.api import AUTO_ORDER, SHORT_FORWARD_MAX_L, SHORT_FORWARD_ORDER, auto_order
 
@@ -85,9 +106,9 @@ def test_available_backends(monkeypatch):
                         (unsupported or {}).get(backend))   # every backend runs but for the dtype limits
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     fp32 = llm2comp_kernels.available_backends("cuda")
-    assert fp32["memory_attention"] == ["torch", "triton"] and fp32["linear_kl_loss"] == ["torch", "triton"]
+    assert fp32["memory_attention"] == ["torch", "sdpa", "triton"] and fp32["linear_kl_loss"] == ["torch", "triton"]
     bf16 = llm2comp_kernels.available_backends("cuda", torch.bfloat16)
-    assert bf16["memory_attention"] == ["torch", "triton", "cuda", "flash"]
+    assert bf16["memory_attention"] == ["torch", "sdpa", "triton", "cuda", "flash"]
     assert bf16["contrastive_loss"] == ["torch", "triton", "cuda"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="no CUDA device is visible"):

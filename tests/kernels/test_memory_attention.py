@@ -17,7 +17,7 @@ from llm2comp_kernels.memory_attention.reference import memory_attention_referen
 from llm2comp_kernels.testing import make_attention_inputs, rel_err
 from tests.utils import assert_rel_close, backend_cases
 
-BACKENDS = backend_cases("memory_attention_fwd")
+BACKENDS = backend_cases("memory_attention_fwd", ("torch", "sdpa", "triton", "cuda"))
 
 _TRITON_UNAVAILABLE = why_not("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32,
                               None)
