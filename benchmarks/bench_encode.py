@@ -2,7 +2,7 @@
 
 The peer is sentence-transformers encoding the same base model with mean pooling (its usual recipe
 for a decoder). On CPU (`--quick`) the base is the embedded default model (SmolLM2-135M) on 16 Lee
-documents: real measurements of the torch path (auto resolves to it on CPU: a status row says so). On a GPU
+documents: real measurements of the torch path and of auto (on CPU: sdpa attention, the other ops' torch). On a GPU
 the bases are random-init models of real shapes (SmolLM2-135M and a Llama-3-8B-like one), which time
 exactly like trained weights, on 256 Lee documents, bf16 (each provider makes at least five calls, and the
 8B-shaped model's must fit in a GPU visit's minutes).
@@ -36,9 +36,6 @@ def run(quick: bool) -> list[dict]:
             shape = f"{name} n{n_texts} max_len{max_length} bs{batch_size}"
             base_row = {"op": "encode", "mode": "inference", "shape": shape, "dtype": str(dtype).replace("torch.", "")}
             for backend in ("auto", "torch"):
-                if backend == "auto" and device == "cpu":
-                    rows.append({**base_row, "provider": "llm2comp_auto", "status": harness.SAME_AS_TORCH_ON_CPU})
-                    continue
                 model = LLM2Comp.from_pretrained(str(base), backend=backend, dtype=dtype, device=device).eval()
                 fn = lambda m=model: m.encode(texts, batch_size=batch_size, max_length=max_length,
                                               show_progress_bar=False)

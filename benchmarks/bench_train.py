@@ -9,8 +9,8 @@ contrastive stages, is sentence-transformers over the same base with mean poolin
 compression pretraining has no sentence-transformers counterpart (a status row says so).
 
 On CPU (`--quick` or not) the base is the embedded default model (SmolLM2-135M), batch 4, 64 tokens: real
-measurements of the torch path (auto resolves to it on CPU: a status row says so). On a GPU the bases are random-init
-models of real shapes (SmolLM2-135M and a Llama-3.2-1B-like one), batch 32, 256 tokens, bf16 autocast.
+measurements of the torch path and of auto (on CPU: sdpa attention, the other ops' torch). On a GPU the bases
+are random-init models of real shapes (SmolLM2-135M and a Llama-3.2-1B-like one), batch 32, 256 tokens, bf16 autocast.
 
 Run: ``python -m benchmarks.bench_train [--quick]``.
 """
@@ -139,9 +139,6 @@ def run(quick: bool) -> list[dict]:
                             "shape": f"{name} bs{batch} max_len{max_length}",
                             "dtype": "bf16 autocast" if device.type == "cuda" else "float32"}
                 for backend in ("auto", "torch"):
-                    if backend == "auto" and device.type == "cpu":
-                        rows.append({**base_row, "provider": "llm2comp_auto", "status": harness.SAME_AS_TORCH_ON_CPU})
-                        continue
                     step, tokens = _llm2comp_step(base, stage, backend, data[stage], root / "out", batch, max_length,
                                                   device)
                     rows.append(_measure({**base_row, "provider": f"llm2comp_{backend}"}, step, tokens, device))

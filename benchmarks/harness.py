@@ -29,7 +29,6 @@ RESULTS_DIR = Path(__file__).parent / "results"
 # launch effects are nil anyway.
 LONG_CALL_MS = 50.0
 LONG_CALL_REPEATS = 3
-SAME_AS_TORCH_ON_CPU = "not measured: on CPU backend auto resolves every op to torch (the llm2comp_torch row)"
 
 
 def measure(fn: Callable[[], object], device: str | torch.device, *, warmup_ms: float = 25,
