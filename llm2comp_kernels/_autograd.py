@@ -36,20 +36,32 @@ def first_derivative_only(backward):
     return wrapped
 
 
+def saved_grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a gradient computed in forward is kept in until backward scales it: the input's, but fp32 for
+    float16, whose range cannot hold a mean over thousands of rows (most of it would flush to zero) before fp16
+    training's loss scale, which arrives with the incoming gradient, multiplies it."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 class GradsFromForward(torch.autograd.Function):
     """Base for a loss that is always the last op, so its forward computes the gradients.
 
-    forward(ctx, student, teacher, weight, rows, options) must end with
-    ``ctx.save_for_backward(grad_student, grad_weight)`` (either may be None); backward only
-    scales them by the incoming scalar gradient.
+    forward(ctx, student, teacher, weight, rows, options) must end with ``save_grads(ctx, ...)``; backward only
+    scales them by the incoming scalar gradient (fp16 training's loss scale among it) and casts them to the inputs'
+    dtypes.
     """
+
+    @staticmethod
+    def save_grads(ctx, student: torch.Tensor, weight: torch.Tensor, grad_student: torch.Tensor | None,
+                   grad_weight: torch.Tensor | None) -> None:
+        """Keep the gradients of `student` and `weight` (either may be None), in `saved_grad_dtype` of theirs."""
+        ctx.grad_dtypes = (student.dtype, weight.dtype)
+        ctx.save_for_backward(*(g.to(saved_grad_dtype(x.dtype)) if g is not None else None
+                                for g, x in ((grad_student, student), (grad_weight, weight))))
 
     @staticmethod
     @first_derivative_only
     def backward(ctx, grad_loss):
-        grad_student, grad_weight = ctx.saved_tensors
-        if grad_student is not None:
-            grad_student = grad_student * grad_loss
-        if grad_weight is not None:
-            grad_weight = grad_weight * grad_loss
+        grad_student, grad_weight = (g.mul(grad_loss).to(dtype) if g is not None else None
+                                     for g, dtype in zip(ctx.saved_tensors, ctx.grad_dtypes))
         return grad_student, None, grad_weight, None, None

@@ -27,8 +27,9 @@ def linear_kl_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, w
     Returns:
         fp32 scalar (float64 for float64 inputs), not rounded to 16-bit inputs' dtype: the mean over the
         selected rows of ``sum_v p_t (log p_t - log p_s)``; 0 with zero gradients when the mask selects no
-        row. Gradients (in the inputs' dtypes) are computed during forward. Under `torch.autocast`, as
-        `F.linear`: the three tensors in the autocast dtype.
+        row. Gradients (in the inputs' dtypes) are computed during forward (kept in fp32 for float16 inputs
+        until backward multiplies them by the incoming gradient: fp16 training's loss scale comes with it).
+        Under `torch.autocast`, as `F.linear`: the three tensors in the autocast dtype.
     """
     cast = autocast_inputs(student_hidden, teacher_hidden, weight)
     if cast is not None:

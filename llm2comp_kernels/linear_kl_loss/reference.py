@@ -45,10 +45,7 @@ class _LinearKLTorchFn(GradsFromForward):
                 grad_weight += g.T @ hs
         if n > 0:
             loss = loss / n
-        ctx.save_for_backward(
-            grad_student.to(student.dtype) if grad_student is not None else None,
-            grad_weight.to(weight.dtype) if grad_weight is not None else None,
-        )
+        GradsFromForward.save_grads(ctx, student, weight, grad_student, grad_weight)
         return loss
 
 

@@ -8,7 +8,8 @@ a first pass and overwrites the student logits with the logits gradient ``g = (p
 second; then, with g in the input dtype as a tensor-core operand, ``d_student = g @ W`` and
 ``dW += g.T @ h_s``. Since the loss is always the last op, these gradients are computed in forward and
 backward only scales them. Extra memory is the `2C x V` fp32 logits and g's `C x V` copy, plus dW `[V, H]` in
-the weight's dtype.
+the weight's dtype. float16 inputs differ: g leaves out the 1/n, which fp16 could not hold at n in the thousands,
+and the products apply it in fp32 into fp32 gradients (`saved_grad_dtype`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._autograd import GradsFromForward
+from .._autograd import GradsFromForward, saved_grad_dtype
 from .._matmul import mm_fp32
 
 # Largest V block a program holds in registers per pass (two loads of this many fp32 lanes).
@@ -108,13 +109,18 @@ class _LinearKLTritonFn(GradsFromForward):
     def forward(ctx, student, teacher, weight, rows, params: _KLParams):
         n = rows.numel()
         kl = torch.zeros(n, dtype=torch.float32, device=student.device)
-        grad_student = torch.zeros_like(student) if params.needs_grad else None
+        grad_student = torch.zeros_like(student, dtype=saved_grad_dtype(student.dtype)) if params.needs_grad else None
         # In the weight's dtype, accumulated in place by each chunk's product (fp32 inside the product, one
         # rounding per chunk), as autograd does for an eager LM head in that dtype: an fp32 buffer would double
         # dW's memory (2 GiB more at V=128k, H=4096) and its traffic per chunk, plus a [V, H] temporary per chunk
-        # and a cast at the end.
-        grad_weight = torch.zeros_like(weight) if params.needs_grad and weight.requires_grad else None
-        grad_scale = 1.0 / (params.temperature * max(n, 1))
+        # and a cast at the end. float16 is the exception (see below).
+        grad_weight = (torch.zeros_like(weight, dtype=saved_grad_dtype(weight.dtype))
+                       if params.needs_grad and weight.requires_grad else None)
+        # float16 cannot hold g = (p_s - p_t) / (T n): at n in the thousands most of it is below its smallest
+        # normal (6e-5) or flushes to zero. For float16 the kernel leaves 1/n out and the fp32 products apply it.
+        fp16 = weight.dtype == torch.float16
+        inv_n = 1.0 / max(n, 1)
+        grad_scale = 1.0 / params.temperature * (1.0 if fp16 else inv_n)
         w_t = weight.T
         for start in range(0, n, params.chunk_size):
             chunk = rows[start:start + params.chunk_size]
@@ -127,12 +133,17 @@ class _LinearKLTritonFn(GradsFromForward):
                      grad_student is not None)
             if grad_student is None:
                 continue
-            g = logits_s.to(weight.dtype)                             # now d loss / d logits_s
+            g = logits_s.to(weight.dtype)                             # now d loss / d logits_s (x n for fp16)
+            if fp16:
+                grad_student.index_copy_(0, chunk, mm_fp32(g, weight, alpha=inv_n))
+                if grad_weight is not None:
+                    grad_weight.add_(mm_fp32(g.T, hs), alpha=inv_n)
+                continue
             grad_student.index_copy_(0, chunk, g @ weight)
             if grad_weight is not None:
                 grad_weight.addmm_(g.T, hs)
         loss = kl.sum() / n if n > 0 else kl.sum()
-        ctx.save_for_backward(grad_student, grad_weight)
+        GradsFromForward.save_grads(ctx, student, weight, grad_student, grad_weight)
         return loss
 
 
