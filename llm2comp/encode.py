@@ -78,7 +78,7 @@ def encode_texts(model, sentences: str | Sequence[str], *, instruction: str | No
     several = isinstance(device, Sequence) and not isinstance(device, str)
     if pool is not None and device is not None:
         raise ValueError("give device or pool, not both (a pool's devices are fixed when it starts)")
-    if pool is not None and pool.model_id != id(model):
+    if pool is not None and not pool.belongs_to(model):
         raise ValueError("pool was started from another model (start_multi_process_pool of this one)")
     if several:
         from .multi_process import EncodePool

@@ -1,55 +1,71 @@
-"""Encoding on several devices at once: one worker process per device, each with its own copy of the model.
+"""Encoding on several devices at once: one worker process per device, each with the model.
 
 `LLM2Comp.start_multi_process_pool(devices)` starts the workers (spawned, as CUDA cannot be forked; the model
-is sent once, its tensors through shared memory); ``encode(..., pool=pool)`` hands them chunks of the texts
-(length-sorted, so each chunk's batches pad little) and puts the embeddings back in input order;
-``encode(..., device=[...])`` does both for one call. A worker's exception is raised again in the caller with
-the worker's traceback as its cause; a worker that dies (killed, out of host memory) closes the pool.
+is sent once, its tensors through shared memory); ``encode(..., pool=pool)`` hands each idle worker the next
+chunk of the texts (length-sorted, so each chunk's batches pad little) and puts the embeddings back in input
+order; ``encode(..., device=[...])`` does both for one call.
+
+- A worker's exception is raised again in the caller, with the worker's traceback as its cause, once the
+  other workers have finished their chunks; the pool goes on.
+- A worker that dies (killed, out of host memory), or an interrupt in the caller (Ctrl-C), closes the pool:
+  busy workers are stopped, not waited for. Workers ignore SIGINT; the caller stops them.
+- Each worker talks to the caller over its own pipe, so one dying mid-message cannot block the others, and
+  the caller sees its death (EOF, exit) at once.
+- CPU workers read the caller's CPU tensors in shared memory (no copy: changing the model in place changes
+  what they encode); GPU workers copy the model to their device when they start.
+- A pool is not thread-safe: one `encode` at a time.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import queue
+import signal
+import time
 import traceback
+import weakref
 from collections.abc import Sequence
+from multiprocessing.connection import wait
 
 import torch
 import torch.multiprocessing as mp
 
 __all__ = ["EncodePool", "WorkerTraceback"]
 
-_POLL_S = 1.0  # how often a caller waiting for results checks that the workers are alive
 CHUNKS_PER_WORKER = 4  # chunks per worker and call: enough to even out uneven texts, few enough to batch well
+MAX_CHUNK_BATCHES = 64  # at most this many batches per chunk, so a worker reports back often
+_STOP_WAIT_S = 10.0  # how long `close` lets idle workers exit before terminating them
 
 
 class WorkerTraceback(Exception):
     """The traceback of an exception raised in an encode worker (the cause of the one raised in the caller)."""
 
 
-def _serve(model, device: torch.device, threads: int, jobs, results) -> None:
-    """Worker loop: move the model to `device`, then encode ``(call, chunk, texts, kwargs)`` jobs until None.
-
-    Messages: ``(kind, device, call, chunk, payload)``, kind "ready", "done" (payload: the embeddings) or
-    "error" (payload: `_portable`)."""
+def _serve(model, device: torch.device, threads: int, conn) -> None:
+    """Worker: move the model to `device`, then answer each ``(texts, kwargs)`` job until None (or the caller's
+    end of the pipe closes). Replies: ``("ready", None)`` once, ``("done", embeddings)`` or
+    ``("error", _portable(exc))``."""
     from .encode import encode_texts
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the caller stops us
     if threads:
         torch.set_num_threads(threads)
     try:
-        model.to(device)
-    except Exception as exc:
-        results.put(("error", device, None, None, _portable(exc)))
-        return
-    results.put(("ready", device, None, None, None))
-    while (job := jobs.get()) is not None:
-        call, chunk, texts, kwargs = job
         try:
-            emb = encode_texts(model, texts, convert_to_numpy=True, show_progress_bar=False, **kwargs)
-            results.put(("done", device, call, chunk, emb))
+            model.to(device)
         except Exception as exc:
-            results.put(("error", device, call, chunk, _portable(exc)))
+            conn.send(("error", _portable(exc)))
+            return
+        conn.send(("ready", None))
+        while (job := conn.recv()) is not None:
+            texts, kwargs = job
+            try:
+                reply = ("done", encode_texts(model, texts, convert_to_numpy=True, show_progress_bar=False, **kwargs))
+            except Exception as exc:
+                reply = ("error", _portable(exc))
+            conn.send(reply)
+    except (EOFError, OSError):  # the caller closed its end: nothing left to do
+        pass
 
 
 def _portable(exc: Exception) -> tuple[Exception, str]:
@@ -81,7 +97,7 @@ def _devices(devices: Sequence[str | torch.device] | None) -> list[torch.device]
         raise ValueError("devices is empty: give at least one device")
     out = []
     for d in devices:
-        device = torch.device(d)
+        device = torch.device(d.strip() if isinstance(d, str) else d)
         if device.type == "cuda":
             count = torch.cuda.device_count() if torch.cuda.is_available() else 0
             device = torch.device("cuda", device.index if device.index is not None else 0)
@@ -91,117 +107,168 @@ def _devices(devices: Sequence[str | torch.device] | None) -> list[torch.device]
     return out
 
 
-class EncodePool:
-    """Worker processes encoding with copies of `model`, one per device; close with `close()` or a ``with``.
+def _cpu_threads(cpu_workers: int) -> int:
+    """Threads per CPU worker: the cores this process may use, shared out."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // cpu_workers)
 
-    The model's current state is what the workers encode with; start a new pool after changing it.
-    """
+
+def _allow_open_files(model: torch.nn.Module) -> None:
+    """Raise the soft limit on open files to what sending the model needs, if the hard limit allows: torch shares
+    each tensor storage through a file descriptor that stays open (about 700 for a 32-layer model, over the common
+    soft limit of 1024 at 48 layers)."""
+    try:
+        import resource
+    except ImportError:  # not on Unix: no such limit to raise
+        return
+    storages = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = len(storages) + 512
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < need:
+            raise RuntimeError(f"the model has {len(storages)} tensor storages to share with the workers, one open "
+                               f"file each, but this process may open {hard} files: raise the limit (ulimit -n)")
+
+
+def _stop(workers: list, busy: set) -> None:
+    """Stop the workers: idle ones are told to exit, busy ones (mid-chunk) terminated; all joined."""
+    deadline = time.monotonic() + _STOP_WAIT_S
+    for i, (process, conn) in enumerate(workers):
+        if i in busy:
+            process.terminate()
+        else:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+    for process, conn in workers:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
+        conn.close()
+    workers.clear()
+    busy.clear()
+
+
+class EncodePool:
+    """Worker processes encoding with `model`, one per device; stop them with `close()` or a ``with`` block
+    (or by dropping the pool). See the module's docstring for what happens on errors and interrupts."""
 
     def __init__(self, model, devices: Sequence[str | torch.device] | None = None):
         self.devices = _devices(devices)
-        self.hidden_size, self.model_id = model.hidden_size, id(model)
+        self.hidden_size = model.hidden_size
+        self._model = weakref.ref(model)
+        self._workers: list = []  # (process, the caller's end of its pipe)
+        self._busy: set[int] = set()  # workers with a chunk in hand
+        self._stopper = weakref.finalize(self, _stop, self._workers, self._busy)
         cpu_workers = sum(d.type == "cpu" for d in self.devices)
-        threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else 0
         ctx = mp.get_context("spawn")
-        self._jobs, self._results = ctx.Queue(), ctx.Queue()
-        self._calls = 0
-        home = model.device
-        model.to("cpu")  # sent once, through shared memory; each worker then moves its copy to its device
-        self._workers = []
         try:
-            for device in self.devices:
-                worker = ctx.Process(target=_serve, daemon=True,
-                                     args=(model, device, threads if device.type == "cpu" else 0, self._jobs,
-                                           self._results))
-                worker.start()
-                self._workers.append(worker)
-            for _ in self.devices:
-                kind, device, _, _, payload = self._next_result()
-                if kind == "error":
-                    _raise_from_worker(payload, device)
+            home = model.device
+            try:
+                model.to("cpu")  # sent from there once, through shared memory
+                _allow_open_files(model)
+                for device in self.devices:
+                    here, there = ctx.Pipe()
+                    threads = _cpu_threads(cpu_workers) if device.type == "cpu" else 0
+                    process = ctx.Process(target=_serve, args=(model, device, threads, there), daemon=True)
+                    process.start()
+                    there.close()  # the worker's end lives in the worker only: its death is EOF here
+                    self._workers.append((process, here))
+                for i in range(len(self._workers)):
+                    kind, payload = self._receive(i)
+                    if kind == "error":
+                        _raise_from_worker(payload, self.devices[i])
+            finally:
+                model.to(home)
         except BaseException:
             self.close()
             raise
-        finally:
-            model.to(home)
 
     @property
     def closed(self) -> bool:
-        return not self._workers
+        return not self._stopper.alive
 
-    def _check_alive(self) -> None:
-        """RuntimeError, and the pool closed, if a worker died."""
-        dead = [(d, w.exitcode) for d, w in zip(self.devices, self._workers) if not w.is_alive()]
-        if dead:
+    def belongs_to(self, model) -> bool:
+        """Whether the pool was started from `model`."""
+        return self._model() is model
+
+    def _receive(self, i: int) -> tuple:
+        """Worker `i`'s next reply; RuntimeError, and the pool closed, if it died first."""
+        process, conn = self._workers[i]
+        wait([conn, process.sentinel])
+        try:
+            return conn.recv()
+        except (EOFError, OSError):
+            process.join(timeout=1.0)
             self.close()
-            device, code = dead[0]
-            raise RuntimeError(f"the encode worker on {device} died (exit code {code}); the pool is closed")
-
-    def _next_result(self) -> tuple:
-        """The next message of any worker (`_serve`), checking every `_POLL_S` seconds that all are alive."""
-        while True:
-            try:
-                return self._results.get(timeout=_POLL_S)
-            except queue.Empty:
-                self._check_alive()
+            raise RuntimeError(f"the encode worker on {self.devices[i]} died (exit code {process.exitcode}); "
+                               "the pool is closed") from None
 
     def encode(self, texts: list[str], batch_size: int, show_progress_bar: bool, **kwargs) -> torch.Tensor:
         """float32 `[n, D]` CPU embeddings of `texts` in order; `kwargs`: `encode_texts` options for the workers."""
         if self.closed:
             raise RuntimeError("this encode pool is closed")
-        self._check_alive()
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        per_chunk = batch_size * max(1, math.ceil(len(texts) / (batch_size * CHUNKS_PER_WORKER * len(self.devices))))
+        batches = math.ceil(len(texts) / (batch_size * CHUNKS_PER_WORKER * len(self.devices)))
+        per_chunk = batch_size * min(max(1, batches), MAX_CHUNK_BATCHES)
         chunks = [order[s:s + per_chunk] for s in range(0, len(order), per_chunk)]
-        self._calls += 1
-        for i, chunk in enumerate(chunks):
-            self._jobs.put((self._calls, i, [texts[j] for j in chunk], {"batch_size": batch_size, **kwargs}))
+        todo = iter(range(len(chunks)))
+        held: dict[int, int] = {}  # worker -> the chunk it is encoding
         out = torch.empty(len(texts), self.hidden_size)
+        failure = None
         bar = None
         if show_progress_bar:
             from tqdm.auto import tqdm
             bar = tqdm(total=len(texts), desc="Texts", unit="text")
+
+        def hand_out(i: int) -> None:
+            chunk = next(todo, None) if failure is None else None
+            if chunk is None:
+                return
+            try:
+                self._workers[i][1].send(([texts[j] for j in chunks[chunk]], {"batch_size": batch_size, **kwargs}))
+            except OSError:  # the worker is gone (killed while idle): its death, said by `_receive`
+                self._receive(i)
+                raise
+            held[i] = chunk
+            self._busy.add(i)
+
         try:
-            for _ in chunks:
-                kind, device, call, i, payload = self._next_result()
-                while call != self._calls:  # left by an earlier call that failed
-                    kind, device, call, i, payload = self._next_result()
-                if kind == "error":
-                    self._drop_queued_jobs()
-                    _raise_from_worker(payload, device)
-                out[chunks[i]] = torch.from_numpy(payload)
-                if bar is not None:
-                    bar.update(len(chunks[i]))
+            for i in range(len(self._workers)):
+                hand_out(i)
+            while held:
+                ready = set(wait([c for i in held for c in (self._workers[i][1], self._workers[i][0].sentinel)]))
+                for i in [i for i in held if {self._workers[i][1], self._workers[i][0].sentinel} & ready]:
+                    kind, payload = self._receive(i)
+                    chunk = held.pop(i)
+                    self._busy.discard(i)
+                    if kind == "error":
+                        failure = failure or (payload, self.devices[i])
+                        continue
+                    out[chunks[chunk]] = torch.from_numpy(payload)
+                    if bar is not None:
+                        bar.update(len(chunks[chunk]))
+                    hand_out(i)
+        except BaseException:  # an interrupt, or a dead worker: the busy ones cannot be waited for
+            self.close()
+            raise
         finally:
             if bar is not None:
                 bar.close()
+        if failure is not None:
+            _raise_from_worker(*failure)
         return out
 
-    def _drop_queued_jobs(self) -> None:
-        try:
-            while True:
-                self._jobs.get_nowait()
-        except queue.Empty:
-            pass
-
     def close(self) -> None:
-        """Stop the workers (idempotent); jobs not yet started are dropped."""
-        workers, self._workers = self._workers, []
-        self._drop_queued_jobs()
-        for _ in workers:
-            self._jobs.put(None)
-        for worker in workers:
-            worker.join(timeout=10)
-            if worker.is_alive():
-                worker.kill()
-                worker.join()
+        """Stop the workers (idempotent)."""
+        self._stopper()
 
     def __enter__(self) -> EncodePool:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_workers", None):
-            self.close()

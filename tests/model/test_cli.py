@@ -42,7 +42,7 @@ def test_encode_command_on_several_devices(tiny_dirs, tmp_path, capsys):
     one, two = tmp_path / "one.npy", tmp_path / "two.npy"
     assert cli.main(["encode", "--model", str(tiny_dirs["llama"]), "--device", "cpu", "--output", str(one),
                      "--batch-size", "2", *texts]) == 0
-    assert cli.main(["encode", "--model", str(tiny_dirs["llama"]), "--device", "cpu,cpu", "--output", str(two),
+    assert cli.main(["encode", "--model", str(tiny_dirs["llama"]), "--device", "cpu, cpu,", "--output", str(two),
                      "--batch-size", "2", *texts]) == 0
     np.testing.assert_allclose(np.load(two), np.load(one), rtol=1e-5, atol=1e-6)
 

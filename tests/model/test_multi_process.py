@@ -2,6 +2,9 @@
 worker errors and deaths reach the caller."""
 
 import copy
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -43,13 +46,70 @@ def test_a_pool_is_reused_and_reports_worker_errors_and_deaths(encoder):
         assert "in the encode worker on cpu" in str(caught.value.__cause__)
         # ... and the pool goes on, ignoring what the failed call left
         np.testing.assert_allclose(encoder.encode(TEXTS, batch_size=3, pool=pool), ref, rtol=1e-5, atol=1e-6)
-        pool._workers[1].kill()
-        pool._workers[1].join()
+        process = pool._workers[1][0]
+        process.kill()
+        process.join()
         with pytest.raises(RuntimeError, match=r"the encode worker on cpu died \(exit code -9\); the pool is closed"):
             encoder.encode(TEXTS, pool=pool)
         assert pool.closed
         with pytest.raises(RuntimeError, match="this encode pool is closed"):
             encoder.encode(TEXTS, pool=pool)
+
+
+def test_an_interrupt_stops_busy_workers_at_once(encoder, monkeypatch):
+    """Ctrl-C while the workers encode: the pool closes without waiting for their chunks."""
+    from llm2comp import multi_process
+
+    with encoder.start_multi_process_pool(["cpu", "cpu"]) as pool:
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        processes = [process for process, _ in pool._workers]
+        monkeypatch.setattr(multi_process, "wait", interrupted)
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            encoder.encode(TEXTS * 20, batch_size=2, pool=pool)
+        assert pool.closed and time.monotonic() - start < 5
+        assert [process.exitcode for process in processes] == [-15, -15]  # terminated mid-chunk
+
+
+_LEFT_OPEN = """
+import sys
+from llm2comp import LLM2Comp
+if __name__ == "__main__":
+    model = LLM2Comp.from_pretrained(sys.argv[1], num_memory_tokens=4, lora_rank=4)
+    pool = model.start_multi_process_pool(["cpu", "cpu"])
+    print(model.encode(["a text", "another one"], pool=pool).shape)
+"""
+
+
+def test_a_pool_left_open_stops_with_the_interpreter(tiny_dirs, tmp_path):
+    script = tmp_path / "left_open.py"
+    script.write_text(_LEFT_OPEN)
+    done = subprocess.run([sys.executable, str(script), str(tiny_dirs["llama"])], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "(2, 64)" in done.stdout and "Exception ignored" not in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("soft, hard, raised_to, error", [(1024, 4096, 1536, False), (1024, 1100, 1100, True),
+                                                      (4096, 4096, None, False)])
+def test_the_open_file_limit_is_raised_for_the_shared_tensors(soft, hard, raised_to, error, monkeypatch):
+    """One open file per shared tensor storage (+512 to spare): 1024 here, as a 32-layer model has about 700."""
+    import resource
+
+    from llm2comp.multi_process import _allow_open_files
+
+    model = torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(512)))  # 1024 storages
+    calls = []
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (soft, hard))
+    monkeypatch.setattr(resource, "setrlimit", lambda which, limits: calls.append(limits))
+    if error:
+        with pytest.raises(RuntimeError, match="1024 tensor storages .* may open 1100 files: raise the limit"):
+            _allow_open_files(model)
+    else:
+        _allow_open_files(model)
+    assert calls == ([(raised_to, hard)] if raised_to else [])
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [
@@ -72,7 +132,8 @@ def test_pool_arguments_are_checked(encoder, monkeypatch):
         encoder.start_multi_process_pool("cpu")
 
     class FakePool:
-        model_id = id(encoder)
+        def belongs_to(self, model):
+            return model is encoder
 
     with pytest.raises(ValueError, match="give device or pool, not both"):
         encoder.encode(TEXTS, pool=FakePool(), device="cpu")
