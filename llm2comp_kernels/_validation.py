@@ -119,9 +119,31 @@ class _CheckedTensors:
 _CHECKED = _CheckedTensors()
 
 
+def type_name(value) -> str:
+    """`value`'s type for an error: ``bool``, ``numpy.bool``... (a bare "bool" would not say which one)."""
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def flag(op: str, name: str, value) -> bool:
+    """`value`, a Python bool (a numpy bool or a tensor is refused: `if tensor` would sync or be ambiguous)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type_name(value)}")
+    return value
+
+
+def positive_int(op: str, name: str, value) -> int:
+    """`value` as an int >= 1 (Python or numpy integers)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an int, got {type_name(value)}")
+    if value < 1:
+        raise ValueError(f"{op}: {name} must be an int >= 1, got {value}")
+    return int(value)
+
+
 def positive_float(op: str, name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):  # int, float, numpy scalars
-        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
+        raise TypeError(f"{op}: {name} must be a number, got {type_name(value)}")
     if not value > 0 or value != value or value == float("inf"):
         raise ValueError(f"{op}: {name} must be a finite number > 0, got {value}")
     return float(value)

@@ -27,11 +27,6 @@ def _backend(module: str, op: str, backend) -> str:
     return v.choice(module, "backend", backend, ("auto",) + _OP_BACKENDS[op][0])
 
 
-def _flag(op: str, name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
-    return value
-
 
 class MemoryAttention(nn.Module):
     """`memory_attention` (bidirectional or causal attention over right-padded rows, GQA).
@@ -41,7 +36,7 @@ class MemoryAttention(nn.Module):
 
     def __init__(self, *, causal: bool = False, scale: float | None = None, backend: str = "auto") -> None:
         super().__init__()
-        self.causal = _flag("MemoryAttention", "causal", causal)
+        self.causal = v.flag("MemoryAttention", "causal", causal)
         self.scale = None if scale is None else v.positive_float("MemoryAttention", "scale", scale)
         self.backend = _backend("MemoryAttention", "memory_attention", backend)
 
@@ -77,8 +72,8 @@ class ContrastiveLoss(nn.Module):
                  reduction: str = "mean", backend: str = "auto") -> None:
         super().__init__()
         self.temperature = v.positive_float("ContrastiveLoss", "temperature", temperature)
-        self.normalize = _flag("ContrastiveLoss", "normalize", normalize)
-        self.symmetric = _flag("ContrastiveLoss", "symmetric", symmetric)
+        self.normalize = v.flag("ContrastiveLoss", "normalize", normalize)
+        self.symmetric = v.flag("ContrastiveLoss", "symmetric", symmetric)
         self.reduction = v.choice("ContrastiveLoss", "reduction", reduction, REDUCTIONS)
         self.backend = _backend("ContrastiveLoss", "contrastive_loss", backend)
 

@@ -60,7 +60,7 @@ def test_numbers_may_be_numpy_scalars_not_tensors():
 
     assert positive_float("op", "temperature", np.float32(0.05)) == pytest.approx(0.05)
     assert positive_float("op", "temperature", np.int64(2)) == 2.0
-    with pytest.raises(TypeError, match="op: temperature must be a number, got Tensor"):
+    with pytest.raises(TypeError, match="op: temperature must be a number, got torch.Tensor"):
         positive_float("op", "temperature", torch.tensor(0.05))
 
 

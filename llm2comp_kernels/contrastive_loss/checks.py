@@ -24,9 +24,8 @@ def check_contrastive_loss(queries, docs, labels, temperature, normalize, symmet
         raise ValueError(f"{OP}: queries must have D >= 1, got shape {tuple(queries.shape)}")
     v.size(OP, "docs", docs.shape[1], D, "hidden size (dim 1) equal to queries'")
     v.positive_float(OP, "temperature", temperature)
-    for name, flag in (("normalize", normalize), ("symmetric", symmetric)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{OP}: {name} must be a bool, got {type(flag).__name__}")
+    v.flag(OP, "normalize", normalize)
+    v.flag(OP, "symmetric", symmetric)
     v.choice(OP, "reduction", reduction, REDUCTIONS)
     if labels is None:
         if N < B:

@@ -40,7 +40,5 @@ def resolve_chunk_size(chunk_size, V: int, device: torch.device, op: str = OP) -
     """The number of rows per chunk: `chunk_size` if given, else what fits the memory budget
     (`_validation.rows_per_chunk`) for the `chunk x V` fp32 working buffers."""
     if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"{op}: chunk_size must be an int >= 1, got {chunk_size!r}")
-        return chunk_size
+        return v.positive_int(op, "chunk_size", chunk_size)
     return v.rows_per_chunk(_BUFFERS_PER_ROW * 4 * V, device)

@@ -32,8 +32,7 @@ def check_memory_attention(q, k, v_, seq_lens, causal, scale) -> float:
                          f"of key/value heads ({Hkv})")
     v.size(OP, "seq_lens", seq_lens.shape[0], B, "length (one entry per batch row)")
     v.in_range(OP, "seq_lens", seq_lens, 1, L, f"1 <= seq_lens[b] <= L = {L}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"{OP}: causal must be a bool, got {type(causal).__name__}")
+    v.flag(OP, "causal", causal)
     if scale is None:
         return d ** -0.5
     return v.positive_float(OP, "scale", scale)

@@ -15,4 +15,5 @@ def span_mean_pool_reference(hidden: torch.Tensor, start: torch.Tensor, length: 
     pos = torch.arange(L, device=hidden.device)
     in_span = (pos >= start[:, None]) & (pos < (start + length)[:, None])
     weights = in_span.to(compute) / length[:, None].to(compute)
-    return torch.einsum("bl,bld->bd", weights, hidden.to(compute)).to(hidden.dtype)
+    with torch.autocast(hidden.device.type, enabled=False):  # a mean in `compute`, not autocast's 16-bit product
+        return torch.einsum("bl,bld->bd", weights, hidden.to(compute)).to(hidden.dtype)

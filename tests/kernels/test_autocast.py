@@ -1,13 +1,13 @@
 """The matrix ops under `torch.autocast` (CPU autocast here; CUDA autocast takes the same path): inputs cast to the
 autocast dtype, then the same result and gradients as a call made in that dtype without autocast; the contrastive
-loss, a loss like cross-entropy, runs on its inputs as given."""
+loss, a loss like cross-entropy, and span_mean_pool, a mean, run on their inputs as given."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from llm2comp_kernels import contrastive_loss, linear_kl_loss, memory_attention
+from llm2comp_kernels import contrastive_loss, linear_kl_loss, memory_attention, span_mean_pool
 
 
 def _leaves(*tensors):
@@ -68,6 +68,22 @@ def test_contrastive_loss_ignores_autocast(symmetric):
     torch.testing.assert_close(loss, expected, rtol=0, atol=0)
     torch.testing.assert_close(q1.grad, q2.grad, rtol=0, atol=0)
     torch.testing.assert_close(d1.grad, d2.grad, rtol=0, atol=0)
+
+
+def test_span_mean_pool_ignores_autocast():
+    """A mean, not a matrix product: fp32 under bf16 autocast on the torch backend too (its einsum ran in bf16:
+    2e-3 off, found by fuzzing), as on the kernel backends."""
+    torch.manual_seed(0)
+    hidden, start, length = torch.randn(2, 8, 64), torch.tensor([0, 2]), torch.tensor([3, 5])
+    (h1,) = _leaves(hidden)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = span_mean_pool(h1, start, length, backend="torch")
+    out.square().sum().backward()
+    (h2,) = _leaves(hidden)
+    expected = span_mean_pool(h2, start, length, backend="torch")
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=0, atol=0)
 
 
 def test_float64_and_autocast_off_run_as_given():

@@ -109,6 +109,14 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
+
+def test_numpy_chunk_size_is_an_int():
+    import numpy as np
+
+    student, teacher, weight = make_linear_kl_inputs(5, 8, 7)
+    torch.testing.assert_close(linear_kl_loss(student, teacher, weight, chunk_size=np.int64(2)),
+                               linear_kl_loss(student, teacher, weight, chunk_size=2), rtol=0, atol=0)
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_never_holds_full_logits_and_chunks_agree(backend, device):
     """With chunk_size=2 no tensor reaches `N x V` elements, and the results equal those of one chunk."""
@@ -139,8 +147,8 @@ def _bad_inputs_cases():
         ("temperature 0", dict(temperature=0.0), ValueError, "temperature"),
         ("temperature <0", dict(temperature=-1.0), ValueError, "temperature"),
         ("chunk 0", dict(chunk_size=0), ValueError, "chunk_size"),
-        ("chunk float", dict(chunk_size=2.0), ValueError, "chunk_size"),
-        ("chunk bool", dict(chunk_size=True), ValueError, "chunk_size"),
+        ("chunk float", dict(chunk_size=2.0), TypeError, "chunk_size must be an int, got float"),
+        ("chunk bool", dict(chunk_size=True), TypeError, "chunk_size must be an int, got bool"),
         ("unknown backend", dict(backend="numpy"), ValueError, "backend must be one of"),
         ("no cuda backend", dict(backend="cuda"), ValueError, "backend must be one of"),
     ], (s, t, w)

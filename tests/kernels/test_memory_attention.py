@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -127,6 +128,7 @@ def _bad_cases():
         ("seq_lens > L", _args(seq_lens=torch.tensor([3, 6])), {}, ValueError, r"seq_lens\[1\] = 6"),
         ("empty batch", _args(q=q[:0], k=k[:0], v=v[:0], seq_lens=seq_lens[:0]), {}, ValueError, "empty"),
         ("causal int", _args(), {"causal": 1}, TypeError, "causal must be a bool"),
+        ("causal numpy", _args(), {"causal": np.bool_(True)}, TypeError, "causal must be a bool, got numpy.bool"),
         ("scale 0", _args(), {"scale": 0.0}, ValueError, "scale"),
         ("scale < 0", _args(), {"scale": -1.0}, ValueError, "scale"),
         ("scale nan", _args(), {"scale": math.nan}, ValueError, "scale"),
