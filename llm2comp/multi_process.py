@@ -132,6 +132,17 @@ def _allow_open_files(model: torch.nn.Module) -> None:
                                f"file each, but this process may open {hard} files: raise the limit (ulimit -n)")
 
 
+def _start(process) -> None:
+    """Start a worker; its model goes through shared memory (/dev/shm), which containers often keep small."""
+    try:
+        process.start()
+    except RuntimeError as exc:
+        if "No space left on device" in str(exc) or "shared memory" in str(exc):
+            raise RuntimeError(f"{exc}: the model is sent to the workers through shared memory (/dev/shm); give it "
+                               "room for the model (docker run --shm-size=..., or --ipc=host)") from exc
+        raise
+
+
 def _stop(workers: list, busy: set) -> None:
     """Stop the workers: idle ones are told to exit, busy ones (mid-chunk) terminated; all joined."""
     deadline = time.monotonic() + _STOP_WAIT_S
@@ -175,7 +186,7 @@ class EncodePool:
                     here, there = ctx.Pipe()
                     threads = _cpu_threads(cpu_workers) if device.type == "cpu" else 0
                     process = ctx.Process(target=_serve, args=(model, device, threads, there), daemon=True)
-                    process.start()
+                    _start(process)
                     there.close()  # the worker's end lives in the worker only: its death is EOF here
                     self._workers.append((process, here))
                 for i in range(len(self._workers)):

@@ -112,6 +112,17 @@ def test_the_open_file_limit_is_raised_for_the_shared_tensors(soft, hard, raised
     assert calls == ([(raised_to, hard)] if raised_to else [])
 
 
+def test_a_full_dev_shm_is_explained(encoder, monkeypatch):
+    def no_room(self):
+        raise RuntimeError("unable to write to file </torch_123_456_0>: No space left on device (28)")
+
+    monkeypatch.setattr(torch.multiprocessing.get_context("spawn").Process, "start", no_room)
+    with pytest.raises(RuntimeError, match=r"No space left on device \(28\): the model is sent to the workers "
+                                           r"through shared memory \(/dev/shm\); give it room"):
+        encoder.start_multi_process_pool(["cpu"])
+    assert encoder.device.type == "cpu"
+
+
 @pytest.mark.parametrize("kwargs, exc, match", [
     ({"device": []}, ValueError, "devices is empty"),
     ({"device": ["cpu", "cuda:0"]}, ValueError, r"device 'cuda:0': 0 CUDA device\(s\) visible"),
