@@ -74,13 +74,16 @@ def _llm2comp_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int
 
 def _llm2comp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                        sliding_window: int | None = None, **_: object) -> tuple[torch.Tensor, None]:
+                        sliding_window: int | None = None, softcap: float | None = None,
+                        **_: object) -> tuple[torch.Tensor, None]:
     """`AttentionInterface` function: query `[B, Hq, L, d]`, key/value `[B, Hkv, L, d]` -> `[B, L, Hq, d]`.
 
     ``attention_mask`` is the `[B]` seq_lens tensor made by `_llm2comp_mask` (None: no padding).
     """
     if dropout > 0:
         raise ValueError(f"llm2comp attention has no attention dropout (got {dropout}); set attention_dropout=0")
+    if softcap is not None:
+        raise ValueError(f"llm2comp attention has no logit soft-capping (got softcap={softcap})")
     b, _, length, _ = query.shape
     if sliding_window is not None and length > sliding_window:
         raise ValueError(f"llm2comp attention has no sliding window: sequence length {length} exceeds "

@@ -148,3 +148,21 @@ def test_gpu_auto_backend_matches_torch_bf16(head_dim):
     patch_bidirectional(model, backend="auto")
     out = _hidden(model, batch)
     assert_rel_close(out[mask].float(), ref[mask].float(), tol=2e-2)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"dropout": 0.1}, "no attention dropout"),
+    ({"sliding_window": 4}, "no sliding window: sequence length 5 exceeds the model's sliding_window=4"),
+    ({"softcap": 50.0}, r"no logit soft-capping \(got softcap=50.0\)"),
+])
+def test_attention_options_it_cannot_honour_are_refused(kwargs, match):
+    """What a layer asks of the attention function and memory_attention does not do is an error, not ignored."""
+    from llm2comp.bidirectional import _llm2comp_attention
+
+    q = torch.randn(1, 2, 5, 8)
+    module = torch.nn.Module()
+    module.is_causal = False
+    with pytest.raises(ValueError, match=match):
+        _llm2comp_attention(module, q, q, q, None, **kwargs)
+    out, _ = _llm2comp_attention(module, q, q, q, None, sliding_window=5)  # a window the sequence fits in
+    assert out.shape == (1, 5, 2, 8)
