@@ -80,7 +80,7 @@ def encode_texts(model, sentences: str | Sequence[str], *, instruction: str | No
         raise ValueError("give device or pool, not both (a pool's devices are fixed when it starts)")
     if pool is not None and not pool.belongs_to(model):
         raise ValueError("pool was started from another model (start_multi_process_pool of this one)")
-    if several:
+    if several and texts:  # (no workers to start for nothing)
         from .multi_process import EncodePool
 
         with EncodePool(model, device) as pool:
@@ -88,7 +88,7 @@ def encode_texts(model, sentences: str | Sequence[str], *, instruction: str | No
     elif pool is not None:
         out = pool.encode(texts, batch_size, show_progress_bar, **options)
     else:
-        out = _encode_here(model, texts, batch_size, show_progress_bar, device, **options)
+        out = _encode_here(model, texts, batch_size, show_progress_bar, None if several else device, **options)
     if single:
         out = out[0]
     if convert_to_tensor or (single and not convert_to_numpy):

@@ -29,6 +29,9 @@ def test_several_devices_give_the_embeddings_of_one_process(encoder):
     assert isinstance(out, torch.Tensor) and out.device.type == "cpu" and out.dtype == torch.float32
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-6)
     assert not encoder.training and encoder.device.type == "cpu"
+    start = time.monotonic()
+    assert encoder.encode([], device=["cpu", "cpu"]).shape == (0, encoder.hidden_size)
+    assert time.monotonic() - start < 1  # no workers started for nothing
 
 
 def test_a_pool_is_reused_and_reports_worker_errors_and_deaths(encoder):
