@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 _RUN_FILES = ("checkpoints", "log.jsonl", CONFIG_NAME)  # what a run leaves in its output directory
 # The options a resumed run may change: where and how often it writes, and how it computes the same steps. Any
 # other change (model, data, schedule, lengths, precision...) would not continue the run that was killed.
+# fp16: consecutive overflowed steps that end the run, the loss scale having halved as often (2^25 times smaller):
+# no gradient is that large, so the forward itself overflows.
+MAX_OVERFLOWED_STEPS = 25
 _RESUME_FREE = {"output", "resume", "overwrite", "save_every", "log_every", "attention_backend",
                 "gradient_checkpointing", "grad_cache", "chunk_size"}
 
@@ -212,6 +215,7 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
     # the log window so far (restored on resume: a window that spans the checkpoint logs what it would have)
     window_loss, window_weight, window_tokens, elapsed = running.get("log_window", (0.0, 0.0, 0, 0.0))
     skipped = running.get("skipped_steps", 0)  # fp16 steps whose gradients overflowed, since the last log line
+    overflowed = 0  # of the steps just before this one (each halves the loss scale)
     window_start = time.perf_counter() - elapsed
     for step in range(start, total):
         # dropout masks from (seed, step, rank): a resumed run draws what the uninterrupted one did,
@@ -232,7 +236,14 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
         average_gradients(params)
         window_weight += mean_weight
         lr = scheduler.get_last_lr()[0]
-        skipped += not optimizer_step(params, optimizer, scheduler, scaler, cfg.max_grad_norm)
+        if optimizer_step(params, optimizer, scheduler, scaler, cfg.max_grad_norm):
+            overflowed = 0
+        else:
+            skipped, overflowed = skipped + 1, overflowed + 1
+            if overflowed == MAX_OVERFLOWED_STEPS:
+                raise RuntimeError(f"fp16: the last {overflowed} steps overflowed (the loss scale is down to "
+                                   f"{scaler.get_scale():g}; last loss {loss:.4g}): the forward itself overflows "
+                                   "float16 on this model; train with --precision fp32")
         done = step + 1
         if done % cfg.log_every == 0 or done == total:
             elapsed = time.perf_counter() - window_start

@@ -119,3 +119,22 @@ def test_fp16_training_logs_and_checkpoints_its_loss_scale(tiny_dir, tmp_path):
     resumed = train(_config("compress", tiny_dir, tmp_path / "fp16", precision="fp16", resume=True, **kw),
                     progress=False)
     assert [(r["step"], r["loss_scale"]) for r in resumed] == [(3, 8.0)]
+
+
+def test_fp16_training_that_overflows_at_every_step_stops(tiny_dir, tmp_path, monkeypatch):
+    """A forward that overflows float16 (inf loss) no loss scale can save: the run stops, saying so, instead of
+    skipping every step."""
+    from llm2comp.training import trainer
+
+    monkeypatch.setattr(trainer, "MAX_OVERFLOWED_STEPS", 3)
+    cfg = _config("unsupervised", tiny_dir, tmp_path, precision="fp16", max_steps=5, batch_size=2)
+    real = build_stage(cfg, _model(cfg), CPU).__class__.micro_step
+
+    def overflowing(self, indices, epoch, scale):
+        loss, tokens, weight = real(self, indices, epoch, lambda loss: scale(loss) * float("inf"))
+        return float("inf"), tokens, weight
+
+    monkeypatch.setattr(type(build_stage(cfg, _model(cfg), CPU)), "micro_step", overflowing)
+    with pytest.raises(RuntimeError, match=r"fp16: the last 3 steps overflowed \(the loss scale is down to 8192; last "
+                                           r"loss inf\): the forward itself overflows float16"):
+        train(cfg, progress=False)
