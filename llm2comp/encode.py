@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .pooling import POOLINGS, check_pooling
-from .precision import half_dtype
+from .precision import half_dtype, has_bf16
 
 __all__ = ["POOLINGS", "check_pooling", "encode_texts"]
 
@@ -47,7 +48,7 @@ def encode_texts(model, sentences: str | Sequence[str], *, instruction: str | No
                  max_length: int = 512, pooling: str | None = None, normalize_embeddings: bool = False,
                  convert_to_numpy: bool = True, convert_to_tensor: bool = False,
                  show_progress_bar: bool | None = None, device: torch.device | str | Sequence | None = None,
-                 pool=None):
+                 pool=None, autocast: bool = True):
     """Embed `sentences` with an `LLM2Comp` model.
 
     Args:
@@ -66,6 +67,10 @@ def encode_texts(model, sentences: str | Sequence[str], *, instruction: str | No
         device: move the model there first; a list of devices (``["cuda:0", "cuda:1"]``) encodes on all of them
             at once, in worker processes started for this call (`llm2comp.multi_process`).
         pool: an `EncodePool` of this model (`LLM2Comp.start_multi_process_pool`), to reuse its workers.
+        autocast: on GPU, run a float32 model in bf16 autocast (fp16 on GPUs without bf16); False runs it in
+            its own dtype (float32: slower, but no fp16 overflow).
+
+    Warns when embeddings come out non-finite (NaN/inf), as fp16 overflow gives them.
     """
     pooling = check_pooling(pooling or model.pooling)
     texts, single = _check_sentences(sentences, pooling)
@@ -73,8 +78,10 @@ def encode_texts(model, sentences: str | Sequence[str], *, instruction: str | No
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if show_progress_bar is None:
         show_progress_bar = math.ceil(len(texts) / batch_size) >= PROGRESS_BAR_MIN_BATCHES
+    if not isinstance(autocast, bool):
+        raise TypeError(f"autocast must be a bool, got {type(autocast).__name__}")
     options = {"instruction": instruction, "max_length": max_length, "pooling": pooling,
-               "normalize_embeddings": normalize_embeddings}
+               "normalize_embeddings": normalize_embeddings, "autocast": autocast}
     several = isinstance(device, Sequence) and not isinstance(device, str)
     if pool is not None and device is not None:
         raise ValueError("give device or pool, not both (a pool's devices are fixed when it starts)")
@@ -88,7 +95,8 @@ def encode_texts(model, sentences: str | Sequence[str], *, instruction: str | No
     elif pool is not None:
         out = pool.encode(texts, batch_size, show_progress_bar, **options)
     else:
-        out = _encode_here(model, texts, batch_size, show_progress_bar, None if several else device, **options)
+        out = encode_batches(model, texts, batch_size, show_progress_bar, None if several else device, **options)
+    _warn_non_finite(out, model, autocast)
     if single:
         out = out[0]
     if convert_to_tensor or (single and not convert_to_numpy):
@@ -98,9 +106,18 @@ def encode_texts(model, sentences: str | Sequence[str], *, instruction: str | No
     return list(out)
 
 
-def _encode_here(model, texts: list[str], batch_size: int, show_progress_bar: bool, device, *, instruction,
-                 max_length: int, pooling: str, normalize_embeddings: bool) -> torch.Tensor:
-    """float32 `[n, D]` embeddings of `texts`, in order, on the model's device (moved to `device` first)."""
+def _warn_non_finite(out: torch.Tensor, model, autocast: bool) -> None:
+    bad = int((~torch.isfinite(out).all(dim=-1)).sum()) if out.numel() else 0
+    if bad:
+        cause = (" (float16 autocast, as this GPU has no bf16, overflows on some models: encode(..., "
+                 "autocast=False) runs in float32)" if autocast and not has_bf16(model.device) else "")
+        warnings.warn(f"{bad} of {out.shape[0]} embeddings are not finite (NaN or inf){cause}", stacklevel=3)
+
+
+def encode_batches(model, texts: list[str], batch_size: int, show_progress_bar: bool, device, *, instruction,
+                 max_length: int, pooling: str, normalize_embeddings: bool, autocast: bool) -> torch.Tensor:
+    """float32 `[n, D]` embeddings of `texts`, in order, on the model's device (moved to `device` first): the
+    checked options of `encode_texts`, here or in a pool's worker."""
     if device is not None:
         model.to(device)
     device = model.device
@@ -109,8 +126,7 @@ def _encode_here(model, texts: list[str], batch_size: int, show_progress_bar: bo
     if show_progress_bar:
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc="Batches", unit="batch")
-    param_dtype = next(model.parameters()).dtype
-    autocast = device.type == "cuda" and param_dtype == torch.float32
+    autocast = autocast and device.type == "cuda" and next(model.parameters()).dtype == torch.float32
     was_training = model.training
     model.eval()
     chunks = []

@@ -350,7 +350,7 @@ class LLM2Comp(torch.nn.Module):
         Keyword arguments: instruction, batch_size (32), max_length (512), pooling,
         normalize_embeddings (False), convert_to_numpy (True), convert_to_tensor (False),
         show_progress_bar (None: on when there are more than 4 batches), device (one, or a list to encode on
-        several at once), pool (`start_multi_process_pool`). See `llm2comp.encode.encode_texts`.
+        several at once), pool (`start_multi_process_pool`), autocast (True). See `llm2comp.encode.encode_texts`.
         """
         check_encode_kwargs(kwargs)
         return encode_texts(self, sentences, **kwargs)

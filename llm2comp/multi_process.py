@@ -42,10 +42,10 @@ class WorkerTraceback(Exception):
 
 
 def _serve(model, device: torch.device, threads: int, conn) -> None:
-    """Worker: move the model to `device`, then answer each ``(texts, kwargs)`` job until None (or the caller's
-    end of the pipe closes). Replies: ``("ready", None)`` once, ``("done", embeddings)`` or
+    """Worker: move the model to `device`, then answer each ``(texts, batch_size, options)`` job until None (or
+    the caller's end of the pipe closes). Replies: ``("ready", None)`` once, ``("done", embeddings)`` or
     ``("error", _portable(exc))``."""
-    from .encode import encode_texts
+    from .encode import encode_batches
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the caller stops us
     if threads:
@@ -58,9 +58,9 @@ def _serve(model, device: torch.device, threads: int, conn) -> None:
             return
         conn.send(("ready", None))
         while (job := conn.recv()) is not None:
-            texts, kwargs = job
+            texts, batch_size, options = job
             try:
-                reply = ("done", encode_texts(model, texts, convert_to_numpy=True, show_progress_bar=False, **kwargs))
+                reply = ("done", encode_batches(model, texts, batch_size, False, None, **options).cpu().numpy())
             except Exception as exc:
                 reply = ("error", _portable(exc))
             conn.send(reply)
@@ -219,8 +219,8 @@ class EncodePool:
             raise RuntimeError(f"the encode worker on {self.devices[i]} died (exit code {process.exitcode}); "
                                "the pool is closed") from None
 
-    def encode(self, texts: list[str], batch_size: int, show_progress_bar: bool, **kwargs) -> torch.Tensor:
-        """float32 `[n, D]` CPU embeddings of `texts` in order; `kwargs`: `encode_texts` options for the workers."""
+    def encode(self, texts: list[str], batch_size: int, show_progress_bar: bool, **options) -> torch.Tensor:
+        """float32 `[n, D]` CPU embeddings of `texts` in order; `options`: those of `encode_batches`, checked."""
         if self.closed:
             raise RuntimeError("this encode pool is closed")
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
@@ -241,7 +241,7 @@ class EncodePool:
             if chunk is None:
                 return
             try:
-                self._workers[i][1].send(([texts[j] for j in chunks[chunk]], {"batch_size": batch_size, **kwargs}))
+                self._workers[i][1].send(([texts[j] for j in chunks[chunk]], batch_size, options))
             except OSError:  # the worker is gone (killed while idle): its death, said by `_receive`
                 self._receive(i)
                 raise

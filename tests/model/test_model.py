@@ -256,3 +256,20 @@ def test_hidden_states_from_embeddings_and_causal_decoder(tiny_encoder, tiny_dir
         with torch.no_grad():
             ref = original.model(input_ids=batch["input_ids"][b:b + 1, :n], use_cache=False).last_hidden_state[0]
         assert_rel_close(decoder[b, :n], ref, tol=1e-5)
+
+
+def test_encode_warns_of_non_finite_embeddings(tiny_encoder, monkeypatch):
+    from llm2comp import encode
+
+    out = torch.tensor([[1.0, float("nan")], [1.0, 2.0], [float("inf"), 0.0]])
+    with pytest.warns(UserWarning, match=r"^2 of 3 embeddings are not finite \(NaN or inf\)$"):
+        encode._warn_non_finite(out, tiny_encoder, autocast=True)
+    monkeypatch.setattr(encode, "has_bf16", lambda device: False)  # a T4: fp16 autocast is the likely cause
+    with pytest.warns(UserWarning, match=r"float16 autocast, as this GPU has no bf16, .* autocast=False"):
+        encode._warn_non_finite(out, tiny_encoder, autocast=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encode._warn_non_finite(out[1:2], tiny_encoder, autocast=True)
+        assert tiny_encoder.encode(TEXTS, autocast=False).shape == (len(TEXTS), tiny_encoder.hidden_size)
+    with pytest.raises(TypeError, match="autocast must be a bool, got str"):
+        tiny_encoder.encode(TEXTS, autocast="no")
