@@ -46,11 +46,11 @@ __all__ = ["resolve_precision", "autocast_for", "train"]
 log = logging.getLogger(__name__)
 
 _RUN_FILES = ("checkpoints", "log.jsonl", CONFIG_NAME)  # what a run leaves in its output directory
-# The options a resumed run may change: where and how often it writes, and how it computes the same steps. Any
-# other change (model, data, schedule, lengths, precision...) would not continue the run that was killed.
 # fp16: consecutive overflowed steps that end the run, the loss scale having halved as often (2^25 times smaller):
 # no gradient is that large, so the forward itself overflows.
 MAX_OVERFLOWED_STEPS = 25
+# The options a resumed run may change: where and how often it writes, and how it computes the same steps. Any
+# other change (model, data, schedule, lengths, precision...) would not continue the run that was killed.
 _RESUME_FREE = {"output", "resume", "overwrite", "save_every", "log_every", "attention_backend",
                 "gradient_checkpointing", "grad_cache", "chunk_size"}
 
