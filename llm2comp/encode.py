@@ -87,16 +87,19 @@ def encode_texts(model, sentences: str | Sequence[str], *, instruction: str | No
         raise ValueError("give device or pool, not both (a pool's devices are fixed when it starts)")
     if pool is not None and not pool.belongs_to(model):
         raise ValueError("pool was started from another model (start_multi_process_pool of this one)")
-    if several and texts:  # (no workers to start for nothing)
+    if several and not texts:  # no workers to start for nothing
+        out, devices = torch.zeros(0, model.hidden_size), []
+    elif several:
         from .multi_process import EncodePool
 
         with EncodePool(model, device) as pool:
-            out = pool.encode(texts, batch_size, show_progress_bar, **options)
+            out, devices = pool.encode(texts, batch_size, show_progress_bar, **options), pool.devices
     elif pool is not None:
-        out = pool.encode(texts, batch_size, show_progress_bar, **options)
+        out, devices = pool.encode(texts, batch_size, show_progress_bar, **options), pool.devices
     else:
-        out = encode_batches(model, texts, batch_size, show_progress_bar, None if several else device, **options)
-    _warn_non_finite(out, model, autocast)
+        out = encode_batches(model, texts, batch_size, show_progress_bar, device, **options)
+        devices = [model.device]
+    _warn_non_finite(out, model, autocast, devices)
     if single:
         out = out[0]
     if convert_to_tensor or (single and not convert_to_numpy):
@@ -106,12 +109,19 @@ def encode_texts(model, sentences: str | Sequence[str], *, instruction: str | No
     return list(out)
 
 
-def _warn_non_finite(out: torch.Tensor, model, autocast: bool) -> None:
+def _warn_non_finite(out: torch.Tensor, model, autocast: bool, devices: list[torch.device]) -> None:
+    """Warn of non-finite embeddings, naming float16, which overflows on some models, where it ran (`devices`)."""
     bad = int((~torch.isfinite(out).all(dim=-1)).sum()) if out.numel() else 0
-    if bad:
+    if not bad:
+        return
+    dtype = next(model.parameters()).dtype
+    cause = ""
+    if dtype == torch.float16:
+        cause = " (the model is float16, which overflows on some models: load it with dtype=torch.float32)"
+    elif dtype == torch.float32 and autocast and any(d.type == "cuda" and not has_bf16(d) for d in devices):
         cause = (" (float16 autocast, as this GPU has no bf16, overflows on some models: encode(..., "
-                 "autocast=False) runs in float32)" if autocast and not has_bf16(model.device) else "")
-        warnings.warn(f"{bad} of {out.shape[0]} embeddings are not finite (NaN or inf){cause}", stacklevel=3)
+                 "autocast=False) runs in float32)")
+    warnings.warn(f"{bad} of {out.shape[0]} embeddings are not finite (NaN or inf){cause}", stacklevel=3)
 
 
 def encode_batches(model, texts: list[str], batch_size: int, show_progress_bar: bool, device, *, instruction,

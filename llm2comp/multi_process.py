@@ -240,13 +240,13 @@ class EncodePool:
             chunk = next(todo, None) if failure is None else None
             if chunk is None:
                 return
+            self._busy.add(i)  # before the send: an interrupt during it must not leave the worker taken for idle
             try:
                 self._workers[i][1].send(([texts[j] for j in chunks[chunk]], batch_size, options))
             except OSError:  # the worker is gone (killed while idle): its death, said by `_receive`
                 self._receive(i)
                 raise
             held[i] = chunk
-            self._busy.add(i)
 
         try:
             for i in range(len(self._workers)):

@@ -20,12 +20,12 @@ __all__ = ["load_model", "bos_token_id", "memory_states", "frozen_decoder", "tok
 log = logging.getLogger(__name__)
 
 
-def load_model(cfg: TrainConfig) -> LLM2Comp:
+def load_model(cfg: TrainConfig, dtype: torch.dtype | None = None) -> LLM2Comp:
     """`cfg.model` as an LLM2Comp model: a base model gets fresh adapters, an LLM2Comp directory its own (a
-    warning says so when they differ from the options)."""
+    warning says so when they differ from the options). `dtype`: of the weights (None: the checkpoint's)."""
     model = LLM2Comp.from_pretrained(cfg.model, num_memory_tokens=cfg.memory_tokens, lora_rank=cfg.lora_r,
                                      lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                     backend=cfg.attention_backend)
+                                     backend=cfg.attention_backend, dtype=dtype)
     lora = model.model.peft_config["default"]
     kept = {"--memory-tokens": (cfg.memory_tokens, model.num_memory_tokens), "--lora-r": (cfg.lora_r, lora.r),
             "--lora-alpha": (cfg.lora_alpha, lora.lora_alpha)}

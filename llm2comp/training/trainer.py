@@ -164,8 +164,8 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
     ckpt = _check_output(cfg, world)  # before the (slow) model load, as the data file's checks
     data = _read_rows_on_every_rank(cfg, world, device)
     torch.manual_seed(cfg.seed)
-    if model is None:
-        model = modeling.load_model(cfg)
+    if model is None:  # fp32 computes in fp32 whatever the checkpoint holds (often bf16 or fp16 weights)
+        model = modeling.load_model(cfg, torch.float32 if precision == "fp32" else None)
     modeling.set_lora_dropout(model, cfg.lora_dropout)
     model.to(device).train()
     if cfg.gradient_checkpointing:

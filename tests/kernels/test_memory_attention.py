@@ -347,3 +347,22 @@ def test_without_grad_same_output_and_no_graph(backend, device):
     frozen = memory_attention(q.detach(), k.detach(), v.detach(), seq_lens, backend=backend)
     for out in (no_grad, frozen):
         assert out.grad_fn is None and torch.equal(out, with_grad.detach())
+
+
+@pytest.mark.parametrize("backend", backend_cases("memory_attention_fwd", ("sdpa", "triton")))
+def test_non_finite_padding_reaches_no_real_row(backend, device):
+    """An inf or NaN in a padded row (fp16 overflow in its MLP, say) changes nothing real: not the output, not the
+    gradients of the real rows (sdpa zeroes the padding first; 0 x inf in its masked products gave NaN rows)."""
+    q, k, v, seq_lens = make_attention_inputs(2, 4, 2, 9, 16, device=device, seq_lens=torch.tensor([9, 5]))
+    ref = memory_attention(q, k, v, seq_lens, backend=backend)
+    grad_out = torch.randn_like(ref)
+    ref.backward(grad_out)
+    clean = [t.grad.clone() for t in (q, k, v)]
+    poisoned = [t.detach().clone() for t in (q, k, v)]
+    poisoned[0][1, :, 7], poisoned[1][1, :, 6], poisoned[2][1, :, 8] = float("nan"), float("inf"), float("-inf")
+    poisoned = [t.requires_grad_() for t in poisoned]
+    out = memory_attention(*poisoned, seq_lens, backend=backend)
+    out.backward(grad_out)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for got, want in zip((t.grad for t in poisoned), clean):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

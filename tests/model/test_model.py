@@ -262,14 +262,18 @@ def test_encode_warns_of_non_finite_embeddings(tiny_encoder, monkeypatch):
     from llm2comp import encode
 
     out = torch.tensor([[1.0, float("nan")], [1.0, 2.0], [float("inf"), 0.0]])
+    cpu, t4 = [torch.device("cpu")], [torch.device("cpu"), torch.device("cuda", 1)]  # one pool worker on a T4
     with pytest.warns(UserWarning, match=r"^2 of 3 embeddings are not finite \(NaN or inf\)$"):
-        encode._warn_non_finite(out, tiny_encoder, autocast=True)
-    monkeypatch.setattr(encode, "has_bf16", lambda device: False)  # a T4: fp16 autocast is the likely cause
+        encode._warn_non_finite(out, tiny_encoder, True, cpu)
+    monkeypatch.setattr(encode, "has_bf16", lambda device: device.type != "cuda")
     with pytest.warns(UserWarning, match=r"float16 autocast, as this GPU has no bf16, .* autocast=False"):
-        encode._warn_non_finite(out, tiny_encoder, autocast=True)
+        encode._warn_non_finite(out, tiny_encoder, True, t4)
+    with pytest.warns(UserWarning, match=r"the model is float16, .* load it with dtype=torch.float32\)$"):
+        encode._warn_non_finite(out, tiny_encoder.half(), True, t4)
+    tiny_encoder.float()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        encode._warn_non_finite(out[1:2], tiny_encoder, autocast=True)
+        encode._warn_non_finite(out[1:2], tiny_encoder, True, t4)
         assert tiny_encoder.encode(TEXTS, autocast=False).shape == (len(TEXTS), tiny_encoder.hidden_size)
     with pytest.raises(TypeError, match="autocast must be a bool, got str"):
         tiny_encoder.encode(TEXTS, autocast="no")

@@ -138,3 +138,21 @@ def test_fp16_training_that_overflows_at_every_step_stops(tiny_dir, tmp_path, mo
     with pytest.raises(RuntimeError, match=r"fp16: the last 3 steps overflowed \(the loss scale is down to 8192; last "
                                            r"loss inf\): the forward itself overflows float16"):
         train(cfg, progress=False)
+
+
+def test_fp32_training_loads_float32_weights_whatever_the_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    """A checkpoint stored in bf16 or fp16 (most are) would otherwise compute in its dtype under --precision fp32,
+    with no loss scaler to catch an fp16 overflow."""
+    from llm2comp.training import modeling
+
+    real, dtypes = modeling.load_model, []
+
+    def recording(cfg, dtype=None):
+        dtypes.append(dtype)
+        return real(cfg, dtype)
+
+    monkeypatch.setattr(modeling, "load_model", recording)
+    for chosen in ("fp32", "fp16"):
+        train(_config("unsupervised", tiny_dir, tmp_path / chosen, precision=chosen, max_steps=1, batch_size=2),
+              progress=False)
+    assert dtypes == [torch.float32, None]
