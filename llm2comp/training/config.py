@@ -26,7 +26,7 @@ STAGES = ("compress", "unsupervised", "supervised")
 _CONTRASTIVE = ("unsupervised", "supervised")
 
 
-# `llm2comp demo`'s (GPU, CPU) sizes. CPU: about 6.5 minutes on a 2-core machine with the four Lee evaluations
+# `llm2comp demo`'s (GPU, CPU) sizes. CPU: 5.5 to 6.5 minutes on a 2-core machine with the four Lee evaluations
 # (memory pooling's Pearson after 20 SimCSE steps 0.39, after 40 0.44 to 0.52 by the batch order, after 60 0.52;
 # mean pooling 0.50); GPU: larger batches and longer texts, not yet timed on a GPU.
 DEMO_DEFAULTS = {
