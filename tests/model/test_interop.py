@@ -28,6 +28,14 @@ def test_sentence_transformer_matches_encode(tiny_encoder, tmp_path):
     assert next(bf16[0].encoder.parameters()).dtype == torch.bfloat16
 
 
+def test_sentence_transformers_multi_process_encoding_runs_the_module(tiny_encoder):
+    """sentence-transformers' own multi-process encoding (a device list) pickles the LLM2Comp module to its
+    workers: the embeddings of one process."""
+    st = sentence_transformer(tiny_encoder)
+    np.testing.assert_allclose(st.encode(TEXTS * 3, device=["cpu", "cpu"]), st.encode(TEXTS * 3), rtol=1e-5,
+                               atol=1e-6)
+
+
 class _Meta:
     name, description = "Toy", "Retrieve news about fires"
 
