@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .multi_process import EncodePool, is_device_list
 from .pooling import POOLINGS, check_pooling
 from .precision import half_dtype, has_bf16
 
@@ -82,7 +83,7 @@ def encode_texts(model, sentences: str | Sequence[str], *, instruction: str | No
         raise TypeError(f"autocast must be a bool, got {type(autocast).__name__}")
     options = {"instruction": instruction, "max_length": max_length, "pooling": pooling,
                "normalize_embeddings": normalize_embeddings, "autocast": autocast}
-    several = isinstance(device, Sequence) and not isinstance(device, str)
+    several = is_device_list(device)
     if pool is not None and device is not None:
         raise ValueError("give device or pool, not both (a pool's devices are fixed when it starts)")
     if pool is not None and not pool.belongs_to(model):
@@ -90,8 +91,6 @@ def encode_texts(model, sentences: str | Sequence[str], *, instruction: str | No
     if several and not texts:  # no workers to start for nothing
         out, devices = torch.zeros(0, model.hidden_size), []
     elif several:
-        from .multi_process import EncodePool
-
         with EncodePool(model, device) as pool:
             out, devices = pool.encode(texts, batch_size, show_progress_bar, **options), pool.devices
     elif pool is not None:

@@ -21,6 +21,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules.input_module import InputModule
 
 from .model import LLM2Comp
+from .multi_process import is_device_list
 
 __all__ = ["LLM2CompModule", "MTEBEncoder", "e5_instruction", "sentence_transformer"]
 
@@ -102,7 +103,7 @@ class MTEBEncoder:
     def __init__(self, model_name: str, revision: str | None = None, *, device: str | list | None = None,
                  model: LLM2Comp | None = None, instructions: dict[str, str] | None = None,
                  batch_size: int = 32, max_length: int = 512):
-        several = isinstance(device, (list, tuple))
+        several = is_device_list(device)
         if device is None and model is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if model is None:  # with several devices: on the CPU, from where the workers get it

@@ -30,7 +30,7 @@ from multiprocessing.connection import wait
 import torch
 import torch.multiprocessing as mp
 
-__all__ = ["EncodePool", "WorkerTraceback"]
+__all__ = ["EncodePool", "WorkerTraceback", "is_device_list"]
 
 CHUNKS_PER_WORKER = 4  # chunks per worker and call: enough to even out uneven texts, few enough to batch well
 MAX_CHUNK_BATCHES = 64  # at most this many batches per chunk, so a worker reports back often
@@ -83,6 +83,11 @@ def _portable(exc: Exception) -> tuple[Exception, str]:
 def _raise_from_worker(portable: tuple[Exception, str], device: torch.device):
     exc, text = portable
     raise exc from WorkerTraceback(f"in the encode worker on {device}:\n{text}")
+
+
+def is_device_list(device) -> bool:
+    """Whether a `device` argument names several devices (a list or tuple of them) rather than one."""
+    return isinstance(device, Sequence) and not isinstance(device, str)
 
 
 def _devices(devices: Sequence[str | torch.device] | None) -> list[torch.device]:

@@ -41,3 +41,12 @@ def check_memory_attention(q, k, v_, seq_lens, causal, scale) -> float:
 def padding_mask(seq_lens: torch.Tensor, L: int) -> torch.Tensor:
     """Bool `[B, L]`: True at real (non-padding) positions."""
     return torch.arange(L, device=seq_lens.device) < seq_lens[:, None]
+
+
+def allowed_keys(valid: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Bool `[B, 1, 1, L]` (`[B, 1, L, L]` if causal): True where query i may see key j, from `padding_mask`."""
+    allowed = valid[:, None, None, :]                                      # key j is real
+    if causal:
+        L = valid.shape[1]
+        allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
+    return allowed

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .checks import padding_mask
+from .checks import allowed_keys, padding_mask
 
 
 def _masked_scores(q, k, seq_lens, causal, scale):
@@ -16,9 +16,7 @@ def _masked_scores(q, k, seq_lens, causal, scale):
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     kf = k.to(compute).repeat_interleave(Hq // k.shape[1], dim=1)
     valid = padding_mask(seq_lens, L)                          # [B, L]
-    allowed = valid[:, None, None, :].expand(B, 1, L, L)       # key j is real
-    if causal:
-        allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    allowed = allowed_keys(valid, causal)
     scores = (q.to(compute) @ kf.transpose(-1, -2)) * scale
     return scores.masked_fill(~allowed, float("-inf")), valid
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .checks import padding_mask
+from .checks import allowed_keys, padding_mask
 
 
 def memory_attention_sdpa(q, k, v, seq_lens, causal: bool, scale: float) -> torch.Tensor:
@@ -27,10 +27,7 @@ def memory_attention_sdpa(q, k, v, seq_lens, causal: bool, scale: float) -> torc
     q, k, v = (x.masked_fill(padded, 0) for x in (q, k, v))
     if q.is_cuda and group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    allowed = valid[:, None, None, :]                                        # key j is real
-    if causal:
-        allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed_keys(valid, causal), scale=scale,
                                          enable_gqa=q.shape[1] != k.shape[1])
     # a padded query row sees the real keys (never an all-masked row); its output and gradient are dropped here
     return out.masked_fill(padded, 0)
