@@ -13,7 +13,7 @@ order; ``encode(..., device=[...])`` does both for one call.
   the caller sees its death (EOF, exit) at once.
 - CPU workers read the caller's CPU tensors in shared memory (no copy: changing the model in place changes
   what they encode); GPU workers copy the model to their device when they start.
-- A pool is not thread-safe: one `encode` at a time.
+- Threads may share a pool: their `encode` calls run one after the other.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import threading
 import time
 import traceback
 import weakref
@@ -179,6 +180,7 @@ class EncodePool:
         self._model = weakref.ref(model)
         self._workers: list = []  # (process, the caller's end of its pipe)
         self._busy: set[int] = set()  # workers with a chunk in hand
+        self._lock = threading.Lock()  # one `encode` at a time: each reads the replies to its own chunks
         self._stopper = weakref.finalize(self, _stop, self._workers, self._busy)
         cpu_workers = sum(d.type == "cpu" for d in self.devices)
         ctx = mp.get_context("spawn")
@@ -225,7 +227,12 @@ class EncodePool:
                                "the pool is closed") from None
 
     def encode(self, texts: list[str], batch_size: int, show_progress_bar: bool, **options) -> torch.Tensor:
-        """float32 `[n, D]` CPU embeddings of `texts` in order; `options`: those of `encode_batches`, checked."""
+        """float32 `[n, D]` CPU embeddings of `texts` in order; `options`: those of `encode_batches`, checked.
+        Calls from several threads run one after the other."""
+        with self._lock:
+            return self._encode(texts, batch_size, show_progress_bar, **options)
+
+    def _encode(self, texts: list[str], batch_size: int, show_progress_bar: bool, **options) -> torch.Tensor:
         if self.closed:
             raise RuntimeError("this encode pool is closed")
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))

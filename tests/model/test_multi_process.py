@@ -59,6 +59,18 @@ def test_a_pool_is_reused_and_reports_worker_errors_and_deaths(encoder):
             encoder.encode(TEXTS, pool=pool)
 
 
+def test_threads_sharing_a_pool_each_get_their_own_embeddings(encoder):
+    """A server's threads may share one pool: their calls run one after the other, none reads another's replies."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    inputs = [TEXTS[k::4] for k in range(4)]
+    refs = [encoder.encode(texts, batch_size=2) for texts in inputs]
+    with encoder.start_multi_process_pool(["cpu", "cpu"]) as pool, ThreadPoolExecutor(4) as threads:
+        outs = list(threads.map(lambda texts: encoder.encode(texts, batch_size=2, pool=pool), inputs * 3))
+    for out, ref in zip(outs, refs * 3):
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_an_interrupt_stops_busy_workers_at_once(encoder, monkeypatch):
     """Ctrl-C while the workers encode: the pool closes without waiting for their chunks."""
     from llm2comp import multi_process
