@@ -1,4 +1,4 @@
-"""The ``llm2comp`` command: ``encode``, ``eval``, ``train``, ``demo``, ``bench``.
+"""The ``llm2comp`` command: ``encode``, ``eval``, ``merge``, ``train``, ``demo``, ``bench``.
 
 Subcommands come from `COMMANDS`: ``(name, "module:function")``, where the function takes the
 argparse subparsers object, adds its parser and sets ``func`` (called with the parsed namespace;
@@ -22,6 +22,7 @@ from .pooling import POOLINGS
 COMMANDS = [
     ("encode", "llm2comp.cli:add_encode_parser"),
     ("eval", "llm2comp.cli:add_eval_parser"),
+    ("merge", "llm2comp.cli:add_merge_parser"),
     ("train", "llm2comp.training.cli:add_train_parser"),
     ("demo", "llm2comp.training.cli:add_demo_parser"),
     ("bench", "llm2comp.cli:add_bench_parser"),
@@ -142,6 +143,31 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=None,
                         help="folder with lee.cor, similarities0-1.txt (default: ../shared/data/lee or gensim)")
     parser.set_defaults(func=_run_eval)
+    return parser
+
+
+@_one_line_errors
+def _run_merge(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    if output.is_file() or (output.is_dir() and any(output.iterdir())):
+        raise FileExistsError(f"{output} exists and is not an empty directory: give a new one")
+    from .model import LLM2Comp
+
+    model = LLM2Comp.from_pretrained(args.model, device="cpu", dtype=None if args.dtype == "auto" else args.dtype)
+    model.merge_and_save(output)
+    print(f"wrote the merged model ({model.model.dtype}) to {output}")
+    return 0
+
+
+def add_merge_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("merge", help="write a trained encoder with its LoRA adapters merged into the "
+                                                 "weights, for serving")
+    parser.add_argument("model", help="LLM2Comp directory (what `llm2comp train` wrote)")
+    parser.add_argument("output", help="new directory for the merged model (loads with LLM2Comp.from_pretrained "
+                                       "and sentence-transformers)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="weights' dtype (default: the checkpoint's)")
+    parser.set_defaults(func=_run_merge)
     return parser
 
 

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -10,7 +12,7 @@ def test_help_lists_commands_even_if_one_is_missing(monkeypatch, capsys):
         cli.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in ("encode", "eval", "train", "demo", "bench", "ghost"))
+    assert all(name in out for name in ("encode", "eval", "merge", "train", "demo", "bench", "ghost"))
     assert "unavailable" in out
     assert cli.main(["ghost"]) == 2
 
@@ -100,3 +102,24 @@ def test_bench_passes_arguments_through(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--only", "no_such_bench"])
     assert "unknown benchmarks" in capsys.readouterr().err
+
+
+def test_merge_command_writes_a_model_that_encodes_the_same(tiny_encoder, tmp_path, capsys):
+    from sentence_transformers import SentenceTransformer
+
+    from llm2comp import LLM2Comp
+
+    from .test_model import TEXTS, _perturb
+
+    _perturb(tiny_encoder).save_pretrained(tmp_path / "trained")
+    expected = tiny_encoder.encode(TEXTS)
+    assert cli.main(["merge", str(tmp_path / "trained"), str(tmp_path / "merged"), "--dtype", "float32"]) == 0
+    assert f"wrote the merged model (torch.float32) to {tmp_path / 'merged'}" in capsys.readouterr().out
+    merged = LLM2Comp.from_pretrained(str(tmp_path / "merged"))
+    assert json.loads((tmp_path / "merged" / "llm2comp_config.json").read_text())["merged"]
+    np.testing.assert_allclose(merged.encode(TEXTS), expected, rtol=1e-4, atol=1e-5)
+    served = SentenceTransformer(str(tmp_path / "merged"), trust_remote_code=True)
+    np.testing.assert_allclose(served.encode(TEXTS), expected, rtol=1e-4, atol=1e-5)
+    # never into a directory that holds something: old weight shards would be mixed with the new ones
+    assert cli.main(["merge", str(tmp_path / "trained"), str(tmp_path / "merged")]) == 2
+    assert "merged exists and is not an empty directory" in capsys.readouterr().err
