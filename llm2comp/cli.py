@@ -60,10 +60,16 @@ def _npy_path(output: str) -> Path:
     return path
 
 
+def _add_base_model_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-model", default=None,
+                        help="where the base model of an LLM2Comp directory is now, if it moved since training")
+
+
 def _add_model_args(parser: argparse.ArgumentParser, several_devices: bool = False) -> None:
     parser.add_argument("--model", default="smollm2-135m",
                         help="LLM2Comp directory, transformers model (hub id or local dir) or smollm2-135m")
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model, for GGUF checkpoints")
+    _add_base_model_arg(parser)
     several = "; several, comma-separated (cuda:0,cuda:1), encode at once, a worker process each" * several_devices
     parser.add_argument("--device", default=None, help=f"cpu, cuda, cuda:1 (default: cuda if available){several}")
     parser.add_argument("--batch-size", type=positive_int, default=16)
@@ -76,7 +82,7 @@ def _load(args: argparse.Namespace, device: str | None = None):
 
     device = device or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-    return LLM2Comp.from_pretrained(args.model, device=device, **extra)
+    return LLM2Comp.from_pretrained(args.model, device=device, base_model=args.base_model, **extra)
 
 
 @_one_line_errors
@@ -153,7 +159,8 @@ def _run_merge(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{output} exists and is not an empty directory: give a new one")
     from .model import LLM2Comp
 
-    model = LLM2Comp.from_pretrained(args.model, device="cpu", dtype=None if args.dtype == "auto" else args.dtype)
+    model = LLM2Comp.from_pretrained(args.model, device="cpu", dtype=None if args.dtype == "auto" else args.dtype,
+                                     base_model=args.base_model)
     model.merge_and_save(output)
     print(f"wrote the merged model ({model.model.dtype}) to {output}")
     return 0
@@ -167,6 +174,7 @@ def add_merge_parser(subparsers) -> argparse.ArgumentParser:
                                        "and sentence-transformers)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="weights' dtype (default: the checkpoint's)")
+    _add_base_model_arg(parser)
     parser.set_defaults(func=_run_merge)
     return parser
 

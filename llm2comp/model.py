@@ -161,7 +161,7 @@ class LLM2Comp(torch.nn.Module):
                 elif _looks_like_path(base_name) and not Path(base_name).exists():
                     raise FileNotFoundError(
                         f"the base model {base_name} named in {config_file} (base_model.name_or_path) does not "
-                        "exist; pass base_model= with its new location")
+                        "exist; pass its new location as base_model= (--base-model on the command line)")
                 _, base, reference = _load_base(base_name, dtype, {**ref, **hf_kwargs})
                 init_memory_rows(base, tokenizer, saved["memory_token_ids"])
                 patch_bidirectional(base, backend=backend)

@@ -123,3 +123,19 @@ def test_merge_command_writes_a_model_that_encodes_the_same(tiny_encoder, tmp_pa
     # never into a directory that holds something: old weight shards would be mixed with the new ones
     assert cli.main(["merge", str(tmp_path / "trained"), str(tmp_path / "merged")]) == 2
     assert "merged exists and is not an empty directory" in capsys.readouterr().err
+
+
+def test_encode_command_finds_a_moved_base_model(tiny_encoder, tiny_dirs, tmp_path, capsys):
+    import shutil
+
+    base = shutil.copytree(tiny_dirs["llama"], tmp_path / "base")
+    tiny_encoder.base_reference = {"name_or_path": str(base)}
+    tiny_encoder.save_pretrained(tmp_path / "enc")
+    expected = tiny_encoder.encode(["Rain fell."])
+    base.rename(tmp_path / "moved")
+    argv = ["encode", "--model", str(tmp_path / "enc"), "--device", "cpu", "--output", str(tmp_path / "emb.npy"),
+            "Rain fell."]
+    assert cli.main(argv) == 2
+    assert "--base-model on the command line" in capsys.readouterr().err
+    assert cli.main([*argv, "--base-model", str(tmp_path / "moved")]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "emb.npy"), expected, rtol=1e-5, atol=1e-6)
