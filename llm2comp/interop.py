@@ -65,13 +65,17 @@ class LLM2CompModule(InputModule):
         self.save_config(output_path)
 
     @classmethod
-    def load(cls, model_name_or_path: str, subfolder: str = "", model_kwargs: dict[str, Any] | None = None,
-             **_: Any) -> LLM2CompModule:
-        """The saved module; `model_kwargs` (``dtype``/``torch_dtype``...) go to `LLM2Comp.from_pretrained`."""
-        kwargs = dict(model_kwargs or {})
+    def load(cls, model_name_or_path: str, subfolder: str = "", token: bool | str | None = None,
+             cache_folder: str | None = None, revision: str | None = None, local_files_only: bool = False,
+             model_kwargs: dict[str, Any] | None = None, **_: Any) -> LLM2CompModule:
+        """The saved module, from a local directory or a hub repo (at `revision`, with `token`...); `model_kwargs`
+        (``dtype``/``torch_dtype``...) go to `LLM2Comp.from_pretrained`."""
+        hub = {"token": token, "revision": revision, "local_files_only": local_files_only}
+        kwargs = {**{k: v for k, v in hub.items() if v}, **({"cache_dir": cache_folder} if cache_folder else {}),
+                  **(model_kwargs or {})}
         if "torch_dtype" in kwargs:
             kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
-        config = cls.load_config(model_name_or_path, subfolder=subfolder)
+        config = cls.load_config(model_name_or_path, subfolder=subfolder, cache_folder=cache_folder, **hub)
         return cls(LLM2Comp.from_pretrained(str(Path(model_name_or_path) / subfolder), **kwargs), **config)
 
 

@@ -44,6 +44,10 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or Path(name).exists()
 
 
+_WEIGHTS_KEYS = ("gguf_file", "revision", "subfolder")  # transformers' loading arguments that pick the weights
+_REPO_KEYS = ("revision", "subfolder")  # ... that address one repo: the saved encoder's, not its base model's
+
+
 def _saved_dir(name_or_path: str, hf_kwargs: dict) -> Path | None:
     """The LLM2Comp directory `name_or_path` names: a local one, or a hub repo holding ``llm2comp_config.json``
     (downloaded); None for anything else (a plain decoder)."""
@@ -65,7 +69,8 @@ def _saved_dir(name_or_path: str, hf_kwargs: dict) -> Path | None:
 
 def _load_base(name_or_path: str, dtype, hf_kwargs: dict):
     """Tokenizer and causal LM for a hub id, a local directory, or the default model."""
-    reference = {"name_or_path": name_or_path, **{k: v for k, v in hf_kwargs.items() if k == "gguf_file"}}
+    # what names the weights (never a token): an adapter is reloaded onto the same ones
+    reference = {"name_or_path": name_or_path, **{k: v for k, v in hf_kwargs.items() if k in _WEIGHTS_KEYS and v}}
     if is_default_model(name_or_path):
         directory, gguf_file = default_model_files()
         name_or_path, hf_kwargs = str(directory), {**hf_kwargs, "gguf_file": gguf_file}
@@ -147,6 +152,7 @@ class LLM2Comp(torch.nn.Module):
         saved_dir = _saved_dir(name_or_path, hf_kwargs)
         if saved_dir is not None:
             name_or_path, config_file = str(saved_dir), saved_dir / CONFIG_NAME
+            hf_kwargs = {k: v for k, v in hf_kwargs.items() if k not in _REPO_KEYS}  # the repo is read now
             saved = json.loads(config_file.read_text())
             pooling = pooling or saved["pooling"]
             if saved["merged"]:

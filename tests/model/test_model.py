@@ -277,3 +277,50 @@ def test_encode_warns_of_non_finite_embeddings(tiny_encoder, monkeypatch):
         assert tiny_encoder.encode(TEXTS, autocast=False).shape == (len(TEXTS), tiny_encoder.hidden_size)
     with pytest.raises(TypeError, match="autocast must be a bool, got str"):
         tiny_encoder.encode(TEXTS, autocast="no")
+
+
+def test_revisions_address_the_repo_they_were_given_for(tiny_dirs, tmp_path, monkeypatch):
+    """A base model's revision is saved with the adapter and loads the same weights again; the revision of a saved
+    encoder's repo addresses that repo only, not its base model (nor does sentence-transformers' loader drop it)."""
+    import huggingface_hub
+    import sentence_transformers.util.file_io as st_file_io
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from llm2comp import model as model_module
+    from llm2comp.interop import LLM2CompModule
+
+    asked, fetched = [], []
+    for auto in (model_module.AutoTokenizer, model_module.AutoModelForCausalLM):
+        def load(name, _real=auto.from_pretrained, **kwargs):
+            asked.append((name, kwargs.pop("revision", None)))
+            return _real(str(tiny_dirs["llama"]) if name == "org/base" else name, **kwargs)
+        monkeypatch.setattr(auto, "from_pretrained", load)
+
+    def hf_hub_download(repo_id, filename, **kwargs):
+        if repo_id != "me/enc":
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        fetched.append((filename, kwargs.get("revision"), kwargs.get("local_files_only")))
+        if not (tmp_path / "enc" / filename).exists():
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        return str(tmp_path / "enc" / filename)
+
+    def snapshot_download(repo_id, **kwargs):
+        fetched.append(("snapshot", kwargs.get("revision"), kwargs.get("local_files_only")))
+        return str(tmp_path / "enc")
+
+    for module in (huggingface_hub, st_file_io):
+        monkeypatch.setattr(module, "hf_hub_download", hf_hub_download, raising=False)
+        monkeypatch.setattr(module, "snapshot_download", snapshot_download, raising=False)
+    encoder = LLM2Comp.from_pretrained("org/base", revision="abc", num_memory_tokens=2, lora_rank=2)
+    assert asked == [("org/base", "abc")] * 2
+    encoder.save_pretrained(tmp_path / "enc")
+    saved = json.loads((tmp_path / "enc" / "llm2comp_config.json").read_text())
+    assert saved["base_model"] == {"name_or_path": "org/base", "revision": "abc"}
+    asked.clear()
+    LLM2Comp.from_pretrained("me/enc", revision="v2")
+    assert fetched == [("llm2comp_config.json", "v2", None), ("snapshot", "v2", None)]
+    assert asked == [(str(tmp_path / "enc"), None), ("org/base", "abc"), ("org/base", "abc")]
+    fetched.clear()
+    LLM2CompModule.load("me/enc", revision="v2", local_files_only=True)  # SentenceTransformer("me/enc", ...)
+    assert {(revision, offline) for _, revision, offline in fetched} == {("v2", True)}
+    assert [name for name, _, _ in fetched] == ["sentence_bert_config.json", "llm2comp_config.json", "snapshot"]
