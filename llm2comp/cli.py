@@ -79,8 +79,9 @@ def _load(args: argparse.Namespace, device: str | None = None):
     import torch
 
     from .model import LLM2Comp
+    from .multi_process import checked_device
 
-    device = device or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = checked_device(device or args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     return LLM2Comp.from_pretrained(args.model, device=device, base_model=args.base_model, **extra)
 
@@ -89,14 +90,18 @@ def _load(args: argparse.Namespace, device: str | None = None):
 def _run_encode(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from .multi_process import checked_device
+
     texts = list(args.texts)
     if args.input:  # every "\n"-ended line is a text (blank ones too), so row i of the output is line i
-        texts += text_lines(Path(args.input).read_text(encoding="utf-8-sig"))
+        texts += text_lines(Path(args.input).read_bytes().decode("utf-8-sig"))  # no newline translation
     if not texts:
         print("llm2comp encode: no texts (give them as arguments or with --input)", file=sys.stderr)
         return 2
     output = _npy_path(args.output) if args.output else None
     devices = [d.strip() for d in args.device.split(",") if d.strip()] if args.device and "," in args.device else None
+    for device in devices or ():  # before the model loads
+        checked_device(device)
     # with several devices the model loads on the CPU, from where it is sent to the workers
     emb = _load(args, "cpu" if devices else None).encode(
         texts, instruction=args.instruction, batch_size=args.batch_size, max_length=args.max_length,

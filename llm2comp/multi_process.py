@@ -31,7 +31,7 @@ from multiprocessing.connection import wait
 import torch
 import torch.multiprocessing as mp
 
-__all__ = ["EncodePool", "WorkerTraceback", "is_device_list"]
+__all__ = ["EncodePool", "WorkerTraceback", "checked_device", "is_device_list"]
 
 CHUNKS_PER_WORKER = 4  # chunks per worker and call: enough to even out uneven texts, few enough to batch well
 MAX_CHUNK_BATCHES = 64  # at most this many batches per chunk, so a worker reports back often
@@ -101,15 +101,20 @@ def _devices(devices: Sequence[str | torch.device] | None) -> list[torch.device]
         raise TypeError(f"devices must be a list of devices, got {type(devices).__name__}")
     if not devices:
         raise ValueError("devices is empty: give at least one device")
-    out = []
-    for d in devices:
-        device = torch.device(d.strip() if isinstance(d, str) else d)
-        if device.type == "cuda":
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            device = torch.device("cuda", device.index if device.index is not None else 0)
-            if device.index >= count:
-                raise ValueError(f"device {d!r}: {count} CUDA device(s) visible")
-        out.append(device)
+    return [checked_device(d) for d in devices]
+
+
+def checked_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device (CUDA with its index), or ValueError if it is malformed or not visible."""
+    try:
+        out = torch.device(device.strip() if isinstance(device, str) else device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r}: {exc}") from None
+    if out.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        out = torch.device("cuda", out.index if out.index is not None else 0)
+        if out.index >= count:
+            raise ValueError(f"device {device!r}: {count} CUDA device(s) visible")
     return out
 
 

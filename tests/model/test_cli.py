@@ -27,12 +27,13 @@ def test_encode_command_writes_npy(tiny_dirs, tmp_path, capsys):
 
 def test_encode_command_keeps_lines_and_names_the_file(tiny_dirs, tmp_path, capsys):
     lines = tmp_path / "texts.txt"
-    lines.write_text("\ufeffRain fell.\n\nFires\u2028burned.\r\n", encoding="utf-8")  # BOM, blank line, U+2028
+    # BOM, blank line, U+2028, CRLF, a lone CR (a Python text read would end the line there)
+    lines.write_bytes("\ufeffRain fell.\n\nFires\u2028burned.\r\nA lone\rreturn.\n".encode())
     assert cli.main(["encode", "--model", str(tiny_dirs["llama"]), "--device", "cpu", "--input", str(lines),
                      "--output", str(tmp_path / "emb")]) == 0
     assert str(tmp_path / "emb.npy") in capsys.readouterr().out
     emb = np.load(tmp_path / "emb.npy")
-    assert emb.shape == (3, 64)  # row i is line i
+    assert emb.shape == (4, 64)  # row i is line i
     direct = cli.main(["encode", "--model", str(tiny_dirs["llama"]), "--device", "cpu", "Rain fell."])
     assert direct == 0
     np.testing.assert_allclose(emb[0], [float(x) for x in capsys.readouterr().out.strip()[1:-1].split(",")],
@@ -53,6 +54,9 @@ def test_encode_command_on_several_devices(tiny_dirs, tmp_path, capsys):
     (["--model", "{tmp}/no_model", "--output", "{tmp}/missing/emb.npy", "x"], "--output folder .*missing"),
     (["--model", "{tmp}/no_model", "x"], "no_model does not exist"),
     (["--model", "{llama}", "--pooling", "mean", "ok", " "], r"sentences\[1\] is empty"),
+    (["--model", "{tmp}/no_model", "--device", "gpu", "x"], "device 'gpu': Expected one of .*device type"),
+    (["--model", "{tmp}/no_model", "--device", "cuda:99", "x"], r"device 'cuda:99': \d+ CUDA device\(s\) visible"),
+    (["--model", "{tmp}/no_model", "--device", "cpu,gpu", "x"], "device 'gpu': Expected one of"),
 ])
 def test_encode_command_errors_are_one_line(tiny_dirs, tmp_path, capsys, argv, message):
     import re
