@@ -309,6 +309,12 @@ class LLM2Comp(torch.nn.Module):
         text decoded and tokenized again might not (a byte-level token cut from its character, say)."""
         return self._batch([([], list(ids)) for ids in token_ids], max_length)
 
+    @property
+    def pad_token_id(self) -> int:
+        """The id padded positions hold (they are masked out): the tokenizer's pad token (its EOS where it has
+        none), else 0."""
+        return 0 if self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id
+
     def _batch(self, rows_ids: list[tuple[list[int], list[int]]], max_length: int) -> dict[str, torch.Tensor]:
         """The `tokenize` batch of (instruction ids, text ids) rows."""
         max_length = min(max_length, self.max_positions)
@@ -322,8 +328,7 @@ class LLM2Comp(torch.nn.Module):
             rows.append(prefix + ids[:budget] + self.memory_token_ids)
             text_start.append(len(prefix))
         width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
+        input_ids = torch.tensor([r + [self.pad_token_id] * (width - len(r)) for r in rows], dtype=torch.long)
         seq_lens = torch.tensor([len(r) for r in rows], dtype=torch.long)
         attention_mask = (torch.arange(width)[None, :] < seq_lens[:, None]).long()
         return {"input_ids": input_ids, "attention_mask": attention_mask, "seq_lens": seq_lens,

@@ -97,7 +97,7 @@ def make_compression_batch(model, texts: list[str], *, objective: str, min_split
     # From the ids, not the prefix text tokenized again: a split between the byte tokens of one character
     # would lose its first bytes there (and some tokenizers would add a token at the cut).
     encoder_inputs = model.tokenize_ids([i[:s] for i, s in zip(ids, splits)], max_length=max_length)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = model.pad_token_id
     bos = modeling.bos_token_id(tokenizer)
     if objective == "reconstruct":
         targets, target_mask = _pad([i[:s] for i, s in zip(ids, splits)], pad)

@@ -80,7 +80,7 @@ def tokenize_mixed(model: LLM2Comp, texts: list[str], instructions: list[str | N
         return model.tokenize(texts, next(iter(groups)), max_length)
     parts = [model.tokenize([texts[i] for i in rows], instruction, max_length) for instruction, rows in groups.items()]
     width = max(p["input_ids"].shape[1] for p in parts)
-    pad = {"input_ids": model.tokenizer.pad_token_id, "attention_mask": 0}
+    pad = {"input_ids": model.pad_token_id, "attention_mask": 0}
     merged = {k: torch.cat([_pad_to(p[k], width, pad[k]) if k in pad else p[k] for p in parts]) for k in parts[0]}
     order = torch.tensor([i for rows in groups.values() for i in rows]).argsort()
     return {k: v[order] for k, v in merged.items()}

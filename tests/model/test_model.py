@@ -324,3 +324,13 @@ def test_revisions_address_the_repo_they_were_given_for(tiny_dirs, tmp_path, mon
     LLM2CompModule.load("me/enc", revision="v2", local_files_only=True)  # SentenceTransformer("me/enc", ...)
     assert {(revision, offline) for _, revision, offline in fetched} == {("v2", True)}
     assert [name for name, _, _ in fetched] == ["sentence_bert_config.json", "llm2comp_config.json", "snapshot"]
+
+
+def test_a_tokenizer_without_pad_or_eos_token_pads_with_id_0(tiny_encoder):
+    _perturb(tiny_encoder)
+    alone = np.stack([tiny_encoder.encode(text) for text in TEXTS[:3]])  # no padding
+    tiny_encoder.tokenizer.pad_token = tiny_encoder.tokenizer.eos_token = None
+    assert tiny_encoder.tokenizer.pad_token_id is None and tiny_encoder.pad_token_id == 0
+    batch = tiny_encoder.tokenize(TEXTS[:3])
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == 0).all()
+    np.testing.assert_allclose(tiny_encoder.encode(TEXTS[:3]), alone, rtol=1e-5, atol=1e-6)
