@@ -136,13 +136,17 @@ class SupervisedStage(_ContrastiveStage):
         self._check_instructions()
 
     def _check_instructions(self):
-        """DataError naming the first row of an instruction that leaves no text token within --max-length,
-        now rather than when a batch first holds it (its first row tokenized as training will)."""
-        first_row = {}
+        """DataError naming a row whose instruction leaves no text token within --max-length, now rather than
+        when a batch first holds it. An instruction's tokens depend on the text after it (the two are tokenized
+        together), so of each instruction's rows the one where it takes the most tokens is tokenized as
+        training will."""
+        groups: dict[str, list] = {}
         for row in self.rows:
             if row.instruction:
-                first_row.setdefault(row.instruction, row)
-        for instruction, row in first_row.items():
+                groups.setdefault(row.instruction, []).append(row)
+        for instruction, rows in groups.items():
+            heads = self.model._split_ids([r.query for r in rows], instruction)
+            row = max(zip(rows, heads), key=lambda pair: len(pair[1][0]))[0]
             try:
                 self.model.tokenize([row.query], instruction, max_length=self.cfg.max_length)
             except ValueError as exc:

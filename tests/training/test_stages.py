@@ -295,6 +295,22 @@ def test_an_instruction_leaving_no_room_for_text_fails_at_load(tiny_dir, tmp_pat
     build_stage(cfg, _model(cfg), CPU).micro_step([3, 4], 0)
 
 
+def test_the_instruction_check_reads_every_row(tiny_dir, tmp_path):
+    """An instruction's tokens depend on the text after it (they are tokenized together): a query starting with a
+    space gives "Query: " one token more, so a row the first one of its instruction fits beside may not fit."""
+    data = tmp_path / "spaces.jsonl"
+    queries = ["fire crews", " fire crews"]
+    data.write_text("".join(json.dumps({"query": q, "positive": "the fire", "negatives": [], "instruction": "Query: "})
+                            + "\n" for q in queries))
+    cfg = _config("supervised", tiny_dir, tmp_path, data=data, num_negatives=0)
+    model = _model(cfg)
+    first, second = (len(head) for head, _ in model._split_ids(queries, "Query: "))
+    assert second > first
+    cfg.max_length = 1 + first + model.num_memory_tokens + 1  # BOS, instruction, one text token, memory tokens
+    with pytest.raises(DataError, match=r"spaces\.jsonl:2: the instruction leaves no text token"):
+        build_stage(cfg, model, CPU)
+
+
 def test_resume_refuses_data_that_gives_other_examples(tiny_dir, tmp_path, lee_texts):
     data = tmp_path / "d.txt"
     data.write_text("\n".join(lee_texts[:8]) + "\n")
