@@ -6,7 +6,8 @@ GPUs without bf16); gradients averaged over
 ``torchrun`` ranks once per step; a tqdm bar and ``<output>/log.jsonl`` with the loss (mean over
 the ``log_every`` window), lr and tokens/s; atomic checkpoints every ``save_every`` steps and at
 the end; ``resume`` continues from the newest checkpoint with the same data order, splits, dropout
-and therefore losses. An ``output`` holding a run is refused unless resumed or overwritten.
+and therefore losses (unless the batch is cut otherwise, see `_RESUME_FREE`). An ``output`` holding a
+run is refused unless resumed or overwritten.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ _RUN_FILES = ("checkpoints", "log.jsonl", CONFIG_NAME)  # what a run leaves in i
 # no gradient is that large, so the forward itself overflows.
 MAX_OVERFLOWED_STEPS = 25
 # The options a resumed run may change: where and how often it writes, and how it computes the same steps. Any
-# other change (model, data, schedule, lengths, precision...) would not continue the run that was killed.
+# other change (model, data, schedule, lengths, precision...) would not continue the run that was killed. How a
+# batch is cut into forwards (grad cache chunks, processes) picks each example's LoRA dropout mask, though: with
+# dropout on, a recut batch goes on with other masks (same distribution), not bit for bit (a warning says so).
 _RESUME_FREE = {"output", "resume", "overwrite", "save_every", "log_every", "attention_backend",
                 "gradient_checkpointing", "grad_cache", "chunk_size"}
 
@@ -123,7 +126,19 @@ def _check_output(cfg: TrainConfig, world: int) -> Path | None:
         if here != there:
             raise ConfigError(f"--resume: the global batch (--batch-size x processes) is {cfg.batch_size} x {world} "
                               f"here but {saved.get('batch_size')} x {saved_world or '?'} {where}")
+        cut = {"--grad-cache/--chunk-size": (_chunking(cfg.to_dict()), _chunking(saved)),
+               "the number of processes": (world, saved_world or world)}
+        recut = [name for name, (now, then) in cut.items() if now != then]
+        if recut and cfg.lora_dropout > 0:
+            log.warning("--resume: %s changed since %s: LoRA dropout (%g) now draws other masks than the killed run "
+                        "would have, so the losses continue the same training but not bit for bit", " and ".join(recut),
+                        ckpt.name, cfg.lora_dropout)
     return ckpt
+
+
+def _chunking(options: dict) -> int | None:
+    """The grad-cache chunk size of a run's options (None: whole batches)."""
+    return options.get("chunk_size") if options.get("grad_cache") else None
 
 
 def _fingerprint(cfg: TrainConfig, data: tuple[list, int] | None) -> int:

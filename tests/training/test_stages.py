@@ -15,6 +15,7 @@ from llm2comp.training.compress import make_compression_batch
 from llm2comp.training.config import ConfigError
 from llm2comp.training.data import DataError
 from llm2comp.training.stages import build_stage
+from llm2comp.training.trainer import _check_output
 
 from .conftest import LEE_BACKGROUND
 
@@ -434,6 +435,27 @@ def test_resume_refuses_a_run_of_other_options(option, saved, message, tiny_dir,
     with pytest.raises(ConfigError) as info:
         train(cfg, progress=False)
     assert message.format(data=cfg.data) in str(info.value) and str(ckpt / "meta.json") in str(info.value)
+
+
+@pytest.mark.parametrize("changed, world, dropout, warned", [
+    ({"chunk_size": 2}, 1, 0.1, "--grad-cache/--chunk-size changed since step-2"),
+    ({"grad_cache": False}, 1, 0.1, "--grad-cache/--chunk-size changed"),
+    ({}, 2, 0.1, "the number of processes changed"),
+    ({"chunk_size": 2}, 1, 0.0, None),  # no dropout: the same computation however the batch is cut
+    ({"save_every": 7}, 1, 0.1, None),
+])
+def test_resume_warns_that_a_recut_batch_draws_other_dropout_masks(changed, world, dropout, warned, tiny_dir,
+                                                                    tmp_path, caplog):
+    cfg = _config("supervised", tiny_dir, tmp_path, resume=True, grad_cache=True, chunk_size=4, batch_size=4,
+                  lora_dropout=dropout)
+    ckpt = Path(cfg.output) / "checkpoints" / "step-2"
+    ckpt.mkdir(parents=True)
+    saved = {**cfg.to_dict(), **changed, "batch_size": cfg.batch_size * world}
+    (ckpt / "meta.json").write_text(json.dumps({"step": 2, "config": saved, "world_size": 1}))
+    with caplog.at_level("WARNING", logger="llm2comp.training.trainer"):
+        assert _check_output(cfg, world) == ckpt
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m for m in messages if warned and warned in m and "not bit for bit" in m] if warned else not messages
 
 
 def test_resume_of_a_run_killed_while_saving_its_model_writes_it(tiny_dir, tmp_path):
