@@ -189,7 +189,10 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
     broadcast_parameters(params)
 
     stage = build_stage(cfg, model, device, data)
-    order = BatchOrder(stage.num_examples, cfg.batch_size * world, cfg.seed, rank, world)
+    try:
+        order = BatchOrder(stage.num_examples, cfg.batch_size * world, cfg.seed, rank, world)
+    except DataError as exc:
+        raise DataError(f"{cfg.data}: {exc} (--batch-size {cfg.batch_size} x {world} processes)") from None
     total = cfg.max_steps or cfg.epochs * order.batches_per_epoch // cfg.grad_accum
     if total < 1:
         raise DataError(f"{cfg.data}: {stage.num_examples} examples give no optimizer step "

@@ -404,6 +404,14 @@ def test_data_errors_come_before_the_model_loads(stage, data, message, tiny_dir,
         train(_config(stage, tiny_dir, tmp_path, data=tmp_path / data), progress=False)
 
 
+def test_data_too_small_for_one_batch_names_the_file(tiny_dir, tmp_path):
+    data = tmp_path / "three.txt"
+    data.write_text("one text\nanother text\na third text\n")
+    with pytest.raises(DataError, match=re.escape(f"{data}: 3 examples cannot fill one batch of 4 (--batch-size 4 x "
+                                                  "1 processes)")):
+        train(_config("unsupervised", tiny_dir, tmp_path, data=data), progress=False)
+
+
 def test_overwrite_deletes_the_old_checkpoints_and_log(tiny_dir, tmp_path):
     cfg = _config("compress", tiny_dir, tmp_path, max_steps=1, overwrite=True)
     out = Path(cfg.output)
