@@ -94,7 +94,8 @@ class MTEBEncoder:
 
     Args:
         model_name: an LLM2Comp directory or any name `LLM2Comp.from_pretrained` takes; or pass `model`.
-        revision: recorded in the model metadata only.
+        revision: the hub revision `model_name` is loaded at (it names a local directory's files otherwise),
+            recorded in the model metadata.
         device: where to run (default: CUDA when available for a model loaded here, else where `model` is); a
             list of devices encodes on all of them (`LLM2Comp.start_multi_process_pool`; `close()` stops the
             workers, as does a ``with`` block).
@@ -111,7 +112,8 @@ class MTEBEncoder:
         if device is None and model is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if model is None:  # with several devices: on the CPU, from where the workers get it
-            model = LLM2Comp.from_pretrained(model_name, device="cpu" if several else device)
+            model = LLM2Comp.from_pretrained(model_name, device="cpu" if several else device,
+                                             **({"revision": revision} if revision else {}))
         self.model = model
         if device is not None and not several:
             self.model.to(device)

@@ -78,3 +78,13 @@ def test_mteb_protocol_runs_mock_tasks(tiny_encoder):
     result = mteb.evaluate(enc, [MockSTSTask(), MockRetrievalTask()], cache=None, show_progress_bar=False)
     assert [r.task_name for r in result.task_results] == ["MockSTSTask", "MockRetrievalTask"]
     assert all(np.isfinite(r.get_score()) for r in result.task_results)
+
+
+def test_mteb_encoder_loads_the_revision_it_records(tiny_encoder, monkeypatch):
+    from llm2comp import LLM2Comp
+
+    asked = []
+    monkeypatch.setattr(LLM2Comp, "from_pretrained",
+                        lambda name, **kwargs: asked.append((name, kwargs)) or tiny_encoder)
+    enc = MTEBEncoder("me/enc", "v2", device="cpu")
+    assert asked == [("me/enc", {"device": "cpu", "revision": "v2"})] and enc.revision == "v2"
