@@ -15,6 +15,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -89,6 +92,27 @@ def _load_base(name_or_path: str, dtype, hf_kwargs: dict):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, model, reference
+
+
+@contextlib.contextmanager
+def _saving_into(directory: Path):
+    """A new folder inside `directory` to write a model into; once written, its files replace those of
+    `directory`, the llm2comp config removed first and written last. A save killed while writing leaves the
+    previous model whole, and one killed while moving leaves no llm2comp config: never a mixed model that loads."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(".saving-*"):  # what a save killed earlier left
+        shutil.rmtree(stale, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=".saving-", dir=directory))
+    try:
+        yield folder
+        (directory / CONFIG_NAME).unlink(missing_ok=True)
+        for path in sorted(folder.iterdir(), key=lambda p: p.name == CONFIG_NAME):
+            target = directory / path.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(path, target)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -199,23 +223,23 @@ class LLM2Comp(torch.nn.Module):
                          "targets": sorted(lora.target_modules)}}
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write config JSON, tokenizer and adapter (LoRA + memory-token rows) as safetensors."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        # save_embedding_layers=False: the memory rows are saved as trainable-token parameters; the
-        # base embedding is reloaded from the base model.
-        self.model.save_pretrained(directory, safe_serialization=True, save_embedding_layers=False)
-        self.tokenizer.save_pretrained(directory)
-        self._write_configs(directory, merged=False)
+        """Write config JSON, tokenizer and adapter (LoRA + memory-token rows) as safetensors; other files in
+        `directory` stay, and a save that fails or is killed midway never leaves a mixed model (`_saving_into`)."""
+        with _saving_into(Path(directory)) as folder:
+            # save_embedding_layers=False: the memory rows are saved as trainable-token parameters; the
+            # base embedding is reloaded from the base model.
+            self.model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
+            self.tokenizer.save_pretrained(folder)
+            self._write_configs(folder, merged=False)
 
     def merge_and_save(self, directory: str | Path) -> None:
         """Write a standalone model with the adapters merged in (copies the model in memory once)."""
-        directory = Path(directory)
         merged = copy.deepcopy(self.model).merge_and_unload()
         unpatch_bidirectional(merged)
-        merged.save_pretrained(directory, safe_serialization=True)
-        self.tokenizer.save_pretrained(directory)
-        self._write_configs(directory, merged=True)
+        with _saving_into(Path(directory)) as folder:
+            merged.save_pretrained(folder, safe_serialization=True)
+            self.tokenizer.save_pretrained(folder)
+            self._write_configs(folder, merged=True)
 
     def _write_configs(self, directory: Path, merged: bool) -> None:
         (directory / CONFIG_NAME).write_text(json.dumps(self._config(merged), indent=2))

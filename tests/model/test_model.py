@@ -334,3 +334,43 @@ def test_a_tokenizer_without_pad_or_eos_token_pads_with_id_0(tiny_encoder):
     batch = tiny_encoder.tokenize(TEXTS[:3])
     assert (batch["input_ids"][batch["attention_mask"] == 0] == 0).all()
     np.testing.assert_allclose(tiny_encoder.encode(TEXTS[:3]), alone, rtol=1e-5, atol=1e-6)
+
+
+def test_a_save_that_fails_midway_never_leaves_a_mixed_model(tiny_encoder, tmp_path, monkeypatch):
+    import os
+
+    from llm2comp import model as model_module
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "log.jsonl").write_text("{}\n")
+    tiny_encoder.save_pretrained(out)
+    before = tiny_encoder.encode(TEXTS)
+    _perturb(tiny_encoder)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:  # while writing: the previous model stays whole
+        patch.setattr(tiny_encoder.tokenizer, "save_pretrained", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            tiny_encoder.save_pretrained(out)
+    np.testing.assert_allclose(LLM2Comp.from_pretrained(str(out)).encode(TEXTS), before, rtol=1e-5, atol=1e-6)
+    moved = []
+
+    def replace(src, dst):
+        if moved:
+            raise OSError(28, "No space left on device")
+        moved.append(dst)
+        os.replace(src, dst)
+
+    with monkeypatch.context() as patch:  # while moving the files in: no llm2comp config, so nothing loads
+        patch.setattr(model_module.os, "replace", replace)
+        with pytest.raises(OSError, match="No space left"):
+            tiny_encoder.save_pretrained(out)
+    assert not (out / CONFIG_NAME).exists()
+    tiny_encoder.save_pretrained(out)
+    np.testing.assert_allclose(LLM2Comp.from_pretrained(str(out)).encode(TEXTS), tiny_encoder.encode(TEXTS),
+                               rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in out.iterdir() if not p.is_file() or p.name == "log.jsonl") == [
+        "checkpoints", "log.jsonl"]  # the run's other files stay; no temporary folder is left
