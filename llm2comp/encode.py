@@ -19,7 +19,7 @@ from .multi_process import EncodePool, is_device_list
 from .pooling import POOLINGS, check_pooling
 from .precision import half_dtype, has_bf16
 
-__all__ = ["POOLINGS", "check_pooling", "encode_texts"]
+__all__ = ["POOLINGS", "check_pooling", "cosine_similarity", "encode_texts"]
 
 PROGRESS_BAR_MIN_BATCHES = 5
 
@@ -162,3 +162,18 @@ def check_encode_kwargs(kwargs: dict) -> None:
     unknown = sorted(set(kwargs) - set(ENCODE_OPTIONS))
     if unknown:
         raise TypeError(f"encode() got unknown keyword arguments {unknown}; valid: {', '.join(ENCODE_OPTIONS)}")
+
+
+def cosine_similarity(a, b) -> torch.Tensor:
+    """Cosine similarities float32 `[n, m]` of embeddings `a` `[n, D]` and `b` `[m, D]` (numpy arrays or tensors;
+    a `[D]` one is one row), on `a`'s device, as sentence-transformers' ``similarity``."""
+    rows = []
+    for name, x in (("a", a), ("b", b)):
+        x = torch.as_tensor(x)
+        if x.dim() not in (1, 2) or not x.is_floating_point():
+            raise ValueError(f"{name} must be float embeddings [n, D] or [D], got {x.dtype} of shape {tuple(x.shape)}")
+        rows.append(x.reshape(-1, x.shape[-1]).float())
+    a, b = rows[0], rows[1].to(rows[0].device)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a and b have embeddings of different sizes: {a.shape[1]} and {b.shape[1]}")
+    return torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).T

@@ -30,7 +30,7 @@ from llm2comp_kernels import span_mean_pool
 
 from .bidirectional import patch_bidirectional, unpatch_bidirectional
 from .default_model import DEFAULT_MODEL, HUB_ID, default_model_files, is_default_model
-from .encode import POOLINGS, check_encode_kwargs, check_pooling, encode_texts
+from .encode import POOLINGS, check_encode_kwargs, check_pooling, cosine_similarity, encode_texts
 from .memory_tokens import add_memory_tokens, init_memory_rows
 
 CONFIG_NAME = "llm2comp_config.json"
@@ -389,6 +389,12 @@ class LLM2Comp(torch.nn.Module):
         """
         check_encode_kwargs(kwargs)
         return encode_texts(self, sentences, **kwargs)
+
+    @staticmethod
+    def similarity(a, b) -> torch.Tensor:
+        """Cosine similarities float32 `[n, m]` of embeddings `a` `[n, D]` and `b` `[m, D]` (numpy or torch; a `[D]`
+        one is one row), as sentence-transformers' ``model.similarity``."""
+        return cosine_similarity(a, b)
 
     def start_multi_process_pool(self, devices: Sequence[str | torch.device] | None = None):
         """Worker processes that encode with copies of this model, one per device (default: every visible GPU),

@@ -374,3 +374,18 @@ def test_a_save_that_fails_midway_never_leaves_a_mixed_model(tiny_encoder, tmp_p
                                rtol=1e-5, atol=1e-6)
     assert sorted(p.name for p in out.iterdir() if not p.is_file() or p.name == "log.jsonl") == [
         "checkpoints", "log.jsonl"]  # the run's other files stay; no temporary folder is left
+
+
+def test_similarity_is_the_cosine_matrix(tiny_encoder):
+    _perturb(tiny_encoder)
+    a, b = tiny_encoder.encode(TEXTS[:3]), tiny_encoder.encode(TEXTS[1:], convert_to_tensor=True)
+    sims = tiny_encoder.similarity(a, b)
+    assert isinstance(sims, torch.Tensor) and sims.dtype == torch.float32 and sims.shape == (3, len(TEXTS) - 1)
+    a64, b64 = a.astype(np.float64), b.double().numpy()
+    want = (a64 @ b64.T) / np.linalg.norm(a64, axis=1)[:, None] / np.linalg.norm(b64, axis=1)[None, :]
+    np.testing.assert_allclose(sims.numpy(), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(LLM2Comp.similarity(a[0], b).numpy(), want[:1], rtol=1e-5, atol=1e-6)  # [D]: one row
+    with pytest.raises(ValueError, match="different sizes: 64 and 3"):
+        tiny_encoder.similarity(a, np.ones((2, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"b must be float embeddings \[n, D\] or \[D\], got torch.int64"):
+        tiny_encoder.similarity(a, torch.ones(2, 64, dtype=torch.long))
