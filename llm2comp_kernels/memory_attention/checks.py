@@ -43,6 +43,14 @@ def padding_mask(seq_lens: torch.Tensor, L: int) -> torch.Tensor:
     return torch.arange(L, device=seq_lens.device) < seq_lens[:, None]
 
 
+def zero_padding(seq_lens: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`padding_mask` and the `[B, H, L, d]` tensors with their padded rows zeroed: a NaN or inf there (fp16
+    overflow in a padded row's MLP, say) would reach the real rows through masked products (0 x inf) or, from
+    padded queries, the real keys' gradient."""
+    valid = padding_mask(seq_lens, tensors[0].shape[2])
+    return valid, [t.masked_fill(~valid[:, None, :, None], 0) for t in tensors]
+
+
 def allowed_keys(valid: torch.Tensor, causal: bool) -> torch.Tensor:
     """Bool `[B, 1, 1, L]` (`[B, 1, L, L]` if causal): True where query i may see key j, from `padding_mask`."""
     allowed = valid[:, None, None, :]                                      # key j is real

@@ -6,19 +6,18 @@ import math
 
 import torch
 
-from .checks import allowed_keys, padding_mask
+from .checks import allowed_keys, zero_padding
 
 
 def _masked_scores(q, k, seq_lens, causal, scale):
     """`[B, Hq, L, L]` scaled scores in float32 (float64 for float64 q), -inf where a key is padding or, if
-    causal, in the future; and the `[B, L]` mask of real positions."""
-    B, Hq, L, d = q.shape
+    causal, in the future; and the `[B, L]` mask of real positions. Padded rows are zeroed first, so what they
+    hold (NaN, inf) reaches no real row."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    kf = k.to(compute).repeat_interleave(Hq // k.shape[1], dim=1)
-    valid = padding_mask(seq_lens, L)                          # [B, L]
-    allowed = allowed_keys(valid, causal)
-    scores = (q.to(compute) @ kf.transpose(-1, -2)) * scale
-    return scores.masked_fill(~allowed, float("-inf")), valid
+    valid, (qf, kf) = zero_padding(seq_lens, q.to(compute), k.to(compute))   # valid: [B, L]
+    kf = kf.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (qf @ kf.transpose(-1, -2)) * scale
+    return scores.masked_fill(~allowed_keys(valid, causal), float("-inf")), valid
 
 
 def memory_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor,
@@ -29,11 +28,10 @@ def memory_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     meant for tests and CPU, not for long sequences on GPU.
     """
     scores, valid = _masked_scores(q, k, seq_lens, causal, scale)
-    vf = v.to(scores.dtype).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    out = torch.softmax(scores, dim=-1) @ vf
+    _, (vf,) = zero_padding(seq_lens, v.to(scores.dtype))
+    out = torch.softmax(scores, dim=-1) @ vf.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     # Padded query rows still see key 0, so no row is all -inf; zeroing them also zeroes their grads.
-    out = out * valid[:, None, :, None]
-    return out.to(q.dtype)
+    return out.masked_fill(~valid[:, None, :, None], 0).to(q.dtype)
 
 
 def memory_attention_lse_reference(q: torch.Tensor, k: torch.Tensor, seq_lens: torch.Tensor, causal: bool,

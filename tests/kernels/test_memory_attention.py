@@ -349,10 +349,11 @@ def test_without_grad_same_output_and_no_graph(backend, device):
         assert out.grad_fn is None and torch.equal(out, with_grad.detach())
 
 
-@pytest.mark.parametrize("backend", backend_cases("memory_attention_fwd", ("sdpa", "triton")))
+@pytest.mark.parametrize("backend", backend_cases("memory_attention_fwd", ("torch", "sdpa", "triton")))
 def test_non_finite_padding_reaches_no_real_row(backend, device):
     """An inf or NaN in a padded row (fp16 overflow in its MLP, say) changes nothing real: not the output, not the
-    gradients of the real rows (sdpa zeroes the padding first; 0 x inf in its masked products gave NaN rows)."""
+    gradients of the real rows (torch and sdpa zero the padding first; 0 x inf in their masked products gave NaN
+    rows)."""
     q, k, v, seq_lens = make_attention_inputs(2, 4, 2, 9, 16, device=device, seq_lens=torch.tensor([9, 5]))
     ref = memory_attention(q, k, v, seq_lens, backend=backend)
     grad_out = torch.randn_like(ref)
