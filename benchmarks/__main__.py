@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -42,16 +41,23 @@ def main(argv: list[str] | None = None) -> int:
     failures = []
     for name in names:
         print(f"\n## {name}", flush=True)
-        start = time.perf_counter()
         try:
-            rows = importlib.import_module(f"benchmarks.bench_{name}").run(args.quick)
+            run = importlib.import_module(f"benchmarks.bench_{name}").run
         except Exception:
             traceback.print_exc()
             failures.append(name)
             continue
+        try:
+            rows, path, error = harness.run_and_write(name, run, args.quick, args.out)
+        except SystemExit as exc:  # a bench that cannot run here (a kernel bench on the CPU without --quick)
+            print(exc, file=sys.stderr)
+            failures.append(name)
+            continue
         print(harness.format_table(rows))
-        path = harness.write_results(name, rows, args.out, time.perf_counter() - start)
         print(f"wrote {path}")
+        if error is not None:
+            traceback.print_exception(error)
+            failures.append(name)
         if not args.no_plots:
             plot = plot_results(path)
             if plot is not None:

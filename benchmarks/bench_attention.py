@@ -10,8 +10,9 @@ model has them (transposes of `[B, L, H, d]` projections) and charged for whatev
   to choose the default from.
 - ``sdpa_mask``: what llm2vec does: kv heads repeated to Hq, `F.scaled_dot_product_attention` with a
   bool key-padding mask broadcast from `[B, 1, 1, L]` (mask construction and repeats timed).
-- ``flex``: compiled `flex_attention` with a block mask from the lengths (`create_block_mask` timed:
-  lengths change every batch); GQA without repeating.
+- ``flex``: compiled `flex_attention` with a block mask from the lengths (compiled `create_block_mask`, timed:
+  lengths change every batch; uncompiled it cost 5-7 ms of host time per call in the first GPU run); GQA without
+  repeating.
 - ``varlen``: `torch.nn.attention.varlen.varlen_attn` (torch's bundled FlashAttention-2 varlen kernels) after
   unpadding to `[total, H, d]` (unpad and scatter back timed), when this torch has it.
 - ``varlen_kernel``: the same kernel alone, given inputs unpadded beforehand (untimed): FlashAttention-2's
@@ -87,13 +88,14 @@ def _flex():
     except ImportError:
         return None
     compiled = torch.compile(flex_attention, dynamic=False)
+    block_mask_of = torch.compile(create_block_mask)  # as torch advises for a mask made every step
 
     def fn(q, k, v, seq_lens):
         B, _, L, _ = q.shape
         def real(b, h, q_idx, kv_idx):
             # Padded query rows too, so their blocks are skipped (their output is left undefined).
             return (q_idx < seq_lens[b]) & (kv_idx < seq_lens[b])
-        block_mask = create_block_mask(real, B, None, L, L, device=q.device)
+        block_mask = block_mask_of(real, B, None, L, L, device=q.device)
         return compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
     return _direct(fn)
 
@@ -161,6 +163,7 @@ def _flops(seq_lens, Hq, d, mode):
 def _measure(prepare, inputs, mode, device, graph_inputs=()):
     """`harness.measure` of a forward or forward+backward step; forward on CUDA also `harness.graph_ms` over
     `inputs` and `graph_inputs` (copies of the inputs, so the graph's calls do not hit L2)."""
+    harness.check_deadline()
     call, leaves = prepare(*inputs)
     if mode == "forward":
         result = harness.measure(harness.forward_step(call), device)
@@ -217,7 +220,8 @@ def run(quick: bool) -> list[dict]:
     providers = _providers(device)
     modes = ("forward", "forward+backward")
     g = torch.Generator().manual_seed(0)
-    rows = []
+    rows = harness.live_rows()
+    rows.append(peak)
     for L in lengths:
         seq_lens = torch.randint(L // 4, L + 1, (B,), generator=g, dtype=torch.int32).to(device)
         shape = f"B{B} Hq{Hq}/Hkv{Hkv} d{d} L{L} lens U[L/4,L]"
@@ -238,7 +242,6 @@ def run(quick: bool) -> list[dict]:
         if "ms" in row and "ms" in base:
             row["vs_no_padding"] = base["ms"] / row["ms"]
     rows += half_rows
-    rows.insert(0, peak)
     harness.add_pct_peak(rows, peak)
     if device.type == "cuda":
         harness.add_ratios(rows, "sdpa_mask")

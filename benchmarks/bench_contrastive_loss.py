@@ -87,18 +87,18 @@ def _providers(device, quick) -> dict:
     return providers
 
 
-def _bench_shape(B, D, dtype, device, quick) -> list[dict]:
+def _bench_shape(B, D, dtype, device, quick, mode) -> list[dict]:
+    """Rows of every provider at one shape: `mode` "fwd" (the loss alone, under no_grad) or "fwd+bwd"."""
     q, d = make_contrastive_inputs(B, B, D, dtype=dtype, device=device, positive_weight=POSITIVE_WEIGHT)
     labels = torch.arange(B, device=device)
     rows = []
-    for mode in ("fwd", "fwd+bwd"):
-        for name, fn in _providers(device, quick).items():
-            row = {"op": OP, "mode": mode, "shape": f"B={B} N={B} D={D}", "dtype": str(dtype).split(".")[-1],
-                   "provider": name}
-            if isinstance(fn, str):
-                rows.append({**row, "status": fn})
-                continue
-            rows.append(_measured(row, fn, q, d, labels, device, quick))
+    for name, fn in _providers(device, quick).items():
+        row = {"op": OP, "mode": mode, "shape": f"B={B} N={B} D={D}", "dtype": str(dtype).split(".")[-1],
+               "provider": name}
+        if isinstance(fn, str):
+            rows.append({**row, "status": fn})
+            continue
+        rows.append(_measured(row, fn, q, d, labels, device, quick))
     return rows
 
 
@@ -108,6 +108,7 @@ def _measured(row, fn, q, d, labels, device, quick) -> dict:
     make_step = harness.forward_step if row["mode"] == "fwd" else harness.fwd_bwd_step
     step = make_step(fn, q, d, labels)
     try:
+        harness.check_deadline()  # before the first call, which compiles and autotunes
         row["loss"] = step().item()
         row.update(harness.measure(step, device))
     except torch.cuda.OutOfMemoryError:
@@ -139,13 +140,16 @@ def run(quick: bool) -> list[dict]:
     device = harness.kernel_device("bench_contrastive_loss", quick)
     peak = harness.matmul_peak_row(OP, device, quick)  # first: before a deadline can cut it
     shapes = QUICK_SHAPES if quick else GPU_SHAPES
-    rows = [r for B, D in shapes for r in _bench_shape(B, D, torch.bfloat16, device, quick)]
+    rows = harness.live_rows()
+    rows.append(peak)
+    for mode in ("fwd+bwd", "fwd"):  # training's rows first: a deadline cuts the forward-only ones
+        for B, D in shapes:
+            rows += _bench_shape(B, D, torch.bfloat16, device, quick, mode)
     if quick and device.type != "cuda":
         B, D = MEMORY_SHAPE
         base = {"op": OP, "mode": "fwd+bwd memory", "shape": f"B={B} N={B} D={D}", "dtype": "float32"}
         rows += harness.cpu_memory_rows("benchmarks.bench_contrastive_loss", base, ("torch", "eager"))
         harness.add_ratios(rows, "eager", key="peak_mem_mib")
-    rows.insert(0, peak)
     harness.add_pct_peak(rows, peak)
     harness.add_ratios(rows, "inf_cl")
     harness.add_ratios(rows, "eager")

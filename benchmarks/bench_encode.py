@@ -30,32 +30,32 @@ def run(quick: bool) -> list[dict]:
     n_texts, max_length, batch_size = (16, 128, 8) if device == "cpu" else (256, 512, 64)
     texts = [docs[i % len(docs)] for i in range(n_texts)]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    rows = []
+    rows = harness.live_rows()
     with tempfile.TemporaryDirectory() as tmp:
         for name, base in bench_bases(device, Path(tmp), GPU_SHAPES):
             shape = f"{name} n{n_texts} max_len{max_length} bs{batch_size}"
             base_row = {"op": "encode", "mode": "inference", "shape": shape, "dtype": str(dtype).replace("torch.", "")}
             for backend in ("auto", "torch"):
-                model = LLM2Comp.from_pretrained(str(base), backend=backend, dtype=dtype, device=device).eval()
-                fn = lambda m=model: m.encode(texts, batch_size=batch_size, max_length=max_length,
-                                              show_progress_bar=False)
-                rows.append(_throughput({**base_row, "provider": f"llm2comp_{backend}"}, fn, device, n_texts))
-                del model
-            try:
-                st = sentence_transformer(base, device, dtype)
-            except ImportError:
-                rows.append({**base_row, "provider": "sentence_transformers_mean",
-                             "status": harness.not_installed("sentence-transformers")})
-                continue
-            st.max_seq_length = max_length
-            fn = lambda m=st: m.encode(texts, batch_size=batch_size, show_progress_bar=False)
-            rows.append(_throughput({**base_row, "provider": "sentence_transformers_mean"}, fn, device, n_texts))
+                def ours(backend=backend, base=base):
+                    model = LLM2Comp.from_pretrained(str(base), backend=backend, dtype=dtype, device=device).eval()
+                    return lambda: model.encode(texts, batch_size=batch_size, max_length=max_length,
+                                                show_progress_bar=False), n_texts
+                rows.append(_throughput({**base_row, "provider": f"llm2comp_{backend}"}, ours, device))
+
+            def peer(base=base):
+                try:
+                    st = sentence_transformer(base, device, dtype)
+                except ImportError:
+                    return harness.not_installed("sentence-transformers")
+                st.max_seq_length = max_length
+                return lambda: st.encode(texts, batch_size=batch_size, show_progress_bar=False), n_texts
+            rows.append(_throughput({**base_row, "provider": "sentence_transformers_mean"}, peer, device))
     harness.add_ratios(rows, "sentence_transformers_mean")
     return rows
 
 
-def _throughput(row: dict, fn, device: str, n_texts: int) -> dict:
-    return harness.end_to_end_row(row, fn, device, 3000 if device == "cpu" else 2000, ("texts_per_s", n_texts))
+def _throughput(row: dict, build, device: str) -> dict:
+    return harness.end_to_end_row(row, build, device, 3000 if device == "cpu" else 2000, "texts_per_s")
 
 
 if __name__ == "__main__":

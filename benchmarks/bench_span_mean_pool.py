@@ -70,7 +70,7 @@ def _bench_shape(B, L, D, span, dtype, device, copy_gbps, quick) -> list[dict]:
                 h = hidden.detach().requires_grad_(True)
                 step = harness.fwd_bwd_step(lambda h, fn=fn: fn(h, start, length), h, grad_output=grad)
             try:
-                row.update(harness.measure(step, device))
+                row.update(harness.measure(step, device))  # its deadline check comes before any call
                 moved = _bytes(B, L, D, span, hidden.element_size(), mode)
                 row["gbps"] = moved / (row["ms"] * 1e-3) / 1e9
                 row["pct_copy"] = 100 * row["gbps"] / copy_gbps
@@ -100,8 +100,9 @@ def _graph_row(fn, hidden, start, length, span, moved, copy_gbps) -> dict:
 def run(quick: bool) -> list[dict]:
     device = harness.kernel_device("bench_span_mean_pool", quick)
     copy_gbps = _copy_gbps(device, quick)
-    rows = [{"op": OP, "mode": "copy", "shape": "1 GiB" if not quick else "1 MiB", "dtype": "bfloat16",
-             "provider": "copy_", "gbps": copy_gbps, **({"status": CPU_NOTE} if quick else {})}]
+    rows = harness.live_rows()
+    rows.append({"op": OP, "mode": "copy", "shape": "1 GiB" if not quick else "1 MiB", "dtype": "bfloat16",
+                 "provider": "copy_", "gbps": copy_gbps, **({"status": CPU_NOTE} if quick else {})})
     if quick:
         rows += _bench_shape(4, 24, 64, 8, torch.bfloat16, device, copy_gbps, quick=True)
     else:

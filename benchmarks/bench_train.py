@@ -1,12 +1,14 @@
 """Training-step throughput and peak memory of the three stages: llm2comp (backend auto and torch) vs
 sentence-transformers.
 
-One row per (base model, stage, provider): one optimizer step (forward, backward, AdamW) on a fixed batch of
-Lee documents, built exactly as ``llm2comp train`` builds it (`build_stage` + the trainer's autocast), timed
-with the harness; ``tokens_per_s`` counts the real (unpadded) tokens the step reads. The peer, for the two
-contrastive stages, is sentence-transformers over the same base with mean pooling, the same LoRA adapters
-(r16/a32 on the same modules) and `MultipleNegativesRankingLoss(scale=1/temperature)` on the same texts;
-compression pretraining has no sentence-transformers counterpart (a status row says so).
+One row per (base model, stage, provider): one optimizer step (tokenization, forward, backward, AdamW) on a
+fixed batch of Lee documents, built exactly as ``llm2comp train`` builds it (`build_stage` + the trainer's
+autocast), timed with the harness; ``tokens_per_s`` counts the real (unpadded) tokens the step reads, as each
+provider tokenizes them (llm2comp adds its memory tokens), so the ratio to the peer is one of step times. The
+peer, for the two contrastive stages, is sentence-transformers over the same base (same weights' dtype) with mean
+pooling, the same LoRA adapters (r16/a32 on the same modules) and `MultipleNegativesRankingLoss(scale=1/
+temperature)` on the same texts, tokenized in its step too; compression pretraining has no sentence-transformers
+counterpart (a status row says so).
 
 On CPU (`--quick` or not) the base is the embedded default model (SmolLM2-135M), batch 4, 64 tokens: real
 measurements of the torch path and of auto (on CPU: sdpa attention, the other ops' torch). On a GPU the bases
@@ -87,9 +89,10 @@ def _st_step(base: Path, stage: str, data: Path, batch: int, max_length: int, de
         from peft import LoraConfig, get_peft_model
         from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     except ImportError:
-        return "not installed (sentence-transformers)", 0
+        return harness.not_installed("sentence-transformers")
     cfg = load_config(stage, model=str(base), data=str(data), output="-")
-    model = sentence_transformer(base, str(device), torch.float32)
+    # the checkpoint's dtype, as llm2comp loads it (bf16 on the GPU; LoRA weights in fp32 on both sides)
+    model = sentence_transformer(base, str(device), torch.bfloat16 if device.type == "cuda" else torch.float32)
     model.max_seq_length = max_length
     body = model[0]
     present = {name.rsplit(".", 1)[-1] for name, _ in body.model.named_modules()}
@@ -106,30 +109,26 @@ def _st_step(base: Path, stage: str, data: Path, batch: int, max_length: int, de
         rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()[:batch]]
         columns = [[r["instruction"] + r["query"] for r in rows], [r["positive"] for r in rows],
                    [r["negatives"][0] for r in rows]]
-    features = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in model.tokenize(col).items()}
+    def features():
+        return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in model.tokenize(col).items()}
                 for col in columns]
-    tokens = sum(int(f["attention_mask"].sum()) for f in features)
+    tokens = sum(int(f["attention_mask"].sum()) for f in features())
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
 
     def step():
         with autocast_for(resolve_precision(cfg, device), device):
-            loss = loss_fn(features, None)
+            loss = loss_fn(features(), None)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step, tokens
 
 
-def _measure(row: dict, step, tokens: int, device: torch.device) -> dict:
-    row = {**row, "tokens_per_step": tokens}
-    return harness.end_to_end_row(row, step, device, 4000 if device.type == "cpu" else 3000, ("tokens_per_s", tokens))
-
-
 def run(quick: bool) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch, max_length = (4, 64) if device.type == "cpu" else (32, 256)
-    rows = []
+    rows = harness.live_rows()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = _write_data(root)
@@ -139,21 +138,26 @@ def run(quick: bool) -> list[dict]:
                             "shape": f"{name} bs{batch} max_len{max_length}",
                             "dtype": "bf16 autocast" if device.type == "cuda" else "float32"}
                 for backend in ("auto", "torch"):
-                    step, tokens = _llm2comp_step(base, stage, backend, data[stage], root / "out", batch, max_length,
-                                                  device)
-                    rows.append(_measure({**base_row, "provider": f"llm2comp_{backend}"}, step, tokens, device))
-                    del step
+                    rows.append(_measured({**base_row, "provider": f"llm2comp_{backend}"}, device, _llm2comp_step,
+                                          base, stage, backend, data[stage], root / "out", batch, max_length, device))
                 peer = {**base_row, "provider": "sentence_transformers_mean"}
                 if stage == "compress":
                     rows.append({**peer, "status": "no counterpart: compression pretraining is LLM2Comp's own stage"})
                     continue
-                step, tokens = _st_step(base, stage, data[stage], batch, max_length, device)
-                rows.append({**peer, "status": step} if isinstance(step, str) else _measure(peer, step, tokens, device))
-                del step
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-    harness.add_ratios(rows, "sentence_transformers_mean", key="tokens_per_s", higher_is_better=True)
+                rows.append(_measured(peer, device, _st_step, base, stage, data[stage], batch, max_length, device))
+    harness.add_ratios(rows, "sentence_transformers_mean")
     return rows
+
+
+def _measured(row: dict, device: torch.device, make_step, *args) -> dict:
+    """`row` with the timing of the step ``make_step(*args)`` builds (see `harness.end_to_end_row`)."""
+    def build():
+        built = make_step(*args)
+        if isinstance(built, str):
+            return built
+        row["tokens_per_step"] = built[1]
+        return built
+    return harness.end_to_end_row(row, build, device, 4000 if device.type == "cpu" else 3000, "tokens_per_s")
 
 
 if __name__ == "__main__":

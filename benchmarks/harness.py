@@ -1,8 +1,9 @@
 """Timing, memory and reporting shared by every `benchmarks/bench_<op>.py`.
 
 A bench module exposes ``run(quick: bool) -> list[dict]``; each row holds at least ``op``,
-``shape``, ``dtype``, ``provider``, ``mode`` and the measurement keys that `measure` returns.
-Run one with ``python -m benchmarks.bench_<op> [--quick] [--out DIR]``.
+``shape``, ``dtype``, ``provider``, ``mode`` and the measurement keys that `measure` returns. It collects
+its rows in `live_rows()`, so that a run stopped midway (its time cap's SIGTERM, a crash) still writes those
+it measured (`run_and_write`). Run one with ``python -m benchmarks.bench_<op> [--quick] [--out DIR]``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import platform
 import resource
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -46,13 +48,13 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup_ms: 
     device = torch.device(device)
     if device.type != "cuda":
         return measure_end_to_end(fn, device, rep_ms=rep_ms)
-    _check_deadline()
+    check_deadline()
     import triton.testing
 
     peak, call_ms = _cuda_peak_mib(fn)
     if call_ms > LONG_CALL_MS:
         times = [_event_ms(fn) for _ in range(LONG_CALL_REPEATS)]
-        q = statistics.quantiles(times, n=5)
+        q = _quintiles(times)
         p20, median, p80 = q[0], statistics.median(times), q[3]
         host = _wall_clock_ms(fn, rep_ms=0, min_calls=1)
     else:
@@ -82,7 +84,7 @@ def graph_ms(calls: list[Callable[[], object]], rep_ms: float = 50, replays: int
     calls cannot be captured (a host sync, say: warm them up first so checks and autotuning are done).
     """
     try:
-        _check_deadline()
+        check_deadline()
         stream = torch.cuda.Stream()
         with torch.cuda.stream(stream):  # warm up where the capture will run
             for call in calls:
@@ -119,25 +121,29 @@ def measure_end_to_end(fn: Callable[[], object], device: str | torch.device, *, 
     do_bench's estimation calls alone would take minutes.
 
     Peak memory: on CUDA `max_memory_allocated` above what was allocated before, over one call; on CPU the
-    process's peak resident memory (a high-water mark for the whole process).
+    process's peak resident memory during these calls (Linux: the high-water mark reset first; elsewhere since
+    the process started), the model and libraries included.
     """
     device = torch.device(device)
-    _check_deadline()
+    check_deadline()
     if device.type == "cuda":
         memory = {"peak_mem_mib": _cuda_peak_mib(fn)[0]}
         times = _wall_clock_ms(fn, rep_ms, min_calls, sync=torch.cuda.synchronize)
     else:
+        reset = _reset_peak_rss()
         fn()  # warm-up
         times = _wall_clock_ms(fn, rep_ms, min_calls)
-        memory = {"process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+        peak = _proc_status_mib("VmHWM:") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        memory = {"process_peak_rss_mib": peak}
+    q = _quintiles(times)
     return {"ms": statistics.median(times), "ms_p20": q[0], "ms_p80": q[3], **memory}
 
 
-def _check_deadline() -> None:
+def check_deadline() -> None:
     """Raise once the run's time budget is spent: ``$LLM2COMP_BENCH_DEADLINE`` (Unix seconds), set by
     `benchmarks/run_gpu.sh` so that a benchmark cut short still records its remaining rows (as failed with
-    this reason) and writes its JSON, instead of being killed with nothing written."""
+    this reason) and writes its JSON, instead of being killed with nothing written. Benches call it first in
+    each row, before the row's setup (inputs, compilation, a model to load)."""
     deadline = os.environ.get("LLM2COMP_BENCH_DEADLINE")
     if deadline and time.time() > float(deadline):
         raise TimeoutError("not measured: the run's time budget ($LLM2COMP_BENCH_DEADLINE) was spent")
@@ -173,6 +179,20 @@ def _wall_clock_ms(fn: Callable[[], object], rep_ms: float, min_calls: int = 3, 
         sync()
         times.append((time.perf_counter() - start) * 1e3)
     return times
+
+
+def _quintiles(times: list[float]) -> list[float]:
+    """The 20/40/60/80th percentiles of `times`, within their range (inclusive method)."""
+    return statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's resident-memory high-water mark (VmHWM; Linux only). Whether it was."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def _proc_status_mib(key: str) -> float:
@@ -294,16 +314,26 @@ def failed(row: dict, exc: BaseException) -> dict:
     return {**row, "status": f"failed: {exc.__class__.__name__}: {str(exc)[:200]}"}
 
 
-def end_to_end_row(row: dict, fn: Callable[[], object], device: str | torch.device, rep_ms: float,
-                   per_second: tuple[str, int]) -> dict:
-    """`row` with `measure_end_to_end` of `fn` and ``per_second = (key, count)``: ``key`` = count / second per
-    call; or with the failure as its status (an out-of-memory, the run's deadline), so the other rows survive."""
+def end_to_end_row(row: dict, build: Callable[[], tuple[Callable[[], object], int] | str], device: str | torch.device,
+                   rep_ms: float, per_second: str) -> dict:
+    """`row` with `measure_end_to_end` of the call that ``build()`` returns as ``(fn, count)``, and ``per_second``
+    = count / second per call; ``build()`` may return a status string instead (a peer not installed). Building it
+    (a model to load) comes after the deadline check; its failure or the call's (an out-of-memory, the run's
+    deadline) is the row's status, so the other rows survive."""
     try:
+        check_deadline()
+        built = build()
+        if isinstance(built, str):
+            return {**row, "status": built}
+        fn, count = built
         result = measure_end_to_end(fn, device, rep_ms=rep_ms)
     except Exception as exc:  # a failing provider is a result, not a crash
         return failed(row, exc)
-    key, count = per_second
-    return {**row, **result, key: count / (result["ms"] / 1e3)}
+    finally:
+        built = fn = None  # the model goes before the next row's loads
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    return {**row, **result, per_second: count / (result["ms"] / 1e3)}
 
 
 def add_ratios(rows: list[dict], peer: str, key: str = "ms", higher_is_better: bool = False) -> None:
@@ -390,13 +420,47 @@ def write_results(name: str, rows: list[dict], out_dir: Path | str | None, wall_
     return path
 
 
+_live: list[dict] = []
+
+
+def live_rows() -> list[dict]:
+    """A new list for a bench's rows, kept where `run_and_write` finds it if the bench is stopped midway: add
+    each row (or each shape's rows) to it as soon as it is measured."""
+    global _live
+    _live = []
+    return _live
+
+
+def _stop_on_sigterm(signum, frame):
+    raise TimeoutError("stopped by SIGTERM (the run's time cap)")
+
+
+def run_and_write(name: str, run: Callable[[bool], list[dict]], quick: bool, out_dir: Path | str | None
+                  ) -> tuple[list[dict], Path, BaseException | None]:
+    """Run a bench and write its JSON, also when it is stopped midway: a SIGTERM (the time cap of
+    `benchmarks/run_gpu.sh`) raises TimeoutError, which fails the row being measured (the next rows fail at
+    once on `check_deadline`); an exception out of the bench keeps the rows of `live_rows` and adds a row saying
+    where it stopped. Returns (rows, path written, the exception or None)."""
+    start = time.perf_counter()
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    error = None
+    try:
+        rows = run(quick)
+    except (Exception, KeyboardInterrupt) as exc:
+        error, rows = exc, [*_live, {"op": name, "status": f"stopped: {exc.__class__.__name__}: {str(exc)[:200]}"}]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return rows, write_results(name, rows, out_dir, time.perf_counter() - start), error
+
+
 def main(name: str, run: Callable[[bool], list[dict]]) -> None:
-    """Command line of a bench module: runs it, prints the table, writes the JSON."""
+    """Command line of a bench module: runs it, prints the table, writes the JSON (exit code 1 if it stopped)."""
     parser = argparse.ArgumentParser(description=f"Benchmark {name}")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: proves the harness, claims no timings")
     parser.add_argument("--out", default=None, help=f"result folder (default {RESULTS_DIR})")
     args = parser.parse_args()
-    start = time.perf_counter()
-    rows = run(args.quick)
+    rows, path, error = run_and_write(name, run, args.quick, args.out)
     print(format_table(rows))
-    print(f"wrote {write_results(name, rows, args.out, time.perf_counter() - start)}")
+    print(f"wrote {path}")
+    if error is not None:
+        raise SystemExit(f"{name} stopped: {error!r}")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from . import harness
+
 GPU_SHAPES = {
     "smollm2-135m-shape": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                                num_key_value_heads=3, vocab_size=49152),
@@ -63,6 +65,7 @@ def bench_bases(device: str, root: Path, gpu_shapes: dict[str, dict]) -> Iterato
         yield "smollm2-135m", _plain_default_base(root)
         return
     for name, shape in gpu_shapes.items():
+        harness.check_deadline()  # a capped run stops here rather than write a model it cannot measure
         yield name, _random_base(name, shape, root)
 
 

@@ -4,7 +4,8 @@
 #   .gpu-wheels/  Python 3.12 wheels of the peers and loaders (pinned: the benchmarks' peer configurations were
 #                 checked against these versions; liger-kernel < 0.8 also computes the unused hard-label term)
 #   .gpu-data/lee the Lee corpus (tests' tokenizer, end-to-end benchmarks); ../shared does not travel
-# Then, there: LLM2COMP_GIT_COMMIT=<hash> OUT=$OUT bash benchmarks/run_gpu.sh
+#   .gpu-data/commit  HEAD's hash, which run_gpu.sh records (the device's copy of .git is not current)
+# Then, there: OUT=$OUT bash benchmarks/run_gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,4 +17,5 @@ lee=${LLM2COMP_LEE_DIR:-../shared/data/lee}
 [ -d "$lee" ] || { echo "no Lee data at $lee (set LLM2COMP_LEE_DIR)"; exit 1; }
 rm -rf .gpu-data && mkdir -p .gpu-data && cp -r "$lee" .gpu-data/lee
 du -sh .gpu-wheels .gpu-data
-echo "commit to record: $(git rev-parse HEAD)$(git diff --quiet HEAD || echo ' (uncommitted changes: commit first)')"
+git rev-parse HEAD > .gpu-data/commit
+echo "commit to record: $(cat .gpu-data/commit)$(git diff --quiet HEAD || echo ' (uncommitted changes: commit first)')"

@@ -12,7 +12,8 @@
 #   PARTS=profile  benchmarks/profile_ops.py: device time per kernel and wall time per call of each op
 #   PARTS=kernels  the op benchmarks: attention, contrastive_loss, linear_kl_loss, span_mean_pool
 #   PARTS=e2e      the end-to-end benchmarks: encode, train
-# e.g. LLM2COMP_GIT_COMMIT=$(git rev-parse HEAD) PARTS=tests OUT=$OUT bash benchmarks/run_gpu.sh
+# e.g. PARTS=tests OUT=$OUT bash benchmarks/run_gpu.sh (the commit recorded: $LLM2COMP_GIT_COMMIT, else the one
+# prepare_gpu.sh wrote to .gpu-data/commit)
 # BENCH="attention profile_ops" runs these benchmarks/bench_<name>.py (and profile_ops) instead of the parts'
 # lists.
 # A device call runs at most 10 minutes, and a whole visit has about 15 minutes of device time (machine start,
@@ -39,12 +40,13 @@ BENCH_CAP_S=${BENCH_CAP_S:-150} WORKERS=$WORKERS bash benchmarks/run_gpu.sh"}
 log() { echo "== [$(date +%T) +$((SECONDS - start))s] $*"; }
 left() { echo $(( ${DEADLINE_S:-560} - (SECONDS - start) - 15 )); }
 # Run "$@" under a timeout of the time left (minus a margin for the tarball) or $CAP if smaller; skip it when
-# none is left.
+# none is left. At the limit it gets SIGTERM (a benchmark then records what it measured, benchmarks/harness.py),
+# and SIGKILL 15 s later if it is still running.
 in_time() {
     local t; t=$(left)
     if [ -n "${CAP:-}" ] && [ "$CAP" -lt "$t" ]; then t=$CAP; fi
     if [ "$t" -lt 20 ]; then log "no time left: skipped $*"; return 1; fi
-    timeout "$t" "$@"
+    timeout -k 15 "$t" "$@"
 }
 pytest_run() {  # pytest_run NAME WORKERS ARGS...: a pytest run with its junit XML and log under $R
     local name=$1 workers=$2; shift 2
@@ -56,6 +58,10 @@ pytest_run() {  # pytest_run NAME WORKERS ARGS...: a pytest run with its junit X
 }
 
 if [ -d .gpu-data/lee ]; then export LLM2COMP_LEE_DIR=$PWD/.gpu-data/lee; fi
+if [ -z "${LLM2COMP_GIT_COMMIT:-}" ] && [ -f .gpu-data/commit ]; then
+    LLM2COMP_GIT_COMMIT=$(cat .gpu-data/commit); export LLM2COMP_GIT_COMMIT
+fi
+export HF_HUB_OFFLINE=1  # the machine is offline: no hub lookups to time out
 
 log "machine"
 nvidia-smi -L

@@ -13,8 +13,12 @@ from pathlib import Path
 
 from .harness import RESULTS_DIR
 
-VALUE_KEYS = ("ms", "host_ms", "graph_ms", "tflops", "pct_peak", "gbps", "texts_per_s", "tokens_per_s", "peak_mem_mib",
+VALUE_KEYS = ("ms", "ms_p20", "ms_p80", "host_ms", "graph_ms", "tflops", "graph_tflops", "pct_peak", "gbps",
+              "graph_gbps", "pct_copy", "graph_pct_copy", "texts_per_s", "tokens_per_s", "peak_mem_mib",
               "peak_mem_understated_by_mib", "process_peak_rss_mib")
+# Statuses that hold for a provider whatever the shape (listed once); any other (a failure, a timeout) is listed
+# with the row's mode and shape.
+PROVIDER_WIDE = ("not installed", "skipped", "no counterpart", "no loss-only path")
 HARNESS_ONLY = "not a timing"
 
 
@@ -22,6 +26,18 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)
+
+
+def _not_measured(rows: list[dict]) -> list[str]:
+    """One line per status and place (mode, shape: none for a status that holds whatever the shape), naming the
+    providers it stopped."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        where = "" if r["status"].startswith(PROVIDER_WIDE) else ", ".join(str(r[k]) for k in ("mode", "shape")
+                                                                             if k in r)
+        groups.setdefault((r["status"], where), []).append(r.get("provider", r.get("op")))
+    return sorted(f"{', '.join(sorted(set(who)))}{f' ({where})' if where else ''}: {status}"
+                  for (status, where), who in groups.items())
 
 
 def summarize(path: Path) -> str:
@@ -39,7 +55,9 @@ def summarize(path: Path) -> str:
         keys += sorted({k for r in measured for k in r if k.startswith("vs_")})
         lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         lines += ["| " + " | ".join(_cell(r.get(k, "")) for k in keys) + " |" for r in measured]
-    not_run = sorted({f"{r['provider']}: {r['status']}" for r in skipped if "status" in r})
+    not_run = _not_measured([r for r in skipped if "status" in r]
+                            + [{**r, "provider": f"{r['provider']} graph", "status": r["graph_status"]}
+                               for r in measured if "graph_status" in r])
     if not_run:
         lines += ["", "Not measured: " + "; ".join(not_run) + "."]
     return "\n".join(lines) + "\n"

@@ -2,7 +2,8 @@
 
 ``python -m benchmarks.tests_summary DIR`` reads the ``junit_<phase>.xml`` and ``sanitize_<tool>.log`` files that
 `benchmarks/run_gpu.sh` leaves in DIR and writes ``DIR/tests_gpu.json``: per phase the number of tests, failures,
-errors and skips, the wall time and the ids of the failed tests; per compute-sanitizer tool its summary line; and
+errors and skips, the wall time and the ids of the failed tests (or, for a phase with a log and no XML, that it was
+cut short); per compute-sanitizer tool its summary line; and
 the environment (device, versions, git commit, and the run's command from ``$LLM2COMP_RUN_COMMAND``).
 """
 
@@ -35,12 +36,21 @@ def sanitizer_summary(path: Path) -> str:
     return lines[-1].strip() if lines else "no summary line (the run was cut short?)"
 
 
+def cut_phase(log: Path) -> dict:
+    """A phase whose pytest wrote its log (``tests_<phase>.log``) but no junit XML: it was stopped first."""
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return {"status": "no junit XML: the run was cut short (killed at its time limit?)",
+            "last_line": lines[-1][:200] if lines else ""}
+
+
 def summarize(folder: Path) -> dict:
     from benchmarks import harness
 
+    phases = {p.stem.removeprefix("tests_"): cut_phase(p) for p in sorted(folder.glob("tests_*.log"))}
+    phases.update({p.stem.removeprefix("junit_"): junit_phase(p) for p in sorted(folder.glob("junit_*.xml"))})
     return {
         "environment": {**harness.environment(), "run_command": os.environ.get("LLM2COMP_RUN_COMMAND")},
-        "phases": {p.stem.removeprefix("junit_"): junit_phase(p) for p in sorted(folder.glob("junit_*.xml"))},
+        "phases": phases,
         "sanitizer": {p.stem.removeprefix("sanitize_"): sanitizer_summary(p)
                       for p in sorted(folder.glob("sanitize_*.log"))},
     }
@@ -54,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     path = folder / "tests_gpu.json"
     path.write_text(json.dumps(summary, indent=1))
     for phase, result in summary["phases"].items():
+        if "status" in result:
+            print(f"{phase}: {result['status']}")
+            continue
         print(f"{phase}: {result['tests']} tests, {result['failures']} failures, {result['errors']} errors, "
               f"{result['skipped']} skipped, {result['time_s']} s")
     print(f"wrote {path}")

@@ -58,3 +58,62 @@ def test_short_call_goes_through_do_bench(fake_cuda):
     assert fake_cuda == [fn]
     assert (result["ms_p20"], result["ms"], result["ms_p80"]) == (1.0, 2.0, 3.0)
     assert fn.calls == 2 + 10  # warm-up and peak, then the ten host-time calls
+
+
+def test_a_run_stopped_by_sigterm_writes_the_rows_it_measured(tmp_path):
+    """run_gpu.sh's time cap sends SIGTERM: the row being measured fails, the next ones fail on the deadline, and the
+    JSON holds what was measured; an exception out of the bench keeps its live rows too."""
+    import json
+    import os
+    import signal
+
+    def bench(quick):
+        rows = harness.live_rows()
+        rows.append({"op": "x", "provider": "first", "ms": 1.0})
+        for provider in ("cut", "after"):
+            row = {"op": "x", "provider": provider}
+            try:
+                harness.check_deadline()
+                if provider == "cut":
+                    os.environ["LLM2COMP_BENCH_DEADLINE"] = "0"  # the cap has passed when the signal comes
+                    os.kill(os.getpid(), signal.SIGTERM)
+                rows.append({**row, "ms": 2.0})
+            except Exception as exc:
+                rows.append(harness.failed(row, exc))
+        return rows
+
+    try:
+        rows, path, error = harness.run_and_write("x", bench, True, tmp_path)
+    finally:
+        os.environ.pop("LLM2COMP_BENCH_DEADLINE", None)
+    assert error is None and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert [r.get("status", "")[:40] for r in json.loads(path.read_text())["rows"]] == [
+        "", "failed: TimeoutError: stopped by SIGTERM", "failed: TimeoutError: not measured: the "]
+
+    def crashing(quick):
+        harness.live_rows().append({"op": "x", "provider": "first", "ms": 1.0})
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    rows, path, error = harness.run_and_write("x", crashing, True, tmp_path)
+    assert isinstance(error, RuntimeError)
+    assert json.loads(path.read_text())["rows"] == [
+        {"op": "x", "provider": "first", "ms": 1.0},
+        {"op": "x", "status": "stopped: RuntimeError: CUDA error: an illegal memory access"}]
+
+
+def test_an_end_to_end_row_past_the_deadline_builds_nothing(monkeypatch):
+    built = []
+    monkeypatch.setenv("LLM2COMP_BENCH_DEADLINE", "0")
+    row = harness.end_to_end_row({"provider": "p"}, lambda: built.append(1), "cpu", 10, "texts_per_s")
+    assert not built and row["status"].startswith("failed: TimeoutError")
+    monkeypatch.delenv("LLM2COMP_BENCH_DEADLINE")
+    assert harness.end_to_end_row({"provider": "p"}, lambda: "not installed (x)", "cpu", 10, "texts_per_s") == {
+        "provider": "p", "status": "not installed (x)"}
+    row = harness.end_to_end_row({"provider": "p"}, lambda: (lambda: time.sleep(0.01), 5), "cpu", 10, "texts_per_s")
+    assert row["ms_p20"] <= row["ms"] <= row["ms_p80"] and 0 < row["texts_per_s"] < 500
+    assert row["process_peak_rss_mib"] > 0
+
+
+def test_quintiles_stay_within_the_times():
+    assert harness._quintiles([10.0, 11.0, 12.0])[0] >= 10.0 and harness._quintiles([10.0, 11.0, 12.0])[3] <= 12.0
+    assert harness._quintiles([4.0]) == [4.0] * 4
