@@ -31,6 +31,8 @@ recorded in the row.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -83,10 +85,15 @@ def _providers(device):
     return providers
 
 
+@functools.lru_cache(maxsize=2)  # the shapes' inputs, made once for the three modes (a 128k x 4k head: seconds)
+def _inputs(N, H, V, dtype, device):
+    return make_linear_kl_inputs(N, H, V, dtype=dtype, device=device)
+
+
 def _bench_shape(N, H, V, dtype, device, quick, mode, head_trained=True) -> list[dict]:
     """Rows of every provider at one shape: `mode` "fwd" (the loss alone, under no_grad) or "fwd+bwd"."""
-    student, teacher, weight = make_linear_kl_inputs(N, H, V, dtype=dtype, device=device,
-                                                     weight_requires_grad=head_trained)
+    student, teacher, weight = _inputs(N, H, V, dtype, device)
+    weight.requires_grad_(head_trained)
     with torch.no_grad():
         expected = linear_kl_loss(student, teacher, weight, backend="torch")
     rows = []
