@@ -141,27 +141,31 @@ def _chunking(options: dict) -> int | None:
     return options.get("chunk_size") if options.get("grad_cache") else None
 
 
-def _fingerprint(cfg: TrainConfig, data: tuple[list, int] | None) -> int:
-    """A 64-bit digest of the options (paths aside: nodes may mount the data elsewhere) and the rows read (None:
-    reading failed), equal on every rank of one run."""
+def _fingerprint(cfg: TrainConfig, data: tuple[list, int] | None, ckpt: Path | None) -> int:
+    """A 64-bit digest of the options (paths aside: nodes may mount the data elsewhere), the rows read (None:
+    reading failed) and the checkpoint resumed from, equal on every rank of one run."""
     options = {k: v for k, v in cfg.to_dict().items() if k not in ("data", "output")}
     rows = data[0] if data is not None else ["<unreadable>"]
-    return digest64([json.dumps(options, sort_keys=True, default=str).encode(), *(repr(r).encode() for r in rows)])
+    return digest64([json.dumps(options, sort_keys=True, default=str).encode(), str(ckpt and ckpt.name).encode(),
+                     *(repr(r).encode() for r in rows)])
 
 
-def _read_rows_on_every_rank(cfg: TrainConfig, world: int, device: torch.device) -> tuple[list, int]:
-    """`read_rows(cfg)`, checked to be the same on every rank (with the options) before anything else talks
-    to the other ranks; every rank raises if one fails or differs, none waits for the others forever."""
+def _read_rows_on_every_rank(cfg: TrainConfig, world: int, device: torch.device, ckpt: Path | None
+                             ) -> tuple[list, int]:
+    """`read_rows(cfg)`, checked to be the same on every rank (with the options and the checkpoint `ckpt` to
+    resume from) before anything else talks to the other ranks; every rank raises if one fails or differs, none
+    waits for the others forever."""
     try:
         data, error = read_rows(cfg), None
     except DataError as exc:
         data, error = None, exc
-    agree = world == 1 or ranks_agree(_fingerprint(cfg, data), device)
+    agree = world == 1 or ranks_agree(_fingerprint(cfg, data, ckpt), device)
     if error is not None:
         raise error
     if not agree:
-        raise ConfigError("the processes of this run differ in their options or in the rows of --data (every "
-                          "rank must read the same rows)")
+        raise ConfigError("the processes of this run differ in their options, in the rows of --data (every rank "
+                          "must read the same rows) or in the checkpoint they resume from (--output must be one "
+                          "directory every rank sees)")
     return data
 
 
@@ -177,7 +181,7 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
     rank, world = rank_and_world()
     precision = resolve_precision(cfg, device)
     ckpt = _check_output(cfg, world)  # before the (slow) model load, as the data file's checks
-    data = _read_rows_on_every_rank(cfg, world, device)
+    data = _read_rows_on_every_rank(cfg, world, device, ckpt)
     torch.manual_seed(cfg.seed)
     if model is None:  # fp32 computes in fp32 whatever the checkpoint holds (often bf16 or fp16 weights)
         model = modeling.load_model(cfg, torch.float32 if precision == "fp32" else None)
@@ -230,8 +234,12 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
     autocast = autocast_for(precision, device)
     records: list[dict] = []
     bar = tqdm(total=total, initial=start, disable=not (progress and main), desc=f"train {cfg.stage}")
-    # the log window so far (restored on resume: a window that spans the checkpoint logs what it would have)
+    # the log window so far (restored on resume: a window that spans the checkpoint logs what it would have),
+    # saved as means over the ranks of the run that saved it: rescaled to this run's number of ranks
     window_loss, window_weight, window_tokens, elapsed = running.get("log_window", (0.0, 0.0, 0, 0.0))
+    ranks_then = saved_meta(ckpt).get("world_size", world) if ckpt is not None else world
+    window_loss, window_weight, window_tokens = (x * ranks_then / world for x in (window_loss, window_weight,
+                                                                                 window_tokens))
     skipped = running.get("skipped_steps", 0)  # fp16 steps whose gradients overflowed, since the last log line
     overflowed = 0  # of the steps just before this one (each halves the loss scale)
     window_start = time.perf_counter() - elapsed

@@ -25,10 +25,10 @@ def _options(tiny_dir, data, output, batch_size):
             "max_steps": 3, "lora_dropout": 0.0, "attention_backend": "torch", "lr": 1e-3}
 
 
-def _worker(rank, port, stage, tiny_dir, data, output, result):
+def _worker(rank, port, stage, tiny_dir, data, output, result, extra=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
-    records = train(load_config(stage, **_options(tiny_dir, data, output, 2)), progress=False)
+    records = train(load_config(stage, **_options(tiny_dir, data, output, 2), **(extra or {})), progress=False)
     if rank == 0:
         torch.save(records, result)
     dist.destroy_process_group()
@@ -47,11 +47,29 @@ def test_two_ranks_equal_one_process(stage, tiny_dir, pairs_file, tmp_path):
     assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in single], rel=1e-4, abs=1e-6)
 
 
-def _mismatch_worker(rank, port, tiny_dir, data_files, output, result_dir):
+def test_a_two_rank_run_resumed_as_one_process_logs_the_uninterrupted_losses(tiny_dir, tmp_path):
+    """The log window that spans the checkpoint is saved as means over the 2 ranks; one process resuming it
+    rescales it, so its line averages the window's steps as the uninterrupted run's does (token-weighted)."""
+    import shutil
+
+    from .conftest import LEE_BACKGROUND
+
+    tiny, data, out, extra = str(tiny_dir), str(LEE_BACKGROUND), tmp_path / "ddp", {"log_every": 3, "save_every": 1}
+    mp.spawn(_worker, args=(_free_port(), "compress", tiny, data, str(out), str(tmp_path / "r.pt"), extra), nprocs=2)
+    shutil.rmtree(out / "checkpoints" / "step-3")  # killed after its step-2 checkpoint, mid log window
+    resumed = train(load_config("compress", **_options(tiny, data, str(out), 4), **extra, resume=True),
+                    progress=False)
+    single = train(load_config("compress", **_options(tiny, data, str(tmp_path / "one"), 4), **extra), progress=False)
+    assert [r["step"] for r in resumed] == [r["step"] for r in single] == [3]
+    assert resumed[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-4)
+
+
+def _mismatch_worker(rank, port, tiny_dir, data_files, outputs, result_dir, extra=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     try:
-        train(load_config("unsupervised", **_options(tiny_dir, data_files[rank], output, 2)), progress=False)
+        train(load_config("unsupervised", **_options(tiny_dir, data_files[rank], outputs[rank], 2), **(extra or {})),
+              progress=False)
         outcome = "trained"
     except (ConfigError, DataError) as exc:
         outcome = str(exc)
@@ -69,8 +87,23 @@ def test_ranks_reading_different_data_stop_together(second, tiny_dir, lee_texts,
     if second == "other rows":
         (tmp_path / "b.txt").write_text("\n".join(lee_texts[40:80]) + "\n")
     files = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
-    mp.spawn(_mismatch_worker, args=(_free_port(), str(tiny_dir), files, str(tmp_path / "out"), str(tmp_path)),
+    mp.spawn(_mismatch_worker, args=(_free_port(), str(tiny_dir), files, [str(tmp_path / "out")] * 2, str(tmp_path)),
              nprocs=2)
     outcomes = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
-    assert "differ in their options or in the rows of --data" in outcomes[0]
+    assert "differ in their options, in the rows of --data" in outcomes[0]
     assert outcomes[1].endswith("b.txt: no such file") if second == "missing" else outcomes[1] == outcomes[0]
+
+
+def test_ranks_resuming_from_different_checkpoints_stop_together(tiny_dir, lee_texts, tmp_path):
+    """An --output on each node's own disk: rank 0 finds the run's checkpoint, rank 1 none. Both stop at the start
+    (before, rank 0 resumed at step 2 and rank 1 at step 0, and their averaged gradients made a wrong model)."""
+    data = tmp_path / "a.txt"
+    data.write_text("\n".join(lee_texts[:40]) + "\n")
+    extra = {"save_every": 1}
+    train(load_config("unsupervised", **_options(str(tiny_dir), str(data), str(tmp_path / "node0"), 4), **extra),
+          progress=False)
+    outputs = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    mp.spawn(_mismatch_worker, args=(_free_port(), str(tiny_dir), [str(data)] * 2, outputs, str(tmp_path),
+                                     {**extra, "resume": True}), nprocs=2)
+    outcomes = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert outcomes[0] == outcomes[1] and "or in the checkpoint they resume from" in outcomes[0]
