@@ -22,9 +22,9 @@ from transformers import (
     Qwen3Config,
 )
 
-from llm2comp.data.lee import local_lee_dir
+from llm2comp.data.lee import lee_dir
 
-LEE_DIR = local_lee_dir()  # $LLM2COMP_LEE_DIR or ../shared/data/lee
+LEE_DIR = lee_dir()  # $LLM2COMP_LEE_DIR, ../shared/data/lee, or the gensim wheel's files (a stranger's checkout)
 VOCAB_SIZE = 512
 CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
            "gemma": GemmaConfig}

@@ -4,7 +4,7 @@
 (``similarities0-1.txt``; the 1225 pairs i < j are scored) and 300 background documents from the
 same source (``lee_background.cor``). Files are read from, in order: an explicit directory,
 ``$LLM2COMP_LEE_DIR``, ``../shared/data/lee`` next to the repository checkout, or the `gensim` wheel (fetched with
-``pip download --no-deps`` into the llm2comp cache and read from the zip, never installed).
+``pip download --no-deps`` into the llm2comp cache, never installed, its three files extracted beside it).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ WHEEL_DIR = "gensim/test/test_data/"
 REPO_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "lee"
 DIR_ENV = "LLM2COMP_LEE_DIR"
 
-__all__ = ["LeeBenchmark", "lee_background_documents", "lee_files", "load_lee", "local_lee_dir"]
+__all__ = ["LeeBenchmark", "lee_background_documents", "lee_dir", "lee_files", "load_lee", "local_lee_dir"]
 
 
 @dataclass(frozen=True)
@@ -38,15 +38,33 @@ def local_lee_dir() -> Path:
     return Path(os.environ.get(DIR_ENV) or REPO_DATA_DIR)
 
 
+def _complete(directory: Path) -> bool:
+    return all((directory / f).is_file() for f in FILES)
+
+
+def lee_dir() -> Path:
+    """A folder holding the three files: `local_lee_dir()` where it has them, else the gensim wheel's, extracted
+    once into the llm2comp cache (each file written whole, then renamed: parallel test workers may race here)."""
+    local = local_lee_dir()
+    if _complete(local):
+        return local
+    out = cache_dir() / "lee"
+    if not _complete(out):
+        out.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(pip_download("gensim", cache_dir() / "wheels")) as zf:
+            for f in FILES:
+                partial = out / f"{f}.{os.getpid()}.part"
+                partial.write_bytes(zf.read(WHEEL_DIR + f))
+                os.replace(partial, out / f)
+    return out
+
+
 def lee_files(data_dir: str | Path | None = None) -> dict[str, str]:
-    """The three files' contents by name, from `data_dir`, `local_lee_dir()` or the gensim wheel."""
-    for directory in ([Path(data_dir)] if data_dir is not None else [local_lee_dir()]):
-        if all((directory / f).is_file() for f in FILES):
-            return {f: _decode((directory / f).read_bytes()) for f in FILES}
-        if data_dir is not None:
-            raise FileNotFoundError(f"{directory} lacks one of {FILES}")
-    with zipfile.ZipFile(pip_download("gensim", cache_dir() / "wheels")) as zf:
-        return {f: _decode(zf.read(WHEEL_DIR + f)) for f in FILES}
+    """The three files' contents by name, from `data_dir`, else `lee_dir()`."""
+    directory = Path(data_dir) if data_dir is not None else lee_dir()
+    if not _complete(directory):
+        raise FileNotFoundError(f"{directory} lacks one of {FILES}")
+    return {f: _decode((directory / f).read_bytes()) for f in FILES}
 
 
 def _decode(data: bytes) -> str:

@@ -16,6 +16,8 @@ def test_falls_back_to_the_gensim_wheel(tmp_path, monkeypatch):
             pytest.skip(f"PyPI unreachable, cannot fetch the gensim wheel: {e}")
         raise
     assert list((tmp_path / "cache" / "wheels").glob("gensim-*.whl"))
+    assert lee.lee_dir() == tmp_path / "cache" / "lee"  # the files, for what reads them by path (the tests' data)
+    assert sorted(p.name for p in lee.lee_dir().iterdir()) == sorted(lee.FILES)
     monkeypatch.undo()
     assert from_wheel == lee.lee_files()  # the same files as ../shared/data/lee
     bench = lee.load_lee()
