@@ -30,8 +30,9 @@ def first_derivative_only(backward):
             return grads
         # DelayedError (torch's own tool for this, as in once_differentiable) raises in its backward.
         error = torch._C._functions.DelayedError(
-            b"llm2comp_kernels: this backend computes first derivatives only; use backend='torch' for a second "
-            b"derivative (create_graph=True)", len(grads))
+            b"llm2comp_kernels: this backend computes first derivatives only (create_graph=True needs a second): "
+            b"backend='torch' of memory_attention, span_mean_pool and contrastive_loss gives one; linear_kl_loss "
+            b"has none (its gradients come from its forward)", len(grads))
         return error(*[g.detach().requires_grad_() if g is not None else None for g in grads])
     return wrapped
 
