@@ -89,7 +89,8 @@ def _providers(device, quick) -> dict:
 
 def _bench_shape(B, D, dtype, device, quick, mode) -> list[dict]:
     """Rows of every provider at one shape: `mode` "fwd" (the loss alone, under no_grad) or "fwd+bwd"."""
-    q, d = make_contrastive_inputs(B, B, D, dtype=dtype, device=device, positive_weight=POSITIVE_WEIGHT)
+    q, d = make_contrastive_inputs(B, B, D, dtype=dtype, device=device, positive_weight=POSITIVE_WEIGHT,
+                                   draw_on_device=True)
     labels = torch.arange(B, device=device)
     rows = []
     for name, fn in _providers(device, quick).items():

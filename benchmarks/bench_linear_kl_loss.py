@@ -87,7 +87,7 @@ def _providers(device):
 
 @functools.lru_cache(maxsize=2)  # the shapes' inputs, made once for the three modes (a 128k x 4k head: seconds)
 def _inputs(N, H, V, dtype, device):
-    return make_linear_kl_inputs(N, H, V, dtype=dtype, device=device)
+    return make_linear_kl_inputs(N, H, V, dtype=dtype, device=device, draw_on_device=True)
 
 
 def _bench_shape(N, H, V, dtype, device, quick, mode, head_trained=True) -> list[dict]:

@@ -54,7 +54,8 @@ def _bytes(B, L, D, span, elem, mode) -> int:
 
 
 def _bench_shape(B, L, D, span, dtype, device, copy_gbps, quick) -> list[dict]:
-    hidden, start, length = make_pool_inputs(B, L, D, dtype=dtype, device=device, span=span, requires_grad=False)
+    hidden, start, length = make_pool_inputs(B, L, D, dtype=dtype, device=device, span=span, requires_grad=False,
+                                             draw_on_device=True)
     grad = torch.randn(B, D, device=device, dtype=dtype)
     rows = []
     for mode in ("fwd", "fwd+bwd"):

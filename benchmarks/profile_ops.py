@@ -55,7 +55,8 @@ def _contrastive_cases(quick: bool, device) -> dict[str, Callable[[], object]]:
     from llm2comp_kernels.testing import make_contrastive_inputs
 
     B, D = (40, 32) if quick else (8192, 1024)
-    q, d = make_contrastive_inputs(B, B, D, dtype=torch.bfloat16, device=device, positive_weight=0.15)
+    q, d = make_contrastive_inputs(B, B, D, dtype=torch.bfloat16, device=device, positive_weight=0.15,
+                                   draw_on_device=True)
     cases = {}
     for backend in ("triton",) if quick else ("triton", "cuda"):
         fn = lambda a, b, backend=backend: contrastive_loss(a, b, temperature=0.05, backend=backend)  # noqa: E731
@@ -69,7 +70,7 @@ def _pool_cases(quick: bool, device) -> dict[str, Callable[[], object]]:
 
     B, L, D, span = (4, 24, 64, 8) if quick else (512, 512, 4096, 8)
     hidden, start, length = make_pool_inputs(B, L, D, dtype=torch.bfloat16, device=device, span=span,
-                                             requires_grad=False)
+                                             requires_grad=False, draw_on_device=True)
     h = hidden.detach().requires_grad_(True)
     grad = torch.randn(B, D, device=device, dtype=hidden.dtype)
     cases = {}
@@ -88,7 +89,7 @@ def _linear_kl_cases(quick: bool, device) -> dict[str, Callable[[], object]]:
 
     N, H, V = (16, 32, 1000) if quick else (8192, 4096, 128256)
     dtype = torch.float32 if quick else torch.bfloat16
-    student, teacher, weight = make_linear_kl_inputs(N, H, V, dtype=dtype, device=device)
+    student, teacher, weight = make_linear_kl_inputs(N, H, V, dtype=dtype, device=device, draw_on_device=True)
     fn = lambda s, t, w: linear_kl_loss(s, t, w, backend="triton")  # noqa: E731
     return {f"linear_kl_loss fwd+bwd triton N{N} H{H} V{V}": harness.fwd_bwd_step(fn, student, teacher, weight)}
 
