@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -116,7 +117,8 @@ def _check_output(cfg: TrainConfig, world: int) -> Path | None:
         saved, where = meta["config"], f"in the run being resumed ({ckpt / 'meta.json'})"
         for f in dataclasses.fields(cfg):
             key = f.name  # an option the run predates is not checked
-            if key not in _RESUME_FREE and key != "batch_size" and key in saved and saved[key] != getattr(cfg, key):
+            if (key not in _RESUME_FREE and key != "batch_size" and key in saved and saved[key] != getattr(cfg, key)
+                    and not (key in ("data", "model") and _same_file(saved[key], getattr(cfg, key)))):
                 raise ConfigError(f"--resume: {'the stage' if key == 'stage' else flag(key)} is "
                                   f"{getattr(cfg, key)!r} here but {saved[key]!r} {where}")
         # the data order is that of the global batch: any split of it over processes continues the run (a
@@ -134,6 +136,15 @@ def _check_output(cfg: TrainConfig, world: int) -> Path | None:
                         "would have, so the losses continue the same training but not bit for bit", " and ".join(recut),
                         ckpt.name, cfg.lora_dropout)
     return ckpt
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two spellings of a path (``data.txt``, ``./data.txt``, an absolute one) name one existing file or
+    directory."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, TypeError, ValueError):
+        return False
 
 
 def _chunking(options: dict) -> int | None:

@@ -2,6 +2,7 @@
 checkpointing and accumulation, logging, the output directory and resume."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -464,6 +465,19 @@ def test_resume_warns_that_a_recut_batch_draws_other_dropout_masks(changed, worl
         assert _check_output(cfg, world) == ckpt
     messages = [r.getMessage() for r in caplog.records]
     assert [m for m in messages if warned and warned in m and "not bit for bit" in m] if warned else not messages
+
+
+def test_resume_takes_another_spelling_of_the_same_data_and_model_paths(tiny_dir, tmp_path):
+    cfg = _config("compress", tiny_dir, tmp_path, resume=True)
+    ckpt = Path(cfg.output) / "checkpoints" / "step-2"
+    ckpt.mkdir(parents=True)
+    saved = {**cfg.to_dict(), "data": os.path.relpath(cfg.data), "model": f"{cfg.model}/."}
+    (ckpt / "meta.json").write_text(json.dumps({"step": 2, "config": saved, "world_size": 1}))
+    assert saved["data"] != cfg.data and _check_output(cfg, 1) == ckpt
+    (ckpt / "meta.json").write_text(json.dumps({"step": 2, "config": {**saved, "data": str(tmp_path / "gone.txt")},
+                                                "world_size": 1}))
+    with pytest.raises(ConfigError, match="--resume: --data is"):
+        _check_output(cfg, 1)
 
 
 def test_resume_of_a_run_killed_while_saving_its_model_writes_it(tiny_dir, tmp_path):
