@@ -151,13 +151,8 @@ def run(quick: bool) -> list[dict]:
 
 def _measured(row: dict, device: torch.device, make_step, *args) -> dict:
     """`row` with the timing of the step ``make_step(*args)`` builds (see `harness.end_to_end_row`)."""
-    def build():
-        built = make_step(*args)
-        if isinstance(built, str):
-            return built
-        row["tokens_per_step"] = built[1]
-        return built
-    return harness.end_to_end_row(row, build, device, 4000 if device.type == "cpu" else 3000, "tokens_per_s")
+    return harness.end_to_end_row(row, lambda: make_step(*args), device, 4000 if device.type == "cpu" else 3000,
+                                  "tokens_per_s", per_call="tokens_per_step")
 
 
 if __name__ == "__main__":

@@ -315,9 +315,10 @@ def failed(row: dict, exc: BaseException) -> dict:
 
 
 def end_to_end_row(row: dict, build: Callable[[], tuple[Callable[[], object], int] | str], device: str | torch.device,
-                   rep_ms: float, per_second: str) -> dict:
-    """`row` with `measure_end_to_end` of the call that ``build()`` returns as ``(fn, count)``, and ``per_second``
-    = count / second per call; ``build()`` may return a status string instead (a peer not installed). Building it
+                   rep_ms: float, per_second: str, per_call: str | None = None) -> dict:
+    """`row` with `measure_end_to_end` of the call that ``build()`` returns as ``(fn, count)``, ``per_second`` =
+    count / second per call (and ``per_call`` = count, if named); ``build()`` may return a status string instead
+    (a peer not installed). Building it
     (a model to load) comes after the deadline check; its failure or the call's (an out-of-memory, the run's
     deadline) is the row's status, so the other rows survive."""
     try:
@@ -333,7 +334,7 @@ def end_to_end_row(row: dict, build: Callable[[], tuple[Callable[[], object], in
         built = fn = None  # the model goes before the next row's loads
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
-    return {**row, **result, per_second: count / (result["ms"] / 1e3)}
+    return {**row, **({per_call: count} if per_call else {}), **result, per_second: count / (result["ms"] / 1e3)}
 
 
 def add_ratios(rows: list[dict], peer: str, key: str = "ms", higher_is_better: bool = False) -> None:

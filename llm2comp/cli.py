@@ -99,9 +99,8 @@ def _run_encode(args: argparse.Namespace) -> int:
         print("llm2comp encode: no texts (give them as arguments or with --input)", file=sys.stderr)
         return 2
     output = _npy_path(args.output) if args.output else None
-    devices = [d.strip() for d in args.device.split(",") if d.strip()] if args.device and "," in args.device else None
-    for device in devices or ():  # before the model loads
-        checked_device(device)
+    several = args.device and "," in args.device  # checked before the model loads
+    devices = [checked_device(d) for d in args.device.split(",") if d.strip()] if several else None
     # with several devices the model loads on the CPU, from where it is sent to the workers
     emb = _load(args, "cpu" if devices else None).encode(
         texts, instruction=args.instruction, batch_size=args.batch_size, max_length=args.max_length,
