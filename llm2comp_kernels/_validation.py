@@ -149,6 +149,15 @@ def positive_float(op: str, name: str, value) -> float:
     return float(value)
 
 
+def probability(op: str, name: str, value) -> float:
+    """`value` as a float in [0, 1) (a dropout probability)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a number, got {type_name(value)}")
+    if not 0 <= value < 1:
+        raise ValueError(f"{op}: {name} must be in [0, 1), got {value}")
+    return float(value)
+
+
 def choice(op: str, name: str, value, options: tuple[str, ...]) -> str:
     if value not in options:
         raise ValueError(f"{op}: {name} must be one of {options}, got {value!r}")

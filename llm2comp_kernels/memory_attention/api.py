@@ -26,9 +26,10 @@ TRITON_MAX_BATCH = 65535  # CUDA's limit on grid axes 1 and 2 (the kernels' head
 FLASH_MAX_HEAD_DIM = 256
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 LOW_PRECISION_BACKENDS = ("cuda", "flash")  # the backends that take float16/bfloat16 only
+NO_DROPOUT_BACKENDS = ("triton", "cuda", "flash")  # refuse dropout_p > 0; "auto" routes around them
 
 
-def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, str]:
+def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> dict[str, str]:
     """Why a kernel backend cannot take these inputs, per backend (those it can take are absent)."""
     B, _, _, d = q.shape
     reasons = {}
@@ -44,6 +45,9 @@ def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str,
     if q.dtype not in LOW_PRECISION or d > FLASH_MAX_HEAD_DIM:
         reasons["flash"] = (f"flash_attn supports float16/bfloat16 with head dims up to {FLASH_MAX_HEAD_DIM}, "
                             f"got {q.dtype} with d={d}")
+    if dropout_p > 0:
+        for backend in NO_DROPOUT_BACKENDS:
+            reasons.setdefault(backend, f"it has no attention dropout (got dropout_p={dropout_p})")
     return reasons
 
 
@@ -55,7 +59,8 @@ def auto_order(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[str, 
 
 
 def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, *,
-                     causal: bool = False, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+                     causal: bool = False, scale: float | None = None, dropout_p: float = 0.0,
+                     backend: str = "auto") -> torch.Tensor:
     """Attention over right-padded sequences, bidirectional by default, with grouped-query heads.
 
     Args:
@@ -66,6 +71,11 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
             positions ``0 .. seq_lens[b]-1`` and padding after them.
         causal: if True, query i also sees only keys ``j <= i``.
         scale: softmax scale, default ``d ** -0.5``.
+        dropout_p: attention-probability dropout in [0, 1): each probability is zeroed with probability
+            `dropout_p` and the kept ones scaled by ``1 / (1 - dropout_p)``; masks are drawn from torch's
+            default generator of the device, so restoring its state replays them. Callers pass 0 in eval mode
+            (as transformers' attention modules do). Backends without it (`NO_DROPOUT_BACKENDS`) refuse it;
+            "auto" routes around them.
         backend: ``"auto"`` (for CUDA tensors triton > cuda, but cuda > triton for a forward without
             gradient at L <= 128; sdpa where neither runs: CPU tensors, GPUs older than Ampere, other head
             dims), ``"torch"`` (the eager reference), ``"sdpa"`` (torch's `scaled_dot_product_attention`
@@ -81,11 +91,12 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
     cast = autocast_inputs(q, k, v)
     if cast is not None:
         with torch.autocast(q.device.type, enabled=False):
-            return memory_attention(*cast, seq_lens, causal=causal, scale=scale, backend=backend)
-    scale = check_memory_attention(q, k, v, seq_lens, causal, scale)
+            return memory_attention(*cast, seq_lens, causal=causal, scale=scale, dropout_p=dropout_p,
+                                    backend=backend)
+    scale = check_memory_attention(q, k, v, seq_lens, causal, scale, dropout_p)
     chosen = resolve_backend("memory_attention", backend, q.device, q.dtype, cuda_op="memory_attention_fwd",
-                             allowed=BACKENDS, unsupported=_unsupported(q, k, v), auto_order=auto_order(q, k, v),
-                             fallback="sdpa")
+                             allowed=BACKENDS, unsupported=_unsupported(q, k, v, dropout_p),
+                             auto_order=auto_order(q, k, v), fallback="sdpa")
     if chosen == "triton":
         from .triton import memory_attention_triton
         return memory_attention_triton(q, k, v, seq_lens, causal, scale)
@@ -97,9 +108,9 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
         return memory_attention_flash(q, k, v, seq_lens, causal, scale)
     if chosen == "sdpa":
         from .sdpa import memory_attention_sdpa
-        return memory_attention_sdpa(q, k, v, seq_lens, causal, scale)
+        return memory_attention_sdpa(q, k, v, seq_lens, causal, scale, dropout_p)
     from .reference import memory_attention_reference
-    return memory_attention_reference(q, k, v, seq_lens, causal, scale)
+    return memory_attention_reference(q, k, v, seq_lens, causal, scale, dropout_p)
 
 
 def backward_from_saved(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor,

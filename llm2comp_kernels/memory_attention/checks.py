@@ -9,7 +9,7 @@ from .. import _validation as v
 OP = "memory_attention"
 
 
-def check_memory_attention(q, k, v_, seq_lens, causal, scale) -> float:
+def check_memory_attention(q, k, v_, seq_lens, causal, scale, dropout_p=0.0) -> float:
     """Validate the inputs and return the softmax scale (``d ** -0.5`` when `scale` is None)."""
     v.tensor(OP, "q", q, 4, shape_doc="[B, Hq, L, d]")
     v.tensor(OP, "k", k, 4, shape_doc="[B, Hkv, L, d]")
@@ -33,6 +33,7 @@ def check_memory_attention(q, k, v_, seq_lens, causal, scale) -> float:
     v.size(OP, "seq_lens", seq_lens.shape[0], B, "length (one entry per batch row)")
     v.in_range(OP, "seq_lens", seq_lens, 1, L, f"1 <= seq_lens[b] <= L = {L}")
     v.flag(OP, "causal", causal)
+    v.probability(OP, "dropout_p", dropout_p)
     if scale is None:
         return d ** -0.5
     return v.positive_float(OP, "scale", scale)

@@ -21,15 +21,24 @@ def _masked_scores(q, k, seq_lens, causal, scale):
 
 
 def memory_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor,
-                               causal: bool, scale: float) -> torch.Tensor:
+                               causal: bool, scale: float, dropout_p: float = 0.0,
+                               keep: torch.Tensor | None = None) -> torch.Tensor:
     """q `[B, Hq, L, d]`, k/v `[B, Hkv, L, d]`, seq_lens `[B]` -> `[B, Hq, L, d]` in q's dtype.
 
     Computes in float32 (float64 for float64 inputs). Materialises the `[B, Hq, L, L]` scores:
-    meant for tests and CPU, not for long sequences on GPU.
+    meant for tests and CPU, not for long sequences on GPU. With ``dropout_p > 0`` each attention
+    probability is kept with probability ``1 - dropout_p`` and scaled by ``1 / (1 - dropout_p)``: the keep
+    mask is bool `keep` `[B, Hq, L, L]` when given (to replay another backend's mask), else drawn from
+    torch's default generator of q's device.
     """
     scores, valid = _masked_scores(q, k, seq_lens, causal, scale)
     _, (vf,) = zero_padding(seq_lens, v.to(scores.dtype))
-    out = torch.softmax(scores, dim=-1) @ vf.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0:
+        if keep is None:
+            keep = torch.rand(probs.shape, device=probs.device) >= dropout_p
+        probs = probs * keep / (1 - dropout_p)
+    out = probs @ vf.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     # Padded query rows still see key 0, so no row is all -inf; zeroing them also zeroes their grads.
     return out.masked_fill(~valid[:, None, :, None], 0).to(q.dtype)
 

@@ -16,14 +16,14 @@ import torch.nn.functional as F
 from .checks import allowed_keys, zero_padding
 
 
-def memory_attention_sdpa(q, k, v, seq_lens, causal: bool, scale: float) -> torch.Tensor:
+def memory_attention_sdpa(q, k, v, seq_lens, causal: bool, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """q `[B, Hq, L, d]`, k/v `[B, Hkv, L, d]` -> `[B, Hq, L, d]` in q's dtype, padded rows zero (and their
-    gradients; padded keys are masked out)."""
+    gradients; padded keys are masked out). `dropout_p`: SDPA's own attention dropout (torch's generator)."""
     group = q.shape[1] // k.shape[1]
     valid, (q, k, v) = zero_padding(seq_lens, q, k, v)                       # valid: [B, L]
     if q.is_cuda and group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed_keys(valid, causal), scale=scale,
-                                         enable_gqa=q.shape[1] != k.shape[1])
+                                         dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1])
     # a padded query row sees the real keys (never an all-masked row); its output and gradient are dropped here
     return out.masked_fill(~valid[:, None, :, None], 0)
