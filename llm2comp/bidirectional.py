@@ -26,7 +26,7 @@ ATTN_IMPLEMENTATION = "llm2comp"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 
 __all__ = ["ATTN_IMPLEMENTATION", "SUPPORTED_MODEL_TYPES", "causal_attention", "is_patched",
-           "patch_bidirectional", "seq_lens_from_mask", "unpatch_bidirectional"]
+           "patch_bidirectional", "seq_lens_from_mask", "set_attention_dropout", "unpatch_bidirectional"]
 
 
 def seq_lens_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -78,10 +78,9 @@ def _llm2comp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
                         **_: object) -> tuple[torch.Tensor, None]:
     """`AttentionInterface` function: query `[B, Hq, L, d]`, key/value `[B, Hkv, L, d]` -> `[B, L, Hq, d]`.
 
-    ``attention_mask`` is the `[B]` seq_lens tensor made by `_llm2comp_mask` (None: no padding).
+    ``attention_mask`` is the `[B]` seq_lens tensor made by `_llm2comp_mask` (None: no padding). ``dropout``
+    is the module's attention-probability dropout, which transformers passes as 0 in eval mode.
     """
-    if dropout > 0:
-        raise ValueError(f"llm2comp attention has no attention dropout (got {dropout}); set attention_dropout=0")
     if softcap is not None:
         raise ValueError(f"llm2comp attention has no logit soft-capping (got softcap={softcap})")
     b, _, length, _ = query.shape
@@ -94,7 +93,7 @@ def _llm2comp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
         raise ValueError("llm2comp attention expected the seq_lens made by its mask function, got a mask of shape "
                          f"{tuple(attention_mask.shape)}; pass a 2D attention_mask, not a prepared 4D one")
     out = memory_attention(query, key, value, attention_mask, causal=bool(module.is_causal), scale=scaling,
-                           backend=getattr(module, "llm2comp_backend", "auto"))
+                           dropout_p=dropout, backend=getattr(module, "llm2comp_backend", "auto"))
     return out.transpose(1, 2), None
 
 
@@ -181,3 +180,14 @@ def causal_attention(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     finally:
         for m, flag in zip(modules, previous, strict=True):
             m.is_causal = flag
+
+
+def set_attention_dropout(model: torch.nn.Module, p: float) -> None:
+    """Attention-probability dropout `p` in every attention layer of `model` (a transformers decoder or a peft
+    model around one) and in its config; it acts in training mode only."""
+    if not 0 <= p < 1:
+        raise ValueError(f"attention dropout must be in [0, 1), got {p}")
+    base = _base_model(model)
+    base.config.attention_dropout = p
+    for m in _attention_modules(base):
+        m.attention_dropout = p

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llm2comp_kernels import span_mean_pool
@@ -31,9 +33,10 @@ from llm2comp_kernels import span_mean_pool
 from .bidirectional import patch_bidirectional, unpatch_bidirectional
 from .default_model import DEFAULT_MODEL, HUB_ID, default_model_files, is_default_model
 from .encode import POOLINGS, check_encode_kwargs, check_pooling, cosine_similarity, encode_texts
-from .memory_tokens import add_memory_tokens, init_memory_rows
+from .memory_tokens import MEMORY_INITS, add_memory_tokens, init_memory_rows
 
 CONFIG_NAME = "llm2comp_config.json"
+MERGED_LORA_NAME = "merged_lora.safetensors"  # earlier stages' LoRA factors, folded into the base on load
 # Lets ``SentenceTransformer(directory, trust_remote_code=True)`` load a saved model through
 # `llm2comp.interop.LLM2CompModule` (a class outside sentence-transformers, hence trust_remote_code).
 ST_MODULES = [{"idx": 0, "name": "0", "path": "", "type": "llm2comp.interop.LLM2CompModule"}]
@@ -115,6 +118,24 @@ def _saving_into(directory: Path):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _read_merged_lora(directory: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The folded LoRA factors `LLM2Comp.merge_lora_and_restart` saved in `directory`."""
+    tensors = load_file(str(directory / MERGED_LORA_NAME))
+    names = sorted({key.rsplit(".", 1)[0] for key in tensors})
+    return {name: (tensors[f"{name}.A"], tensors[f"{name}.B"]) for name in names}
+
+
+def _fold_lora(model: torch.nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+               linear_of=None) -> None:
+    """Add ``B @ A`` to the weight of each named linear layer of `model` (`linear_of(name)`: the layer, default
+    ``model.get_submodule(name)``), computed in fp32 and rounded once to the weight's dtype."""
+    with torch.no_grad():
+        for name, (a, b) in factors.items():
+            linear = linear_of(name) if linear_of else model.get_submodule(name)
+            weight = linear.weight
+            weight.copy_((weight.float() + (b.to(weight.device) @ a.to(weight.device))).to(weight.dtype))
+
+
 @contextlib.contextmanager
 def _peft_deprecation_quiet():
     """Without transformers 5's FutureWarning about `is_gradient_checkpointing`, which peft's wrapper reads on
@@ -144,7 +165,7 @@ class LLM2Comp(torch.nn.Module):
     """
 
     def __init__(self, model: PeftModel, tokenizer, memory_token_ids: Sequence[int], *, pooling: str = "memory",
-                 base_reference: dict | None = None):
+                 base_reference: dict | None = None, prepend_bos: bool | None = True, memory_init: str = "mean"):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -152,8 +173,14 @@ class LLM2Comp(torch.nn.Module):
         self.num_memory_tokens = len(self.memory_token_ids)
         self.pooling = check_pooling(pooling)
         self.base_reference = base_reference or {}
-        bos = tokenizer.bos_token_id
-        self._bos = [bos] if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else []
+        self.prepend_bos, self.memory_init = prepend_bos, memory_init
+        # earlier stages' LoRA, folded into the base weights: module name -> (A [R, in], B [out, R] x scaling)
+        self.merged_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if prepend_bos is None:  # models saved before the option: BOS where the tokenizer adds one itself
+            bos = tokenizer.bos_token_id
+            self._bos = [bos] if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else []
+        else:
+            self._bos = [self.start_token_id] if prepend_bos else []
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
@@ -161,24 +188,32 @@ class LLM2Comp(torch.nn.Module):
                         lora_alpha: int = 32, lora_dropout: float = 0.05, lora_targets: Sequence[str] = LORA_TARGETS,
                         pooling: str | None = None, dtype: torch.dtype | str | None = None,
                         device: torch.device | str | None = None, backend: str = "auto",
-                        base_model: str | None = None, **hf_kwargs) -> LLM2Comp:
+                        base_model: str | None = None, prepend_bos: bool = True, memory_init: str = "random",
+                        **hf_kwargs) -> LLM2Comp:
         """Load a decoder (hub id, local dir, ``gguf_file=``, or the default) or a saved LLM2Comp (local
         directory or hub repo).
 
         A new model gets `num_memory_tokens` memory tokens and fresh LoRA adapters (rank, alpha,
-        dropout, targets present in the model). A saved LLM2Comp directory (it holds
+        dropout, targets present in the model), the memory rows initialised as `memory_init` says
+        (`llm2comp.memory_tokens.MEMORY_INITS`), and with `prepend_bos` every row starts with the token the
+        decoder starts from (`start_token_id`), as compression training's decoder and teacher do; without,
+        with what the tokenizer adds itself. A saved LLM2Comp directory (it holds
         ``llm2comp_config.json``) restores its own settings; the LoRA arguments then apply only to
         a merged directory, which gets fresh adapters on top; `base_model` overrides where an
         adapter directory's base model is (when it moved since saving). `backend` picks the
         `memory_attention` backend; `hf_kwargs` go to transformers' ``from_pretrained``. Returns the
         model in eval mode (dropout off), like transformers.
         """
+        if memory_init not in MEMORY_INITS:
+            raise ValueError(f"memory_init must be one of {MEMORY_INITS}, got {memory_init!r}")
         saved_dir = _saved_dir(name_or_path, hf_kwargs)
         if saved_dir is not None:
             name_or_path, config_file = str(saved_dir), saved_dir / CONFIG_NAME
             hf_kwargs = {k: v for k, v in hf_kwargs.items() if k not in _REPO_KEYS}  # the repo is read now
             saved = json.loads(config_file.read_text())
             pooling = pooling or saved["pooling"]
+            # what the saved model was trained with; models saved before these options: the earlier behaviour
+            layout = {"prepend_bos": saved.get("prepend_bos"), "memory_init": saved.get("memory_init", "mean")}
             if saved["merged"]:
                 tokenizer, base, reference = _load_base(name_or_path, dtype, hf_kwargs)
                 ids = saved["memory_token_ids"]
@@ -193,20 +228,26 @@ class LLM2Comp(torch.nn.Module):
                         f"the base model {base_name} named in {config_file} (base_model.name_or_path) does not "
                         "exist; pass its new location as base_model= (--base-model on the command line)")
                 _, base, reference = _load_base(base_name, dtype, {**ref, **hf_kwargs})
-                init_memory_rows(base, tokenizer, saved["memory_token_ids"])
+                init_memory_rows(base, tokenizer, saved["memory_token_ids"], layout["memory_init"])
+                merged_lora = _read_merged_lora(saved_dir) if saved.get("merged_lora") else {}
+                _fold_lora(base, merged_lora)
                 patch_bidirectional(base, backend=backend)
                 with _peft_deprecation_quiet():
                     model = PeftModel.from_pretrained(base, name_or_path, is_trainable=True)
-                return cls(model, tokenizer, saved["memory_token_ids"], pooling=pooling,
-                           base_reference=reference)._loaded(device)
+                encoder = cls(model, tokenizer, saved["memory_token_ids"], pooling=pooling,
+                              base_reference=reference, **layout)
+                encoder.merged_lora = merged_lora
+                return encoder._loaded(device)
         else:
             tokenizer, base, reference = _load_base(name_or_path, dtype, hf_kwargs)
-            ids = add_memory_tokens(base, tokenizer, num_memory_tokens)
+            ids = add_memory_tokens(base, tokenizer, num_memory_tokens, memory_init)
+            layout = {"prepend_bos": prepend_bos, "memory_init": memory_init}
         patch_bidirectional(base, backend=backend)
         lora = _lora_config(base, ids, lora_rank, lora_alpha, lora_dropout, lora_targets)
         with _peft_deprecation_quiet():
             model = get_peft_model(base, lora)
-        return cls(model, tokenizer, ids, pooling=pooling or "memory", base_reference=reference)._loaded(device)
+        return cls(model, tokenizer, ids, pooling=pooling or "memory", base_reference=reference,
+                   **layout)._loaded(device)
 
     def _loaded(self, device: torch.device | str | None) -> LLM2Comp:
         self.eval()
@@ -218,7 +259,8 @@ class LLM2Comp(torch.nn.Module):
         return {"format": "llm2comp", "version": 1, "merged": merged,
                 "base_model": None if merged else self.base_reference,
                 "num_memory_tokens": self.num_memory_tokens, "memory_token_ids": self.memory_token_ids,
-                "pooling": self.pooling,
+                "pooling": self.pooling, "prepend_bos": self.prepend_bos, "memory_init": self.memory_init,
+                "merged_lora": bool(self.merged_lora) and not merged,
                 "lora": {"rank": lora.r, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout,
                          "targets": sorted(lora.target_modules)}}
 
@@ -229,6 +271,9 @@ class LLM2Comp(torch.nn.Module):
             # save_embedding_layers=False: the memory rows are saved as trainable-token parameters; the
             # base embedding is reloaded from the base model.
             self.model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
+            if self.merged_lora:
+                save_file({f"{name}.{part}": t.contiguous() for name, ab in self.merged_lora.items()
+                           for part, t in zip("AB", ab, strict=True)}, str(folder / MERGED_LORA_NAME))
             self.tokenizer.save_pretrained(folder)
             self._write_configs(folder, merged=False)
 
@@ -266,6 +311,27 @@ class LLM2Comp(torch.nn.Module):
             'model = LLM2Comp.from_pretrained("path/or/repo-id")',
             'embeddings = model.encode(["first text", "second text"], normalize_embeddings=True)', "```", "",
             "It also loads as `SentenceTransformer(path, trust_remote_code=True)`.", ""])
+
+    def merge_lora_and_restart(self) -> None:
+        """Fold the LoRA adapters into the base weights and restart them (A random, B zero), as the paper does
+        between stages: the next stage trains a fresh LoRA on the merged model. The folded factors are kept in
+        `merged_lora` (concatenated along the rank over stages), saved with the adapter and folded in again on
+        load, so a saved model is the base, the earlier stages' LoRA and the current one."""
+        base = self.model.get_base_model()
+        fold = {}
+        with torch.no_grad():
+            for name, module in base.named_modules():
+                if isinstance(module, LoraLayer) and "default" in module.lora_A:
+                    a = module.lora_A["default"].weight.detach().float().cpu().clone()  # reset below
+                    b = module.lora_B["default"].weight.detach().float().cpu() * module.scaling["default"]
+                    if not b.any():  # an untrained adapter (B starts at zero): nothing to fold
+                        continue
+                    fold[name] = (a, b)
+                    module.reset_lora_parameters("default", True)
+        _fold_lora(base, fold, lambda name: base.get_submodule(name).base_layer)
+        for name, (a, b) in fold.items():
+            old_a, old_b = self.merged_lora.get(name, (a[:0], b[:, :0]))
+            self.merged_lora[name] = (torch.cat([old_a, a]), torch.cat([old_b, b], dim=1))
 
     # ----------------------------------------------------------------------------- modules
     def backbone(self) -> torch.nn.Module:
@@ -332,6 +398,12 @@ class LLM2Comp(torch.nn.Module):
         """`tokenize` of texts given as token ids (no instruction): the rows read exactly these tokens, where a
         text decoded and tokenized again might not (a byte-level token cut from its character, say)."""
         return self._batch([([], list(ids)) for ids in token_ids], max_length)
+
+    @property
+    def start_token_id(self) -> int:
+        """The token a decoder row starts from: BOS, or EOS for tokenizers without one (Qwen)."""
+        tok = self.tokenizer
+        return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
 
     @property
     def pad_token_id(self) -> int:

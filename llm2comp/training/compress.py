@@ -98,7 +98,7 @@ def make_compression_batch(model, texts: list[str], *, objective: str, min_split
     # would lose its first bytes there (and some tokenizers would add a token at the cut).
     encoder_inputs = model.tokenize_ids([i[:s] for i, s in zip(ids, splits)], max_length=max_length)
     pad = model.pad_token_id
-    bos = modeling.bos_token_id(tokenizer)
+    bos = model.start_token_id
     if objective == "reconstruct":
         targets, target_mask = _pad([i[:s] for i, s in zip(ids, splits)], pad)
     else:
@@ -132,7 +132,7 @@ def compression_loss(model, batch: CompressionBatch, objective: str) -> torch.Te
     with modeling.frozen_decoder(model):
         weight = model.lm_head.weight.detach()  # frozen base head (memory rows at their initial values)
         embed = model.model.get_input_embeddings()
-        bos = torch.full((b, 1), modeling.bos_token_id(model.tokenizer), device=memory.device)
+        bos = torch.full((b, 1), model.start_token_id, device=memory.device)
         targets = embed(batch.targets)
         inputs = torch.cat([embed(bos), memory.to(targets.dtype), targets], dim=1)
         attention = torch.cat([torch.ones(b, 1 + m, dtype=torch.long, device=memory.device),

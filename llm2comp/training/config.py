@@ -60,7 +60,17 @@ class TrainConfig:
     memory_tokens: int = _opt(8, "M, memory tokens appended to each text (new models only)")
     lora_r: int = _opt(16, "LoRA rank (new models only)")
     lora_alpha: int = _opt(32, "LoRA alpha (new models only)")
-    lora_dropout: float = _opt(0.05, "dropout on the LoRA path (SimCSE's noise in the unsupervised stage)")
+    lora_dropout: float = _opt(0.05, "dropout on the LoRA path")
+    attention_dropout: float = _opt(0.0, "attention-probability dropout in every layer while training (SimCSE's "
+                                    "noise in the unsupervised stage: 0.2 as the paper)")
+    memory_init: str = _opt("random", "how new memory-token rows start: random = distinct rows drawn with the "
+                            "embedding's per-dimension mean and std, mean = all the mean row (new models only)",
+                            ("random", "mean"))
+    encoder_bos: bool = _opt(True, "start every encoder row with BOS, as the decoder and teacher of compression "
+                             "training (new models only)")
+    fresh_lora: bool = _opt(False, "fold the loaded model's LoRA into the weights and train a fresh LoRA, as the "
+                            "paper does between stages (default on in the unsupervised and supervised stages)")
+    freeze_memory: bool = _opt(False, "keep the memory-token rows fixed (default on after stage 1, as the paper)")
     lr: float = _opt(1e-4, "peak learning rate of AdamW")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     schedule: str = _opt("linear", "learning-rate decay after warmup", ("linear", "cosine", "constant"))
@@ -98,8 +108,9 @@ class TrainConfig:
 
 _STAGE_DEFAULTS = {
     "compress": {"lr": 1e-4, "lora_dropout": 0.05, "batch_size": 16},
-    "unsupervised": {"lr": 1e-5, "lora_dropout": 0.2, "batch_size": 64},
-    "supervised": {"lr": 1e-5, "lora_dropout": 0.05, "batch_size": 32},
+    "unsupervised": {"lr": 3e-5, "lora_dropout": 0.05, "attention_dropout": 0.2, "batch_size": 64,
+                     "fresh_lora": True, "freeze_memory": True},
+    "supervised": {"lr": 1e-4, "lora_dropout": 0.05, "batch_size": 32, "fresh_lora": True, "freeze_memory": True},
 }
 
 
@@ -114,7 +125,7 @@ _RANGES = (  # (options, test, what the error says they must be)
       "memory_tokens", "lora_r", "lora_alpha"), lambda v: v >= 1, ">= 1"),
     (("max_steps", "num_negatives", "max_grad_norm", "weight_decay"), lambda v: v >= 0, ">= 0"),
     (("lr", "temperature"), lambda v: v > 0, "> 0"),
-    (("lora_dropout", "warmup_ratio"), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("lora_dropout", "attention_dropout", "warmup_ratio"), lambda v: 0 <= v < 1, "in [0, 1)"),
 )
 _TYPES = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
           "bool": ((bool,), "true or false")}

@@ -9,15 +9,16 @@ from collections.abc import Iterator
 
 import torch
 
-from ..bidirectional import causal_attention
+from ..bidirectional import causal_attention, set_attention_dropout
 from ..model import LLM2Comp
 from .config import TrainConfig
 
-__all__ = ["load_model", "bos_token_id", "memory_states", "frozen_decoder", "tokenize_mixed", "embed",
+__all__ = ["load_model", "prepare_for_stage", "memory_states", "frozen_decoder", "tokenize_mixed", "embed",
            "set_lora_dropout", "enable_gradient_checkpointing"]
 
 
 log = logging.getLogger(__name__)
+MEMORY_ROWS_PARAM = "trainable_tokens_delta"  # peft's name of the memory rows (trainable_token_indices)
 
 
 def load_model(cfg: TrainConfig, dtype: torch.dtype | None = None) -> LLM2Comp:
@@ -25,7 +26,8 @@ def load_model(cfg: TrainConfig, dtype: torch.dtype | None = None) -> LLM2Comp:
     warning says so when they differ from the options). `dtype`: of the weights (None: the checkpoint's)."""
     model = LLM2Comp.from_pretrained(cfg.model, num_memory_tokens=cfg.memory_tokens, lora_rank=cfg.lora_r,
                                      lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                     backend=cfg.attention_backend, dtype=dtype)
+                                     backend=cfg.attention_backend, dtype=dtype, memory_init=cfg.memory_init,
+                                     prepend_bos=cfg.encoder_bos)
     lora = model.model.peft_config["default"]
     kept = {"--memory-tokens": (cfg.memory_tokens, model.num_memory_tokens), "--lora-r": (cfg.lora_r, lora.r),
             "--lora-alpha": (cfg.lora_alpha, lora.lora_alpha)}
@@ -36,9 +38,16 @@ def load_model(cfg: TrainConfig, dtype: torch.dtype | None = None) -> LLM2Comp:
     return model
 
 
-def bos_token_id(tok) -> int:
-    """The token the decoder starts from: BOS, or EOS for tokenizers without one (Qwen)."""
-    return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+def prepare_for_stage(model: LLM2Comp, cfg: TrainConfig) -> None:
+    """What the stage trains, as `cfg` says: a fresh LoRA on the loaded one folded in (``fresh_lora``), the
+    memory rows frozen or not (``freeze_memory``), the LoRA and attention dropout."""
+    if cfg.fresh_lora:
+        model.merge_lora_and_restart()
+    for name, param in model.named_parameters():
+        if MEMORY_ROWS_PARAM in name:
+            param.requires_grad_(not cfg.freeze_memory)
+    set_lora_dropout(model, cfg.lora_dropout)
+    set_attention_dropout(model.model, cfg.attention_dropout)
 
 
 def memory_states(model: LLM2Comp, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -53,17 +62,20 @@ _FROZEN = "_llm2comp_in_frozen_decoder"  # model attribute: True within `frozen_
 
 @contextlib.contextmanager
 def frozen_decoder(model: LLM2Comp) -> Iterator[LLM2Comp]:
-    """Within the block the model is the original LLM: adapters (LoRA, memory rows) off, causal attention.
+    """Within the block the model is the original LLM: adapters (LoRA, memory rows) off, causal attention, no
+    attention dropout.
 
     Same weights, no copy: peft's ``disable_adapter`` and the patch's causal switch.
     """
-    previous = getattr(model, _FROZEN, False)
+    previous, dropout = getattr(model, _FROZEN, False), model.model.get_base_model().config.attention_dropout
     with model.model.disable_adapter(), causal_attention(model.model):
         setattr(model, _FROZEN, True)  # read by the checkpointing's recompute context (below)
+        set_attention_dropout(model.model, 0.0)
         try:
             yield model
         finally:
             setattr(model, _FROZEN, previous)
+            set_attention_dropout(model.model, dropout)
 
 
 def _pad_to(t: torch.Tensor, width: int, value: int) -> torch.Tensor:

@@ -196,7 +196,7 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
     torch.manual_seed(cfg.seed)
     if model is None:  # fp32 computes in fp32 whatever the checkpoint holds (often bf16 or fp16 weights)
         model = modeling.load_model(cfg, torch.float32 if precision == "fp32" else None)
-    modeling.set_lora_dropout(model, cfg.lora_dropout)
+    modeling.prepare_for_stage(model, cfg)
     model.to(device).train()
     if cfg.gradient_checkpointing:
         modeling.enable_gradient_checkpointing(model)

@@ -151,7 +151,6 @@ def test_gpu_auto_backend_matches_torch_bf16(head_dim):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"dropout": 0.1}, "no attention dropout"),
     ({"sliding_window": 4}, "no sliding window: sequence length 5 exceeds the model's sliding_window=4"),
     ({"softcap": 50.0}, r"no logit soft-capping \(got softcap=50.0\)"),
 ])
@@ -166,3 +165,28 @@ def test_attention_options_it_cannot_honour_are_refused(kwargs, match):
         _llm2comp_attention(module, q, q, q, None, **kwargs)
     out, _ = _llm2comp_attention(module, q, q, q, None, sliding_window=5)  # a window the sequence fits in
     assert out.shape == (1, 5, 2, 8)
+
+
+def test_attention_dropout_acts_in_training_only():
+    """set_attention_dropout reaches every layer: a train-mode forward draws masks (two calls differ, and equal
+    ones under the same seed), an eval-mode forward is deterministic and equal to the model without dropout."""
+    from llm2comp.bidirectional import set_attention_dropout
+
+    tok = train_tokenizer(add_bos=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", tok))
+    patch_bidirectional(model, backend="torch")
+    batch = tok(TEXTS, padding=True, return_tensors="pt")
+    mask = batch["attention_mask"].bool()
+    plain = _hidden(model.eval(), batch)
+    set_attention_dropout(model, 0.3)
+    assert model.config.attention_dropout == 0.3
+    torch.testing.assert_close(_hidden(model.eval(), batch), plain)
+    model.train()
+    torch.manual_seed(1)
+    first = _hidden(model, batch)
+    torch.manual_seed(1)
+    torch.testing.assert_close(_hidden(model, batch), first)
+    assert not torch.allclose(_hidden(model, batch)[mask], first[mask])
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        set_attention_dropout(model, 1.0)

@@ -54,10 +54,41 @@ def test_tokenize_edge_texts(tiny_encoder):
 
 
 def test_no_bos_tokenizer(tiny_dirs):
-    enc = LLM2Comp.from_pretrained(str(tiny_dirs["qwen2"]), num_memory_tokens=2, lora_rank=2)
-    batch = enc.tokenize(["Rain fell."])
-    assert int(batch["text_start"][0]) == 0
-    assert batch["input_ids"][0, 0].item() == enc.tokenizer("Rain fell.", add_special_tokens=False)["input_ids"][0]
+    """A tokenizer without BOS (Qwen): rows start with the decoder's start token, EOS, as compression training's
+    decoder and teacher rows do; with prepend_bos=False, with the text."""
+    text_ids = None
+    for prepend_bos, start in ((True, 1), (False, 0)):
+        enc = LLM2Comp.from_pretrained(str(tiny_dirs["qwen2"]), num_memory_tokens=2, lora_rank=2,
+                                       prepend_bos=prepend_bos)
+        text_ids = enc.tokenizer("Rain fell.", add_special_tokens=False)["input_ids"]
+        batch = enc.tokenize(["Rain fell."])
+        assert int(batch["text_start"][0]) == start
+        assert batch["input_ids"][0, :start].tolist() == [enc.tokenizer.eos_token_id][:start]
+        assert batch["input_ids"][0, start].item() == text_ids[0]
+
+
+def test_bos_and_memory_init_saved(tiny_dirs, tmp_path):
+    """prepend_bos and memory_init are part of a saved model; "random" rows are distinct, "mean" rows equal, and
+    a model saved before the options (no keys) reads rows as the tokenizer makes them."""
+    for prepend_bos, init in ((False, "mean"), (True, "random")):
+        enc = LLM2Comp.from_pretrained(str(tiny_dirs["llama"]), num_memory_tokens=3, lora_rank=2,
+                                       prepend_bos=prepend_bos, memory_init=init)
+        rows = enc.model.get_input_embeddings().weight[enc.memory_token_ids].detach()
+        cos = torch.nn.functional.cosine_similarity(rows[0], rows[1], dim=0)
+        assert (cos > 0.9999) == (init == "mean")
+        enc.save_pretrained(tmp_path / init)
+        back = LLM2Comp.from_pretrained(str(tmp_path / init))
+        assert (back.prepend_bos, back.memory_init) == (prepend_bos, init)
+        assert back.tokenize(["x y"])["input_ids"].tolist() == enc.tokenize(["x y"])["input_ids"].tolist()
+    config = tmp_path / "mean" / "llm2comp_config.json"
+    saved = json.loads(config.read_text())
+    del saved["prepend_bos"], saved["memory_init"]
+    config.write_text(json.dumps(saved))
+    old = LLM2Comp.from_pretrained(str(tmp_path / "mean"))
+    own = old.tokenizer("x y")["input_ids"]  # what the tokenizer adds itself
+    assert old.tokenize(["x y"])["input_ids"][0, :len(own)].tolist() == own
+    with pytest.raises(ValueError, match="memory_init"):
+        LLM2Comp.from_pretrained(str(tiny_dirs["llama"]), memory_init="zeros")
 
 
 def test_encode_order_shapes_dtypes(tiny_encoder):
@@ -389,3 +420,32 @@ def test_similarity_is_the_cosine_matrix(tiny_encoder):
         tiny_encoder.similarity(a, np.ones((2, 3), dtype=np.float32))
     with pytest.raises(ValueError, match=r"b must be float embeddings \[n, D\] or \[D\], got torch.int64"):
         tiny_encoder.similarity(a, torch.ones(2, 64, dtype=torch.long))
+
+
+def test_merge_lora_and_restart_keeps_the_function_and_saves_it(tiny_encoder, tmp_path):
+    """Folding the LoRA into the weights and restarting it changes no embedding; a model trained again after
+    that saves and reloads to the same embeddings (base + folded LoRA of every earlier stage + current one)."""
+    _perturb(tiny_encoder, seed=1)
+    before = tiny_encoder.encode(TEXTS, convert_to_tensor=True)
+    tiny_encoder.merge_lora_and_restart()
+    assert all(not p.any() for n, p in tiny_encoder.named_parameters() if "lora_B" in n)  # restarted
+    assert_rel_close(tiny_encoder.encode(TEXTS, convert_to_tensor=True), before, tol=1e-5)
+    rank = tiny_encoder.model.peft_config["default"].r
+    for seed in (2, 3):  # two more stages
+        _perturb(tiny_encoder, seed=seed)
+        tiny_encoder.merge_lora_and_restart()
+    _perturb(tiny_encoder, seed=4)
+    a, b = next(iter(tiny_encoder.merged_lora.values()))
+    assert a.shape[0] == b.shape[1] == 3 * rank  # the folded factors of three stages, concatenated
+    trained = tiny_encoder.encode(TEXTS, convert_to_tensor=True)
+    tiny_encoder.save_pretrained(tmp_path)
+    back = LLM2Comp.from_pretrained(str(tmp_path))
+    assert_rel_close(back.encode(TEXTS, convert_to_tensor=True), trained, tol=1e-5)
+    back.merge_and_save(tmp_path / "merged")
+    assert_rel_close(LLM2Comp.from_pretrained(str(tmp_path / "merged")).encode(TEXTS, convert_to_tensor=True),
+                     trained, tol=1e-4)
+
+
+def test_merge_lora_and_restart_of_an_untrained_adapter_folds_nothing(tiny_encoder):
+    tiny_encoder.merge_lora_and_restart()
+    assert tiny_encoder.merged_lora == {}

@@ -88,9 +88,12 @@ def test_config_precedence_and_stage_defaults(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text('data = "d.txt"\noutput = "out"\nbatch-size = 7\nlr = 3e-4\n')
     cfg = load_config("unsupervised", toml, lr=2e-5)
-    assert (cfg.batch_size, cfg.lr, cfg.lora_dropout, cfg.temperature, cfg.memory_tokens) == (7, 2e-5, 0.2, 0.05, 8)
-    assert load_config("compress", toml, lr=1e-4).objective == "kl"
-    assert load_config("supervised", data="d", output="o").lr == 1e-5
+    assert (cfg.batch_size, cfg.lr, cfg.lora_dropout, cfg.temperature, cfg.memory_tokens) == (7, 2e-5, 0.05, 0.05, 8)
+    assert (cfg.attention_dropout, cfg.fresh_lora, cfg.freeze_memory) == (0.2, True, True)  # the paper's stage 2
+    compress = load_config("compress", toml, lr=1e-4)
+    assert (compress.objective, compress.attention_dropout, compress.fresh_lora, compress.freeze_memory) == (
+        "kl", 0.0, False, False)
+    assert load_config("supervised", data="d", output="o").lr == 1e-4
     toml.write_text('data = "d"\noutput = "o"\nbatchsize = 3\n')
     with pytest.raises(ValueError, match="unknown options"):
         load_config("compress", toml)

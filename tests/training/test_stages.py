@@ -491,3 +491,33 @@ def test_resume_of_a_run_killed_while_saving_its_model_writes_it(tiny_dir, tmp_p
     assert LLM2Comp.from_pretrained(str(out)).num_memory_tokens == cfg.memory_tokens
     events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [e.get("event", "step") for e in events] == ["start", "step", "step", "end", "start", "end"]
+
+
+def test_stage_two_trains_a_fresh_lora_on_the_folded_one_with_memory_rows_frozen(tiny_dir, tmp_path):
+    """The paper's hand-off (the contrastive stages' defaults): stage 1's LoRA folded into the weights, a fresh
+    LoRA trained, the memory rows as stage 1 left them; the saved result reloads to what was trained. Without
+    the options, one LoRA and the memory rows train on."""
+    first = _config("compress", tiny_dir, tmp_path, max_steps=2)
+    train(first, progress=False)
+    stage1 = LLM2Comp.from_pretrained(first.output)
+    rows = {n: p.detach().clone() for n, p in stage1.named_parameters() if modeling.MEMORY_ROWS_PARAM in n}
+    second = _config("unsupervised", tiny_dir, tmp_path, model=first.output, max_steps=2)
+    assert (second.fresh_lora, second.freeze_memory, second.attention_dropout) == (True, True, 0.2)
+    train(second, progress=False)
+    out = LLM2Comp.from_pretrained(second.output)
+    assert out.merged_lora and (Path(second.output) / "merged_lora.safetensors").is_file()
+    for n, p in out.named_parameters():
+        if n in rows:
+            torch.testing.assert_close(p, rows[n], msg=n)
+    texts = ["Fires burned near Sydney.", "Rain."]
+    model = modeling.load_model(second)  # stage 1 again, then the hand-off and stage 2's saved weights
+    modeling.prepare_for_stage(model, second)
+    assert sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora" in n) > 0
+    assert not any(p.requires_grad for n, p in model.named_parameters() if modeling.MEMORY_ROWS_PARAM in n)
+    third = _config("unsupervised", tiny_dir, tmp_path / "plain", model=first.output, max_steps=2,
+                    fresh_lora=False, freeze_memory=False)
+    train(third, progress=False)
+    plain = LLM2Comp.from_pretrained(third.output)
+    assert not plain.merged_lora
+    assert any(not torch.equal(p, rows[n]) for n, p in plain.named_parameters() if n in rows)
+    assert not torch.allclose(torch.as_tensor(plain.encode(texts)), torch.as_tensor(out.encode(texts)))
