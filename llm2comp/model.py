@@ -49,6 +49,7 @@ def _looks_like_path(name: str) -> bool:
 
 _WEIGHTS_KEYS = ("gguf_file", "revision", "subfolder")  # transformers' loading arguments that pick the weights
 _REPO_KEYS = ("revision", "subfolder")  # ... that address one repo: the saved encoder's, not its base model's
+_BASE_KEYS = ("name_or_path", *_WEIGHTS_KEYS)  # what a saved config's base_model may hold: nothing that runs code
 
 
 def _saved_dir(name_or_path: str, hf_kwargs: dict) -> Path | None:
@@ -92,6 +93,17 @@ def _load_base(name_or_path: str, dtype, hf_kwargs: dict):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, model, reference
+
+
+def _read_config(config_file: Path) -> dict:
+    """A saved ``llm2comp_config.json``. Its base_model may only name the weights (`_BASE_KEYS`): a downloaded file
+    must not turn on ``trust_remote_code`` (its base model's code would run) nor pass transformers anything else."""
+    saved = json.loads(config_file.read_text())
+    for key in saved.get("base_model") or {}:
+        if key not in _BASE_KEYS:
+            raise ValueError(f"{config_file}: base_model.{key} is not a key llm2comp reads (only "
+                             f"{', '.join(_BASE_KEYS)}); trust_remote_code is taken from the caller only")
+    return saved
 
 
 @contextlib.contextmanager
@@ -177,7 +189,7 @@ class LLM2Comp(torch.nn.Module):
         if saved_dir is not None:
             name_or_path, config_file = str(saved_dir), saved_dir / CONFIG_NAME
             hf_kwargs = {k: v for k, v in hf_kwargs.items() if k not in _REPO_KEYS}  # the repo is read now
-            saved = json.loads(config_file.read_text())
+            saved = _read_config(config_file)
             pooling = pooling or saved["pooling"]
             if saved["merged"]:
                 tokenizer, base, reference = _load_base(name_or_path, dtype, hf_kwargs)

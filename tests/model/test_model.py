@@ -1,3 +1,4 @@
+import contextlib
 import json
 import warnings
 
@@ -389,3 +390,50 @@ def test_similarity_is_the_cosine_matrix(tiny_encoder):
         tiny_encoder.similarity(a, np.ones((2, 3), dtype=np.float32))
     with pytest.raises(ValueError, match=r"b must be float embeddings \[n, D\] or \[D\], got torch.int64"):
         tiny_encoder.similarity(a, torch.ones(2, 64, dtype=torch.long))
+
+
+def _evil_encoder(encoder, base_dir, tmp_path, **base_extra):
+    """An encoder saved with `base_extra` in its config's base_model, on a copy of `base_dir` whose config.json maps
+    AutoConfig to its own evil.py; importing evil.py writes the file it returns (the marker)."""
+    import shutil
+
+    base, marker = shutil.copytree(base_dir, tmp_path / "evil_base"), tmp_path / "evil_ran"
+    (base / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+                                  "from transformers import LlamaConfig\n\nclass EvilConfig(LlamaConfig):\n    pass\n")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "evil.EvilConfig"}}))
+    encoder.base_reference = {"name_or_path": str(base), **base_extra}
+    encoder.save_pretrained(tmp_path / "enc")
+    return tmp_path / "enc", marker
+
+
+@pytest.mark.parametrize("key, value", [("trust_remote_code", True), ("bogus_kw", 1)])
+def test_a_saved_config_cannot_pass_other_loading_arguments(tiny_encoder, tiny_dirs, tmp_path, monkeypatch, capsys,
+                                                            key, value):
+    """Only the keys that name the base model's weights are read from llm2comp_config.json: a downloaded encoder
+    never turns on trust_remote_code (which would run its base model's code) nor anything else."""
+    import huggingface_hub
+
+    from llm2comp import cli
+
+    enc, marker = _evil_encoder(tiny_encoder, tiny_dirs["llama"], tmp_path, **{key: value})
+    message = rf"{enc / CONFIG_NAME}: base_model.{key} is not a key llm2comp reads \(only name_or_path, "
+    with pytest.raises(ValueError, match=message):
+        LLM2Comp.from_pretrained(str(enc))
+    assert cli.main(["encode", "--model", str(enc), "--device", "cpu", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"base_model.{key} is not a key llm2comp reads" in err
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename, **_: str(enc / filename))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **_: str(enc))
+    with pytest.raises(ValueError, match=message):  # the same from a hub repo
+        LLM2Comp.from_pretrained("someone/llm2comp-enc")
+    assert not marker.exists()
+
+
+def test_remote_code_runs_only_when_the_caller_trusts_it(tiny_encoder, tiny_dirs, tmp_path):
+    enc, marker = _evil_encoder(tiny_encoder, tiny_dirs["llama"], tmp_path)
+    LLM2Comp.from_pretrained(str(enc))  # a Llama config: transformers reads it without the auto_map
+    assert not marker.exists()
+    with contextlib.suppress(Exception):  # the evil config need not load: it ran
+        LLM2Comp.from_pretrained(str(enc), trust_remote_code=True)
+    assert marker.exists()
