@@ -7,7 +7,7 @@ GPUs without bf16); gradients averaged over
 the ``log_every`` window), lr and tokens/s; atomic checkpoints every ``save_every`` steps and at
 the end; ``resume`` continues from the newest checkpoint with the same data order, splits, dropout
 and therefore losses (unless the batch is cut otherwise, see `_RESUME_FREE`). An ``output`` holding a
-run is refused unless resumed or overwritten.
+run is refused unless resumed or overwritten, one holding anything else always.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..model import CONFIG_NAME
+from ..outputs import require_empty
 from ..precision import has_bf16
 from . import modeling
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, saved_meta
@@ -101,14 +102,16 @@ def optimizer_step(params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
 
 
 def _check_output(cfg: TrainConfig, world: int) -> Path | None:
-    """Refuse an output that is a file, or that holds a run unless resumed or overwritten; with
-    ``resume``, check the newest checkpoint's options and global batch against `cfg` and `world` processes,
+    """Refuse an output that is a file, that holds a run unless resumed or overwritten, or that holds anything
+    else; with ``resume``, check the newest checkpoint's options and global batch against `cfg` and `world` processes,
     and return it (None: start afresh)."""
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output {out} is a file, not a directory")
     found = [name for name in _RUN_FILES if (out / name).exists()]
-    if found and not (cfg.resume or cfg.overwrite):
+    if not found:
+        require_empty(out, "--output ")  # not a run's: the user's own files
+    elif not (cfg.resume or cfg.overwrite):
         raise ConfigError(f"--output {out} holds a run ({', '.join(found)}): --resume continues it, "
                           "--overwrite starts afresh")
     ckpt = latest_checkpoint(out) if cfg.resume else None

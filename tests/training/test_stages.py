@@ -369,7 +369,7 @@ def test_saved_config_records_the_lora_dropout_used(tiny_dir, tmp_path):
 @pytest.fixture
 def no_model(monkeypatch):
     """The output checks come before the model is loaded: loading it fails the test."""
-    def load_model(cfg):
+    def load_model(cfg, *args):
         raise AssertionError("the model was loaded")
     monkeypatch.setattr(modeling, "load_model", load_model)
 
@@ -383,6 +383,22 @@ def test_output_holding_a_run_needs_resume_or_overwrite(old_run, tiny_dir, tmp_p
     with pytest.raises(ConfigError, match=rf"--output {out} holds a run \({old_run}\): --resume continues it, "
                                           "--overwrite starts afresh"):
         train(cfg, progress=False)
+
+
+@pytest.mark.parametrize("flags", [{}, {"overwrite": True}, {"resume": True}])
+def test_output_holding_other_files_is_refused(flags, tiny_dir, tmp_path, no_model):
+    """A directory of the user's own (not a run) is never written into, --overwrite or not: a run would replace
+    its README.md, modules.json and adapter_config.json."""
+    cfg = _config("compress", tiny_dir, tmp_path, **flags)
+    out = Path(cfg.output)
+    out.mkdir()
+    for name in ("README.md", "modules.json", "adapter_config.json"):
+        (out / name).write_text("the user's own\n")
+    with pytest.raises(FileExistsError, match=re.escape(f"--output {out} exists and is not an empty directory "
+                                                        "(README.md, adapter_config.json, modules.json)")):
+        train(cfg, progress=False)
+    assert {p.name: p.read_text() for p in out.iterdir() if not p.name.startswith(".")} == {
+        name: "the user's own\n" for name in ("README.md", "modules.json", "adapter_config.json")}
 
 
 def test_output_that_is_a_file_fails_before_the_model_loads(tiny_dir, tmp_path, no_model):
@@ -418,8 +434,10 @@ def test_overwrite_deletes_the_old_checkpoints_and_log(tiny_dir, tmp_path):
     out = Path(cfg.output)
     (out / "checkpoints" / "step-9").mkdir(parents=True)
     (out / "log.jsonl").write_text('{"event": "start", "stage": "old"}\n')
+    (out / "notes.txt").write_text("the user's own\n")
     train(cfg, progress=False)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"]
+    assert (out / "notes.txt").read_text() == "the user's own\n"  # only what a run wrote is replaced
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r.get("event", "step") for r in log] == ["start", "step", "end"] and log[0]["stage"] == "compress"
 
