@@ -7,11 +7,13 @@ GPUs without bf16); gradients averaged over
 the ``log_every`` window), lr and tokens/s; atomic checkpoints every ``save_every`` steps and at
 the end; ``resume`` continues from the newest checkpoint with the same data order, splits, dropout
 and therefore losses (unless the batch is cut otherwise, see `_RESUME_FREE`). An ``output`` holding a
-run is refused unless resumed or overwritten, one holding anything else always.
+run is refused unless resumed or overwritten, one holding anything else always, and one another run is
+writing into (it holds the directory's lock) too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -19,13 +21,14 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..model import CONFIG_NAME
-from ..outputs import require_empty
+from ..outputs import exclusive, require_empty
 from ..precision import has_bf16
 from . import modeling
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, saved_meta
@@ -101,13 +104,32 @@ def optimizer_step(params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
     return stepped
 
 
+@contextlib.contextmanager
+def _output_locked(cfg: TrainConfig, device: torch.device) -> Iterator[None]:
+    """Rank 0 holds the output directory's lock (`exclusive`) for the run; every rank raises if it cannot, so
+    none waits for the others."""
+    out, error = Path(cfg.output), None
+    with contextlib.ExitStack() as stack:
+        if is_main():
+            try:
+                if out.exists() and not out.is_dir():
+                    raise ConfigError(f"--output {out} is a file, not a directory")
+                stack.enter_context(exclusive(out))
+            except (ConfigError, OSError) as exc:
+                error = exc
+        agree = ranks_agree(int(error is None), device)
+        if error is not None:
+            raise error
+        if not agree:
+            raise ConfigError(f"--output {out}: rank 0 could not take the directory for this run (its error says why)")
+        yield
+
+
 def _check_output(cfg: TrainConfig, world: int) -> Path | None:
-    """Refuse an output that is a file, that holds a run unless resumed or overwritten, or that holds anything
-    else; with ``resume``, check the newest checkpoint's options and global batch against `cfg` and `world` processes,
+    """Refuse an output that holds a run unless resumed or overwritten, and one that holds anything else; with
+    ``resume``, check the newest checkpoint's options and global batch against `cfg` and `world` processes,
     and return it (None: start afresh)."""
     out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output {out} is a file, not a directory")
     found = [name for name in _RUN_FILES if (out / name).exists()]
     if not found:
         require_empty(out, "--output ")  # not a run's: the user's own files
@@ -184,7 +206,8 @@ def _read_rows_on_every_rank(cfg: TrainConfig, world: int, device: torch.device,
 
 
 def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
-    """Run one stage as `cfg` says; returns the logged records (every rank computes them).
+    """Run one stage as `cfg` says; returns the logged records (every rank computes them). The output directory
+    is locked for the run: another run into it fails at once.
 
     Args:
         cfg: the options (see `TrainConfig`).
@@ -192,6 +215,11 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
         progress: show the tqdm bar (rank 0 only).
     """
     device = setup_distributed()
+    with _output_locked(cfg, device):
+        return _train(cfg, model, progress, device)
+
+
+def _train(cfg: TrainConfig, model, progress: bool, device: torch.device) -> list[dict]:
     rank, world = rank_and_world()
     precision = resolve_precision(cfg, device)
     ckpt = _check_output(cfg, world)  # before the (slow) model load, as the data file's checks

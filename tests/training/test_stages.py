@@ -401,6 +401,57 @@ def test_output_holding_other_files_is_refused(flags, tiny_dir, tmp_path, no_mod
         name: "the user's own\n" for name in ("README.md", "modules.json", "adapter_config.json")}
 
 
+def test_the_lock_file_a_killed_run_left_is_not_a_run_nor_a_file(tiny_dir, tmp_path, no_model):
+    cfg = _config("compress", tiny_dir, tmp_path)
+    Path(cfg.output).mkdir()
+    (Path(cfg.output) / ".llm2comp.lock").touch()
+    (Path(cfg.output) / ".llm2comp.pid").write_text("12345\n")
+    with pytest.raises(AssertionError, match="the model was loaded"):  # past every output check
+        train(cfg, progress=False)
+
+
+def test_a_failed_run_leaves_no_output_directory_it_created(tiny_dir, tmp_path):
+    cfg = _config("compress", tiny_dir, tmp_path, data=tmp_path / "missing.txt")
+    with pytest.raises(DataError):
+        train(cfg, progress=False)
+    assert not Path(cfg.output).exists()
+
+
+_HOLD = ("import sys, time; from pathlib import Path; from llm2comp.outputs import exclusive\n"
+         "with exclusive(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)")
+
+
+def test_a_second_run_on_one_output_fails_at_once_naming_the_first(tiny_dir, tmp_path, capsys, no_model):
+    """Another process holds --output: a run, a resumed one or an overwriting one fails at once with its PID and
+    leaves its checkpoints alone; once the holder is killed, the OS has released the lock."""
+    import subprocess
+    import sys
+
+    from llm2comp import cli
+
+    cfg = _config("compress", tiny_dir, tmp_path)
+    out = Path(cfg.output)
+    (out / "checkpoints" / "step-1").mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        message = f"{out} is in use by another llm2comp process (PID {holder.pid})"
+        for flags in ({}, {"resume": True}, {"overwrite": True}):
+            with pytest.raises(BlockingIOError, match=re.escape(message)):
+                train(_config("compress", tiny_dir, tmp_path, **flags), progress=False)
+        argv = ["train", "compress", "--model", str(tiny_dir), "--data", str(LEE_BACKGROUND), "--output", str(out),
+                "--overwrite"]
+        assert cli.main(argv) == 2
+        assert capsys.readouterr().err == f"llm2comp train compress: {message}: wait for it to end, or give " \
+                                          "another directory\n"
+        assert (out / "checkpoints" / "step-1").is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        train(_config("compress", tiny_dir, tmp_path, overwrite=True), progress=False)
+
+
 def test_output_that_is_a_file_fails_before_the_model_loads(tiny_dir, tmp_path, no_model):
     cfg = _config("compress", tiny_dir, tmp_path)
     Path(cfg.output).write_text("not a directory")
