@@ -197,6 +197,33 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(stage, tiny_dir, tmp_pa
     assert [r["lr"] for r in resumed] == [r["lr"] for r in full[1:]]
 
 
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", [
+    lambda ckpt: _truncate(ckpt / "state.pt"),
+    lambda ckpt: (ckpt / "state.pt").write_bytes(b""),
+    lambda ckpt: _truncate(ckpt / "trainable.safetensors"),
+    lambda ckpt: (ckpt / "meta.json").write_text("{garbage"),
+    lambda ckpt: (ckpt / "state.pt").unlink(),
+], ids=["truncated state", "empty state", "truncated weights", "garbage meta", "missing state"])
+def test_resume_skips_a_damaged_newest_checkpoint(damage, tiny_dir, tmp_path, caplog):
+    """The newest checkpoint fails its sha256 (or its meta.json does not read): a warning names it and the run
+    resumes from the newest intact one."""
+    kw = {"max_steps": 3, "save_every": 1, "batch_size": 2}
+    full = train(_config("unsupervised", tiny_dir, tmp_path, **kw), progress=False)
+    out = tmp_path / "unsupervised"
+    damage(out / "checkpoints" / "step-3")
+    with caplog.at_level("WARNING", logger="llm2comp.training.checkpoint"):
+        resumed = train(_config("unsupervised", tiny_dir, tmp_path, resume=True, **kw), progress=False)
+    assert [r["step"] for r in resumed] == [3]
+    assert resumed[0]["loss"] == pytest.approx(full[-1]["loss"], rel=1e-6)
+    assert any(f"checkpoint {out / 'checkpoints' / 'step-3'} is damaged" in r.getMessage() for r in caplog.records)
+    starts = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"start"' in line]
+    assert starts[-1]["resumed_from"] == 2
+
+
 def test_stage_chaining_loads_previous_output(tiny_dir, tmp_path):
     first = _config("compress", tiny_dir, tmp_path, max_steps=2)
     train(first, progress=False)
