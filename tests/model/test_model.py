@@ -437,3 +437,53 @@ def test_remote_code_runs_only_when_the_caller_trusts_it(tiny_encoder, tiny_dirs
     with contextlib.suppress(Exception):  # the evil config need not load: it ran
         LLM2Comp.from_pretrained(str(enc), trust_remote_code=True)
     assert marker.exists()
+
+
+def _edit_config(directory, **changes):
+    path = directory / CONFIG_NAME
+    config = {k: v for k, v in json.loads(path.read_text()).items() if k not in changes or changes[k] is not None}
+    path.write_text(json.dumps({**config, **{k: v for k, v in changes.items() if v is not None}}))
+
+
+@pytest.mark.parametrize("damage, error, message", [
+    (lambda d: (d / "adapter_model.safetensors").unlink(), FileNotFoundError,
+     "{d}/adapter_model.safetensors is missing"),
+    (lambda d: (d / "adapter_config.json").unlink(), FileNotFoundError, "{d}/adapter_config.json is missing"),
+    (lambda d: (d / CONFIG_NAME).write_text((d / CONFIG_NAME).read_text()[:40]), ValueError,
+     "{d}/llm2comp_config.json: not valid JSON"),
+    (lambda d: _edit_config(d, merged=None), ValueError, "{d}/llm2comp_config.json: 'merged' is missing"),
+    (lambda d: _edit_config(d, pooling=3), ValueError, "{d}/llm2comp_config.json: 'pooling' is not a str"),
+    (lambda d: _edit_config(d, memory_token_ids=[512, 513, 514]), ValueError,
+     "{d}/llm2comp_config.json: memory_token_ids [512, 513, 514] are not num_memory_tokens (4) token ids"),
+    (lambda d: _edit_config(d, memory_token_ids=[512, 513, 514], num_memory_tokens=3), ValueError,
+     "{d}/llm2comp_config.json: memory_token_ids [512, 513, 514] are not the memory rows the adapter trained "
+     "([512, 513, 514, 515]"),
+    (lambda d: _edit_config(d, memory_token_ids=[512, 513, 514, 9999]), ValueError,
+     "{d}/llm2comp_config.json: memory_token_ids [512, 513, 514, 9999] are outside the tokenizer's vocabulary "
+     "(516 tokens)"),
+    (lambda d: _edit_config(d, version=99), ValueError,
+     "{d}/llm2comp_config.json: format 'llm2comp' version 99; this llm2comp reads format 'llm2comp' version 1"),
+    (lambda d: _edit_config(d, format="other"), ValueError, "{d}/llm2comp_config.json: format 'other' version 1"),
+    (lambda d: [p.unlink() for p in d.iterdir()], FileNotFoundError,
+     "{d} holds no model: neither llm2comp_config.json (an LLM2Comp model) nor config.json"),
+], ids=["no adapter weights", "no adapter config", "truncated config", "missing key", "bad type", "ids cut",
+        "ids and count cut", "ids outside the vocabulary", "version 99", "other format", "empty directory"])
+def test_a_damaged_saved_model_is_one_clear_error(damage, error, message, tiny_encoder, tmp_path):
+    enc = tmp_path / "enc"
+    tiny_encoder.save_pretrained(enc)
+    assert tiny_encoder.memory_token_ids == [512, 513, 514, 515]
+    damage(enc)
+    with pytest.raises(error) as info:
+        LLM2Comp.from_pretrained(str(enc))
+    assert str(info.value).startswith(message.format(d=enc))
+
+
+def test_memory_ids_outside_a_merged_models_vocabulary_are_refused(tiny_encoder, tmp_path, capsys):
+    from llm2comp import cli
+
+    tiny_encoder.merge_and_save(tmp_path / "merged")
+    _edit_config(tmp_path / "merged", memory_token_ids=[512, 513, 514, 600])
+    assert cli.main(["encode", "--model", str(tmp_path / "merged"), "--device", "cpu", "x"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"llm2comp encode: error: {tmp_path / 'merged' / CONFIG_NAME}: memory_token_ids [512, 513, 514, 600] are "
+        "outside the tokenizer's vocabulary (516 tokens)")  # after transformers' progress bars
