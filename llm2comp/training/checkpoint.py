@@ -12,24 +12,27 @@ A checkpoint is a directory ``<output>/checkpoints/step-<N>/`` holding
   the two other files.
 
 It is written under a temporary name and renamed into place, so a run killed while saving
-leaves the previous checkpoint intact and never a half-written one. A checkpoint damaged later (a bad disk,
+leaves the previous checkpoint intact and never a half-written one; one that fails (a full disk) removes its
+temporary files and says which checkpoint it could not write. A checkpoint damaged later (a bad disk,
 a truncating copy) fails its sha256: `latest_checkpoint` skips it, with a warning, for an older one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["trainable_state", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "saved_meta"]
+__all__ = ["trainable_state", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "saved_meta", "writing"]
 
 _PREFIX = "step-"
 _FILES = ("trainable.safetensors", "state.pt")  # what meta.json holds the sha256 of
@@ -52,20 +55,33 @@ def save_checkpoint(output_dir: str | Path, model: torch.nn.Module, optimizer: t
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / f"{_PREFIX}{step}", root / f".tmp-{_PREFIX}{step}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-             "running": running or {}}
-    torch.save(state, tmp / "state.pt")
-    meta = {"step": step, "world_size": world_size, "config": config,
-            "sha256": {name: _sha256(tmp / name) for name in _FILES}}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        with writing(f"the checkpoint {final}"):
+            tmp.mkdir()
+            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                     "running": running or {}}
+            torch.save(state, tmp / "state.pt")
+            meta = {"step": step, "world_size": world_size, "config": config,
+                    "sha256": {name: _sha256(tmp / name) for name in _FILES}}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     for old in sorted(_checkpoints(root), key=_step_of)[:-keep]:
         shutil.rmtree(old)
     return final
+
+
+@contextlib.contextmanager
+def writing(what: str) -> Iterator[None]:
+    """An OSError raised while writing `what` (a full disk, say) as one line that names it."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(f"cannot write {what}: {exc.strerror or exc}") from exc
 
 
 def _checkpoints(root: Path) -> list[Path]:

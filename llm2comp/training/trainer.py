@@ -31,7 +31,7 @@ from ..model import CONFIG_NAME
 from ..outputs import exclusive, require_empty
 from ..precision import has_bf16
 from . import modeling
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, saved_meta
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, saved_meta, writing
 from .config import ConfigError, TrainConfig, flag
 from .data import BatchOrder, DataError
 from .distributed import (
@@ -275,7 +275,6 @@ def _train(cfg: TrainConfig, model, progress: bool, device: torch.device) -> lis
 
     autocast = autocast_for(precision, device)
     records: list[dict] = []
-    bar = tqdm(total=total, initial=start, disable=not (progress and main), desc=f"train {cfg.stage}")
     # the log window so far (restored on resume: a window that spans the checkpoint logs what it would have),
     # saved as means over the ranks of the run that saved it: rescaled to this run's number of ranks
     window_loss, window_weight, window_tokens, elapsed = running.get("log_window", (0.0, 0.0, 0, 0.0))
@@ -285,56 +284,58 @@ def _train(cfg: TrainConfig, model, progress: bool, device: torch.device) -> lis
     skipped = running.get("skipped_steps", 0)  # fp16 steps whose gradients overflowed, since the last log line
     overflowed = 0  # of the steps just before this one (each halves the loss scale)
     window_start = time.perf_counter() - elapsed
-    for step in range(start, total):
-        # dropout masks from (seed, step, rank): a resumed run draws what the uninterrupted one did,
-        # and ranks draw different masks
-        torch.manual_seed(cfg.seed + 1_000_003 * (step + 1) + rank)
-        weight = 0.0  # of this rank's micro-batches
-        for micro in range(cfg.grad_accum):
-            epoch, indices = order.batch(step * cfg.grad_accum + micro)
-            with autocast:
-                loss, tokens, w = stage.micro_step(indices, epoch, scaler.scale)
-            window_loss, weight, window_tokens = window_loss + loss * w, weight + w, window_tokens + tokens
-        # divided by the mean weight over ranks, then averaged over ranks: the gradient of the weighted
-        # mean loss over every rank's micro-batches
-        mean_weight = all_mean(weight, device)
-        for p in params:
-            if p.grad is not None:
-                p.grad /= mean_weight
-        average_gradients(params)
-        window_weight += mean_weight
-        lr = scheduler.get_last_lr()[0]
-        if optimizer_step(params, optimizer, scheduler, scaler, cfg.max_grad_norm):
-            overflowed = 0
-        else:
-            skipped, overflowed = skipped + 1, overflowed + 1
-            if overflowed == MAX_OVERFLOWED_STEPS:
-                raise RuntimeError(f"fp16: the last {overflowed} steps overflowed (the loss scale is down to "
-                                   f"{scaler.get_scale():g}; last loss {loss:.4g}): the forward itself overflows "
-                                   "float16 on this model; train with --precision fp32")
-        done = step + 1
-        if done % cfg.log_every == 0 or done == total:
-            elapsed = time.perf_counter() - window_start
-            record = {"step": done, "loss": all_mean(window_loss, device) / window_weight, "lr": lr,
-                      "tokens_per_s": all_mean(window_tokens, device) * world / max(elapsed, 1e-9)}
-            if scaler.is_enabled():
-                record.update(loss_scale=scaler.get_scale(), skipped_steps=skipped)
-            records.append(record)
-            if main:
-                _log_line(log_path, record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            window_loss, window_weight, window_tokens, window_start, skipped = 0.0, 0.0, 0, time.perf_counter(), 0
-        bar.update(1)
-        if done % cfg.save_every == 0 or done == total:
-            # the window so far as means over ranks (what any rank restores), so every rank takes part
-            window = [all_mean(window_loss, device), window_weight, all_mean(window_tokens, device),
-                      time.perf_counter() - window_start]
-            if main:
-                save_checkpoint(out, model, optimizer, scheduler, done, cfg.to_dict(), world_size=world,
-                                running={"log_window": window, "examples": stage.num_examples,
-                                         "grad_scaler": scaler.state_dict(), "skipped_steps": skipped})
-    bar.close()
+    # closed however the loop ends: an error prints on a line of its own
+    with tqdm(total=total, initial=start, disable=not (progress and main), desc=f"train {cfg.stage}") as bar:
+        for step in range(start, total):
+            # dropout masks from (seed, step, rank): a resumed run draws what the uninterrupted one did,
+            # and ranks draw different masks
+            torch.manual_seed(cfg.seed + 1_000_003 * (step + 1) + rank)
+            weight = 0.0  # of this rank's micro-batches
+            for micro in range(cfg.grad_accum):
+                epoch, indices = order.batch(step * cfg.grad_accum + micro)
+                with autocast:
+                    loss, tokens, w = stage.micro_step(indices, epoch, scaler.scale)
+                window_loss, weight, window_tokens = window_loss + loss * w, weight + w, window_tokens + tokens
+            # divided by the mean weight over ranks, then averaged over ranks: the gradient of the weighted
+            # mean loss over every rank's micro-batches
+            mean_weight = all_mean(weight, device)
+            for p in params:
+                if p.grad is not None:
+                    p.grad /= mean_weight
+            average_gradients(params)
+            window_weight += mean_weight
+            lr = scheduler.get_last_lr()[0]
+            if optimizer_step(params, optimizer, scheduler, scaler, cfg.max_grad_norm):
+                overflowed = 0
+            else:
+                skipped, overflowed = skipped + 1, overflowed + 1
+                if overflowed == MAX_OVERFLOWED_STEPS:
+                    raise RuntimeError(f"fp16: the last {overflowed} steps overflowed (the loss scale is down to "
+                                       f"{scaler.get_scale():g}; last loss {loss:.4g}): the forward itself overflows "
+                                       "float16 on this model; train with --precision fp32")
+            done = step + 1
+            if done % cfg.log_every == 0 or done == total:
+                elapsed = time.perf_counter() - window_start
+                record = {"step": done, "loss": all_mean(window_loss, device) / window_weight, "lr": lr,
+                          "tokens_per_s": all_mean(window_tokens, device) * world / max(elapsed, 1e-9)}
+                if scaler.is_enabled():
+                    record.update(loss_scale=scaler.get_scale(), skipped_steps=skipped)
+                records.append(record)
+                if main:
+                    _log_line(log_path, record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                window_loss, window_weight, window_tokens, window_start, skipped = 0.0, 0.0, 0, time.perf_counter(), 0
+            bar.update(1)
+            if done % cfg.save_every == 0 or done == total:
+                # the window so far as means over ranks (what any rank restores), so every rank takes part
+                window = [all_mean(window_loss, device), window_weight, all_mean(window_tokens, device),
+                          time.perf_counter() - window_start]
+                if main:
+                    save_checkpoint(out, model, optimizer, scheduler, done, cfg.to_dict(), world_size=world,
+                                    running={"log_window": window, "examples": stage.num_examples,
+                                             "grad_scaler": scaler.state_dict(), "skipped_steps": skipped})
     if main:
-        model.save_pretrained(out)
+        with writing(f"the model to {out}"):
+            model.save_pretrained(out)
         _log_line(log_path, {"event": "end", "step": total})
     return records

@@ -224,6 +224,51 @@ def test_resume_skips_a_damaged_newest_checkpoint(damage, tiny_dir, tmp_path, ca
     assert starts[-1]["resumed_from"] == 2
 
 
+def _disk_full_on(calls):
+    """A writer that raises ENOSPC from its `calls`-th call on (the first is 1)."""
+    import errno
+
+    seen = []
+
+    def write(*args, **kwargs):
+        seen.append(1)
+        if len(seen) >= calls:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    real = torch.save
+    return write
+
+
+def test_a_full_disk_while_checkpointing_is_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
+    """The second checkpoint cannot be written: one line names it, its temporary files are gone and the first
+    checkpoint is whole (a --resume continues from it)."""
+    from llm2comp import cli
+    from llm2comp.training import checkpoint
+
+    out = tmp_path / "compress"
+    monkeypatch.setattr(checkpoint.torch, "save", _disk_full_on(2))
+    argv = ["train", "compress", "--model", str(tiny_dir), "--data", str(LEE_BACKGROUND), "--output", str(out),
+            "--max-steps", "3", "--save-every", "1", "--batch-size", "2", "--max-length", "64"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("llm2comp")] == [
+        f"llm2comp train compress: cannot write the checkpoint {out / 'checkpoints' / 'step-2'}: No space left on "
+        "device"]  # beside the progress bar
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
+    assert checkpoint.latest_checkpoint(out) == out / "checkpoints" / "step-1"
+
+
+def test_a_full_disk_while_saving_the_model_is_one_line(tiny_dir, tmp_path, monkeypatch):
+    from transformers import PreTrainedTokenizerBase
+
+    cfg = _config("unsupervised", tiny_dir, tmp_path, max_steps=1)
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", _disk_full_on(1))
+    with pytest.raises(OSError, match=re.escape(f"cannot write the model to {cfg.output}: No space left on device")):
+        train(cfg, progress=False)
+    assert sorted(p.name for p in Path(cfg.output).iterdir()) == [".llm2comp.lock", "checkpoints", "log.jsonl"]
+
+
 def test_stage_chaining_loads_previous_output(tiny_dir, tmp_path):
     first = _config("compress", tiny_dir, tmp_path, max_steps=2)
     train(first, progress=False)
