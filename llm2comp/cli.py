@@ -158,9 +158,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 @_one_line_errors
 def _run_merge(args: argparse.Namespace) -> int:
+    from .outputs import require_empty
+
     output = Path(args.output)
-    if output.is_file() or (output.is_dir() and any(output.iterdir())):
-        raise FileExistsError(f"{output} exists and is not an empty directory: give a new one")
+    require_empty(output)
     from .model import LLM2Comp
 
     model = LLM2Comp.from_pretrained(args.model, device="cpu", dtype=None if args.dtype == "auto" else args.dtype,

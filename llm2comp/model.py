@@ -52,6 +52,7 @@ def _looks_like_path(name: str) -> bool:
 
 _WEIGHTS_KEYS = ("gguf_file", "revision", "subfolder")  # transformers' loading arguments that pick the weights
 _REPO_KEYS = ("revision", "subfolder")  # ... that address one repo: the saved encoder's, not its base model's
+_BASE_KEYS = ("name_or_path", *_WEIGHTS_KEYS)  # what a saved config's base_model may hold: nothing that runs code
 
 
 def _saved_dir(name_or_path: str, hf_kwargs: dict) -> Path | None:
@@ -84,6 +85,9 @@ def _load_base(name_or_path: str, dtype, hf_kwargs: dict):
         path = Path(name_or_path).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"model directory {name_or_path} does not exist")
+        if not (path / (hf_kwargs.get("subfolder") or "") / "config.json").is_file() and not hf_kwargs.get("gguf_file"):
+            raise FileNotFoundError(f"{name_or_path} holds no model: neither {CONFIG_NAME} (an LLM2Comp model) nor "
+                                    "config.json (a transformers one)")
         name_or_path = reference["name_or_path"] = str(path.resolve())
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hf_kwargs)
@@ -95,6 +99,72 @@ def _load_base(name_or_path: str, dtype, hf_kwargs: dict):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, model, reference
+
+
+def _read_json(path: Path):
+    """The JSON in `path`; an error naming it where it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
+_CONFIG_TYPES = {"format": str, "version": int, "merged": bool, "num_memory_tokens": int, "memory_token_ids": list,
+                 "pooling": str}
+
+
+def _read_config(config_file: Path) -> dict:
+    """A saved ``llm2comp_config.json``, checked: this format and version, its keys, memory tokens and pooling.
+    Its base_model may only name the weights (`_BASE_KEYS`): a downloaded file must not turn on
+    ``trust_remote_code`` (its base model's code would run) nor pass transformers anything else."""
+    saved = _read_json(config_file)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{config_file}: not an llm2comp config (a JSON object)")
+    if saved.get("format") != "llm2comp" or saved.get("version") != 1:
+        raise ValueError(f"{config_file}: format {saved.get('format')!r} version {saved.get('version')!r}; this "
+                         "llm2comp reads format 'llm2comp' version 1")
+    for key, kind in _CONFIG_TYPES.items():
+        if not isinstance(saved.get(key), kind):
+            raise ValueError(f"{config_file}: {key!r} is {'missing' if key not in saved else 'not a ' + kind.__name__}")
+    ids = saved["memory_token_ids"]
+    if not ids or len(ids) != saved["num_memory_tokens"] or not all(type(i) is int and i >= 0 for i in ids):
+        raise ValueError(f"{config_file}: memory_token_ids {ids} are not num_memory_tokens "
+                         f"({saved['num_memory_tokens']}) token ids")
+    if saved["pooling"] not in POOLINGS:
+        raise ValueError(f"{config_file}: pooling {saved['pooling']!r} is not one of {POOLINGS}")
+    if saved.get("memory_init", "mean") not in MEMORY_INITS:
+        raise ValueError(f"{config_file}: memory_init {saved['memory_init']!r} is not one of {MEMORY_INITS}")
+    for key in ("prepend_bos", "merged_lora"):  # absent in models saved before them
+        if saved.get(key) is not None and not isinstance(saved[key], bool):
+            raise ValueError(f"{config_file}: {key!r} is not a bool")
+    if saved.get("merged_lora") and not (config_file.parent / MERGED_LORA_NAME).is_file():
+        raise FileNotFoundError(f"{config_file.parent / MERGED_LORA_NAME} is missing (the LoRA of earlier stages, "
+                                "folded into the base weights)")
+    base = saved.get("base_model")
+    if not saved["merged"] and not (isinstance(base, dict) and isinstance(base.get("name_or_path"), str)):
+        raise ValueError(f"{config_file}: base_model.name_or_path is missing (an adapter names its base model)")
+    for key in base or {}:
+        if key not in _BASE_KEYS:
+            raise ValueError(f"{config_file}: base_model.{key} is not a key llm2comp reads (only "
+                             f"{', '.join(_BASE_KEYS)}); trust_remote_code is taken from the caller only")
+    return saved
+
+
+def _check_memory_ids(saved_dir: Path, ids: list[int], tokenizer, adapter: bool) -> None:
+    """The saved memory token ids are in the tokenizer's vocabulary and, for an adapter, the rows it trained."""
+    if max(ids) >= len(tokenizer):
+        raise ValueError(f"{saved_dir / CONFIG_NAME}: memory_token_ids {ids} are outside the tokenizer's vocabulary "
+                         f"({len(tokenizer)} tokens)")
+    if adapter:
+        if not (saved_dir / "adapter_model.safetensors").is_file():
+            raise FileNotFoundError(f"{saved_dir / 'adapter_model.safetensors'} is missing (the trained adapter)")
+        trained = _read_json(saved_dir / "adapter_config.json").get("trainable_token_indices")
+        trained = next(iter(trained.values()), None) if isinstance(trained, dict) else trained
+        if trained != ids:
+            raise ValueError(f"{saved_dir / CONFIG_NAME}: memory_token_ids {ids} are not the memory rows the adapter "
+                             f"trained ({trained}, adapter_config.json)")
 
 
 @contextlib.contextmanager
@@ -210,15 +280,17 @@ class LLM2Comp(torch.nn.Module):
         if saved_dir is not None:
             name_or_path, config_file = str(saved_dir), saved_dir / CONFIG_NAME
             hf_kwargs = {k: v for k, v in hf_kwargs.items() if k not in _REPO_KEYS}  # the repo is read now
-            saved = json.loads(config_file.read_text())
+            saved = _read_config(config_file)
             pooling = pooling or saved["pooling"]
             # what the saved model was trained with; models saved before these options: the earlier behaviour
             layout = {"prepend_bos": saved.get("prepend_bos"), "memory_init": saved.get("memory_init", "mean")}
             if saved["merged"]:
                 tokenizer, base, reference = _load_base(name_or_path, dtype, hf_kwargs)
                 ids = saved["memory_token_ids"]
+                _check_memory_ids(saved_dir, ids, tokenizer, adapter=False)
             else:
                 tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+                _check_memory_ids(saved_dir, saved["memory_token_ids"], tokenizer, adapter=True)
                 ref = dict(saved["base_model"])
                 base_name = ref.pop("name_or_path")
                 if base_model is not None:

@@ -7,11 +7,13 @@ GPUs without bf16); gradients averaged over
 the ``log_every`` window), lr and tokens/s; atomic checkpoints every ``save_every`` steps and at
 the end; ``resume`` continues from the newest checkpoint with the same data order, splits, dropout
 and therefore losses (unless the batch is cut otherwise, see `_RESUME_FREE`). An ``output`` holding a
-run is refused unless resumed or overwritten.
+run is refused unless resumed or overwritten, one holding anything else always, and one another run is
+writing into (it holds the directory's lock) too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -19,15 +21,17 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..model import CONFIG_NAME
+from ..outputs import exclusive, require_empty
 from ..precision import has_bf16
 from . import modeling
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, saved_meta
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, saved_meta, writing
 from .config import ConfigError, TrainConfig, flag
 from .data import BatchOrder, DataError
 from .distributed import (
@@ -100,15 +104,36 @@ def optimizer_step(params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
     return stepped
 
 
+@contextlib.contextmanager
+def _output_locked(cfg: TrainConfig, device: torch.device) -> Iterator[None]:
+    """Rank 0 holds the output directory's lock (`exclusive`) for the run; every rank raises if it cannot, so
+    none waits for the others."""
+    out, error = Path(cfg.output), None
+    with contextlib.ExitStack() as stack:
+        if is_main():
+            try:
+                if out.exists() and not out.is_dir():
+                    raise ConfigError(f"--output {out} is a file, not a directory")
+                stack.enter_context(exclusive(out))
+            except (ConfigError, OSError) as exc:
+                error = exc
+        agree = ranks_agree(int(error is None), device)
+        if error is not None:
+            raise error
+        if not agree:
+            raise ConfigError(f"--output {out}: rank 0 could not take the directory for this run (its error says why)")
+        yield
+
+
 def _check_output(cfg: TrainConfig, world: int) -> Path | None:
-    """Refuse an output that is a file, or that holds a run unless resumed or overwritten; with
+    """Refuse an output that holds a run unless resumed or overwritten, and one that holds anything else; with
     ``resume``, check the newest checkpoint's options and global batch against `cfg` and `world` processes,
     and return it (None: start afresh)."""
     out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output {out} is a file, not a directory")
     found = [name for name in _RUN_FILES if (out / name).exists()]
-    if found and not (cfg.resume or cfg.overwrite):
+    if not found:
+        require_empty(out, "--output ")  # not a run's: the user's own files
+    elif not (cfg.resume or cfg.overwrite):
         raise ConfigError(f"--output {out} holds a run ({', '.join(found)}): --resume continues it, "
                           "--overwrite starts afresh")
     ckpt = latest_checkpoint(out) if cfg.resume else None
@@ -181,7 +206,8 @@ def _read_rows_on_every_rank(cfg: TrainConfig, world: int, device: torch.device,
 
 
 def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
-    """Run one stage as `cfg` says; returns the logged records (every rank computes them).
+    """Run one stage as `cfg` says; returns the logged records (every rank computes them). The output directory
+    is locked for the run: another run into it fails at once.
 
     Args:
         cfg: the options (see `TrainConfig`).
@@ -189,6 +215,11 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
         progress: show the tqdm bar (rank 0 only).
     """
     device = setup_distributed()
+    with _output_locked(cfg, device):
+        return _train(cfg, model, progress, device)
+
+
+def _train(cfg: TrainConfig, model, progress: bool, device: torch.device) -> list[dict]:
     rank, world = rank_and_world()
     precision = resolve_precision(cfg, device)
     ckpt = _check_output(cfg, world)  # before the (slow) model load, as the data file's checks
@@ -244,7 +275,6 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
 
     autocast = autocast_for(precision, device)
     records: list[dict] = []
-    bar = tqdm(total=total, initial=start, disable=not (progress and main), desc=f"train {cfg.stage}")
     # the log window so far (restored on resume: a window that spans the checkpoint logs what it would have),
     # saved as means over the ranks of the run that saved it: rescaled to this run's number of ranks
     window_loss, window_weight, window_tokens, elapsed = running.get("log_window", (0.0, 0.0, 0, 0.0))
@@ -254,56 +284,58 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
     skipped = running.get("skipped_steps", 0)  # fp16 steps whose gradients overflowed, since the last log line
     overflowed = 0  # of the steps just before this one (each halves the loss scale)
     window_start = time.perf_counter() - elapsed
-    for step in range(start, total):
-        # dropout masks from (seed, step, rank): a resumed run draws what the uninterrupted one did,
-        # and ranks draw different masks
-        torch.manual_seed(cfg.seed + 1_000_003 * (step + 1) + rank)
-        weight = 0.0  # of this rank's micro-batches
-        for micro in range(cfg.grad_accum):
-            epoch, indices = order.batch(step * cfg.grad_accum + micro)
-            with autocast:
-                loss, tokens, w = stage.micro_step(indices, epoch, scaler.scale)
-            window_loss, weight, window_tokens = window_loss + loss * w, weight + w, window_tokens + tokens
-        # divided by the mean weight over ranks, then averaged over ranks: the gradient of the weighted
-        # mean loss over every rank's micro-batches
-        mean_weight = all_mean(weight, device)
-        for p in params:
-            if p.grad is not None:
-                p.grad /= mean_weight
-        average_gradients(params)
-        window_weight += mean_weight
-        lr = scheduler.get_last_lr()[0]
-        if optimizer_step(params, optimizer, scheduler, scaler, cfg.max_grad_norm):
-            overflowed = 0
-        else:
-            skipped, overflowed = skipped + 1, overflowed + 1
-            if overflowed == MAX_OVERFLOWED_STEPS:
-                raise RuntimeError(f"fp16: the last {overflowed} steps overflowed (the loss scale is down to "
-                                   f"{scaler.get_scale():g}; last loss {loss:.4g}): the forward itself overflows "
-                                   "float16 on this model; train with --precision fp32")
-        done = step + 1
-        if done % cfg.log_every == 0 or done == total:
-            elapsed = time.perf_counter() - window_start
-            record = {"step": done, "loss": all_mean(window_loss, device) / window_weight, "lr": lr,
-                      "tokens_per_s": all_mean(window_tokens, device) * world / max(elapsed, 1e-9)}
-            if scaler.is_enabled():
-                record.update(loss_scale=scaler.get_scale(), skipped_steps=skipped)
-            records.append(record)
-            if main:
-                _log_line(log_path, record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            window_loss, window_weight, window_tokens, window_start, skipped = 0.0, 0.0, 0, time.perf_counter(), 0
-        bar.update(1)
-        if done % cfg.save_every == 0 or done == total:
-            # the window so far as means over ranks (what any rank restores), so every rank takes part
-            window = [all_mean(window_loss, device), window_weight, all_mean(window_tokens, device),
-                      time.perf_counter() - window_start]
-            if main:
-                save_checkpoint(out, model, optimizer, scheduler, done, cfg.to_dict(), world_size=world,
-                                running={"log_window": window, "examples": stage.num_examples,
-                                         "grad_scaler": scaler.state_dict(), "skipped_steps": skipped})
-    bar.close()
+    # closed however the loop ends: an error prints on a line of its own
+    with tqdm(total=total, initial=start, disable=not (progress and main), desc=f"train {cfg.stage}") as bar:
+        for step in range(start, total):
+            # dropout masks from (seed, step, rank): a resumed run draws what the uninterrupted one did,
+            # and ranks draw different masks
+            torch.manual_seed(cfg.seed + 1_000_003 * (step + 1) + rank)
+            weight = 0.0  # of this rank's micro-batches
+            for micro in range(cfg.grad_accum):
+                epoch, indices = order.batch(step * cfg.grad_accum + micro)
+                with autocast:
+                    loss, tokens, w = stage.micro_step(indices, epoch, scaler.scale)
+                window_loss, weight, window_tokens = window_loss + loss * w, weight + w, window_tokens + tokens
+            # divided by the mean weight over ranks, then averaged over ranks: the gradient of the weighted
+            # mean loss over every rank's micro-batches
+            mean_weight = all_mean(weight, device)
+            for p in params:
+                if p.grad is not None:
+                    p.grad /= mean_weight
+            average_gradients(params)
+            window_weight += mean_weight
+            lr = scheduler.get_last_lr()[0]
+            if optimizer_step(params, optimizer, scheduler, scaler, cfg.max_grad_norm):
+                overflowed = 0
+            else:
+                skipped, overflowed = skipped + 1, overflowed + 1
+                if overflowed == MAX_OVERFLOWED_STEPS:
+                    raise RuntimeError(f"fp16: the last {overflowed} steps overflowed (the loss scale is down to "
+                                       f"{scaler.get_scale():g}; last loss {loss:.4g}): the forward itself overflows "
+                                       "float16 on this model; train with --precision fp32")
+            done = step + 1
+            if done % cfg.log_every == 0 or done == total:
+                elapsed = time.perf_counter() - window_start
+                record = {"step": done, "loss": all_mean(window_loss, device) / window_weight, "lr": lr,
+                          "tokens_per_s": all_mean(window_tokens, device) * world / max(elapsed, 1e-9)}
+                if scaler.is_enabled():
+                    record.update(loss_scale=scaler.get_scale(), skipped_steps=skipped)
+                records.append(record)
+                if main:
+                    _log_line(log_path, record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                window_loss, window_weight, window_tokens, window_start, skipped = 0.0, 0.0, 0, time.perf_counter(), 0
+            bar.update(1)
+            if done % cfg.save_every == 0 or done == total:
+                # the window so far as means over ranks (what any rank restores), so every rank takes part
+                window = [all_mean(window_loss, device), window_weight, all_mean(window_tokens, device),
+                          time.perf_counter() - window_start]
+                if main:
+                    save_checkpoint(out, model, optimizer, scheduler, done, cfg.to_dict(), world_size=world,
+                                    running={"log_window": window, "examples": stage.num_examples,
+                                             "grad_scaler": scaler.state_dict(), "skipped_steps": skipped})
     if main:
-        model.save_pretrained(out)
+        with writing(f"the model to {out}"):
+            model.save_pretrained(out)
         _log_line(log_path, {"event": "end", "step": total})
     return records

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import warnings
 
@@ -449,3 +450,105 @@ def test_merge_lora_and_restart_keeps_the_function_and_saves_it(tiny_encoder, tm
 def test_merge_lora_and_restart_of_an_untrained_adapter_folds_nothing(tiny_encoder):
     tiny_encoder.merge_lora_and_restart()
     assert tiny_encoder.merged_lora == {}
+
+
+def _evil_encoder(encoder, base_dir, tmp_path, **base_extra):
+    """An encoder saved with `base_extra` in its config's base_model, on a copy of `base_dir` whose config.json maps
+    AutoConfig to its own evil.py; importing evil.py writes the file it returns (the marker)."""
+    import shutil
+
+    base, marker = shutil.copytree(base_dir, tmp_path / "evil_base"), tmp_path / "evil_ran"
+    (base / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+                                  "from transformers import LlamaConfig\n\nclass EvilConfig(LlamaConfig):\n    pass\n")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "evil.EvilConfig"}}))
+    encoder.base_reference = {"name_or_path": str(base), **base_extra}
+    encoder.save_pretrained(tmp_path / "enc")
+    return tmp_path / "enc", marker
+
+
+@pytest.mark.parametrize("key, value", [("trust_remote_code", True), ("bogus_kw", 1)])
+def test_a_saved_config_cannot_pass_other_loading_arguments(tiny_encoder, tiny_dirs, tmp_path, monkeypatch, capsys,
+                                                            key, value):
+    """Only the keys that name the base model's weights are read from llm2comp_config.json: a downloaded encoder
+    never turns on trust_remote_code (which would run its base model's code) nor anything else."""
+    import huggingface_hub
+
+    from llm2comp import cli
+
+    enc, marker = _evil_encoder(tiny_encoder, tiny_dirs["llama"], tmp_path, **{key: value})
+    message = rf"{enc / CONFIG_NAME}: base_model.{key} is not a key llm2comp reads \(only name_or_path, "
+    with pytest.raises(ValueError, match=message):
+        LLM2Comp.from_pretrained(str(enc))
+    assert cli.main(["encode", "--model", str(enc), "--device", "cpu", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"base_model.{key} is not a key llm2comp reads" in err
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename, **_: str(enc / filename))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **_: str(enc))
+    with pytest.raises(ValueError, match=message):  # the same from a hub repo
+        LLM2Comp.from_pretrained("someone/llm2comp-enc")
+    assert not marker.exists()
+
+
+def test_remote_code_runs_only_when_the_caller_trusts_it(tiny_encoder, tiny_dirs, tmp_path):
+    enc, marker = _evil_encoder(tiny_encoder, tiny_dirs["llama"], tmp_path)
+    LLM2Comp.from_pretrained(str(enc))  # a Llama config: transformers reads it without the auto_map
+    assert not marker.exists()
+    with contextlib.suppress(Exception):  # the evil config need not load: it ran
+        LLM2Comp.from_pretrained(str(enc), trust_remote_code=True)
+    assert marker.exists()
+
+
+def _edit_config(directory, **changes):
+    path = directory / CONFIG_NAME
+    config = {k: v for k, v in json.loads(path.read_text()).items() if k not in changes or changes[k] is not None}
+    path.write_text(json.dumps({**config, **{k: v for k, v in changes.items() if v is not None}}))
+
+
+@pytest.mark.parametrize("damage, error, message", [
+    (lambda d: (d / "adapter_model.safetensors").unlink(), FileNotFoundError,
+     "{d}/adapter_model.safetensors is missing"),
+    (lambda d: (d / "adapter_config.json").unlink(), FileNotFoundError, "{d}/adapter_config.json is missing"),
+    (lambda d: (d / CONFIG_NAME).write_text((d / CONFIG_NAME).read_text()[:40]), ValueError,
+     "{d}/llm2comp_config.json: not valid JSON"),
+    (lambda d: _edit_config(d, merged=None), ValueError, "{d}/llm2comp_config.json: 'merged' is missing"),
+    (lambda d: _edit_config(d, pooling=3), ValueError, "{d}/llm2comp_config.json: 'pooling' is not a str"),
+    (lambda d: _edit_config(d, memory_token_ids=[512, 513, 514]), ValueError,
+     "{d}/llm2comp_config.json: memory_token_ids [512, 513, 514] are not num_memory_tokens (4) token ids"),
+    (lambda d: _edit_config(d, memory_token_ids=[512, 513, 514], num_memory_tokens=3), ValueError,
+     "{d}/llm2comp_config.json: memory_token_ids [512, 513, 514] are not the memory rows the adapter trained "
+     "([512, 513, 514, 515]"),
+    (lambda d: _edit_config(d, memory_token_ids=[512, 513, 514, 9999]), ValueError,
+     "{d}/llm2comp_config.json: memory_token_ids [512, 513, 514, 9999] are outside the tokenizer's vocabulary "
+     "(516 tokens)"),
+    (lambda d: _edit_config(d, version=99), ValueError,
+     "{d}/llm2comp_config.json: format 'llm2comp' version 99; this llm2comp reads format 'llm2comp' version 1"),
+    (lambda d: _edit_config(d, format="other"), ValueError, "{d}/llm2comp_config.json: format 'other' version 1"),
+    (lambda d: [p.unlink() for p in d.iterdir()], FileNotFoundError,
+     "{d} holds no model: neither llm2comp_config.json (an LLM2Comp model) nor config.json"),
+    (lambda d: _edit_config(d, memory_init="zeros"), ValueError,
+     "{d}/llm2comp_config.json: memory_init 'zeros' is not one of"),
+    (lambda d: _edit_config(d, prepend_bos="yes"), ValueError, "{d}/llm2comp_config.json: 'prepend_bos' is not a bool"),
+    (lambda d: _edit_config(d, merged_lora=True), FileNotFoundError, "{d}/merged_lora.safetensors is missing"),
+], ids=["no adapter weights", "no adapter config", "truncated config", "missing key", "bad type", "ids cut",
+        "ids and count cut", "ids outside the vocabulary", "version 99", "other format", "empty directory",
+        "unknown memory init", "bos not a bool", "folded LoRA missing"])
+def test_a_damaged_saved_model_is_one_clear_error(damage, error, message, tiny_encoder, tmp_path):
+    enc = tmp_path / "enc"
+    tiny_encoder.save_pretrained(enc)
+    assert tiny_encoder.memory_token_ids == [512, 513, 514, 515]
+    damage(enc)
+    with pytest.raises(error) as info:
+        LLM2Comp.from_pretrained(str(enc))
+    assert str(info.value).startswith(message.format(d=enc))
+
+
+def test_memory_ids_outside_a_merged_models_vocabulary_are_refused(tiny_encoder, tmp_path, capsys):
+    from llm2comp import cli
+
+    tiny_encoder.merge_and_save(tmp_path / "merged")
+    _edit_config(tmp_path / "merged", memory_token_ids=[512, 513, 514, 600])
+    assert cli.main(["encode", "--model", str(tmp_path / "merged"), "--device", "cpu", "x"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"llm2comp encode: error: {tmp_path / 'merged' / CONFIG_NAME}: memory_token_ids [512, 513, 514, 600] are "
+        "outside the tokenizer's vocabulary (516 tokens)")  # after transformers' progress bars

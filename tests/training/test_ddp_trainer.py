@@ -71,7 +71,7 @@ def _mismatch_worker(rank, port, tiny_dir, data_files, outputs, result_dir, extr
         train(load_config("unsupervised", **_options(tiny_dir, data_files[rank], outputs[rank], 2), **(extra or {})),
               progress=False)
         outcome = "trained"
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, OSError) as exc:
         outcome = str(exc)
     with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as fh:
         fh.write(outcome)
@@ -107,3 +107,25 @@ def test_ranks_resuming_from_different_checkpoints_stop_together(tiny_dir, lee_t
                                      {**extra, "resume": True}), nprocs=2)
     outcomes = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
     assert outcomes[0] == outcomes[1] and "or in the checkpoint they resume from" in outcomes[0]
+
+
+def test_ranks_of_a_run_whose_output_is_taken_stop_together(tiny_dir, tmp_path):
+    """Rank 0 alone takes the output directory's lock; when another process holds it, every rank stops at once."""
+    import subprocess
+    import sys
+
+    from .conftest import LEE_BACKGROUND
+    from .test_stages import _HOLD
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        mp.spawn(_mismatch_worker, args=(_free_port(), str(tiny_dir), [str(LEE_BACKGROUND)] * 2, [str(out)] * 2,
+                                         str(tmp_path)), nprocs=2)
+    finally:
+        holder.kill()
+        holder.wait()
+    outcomes = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert f"is in use by another llm2comp process (PID {holder.pid})" in outcomes[0]
+    assert outcomes[1] == f"--output {out}: rank 0 could not take the directory for this run (its error says why)"

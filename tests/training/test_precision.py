@@ -2,6 +2,8 @@
 
 fp16 autocast also runs on the CPU, so the loss-scaling path is trained here for real."""
 
+import hashlib
+import json
 import shutil
 
 import pytest
@@ -116,6 +118,9 @@ def test_fp16_training_logs_and_checkpoints_its_loss_scale(tiny_dir, tmp_path):
     state = torch.load(step2, weights_only=True)
     state["running"]["grad_scaler"]["scale"] = 8.0
     torch.save(state, step2)
+    meta = json.loads((step2.parent / "meta.json").read_text())
+    meta["sha256"]["state.pt"] = hashlib.sha256(step2.read_bytes()).hexdigest()  # changed on purpose
+    (step2.parent / "meta.json").write_text(json.dumps(meta))
     resumed = train(_config("compress", tiny_dir, tmp_path / "fp16", precision="fp16", resume=True, **kw),
                     progress=False)
     assert [(r["step"], r["loss_scale"]) for r in resumed] == [(3, 8.0)]

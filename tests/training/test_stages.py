@@ -197,6 +197,78 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(stage, tiny_dir, tmp_pa
     assert [r["lr"] for r in resumed] == [r["lr"] for r in full[1:]]
 
 
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", [
+    lambda ckpt: _truncate(ckpt / "state.pt"),
+    lambda ckpt: (ckpt / "state.pt").write_bytes(b""),
+    lambda ckpt: _truncate(ckpt / "trainable.safetensors"),
+    lambda ckpt: (ckpt / "meta.json").write_text("{garbage"),
+    lambda ckpt: (ckpt / "state.pt").unlink(),
+], ids=["truncated state", "empty state", "truncated weights", "garbage meta", "missing state"])
+def test_resume_skips_a_damaged_newest_checkpoint(damage, tiny_dir, tmp_path, caplog):
+    """The newest checkpoint fails its sha256 (or its meta.json does not read): a warning names it and the run
+    resumes from the newest intact one."""
+    kw = {"max_steps": 3, "save_every": 1, "batch_size": 2}
+    full = train(_config("unsupervised", tiny_dir, tmp_path, **kw), progress=False)
+    out = tmp_path / "unsupervised"
+    damage(out / "checkpoints" / "step-3")
+    with caplog.at_level("WARNING", logger="llm2comp.training.checkpoint"):
+        resumed = train(_config("unsupervised", tiny_dir, tmp_path, resume=True, **kw), progress=False)
+    assert [r["step"] for r in resumed] == [3]
+    assert resumed[0]["loss"] == pytest.approx(full[-1]["loss"], rel=1e-6)
+    assert any(f"checkpoint {out / 'checkpoints' / 'step-3'} is damaged" in r.getMessage() for r in caplog.records)
+    starts = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"start"' in line]
+    assert starts[-1]["resumed_from"] == 2
+
+
+def _disk_full_on(calls):
+    """A writer that raises ENOSPC from its `calls`-th call on (the first is 1)."""
+    import errno
+
+    seen = []
+
+    def write(*args, **kwargs):
+        seen.append(1)
+        if len(seen) >= calls:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    real = torch.save
+    return write
+
+
+def test_a_full_disk_while_checkpointing_is_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
+    """The second checkpoint cannot be written: one line names it, its temporary files are gone and the first
+    checkpoint is whole (a --resume continues from it)."""
+    from llm2comp import cli
+    from llm2comp.training import checkpoint
+
+    out = tmp_path / "compress"
+    monkeypatch.setattr(checkpoint.torch, "save", _disk_full_on(2))
+    argv = ["train", "compress", "--model", str(tiny_dir), "--data", str(LEE_BACKGROUND), "--output", str(out),
+            "--max-steps", "3", "--save-every", "1", "--batch-size", "2", "--max-length", "64"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("llm2comp")] == [
+        f"llm2comp train compress: cannot write the checkpoint {out / 'checkpoints' / 'step-2'}: No space left on "
+        "device"]  # beside the progress bar
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
+    assert checkpoint.latest_checkpoint(out) == out / "checkpoints" / "step-1"
+
+
+def test_a_full_disk_while_saving_the_model_is_one_line(tiny_dir, tmp_path, monkeypatch):
+    from transformers import PreTrainedTokenizerBase
+
+    cfg = _config("unsupervised", tiny_dir, tmp_path, max_steps=1)
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", _disk_full_on(1))
+    with pytest.raises(OSError, match=re.escape(f"cannot write the model to {cfg.output}: No space left on device")):
+        train(cfg, progress=False)
+    assert sorted(p.name for p in Path(cfg.output).iterdir()) == [".llm2comp.lock", "checkpoints", "log.jsonl"]
+
+
 def test_stage_chaining_loads_previous_output(tiny_dir, tmp_path):
     first = _config("compress", tiny_dir, tmp_path, max_steps=2)
     train(first, progress=False)
@@ -369,7 +441,7 @@ def test_saved_config_records_the_lora_dropout_used(tiny_dir, tmp_path):
 @pytest.fixture
 def no_model(monkeypatch):
     """The output checks come before the model is loaded: loading it fails the test."""
-    def load_model(cfg):
+    def load_model(cfg, *args):
         raise AssertionError("the model was loaded")
     monkeypatch.setattr(modeling, "load_model", load_model)
 
@@ -383,6 +455,73 @@ def test_output_holding_a_run_needs_resume_or_overwrite(old_run, tiny_dir, tmp_p
     with pytest.raises(ConfigError, match=rf"--output {out} holds a run \({old_run}\): --resume continues it, "
                                           "--overwrite starts afresh"):
         train(cfg, progress=False)
+
+
+@pytest.mark.parametrize("flags", [{}, {"overwrite": True}, {"resume": True}])
+def test_output_holding_other_files_is_refused(flags, tiny_dir, tmp_path, no_model):
+    """A directory of the user's own (not a run) is never written into, --overwrite or not: a run would replace
+    its README.md, modules.json and adapter_config.json."""
+    cfg = _config("compress", tiny_dir, tmp_path, **flags)
+    out = Path(cfg.output)
+    out.mkdir()
+    for name in ("README.md", "modules.json", "adapter_config.json"):
+        (out / name).write_text("the user's own\n")
+    with pytest.raises(FileExistsError, match=re.escape(f"--output {out} exists and is not an empty directory "
+                                                        "(README.md, adapter_config.json, modules.json)")):
+        train(cfg, progress=False)
+    assert {p.name: p.read_text() for p in out.iterdir() if not p.name.startswith(".")} == {
+        name: "the user's own\n" for name in ("README.md", "modules.json", "adapter_config.json")}
+
+
+def test_the_lock_file_a_killed_run_left_is_not_a_run_nor_a_file(tiny_dir, tmp_path, no_model):
+    cfg = _config("compress", tiny_dir, tmp_path)
+    Path(cfg.output).mkdir()
+    (Path(cfg.output) / ".llm2comp.lock").touch()
+    (Path(cfg.output) / ".llm2comp.pid").write_text("12345\n")
+    with pytest.raises(AssertionError, match="the model was loaded"):  # past every output check
+        train(cfg, progress=False)
+
+
+def test_a_failed_run_leaves_no_output_directory_it_created(tiny_dir, tmp_path):
+    cfg = _config("compress", tiny_dir, tmp_path, data=tmp_path / "missing.txt")
+    with pytest.raises(DataError):
+        train(cfg, progress=False)
+    assert not Path(cfg.output).exists()
+
+
+_HOLD = ("import sys, time; from pathlib import Path; from llm2comp.outputs import exclusive\n"
+         "with exclusive(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)")
+
+
+def test_a_second_run_on_one_output_fails_at_once_naming_the_first(tiny_dir, tmp_path, capsys, no_model):
+    """Another process holds --output: a run, a resumed one or an overwriting one fails at once with its PID and
+    leaves its checkpoints alone; once the holder is killed, the OS has released the lock."""
+    import subprocess
+    import sys
+
+    from llm2comp import cli
+
+    cfg = _config("compress", tiny_dir, tmp_path)
+    out = Path(cfg.output)
+    (out / "checkpoints" / "step-1").mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        message = f"{out} is in use by another llm2comp process (PID {holder.pid})"
+        for flags in ({}, {"resume": True}, {"overwrite": True}):
+            with pytest.raises(BlockingIOError, match=re.escape(message)):
+                train(_config("compress", tiny_dir, tmp_path, **flags), progress=False)
+        argv = ["train", "compress", "--model", str(tiny_dir), "--data", str(LEE_BACKGROUND), "--output", str(out),
+                "--overwrite"]
+        assert cli.main(argv) == 2
+        assert capsys.readouterr().err == f"llm2comp train compress: {message}: wait for it to end, or give " \
+                                          "another directory\n"
+        assert (out / "checkpoints" / "step-1").is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        train(_config("compress", tiny_dir, tmp_path, overwrite=True), progress=False)
 
 
 def test_output_that_is_a_file_fails_before_the_model_loads(tiny_dir, tmp_path, no_model):
@@ -418,8 +557,10 @@ def test_overwrite_deletes_the_old_checkpoints_and_log(tiny_dir, tmp_path):
     out = Path(cfg.output)
     (out / "checkpoints" / "step-9").mkdir(parents=True)
     (out / "log.jsonl").write_text('{"event": "start", "stage": "old"}\n')
+    (out / "notes.txt").write_text("the user's own\n")
     train(cfg, progress=False)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"]
+    assert (out / "notes.txt").read_text() == "the user's own\n"  # only what a run wrote is replaced
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r.get("event", "step") for r in log] == ["start", "step", "end"] and log[0]["stage"] == "compress"
 
