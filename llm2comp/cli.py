@@ -13,6 +13,7 @@ import argparse
 import functools
 import importlib
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -150,6 +151,7 @@ def _run_eval(args: argparse.Namespace) -> int:
                             log=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_table(result))
     print(f"{result['wall_s']:.1f} s")
+    result["environment"]["command"] = shlex.join(["llm2comp", *(sys.argv[1:] if args.argv is None else args.argv)])
     if out:
         path = write_result(result, out, model=args.model, name=args.name or _result_name(args.model))
         print(f"wrote {path}")
@@ -251,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv
     if getattr(args, "passthrough", False):
         args.bench_args = extra
     elif extra:
