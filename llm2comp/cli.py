@@ -13,6 +13,7 @@ import argparse
 import functools
 import importlib
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -130,26 +131,50 @@ def add_encode_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def _result_name(model: str) -> str:
+    """A file-name-safe name for a model argument (its last path part)."""
+    name = Path(model.rstrip("/")).name or "model"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
 @_one_line_errors
 def _run_eval(args: argparse.Namespace) -> int:
-    from .data import load_lee
-    from .evaluation import evaluate_lee
+    from .evaluation import evaluate_suite, format_table, load_tasks, write_result
 
-    bench = load_lee(args.data_dir)  # a wrong --data-dir fails now, not after the model has loaded
+    tasks = load_tasks(args.tasks, args.data_dir)  # a bad --tasks or --data-dir fails now, before the model loads
+    out = args.out or (f"benchmarks/results/quality_{args.name}.json" if args.name else None)
     model = _load(args)
     poolings = POOLINGS if args.pooling == "all" else (args.pooling,)
-    print(f"Lee benchmark (1225 pairs), model {args.model}")
-    print(f"{'pooling':<8} {'pearson':>8} {'spearman':>9}")
-    for pooling in poolings:
-        scores = evaluate_lee(model, pooling=pooling, batch_size=args.batch_size, bench=bench)
-        print(f"{pooling:<8} {scores['pearson']:>8.4f} {scores['spearman']:>9.4f}", flush=True)
+    print(f"quality suite: {', '.join(f'{t.name} ({t.kind})' for t in tasks)}; model {args.model}", flush=True)
+    result = evaluate_suite(model, tasks, pooling=poolings, batch_size=args.batch_size,
+                            baselines=not args.no_baselines, baseline_model=args.baseline_model,
+                            log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_table(result))
+    print(f"{result['wall_s']:.1f} s")
+    result["environment"]["command"] = shlex.join(["llm2comp", *(sys.argv[1:] if args.argv is None else args.argv)])
+    if out:
+        path = write_result(result, out, model=args.model, name=args.name or _result_name(args.model))
+        print(f"wrote {path}")
     return 0
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("eval", help="Lee document similarity benchmark (Pearson / Spearman)")
+    parser = subparsers.add_parser(
+        "eval", help="quality suite: Lee similarity, fortunes topics, GCIDE clusters, man page retrieval, with "
+                     "baselines (base model mean / last pooling, TF-IDF)")
     _add_model_args(parser)
-    parser.add_argument("--pooling", choices=(*POOLINGS, "all"), default="memory")
+    parser.add_argument("--tasks", default=None,
+                        help="comma-separated tasks (default all): lee, fortunes, gcide, manpages")
+    parser.add_argument("--pooling", choices=(*POOLINGS, "all"), default=None,
+                        help="pooling of the model under test (default: the model's; all: a row each)")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="only the model's rows (no base mean / last, no TF-IDF)")
+    parser.add_argument("--baseline-model", default=None,
+                        help="base model for the mean / last baselines (default: an untrained --model itself, "
+                             "else the base named in its directory)")
+    parser.add_argument("--name", default=None,
+                        help="name of this run: writes benchmarks/results/quality_NAME.json unless --out is given")
+    parser.add_argument("--out", default=None, help="write the result as JSON to this path")
     parser.add_argument("--data-dir", default=None,
                         help="folder with lee.cor, similarities0-1.txt (default: ../shared/data/lee or gensim)")
     parser.set_defaults(func=_run_eval)
@@ -229,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv
     if getattr(args, "passthrough", False):
         args.bench_args = extra
     elif extra:

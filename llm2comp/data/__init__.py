@@ -1,8 +1,11 @@
 """Data sets used by evaluation and training (read-only access, no bundled copies)."""
 
+from .labeled import LabeledTexts, load_fortunes, load_gcide
 from .lee import LeeBenchmark, lee_background_documents, load_lee
+from .manpages import ManPageRetrieval, load_manpages
 
-__all__ = ["LeeBenchmark", "lee_background_documents", "load_lee", "text_lines"]
+__all__ = ["LabeledTexts", "LeeBenchmark", "ManPageRetrieval", "lee_background_documents", "load_fortunes",
+           "load_gcide", "load_lee", "load_manpages", "text_lines"]
 
 
 def text_lines(text: str) -> list[str]:

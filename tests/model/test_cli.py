@@ -76,11 +76,12 @@ def test_encode_command_rejects_non_positive_sizes(option, capsys):
 
 def test_eval_command_prints_table(tiny_dirs, capsys):
     assert cli.main(["eval", "--model", str(tiny_dirs["qwen2"]), "--device", "cpu", "--pooling", "last",
-                     "--batch-size", "25"]) == 0
+                     "--batch-size", "25", "--tasks", "lee", "--no-baselines"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split() == ["pooling", "pearson", "spearman"]
-    name, p, s = lines[2].split()
-    assert name == "last" and -1 <= float(p) <= 1 and -1 <= float(s) <= 1
+    assert lines[1].split() == ["row", "lee", "r", "lee", "rho", "average", "s"]
+    name, pooling, p, s, average, _ = lines[2].split()
+    assert (name, pooling) == ("model", "last") and -1 <= float(p) <= 1 and -1 <= float(s) <= 1
+    assert average == p
 
 
 def test_eval_command_checks_the_data_dir_before_loading(tmp_path, capsys, monkeypatch):
