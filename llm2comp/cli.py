@@ -1,4 +1,4 @@
-"""The ``llm2comp`` command: ``encode``, ``eval``, ``merge``, ``train``, ``demo``, ``bench``.
+"""The ``llm2comp`` command: ``encode``, ``eval``, ``merge``, ``data``, ``train``, ``demo``, ``bench``.
 
 Subcommands come from `COMMANDS`: ``(name, "module:function")``, where the function takes the
 argparse subparsers object, adds its parser and sets ``func`` (called with the parsed namespace;
@@ -24,6 +24,7 @@ COMMANDS = [
     ("encode", "llm2comp.cli:add_encode_parser"),
     ("eval", "llm2comp.cli:add_eval_parser"),
     ("merge", "llm2comp.cli:add_merge_parser"),
+    ("data", "llm2comp.cli:add_data_parser"),
     ("train", "llm2comp.training.cli:add_train_parser"),
     ("demo", "llm2comp.training.cli:add_demo_parser"),
     ("bench", "llm2comp.cli:add_bench_parser"),
@@ -194,6 +195,40 @@ def _run_merge(args: argparse.Namespace) -> int:
     model.merge_and_save(output)
     print(f"wrote the merged model ({model.model.dtype}) to {output}")
     return 0
+
+
+CORPORA = ("wordnet", "lee-background")  # what `llm2comp data` writes
+
+
+def _corpus_texts(name: str) -> list[str]:
+    """The lines of training corpus `name` (one of `CORPORA`)."""
+    from .data import lee_background_documents
+    from .data.wordnet import wordnet_texts
+
+    return {"wordnet": wordnet_texts, "lee-background": lee_background_documents}[name]()
+
+
+@_one_line_errors
+def _run_data(args: argparse.Namespace) -> int:
+    texts = _corpus_texts(args.corpus)
+    texts = texts[:args.limit] if args.limit else texts
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"output folder {output.parent} does not exist")
+    output.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    print(f"wrote {len(texts)} texts to {output}")
+    return 0
+
+
+def add_data_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("data", help="write a training corpus as a text file, one text per line")
+    parser.add_argument("corpus", choices=CORPORA, help="wordnet: WordNet 3.0 synsets, general English (about "
+                        "117k lines; Debian's wordnet-base, fetched with apt-get download); lee-background: the 300 "
+                        "Lee background news documents (gensim's test data)")
+    parser.add_argument("output", help="the .txt file to write (replaced if it exists)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="only the first N texts (a fixed order)")
+    parser.set_defaults(func=_run_data)
+    return parser
 
 
 def add_merge_parser(subparsers) -> argparse.ArgumentParser:

@@ -57,7 +57,7 @@ def _run_demo(args: argparse.Namespace) -> None:
 
     run_demo(output=args.output, device=args.device, compress_steps=args.compress_steps,
              unsupervised_steps=args.unsupervised_steps, batch_size=args.batch_size, max_length=args.max_length,
-             plot=not args.no_plot, model=args.model)
+             plot=not args.no_plot, model=args.model, seed=args.seed)
 
 
 def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -70,7 +70,7 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                      "corpus, Lee similarity benchmark before and after",
         description="Trains a base model (default: the embedded SmolLM2-135M) briefly with stage 1 (kl) and stage 2 "
                     "(SimCSE) on lee_background.cor, then prints the Lee benchmark (Pearson/Spearman) before "
-                    "and after each stage. Sized for < 10 min on a 2-core CPU (larger batches and texts on a GPU).")
+                    "and after each stage. Sized for 6 min on a 2-core CPU (larger batches and texts on a GPU).")
     parser.add_argument("--output", default=DEMO_DEFAULTS["output"], help="directory for the stages' models, "
                         f"logs and the plot (default: {DEMO_DEFAULTS['output']})")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -83,6 +83,8 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         gpu, cpu = DEMO_DEFAULTS[key]
         default = f"{gpu}" if gpu == cpu else f"{gpu} on GPU, {cpu} on CPU"
         parser.add_argument(flag, type=int, default=None, help=f"{what} (default: {default})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the new weights, data order and dropout "
+                        "(default: 0)")
     parser.add_argument("--no-plot", action="store_true", help="skip the matplotlib plot")
     parser.set_defaults(func=_run_demo)
     return parser

@@ -26,15 +26,14 @@ STAGES = ("compress", "unsupervised", "supervised")
 _CONTRASTIVE = ("unsupervised", "supervised")
 
 
-# `llm2comp demo`'s (GPU, CPU) sizes. CPU: 5.5 to 6.5 minutes on a 2-core machine with the four Lee evaluations
-# (memory pooling's Pearson after 20 SimCSE steps 0.39, after 40 0.44 to 0.52 by the batch order, after 60 0.52;
-# mean pooling 0.50); GPU: larger batches and longer texts, not yet timed on a GPU.
+# `llm2comp demo`'s (GPU, CPU) sizes. The CPU ones fit the 6 minutes of a 2-core machine, the four Lee evaluations
+# included (docs/quality.md has the measured times and scores of three seeds); the GPU ones are larger and untimed.
 DEMO_DEFAULTS = {
     "output": "llm2comp-demo",
     "compress_steps": (60, 6),
-    "unsupervised_steps": (40, 40),
+    "unsupervised_steps": (40, 24),
     "batch_size": (32, 8),
-    "max_length": (256, 64),
+    "max_length": (256, 128),
 }
 
 

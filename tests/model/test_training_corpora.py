@@ -1,0 +1,48 @@
+"""Training corpora: the WordNet line format, the ``llm2comp data`` command, and the ablation table renderer."""
+
+import json
+
+import pytest
+
+from llm2comp.cli import main
+from llm2comp.data import wordnet
+
+NOUN = ("00006269 03 n 01 life 0 002 @ 00004258 n 0000 ~ 07993776 n 0000 | living things collectively; "
+        '"the oceans are teeming with life"  \n')
+VERB = ("00001740 29 v 04 breathe 0 take_a_breath 0 respire 0 suspire 3 021 | draw air into, and expel out of, "
+        'the lungs; "I can breathe better when the air is clean"; "The patient is respiring"  \n')
+
+
+def test_synset_lines_become_lemmas_definition_and_examples():
+    assert wordnet._synset_text(NOUN) == "life: living things collectively. The oceans are teeming with life."
+    assert wordnet._synset_text(VERB) == ("breathe, take a breath, respire: draw air into, and expel out of, the "
+                                          "lungs. I can breathe better when the air is clean. The patient is "
+                                          "respiring.")
+    assert wordnet._synset_text("  1 This software and database is being provided to you\n") is None
+
+
+def test_data_command_writes_one_text_per_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(wordnet, "wordnet_texts", lambda: ["first text", "second text", "third"])
+    out = tmp_path / "corpus.txt"
+    assert main(["data", "wordnet", str(out), "--limit", "2"]) == 0
+    assert out.read_text() == "first text\nsecond text\n"
+    assert "wrote 2 texts" in capsys.readouterr().out
+    assert main(["data", "wordnet", str(tmp_path / "missing" / "x.txt")]) == 2
+    assert "output folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["data", "wikipedia", str(out)])
+
+
+def test_ablation_table_is_mean_and_std_over_seeds(tmp_path):
+    from benchmarks import quality_ablation
+
+    lines = [{"variant": "kl + SimCSE", "seed": s, "lee": {"pearson": p, "spearman": p / 2}}
+             for s, p in ((0, 0.5), (1, 0.7))]
+    lines.append({"variant": "SimCSE alone", "seed": 0, "lee": {"pearson": 0.4, "spearman": 0.1}})
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    text = quality_ablation.render(results, tmp_path / "doc.md")
+    assert "| kl + SimCSE (the paper's recipe (every hand-off choice on)) | 0, 1 | 0.600 ± 0.141 | 0.300 ± 0.071 |" \
+        in text
+    assert "| SimCSE alone (no stage 1; its steps go to SimCSE) | 0 | 0.400 | 0.100 |" in text
+    assert (tmp_path / "doc.md").read_text() == text
