@@ -52,13 +52,14 @@ def test_attention_key_separates_dtypes_and_length_buckets(monkeypatch):
 
     monkeypatch.setattr(backend, "triton_autotune", lambda: True)
     lens32, lens64 = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int64)
-    def key(dtype, L, seq_lens=lens32, causal=False):
-        return backend._tune_key(torch.zeros(1, 1, L, 64, dtype=dtype), seq_lens, 64, causal, backend._l_bucket(L))
+    def key(dtype, L, seq_lens=lens32, causal=False, dropout=False):
+        return backend._tune_key(torch.zeros(1, 1, L, 64, dtype=dtype), seq_lens, 64, causal, backend._l_bucket(L),
+                                 dropout)
     base = key(torch.bfloat16, 100)
     assert base == key(torch.bfloat16, 120)  # one length bucket (128)
     others = [key(torch.float16, 100), key(torch.bfloat16, 1000), key(torch.bfloat16, 100, lens64),
-              key(torch.bfloat16, 100, causal=True)]
-    assert len({base, *others}) == 5
+              key(torch.bfloat16, 100, causal=True), key(torch.bfloat16, 100, dropout=True)]
+    assert len({base, *others}) == 6
     monkeypatch.setattr(backend, "triton_autotune", lambda: False)
     assert key(torch.bfloat16, 100) is None  # fixed blocks
 
