@@ -18,6 +18,7 @@ import torch
 from llm2comp_kernels.memory_attention import memory_attention
 from llm2comp_kernels.memory_attention.api import TRITON_HEAD_DIMS, _unsupported
 from llm2comp_kernels.memory_attention.reference import memory_attention_reference
+from llm2comp_kernels.nn import MemoryAttention
 from llm2comp_kernels.testing import rel_err
 from tests.utils import assert_rel_close, backend_cases
 
@@ -293,6 +294,24 @@ def test_triton_dropout_realistic_gpu(causal, device, monkeypatch):
     budget = grads_of(eager, torch.bfloat16)
     for name, a, e, r in zip(("out", "dq", "dk", "dv"), got, budget, ref):
         assert_rel_close(a, r, tol=2 * rel_err(e, r) + 1e-3, name=name)
+
+
+# ---------------------------------------------------------------- the module
+
+
+@pytest.mark.parametrize("backend", DROPOUT_BACKENDS)
+def test_module_drops_in_training_mode_only(backend, device):
+    q, k, v, lens = _probe_inputs(2, 2, 16, [16, 9], device)
+    module = MemoryAttention(dropout=P, backend=backend)
+    assert module.training and "dropout=0.3" in repr(module)
+    torch.manual_seed(5)
+    train = module(q, k, v, lens)
+    torch.manual_seed(5)
+    assert torch.equal(train, memory_attention(q, k, v, lens, dropout_p=P, backend=backend))
+    assert not torch.equal(train, memory_attention(q, k, v, lens, backend=backend))
+    module.eval()
+    torch.testing.assert_close(module(q, k, v, lens), memory_attention(q, k, v, lens, backend=backend),
+                               rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- arguments and refusals
