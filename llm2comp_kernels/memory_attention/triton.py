@@ -10,13 +10,15 @@ Three kernels plus a tiny preprocess, none with atomics:
   kv head's group of q heads, so the GQA sum happens in registers instead of through atomics.
 - `_memory_attention_bwd_dq_kernel`: one program per (query block, batch row, q head).
 
+And `_dropout_keep_kernel`, which writes out the dropout mask the others draw (`dropout_keep_mask`, for tests).
+
 Attention dropout (``dropout_p > 0``, a separate compile-time variant: ``DROPOUT=False`` compiles the kernels
-without a trace of it) keeps probability (b, h, i, j) when ``tl.rand(seed, offset + ((b * Hq + h) * L + i) * L + j)
->= dropout_p``: a Philox counter of the element's global indices, so the forward and both backward kernels draw
-the same number for it whatever their block sizes. (seed, offset) are drawn per call from torch's default
-generator of the device (`draw_philox`) into a two-element int64 tensor the kernels read: restoring torch's RNG
-state replays the masks, and no host sync is needed. The mask is never stored; the backward regenerates it. The
-saved log-sum-exp is that of the undropped softmax.
+without a trace of it) keeps probability (b, h, i, j) when the uniform float of
+``Philox(key=seed, counter=(j, i, b * Hq + h, offset))`` is ``>= dropout_p``: a counter of the element's global
+indices, so the forward and both backward kernels draw the same number for it whatever their block sizes.
+(seed, offset) are drawn per call from torch's default generator of the device (`draw_philox`) into a two-element
+int64 tensor the kernels read: restoring torch's RNG state replays the masks, and no host sync is needed. The mask
+is never stored; the backward regenerates it. The saved log-sum-exp is that of the undropped softmax.
 
 Padding is skipped: blocks past ``seq_lens[b]`` load nothing and only write zeros, and rows past it inside a
 partial block are loaded as zeros (whatever the padding holds, even NaN, never reaches a result). The head
@@ -66,6 +68,13 @@ _CONFIGS = {
     "dkdv": _configs([(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 3), (32, 128, 8, 2), (64, 64, 8, 2),
                       (32, 32, 8, 2)]),
 }
+# Only for dropout launches (the Philox state takes registers): at head dim 256 on sm_90 every bf16 dq config
+# above spills with dropout, and this one does not.
+_DROPOUT_CONFIGS = {
+    "fwd": [],
+    "dq": _configs([(64, 16, 8, 2)]),
+    "dkdv": [],
+}
 _FP32_CONFIGS = {
     "fwd": _configs([(32, 32, 4, 2), (32, 16, 4, 2)]),
     "dq": _configs([(32, 32, 4, 2), (32, 16, 4, 2)]),
@@ -75,14 +84,16 @@ _TUNE_KEY = ["BLOCK_D", "CAUSAL", "DROPOUT", "L_BUCKET"]  # the autotuner adds t
 _MAX_ACC_ELEMENTS = 128 * 128  # per accumulator tile [rows, BLOCK_D]
 
 
-def _pruner(fp32_configs):
+def _pruner(fp32_configs, dropout_configs=()):
     """`early_config_prune` that keeps the configs of the inputs' dtype (`fp32_configs` for float32, the others
-    otherwise) whose [BLOCK_M or BLOCK_N, BLOCK_D] accumulator fits; always keeps the smallest."""
-    fp32_ids = {id(c) for c in fp32_configs}
+    otherwise; `dropout_configs` only for launches with DROPOUT) whose [BLOCK_M or BLOCK_N, BLOCK_D] accumulator
+    fits; always keeps the smallest."""
+    fp32_ids, dropout_ids = {id(c) for c in fp32_configs}, {id(c) for c in dropout_configs}
 
     def prune(configs, named_args, **kwargs):
         fp32 = named_args["Q"].dtype == torch.float32
-        pool = [c for c in configs if (id(c) in fp32_ids) == fp32]
+        dropout = kwargs.get("DROPOUT", named_args.get("DROPOUT", False))
+        pool = [c for c in configs if (id(c) in fp32_ids) == fp32 and (dropout or id(c) not in dropout_ids)]
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
         def rows(c):
             return max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
@@ -114,11 +125,14 @@ def _philox(PHILOX):
 
 
 @triton.jit
-def _dropout_keep(seed, offset, pid_bh, rows, cols, L, dropout_p):
-    """Bool tile: whether probability (query `rows`, key `cols`) of head row `pid_bh` = b * Hq + h (int64) is kept.
-    `rows` and `cols` broadcast to the tile's shape; each element's Philox counter comes from its global
-    indices only, so every kernel and block size draws the same number for it."""
-    return tl.rand(seed, offset + (pid_bh * L + rows) * L + cols) >= dropout_p
+def _dropout_keep(seed, offset, pid_bh, rows, cols, dropout_p):
+    """Bool tile: whether probability (query `rows`, key `cols`) of head row `pid_bh` = b * Hq + h is kept.
+    `rows` and `cols` broadcast to the tile's shape. Each element's Philox counter is (j, i, b * Hq + h, offset),
+    its global indices only, so every kernel and block size draws the same number for it; 32-bit words, so the
+    tile carries no 64-bit index arithmetic (what ``tl.rand(seed, flat_index)`` costs in registers)."""
+    r, _, _, _ = tl.philox(seed, cols.to(tl.uint32), rows.to(tl.uint32), pid_bh.to(tl.uint32),
+                           offset.to(tl.uint32))
+    return tl.uint_to_uniform_float(r) >= dropout_p
 
 
 @triton.jit
@@ -131,7 +145,7 @@ def _dropout_keep_kernel(PHILOX, KEEP, Hq, L, dropout_p, BLOCK_M: tl.constexpr, 
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     for start_n in range(0, L, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed, offset, pid_bh, offs_m[:, None], offs_n[None, :], L, dropout_p)
+        keep = _dropout_keep(seed, offset, pid_bh, offs_m[:, None], offs_n[None, :], dropout_p)
         tl.store(KEEP + (pid_bh * L + offs_m[:, None]) * L + offs_n[None, :], keep.to(tl.int8),
                  mask=(offs_m < L)[:, None] & (offs_n < L)[None, :])
 
@@ -189,7 +203,7 @@ def _memory_attention_fwd_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)  # the undropped softmax's normalizer
         if DROPOUT:
-            p = tl.where(_dropout_keep(seed, offset, pid_bh, offs_m[:, None], offs_n[None, :], L, dropout_p), p, 0.0)
+            p = tl.where(_dropout_keep(seed, offset, pid_bh, offs_m[:, None], offs_n[None, :], dropout_p), p, 0.0)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_UPCAST)
         m_i = m_new
 
@@ -276,7 +290,7 @@ def _memory_attention_bwd_dkdv_kernel(
                 allowed = allowed & (offs_m[None, :] >= offs_n[:, None])
             p_t = tl.where(allowed, tl.exp2(s_t - lse[None, :]), 0.0)
             if DROPOUT:
-                keep_t = _dropout_keep(seed, offset, b * Hq + h, offs_m[None, :], offs_n[:, None], L, dropout_p)
+                keep_t = _dropout_keep(seed, offset, b * Hq + h, offs_m[None, :], offs_n[:, None], dropout_p)
                 dv += dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, DOT_UPCAST)  # scaled after the loop
             else:
                 dv += dot(p_t.to(do.dtype), do, DOT_UPCAST)
@@ -328,7 +342,7 @@ def _memory_attention_bwd_dq_kernel(
         p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
         dp = dot(do, tl.trans(v), DOT_UPCAST)
         if DROPOUT:  # dS = P * (Z * dO V^T - delta), see the dk/dv kernel
-            keep = _dropout_keep(seed, offset, pid_bh, offs_m[:, None], offs_n[None, :], L, dropout_p)
+            keep = _dropout_keep(seed, offset, pid_bh, offs_m[:, None], offs_n[None, :], dropout_p)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += dot(ds.to(k.dtype), k, DOT_UPCAST)
@@ -337,9 +351,9 @@ def _memory_attention_bwd_dq_kernel(
 
 
 def _tuned(name, kernel):
-    configs, fp32 = _CONFIGS[name], _FP32_CONFIGS[name]
-    return triton.autotune(configs + fp32, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner(fp32)})(
-        kernel)
+    configs, fp32, dropout = _CONFIGS[name], _FP32_CONFIGS[name], _DROPOUT_CONFIGS[name]
+    return triton.autotune(configs + dropout + fp32, key=_TUNE_KEY,
+                           prune_configs_by={"early_config_prune": _pruner(fp32, dropout)})(kernel)
 
 
 _KERNELS = {"fwd": _memory_attention_fwd_kernel, "dq": _memory_attention_bwd_dq_kernel,
@@ -399,7 +413,7 @@ def draw_philox(device: torch.device | str) -> torch.Tensor:
     """int64 `[2]` on `device`: (seed, offset) of one call's dropout masks, drawn from torch's default generator
     of `device` (as SDPA's and flash-attn's dropout draw theirs), so `torch.manual_seed` or a restored RNG state
     replays the masks. On the device, so a launch needs no host sync (and CUDA graphs capture the draw)."""
-    return torch.randint(0, 1 << 62, (2,), dtype=torch.int64, device=device)
+    return torch.randint(0, 1 << 62, (2,), dtype=torch.int64, device=device)  # the kernels use offset mod 2**32
 
 
 def dropout_keep_mask(philox: torch.Tensor, B: int, Hq: int, L: int, dropout_p: float) -> torch.Tensor:
