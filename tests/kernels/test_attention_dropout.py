@@ -226,7 +226,32 @@ def test_triton_replays_masks_from_torch_rng_state(backend, device):
     assert not torch.equal(first[0], second[0]), "two calls drew the same mask"
 
 
-def test_dropout_routes_to_triton_on_gpus_only_refusers_named():
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_from_saved_without_dropout(backend, causal, device):
+    """The CUDA forward's backward (`backward_from_saved`: the Triton backward kernels on a saved output and
+    log-sum-exps, the dropout-free variant) gives the reference gradients; here fed the reference's output and
+    lse."""
+    from llm2comp_kernels.memory_attention.api import backward_from_saved
+    from llm2comp_kernels.memory_attention.reference import memory_attention_lse_reference
+
+    B, Hq, Hkv, L, d = 2, 4, 2, 23, 16
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(B, h, L, d, generator=g, dtype=torch.float64) for h in (Hq, Hkv, Hkv))
+    grad_out = torch.randn(B, Hq, L, d, generator=g, dtype=torch.float64)
+    lens = torch.tensor([23, 9])
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = memory_attention_reference(*leaves, lens, causal, d ** -0.5)
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out)
+    lse = memory_attention_lse_reference(q, k, lens, causal, d ** -0.5).float()
+    grads = backward_from_saved(*(t.float().to(device) for t in (q, k, v)), lens.to(device),
+                                ref.detach().float().to(device), lse.to(device), grad_out.float().to(device),
+                                causal, d ** -0.5)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_rel_close(got.cpu().double(), want, tol=1e-5, name=name)
+
+
+def test_only_cuda_and_flash_refuse_dropout():
     """Which backends refuse dropout: cuda and flash by name, not triton (so "auto" picks triton for it on a
     GPU; see the GPU test below)."""
     q = torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16)
