@@ -2,9 +2,10 @@
 
 The CPU interpreter (TRITON_INTERPRET=1) runs the kernels' arithmetic but not Triton's compiler: a kernel can
 pass every interpreter test and still fail to compile, or need more shared memory than a GPU has. This script
-runs each op's Triton entry point (forward and backward) on small CPU tensors with the GPU code path, records
-every launch instead of running it, then compiles each launch ahead of time for each target with every
-autotune config the launch could pick, and prints registers, spills and shared memory per kernel.
+runs each op's Triton entry point (forward and backward; attention with and without dropout) on small CPU
+tensors with the GPU code path, records every launch instead of running it, then compiles each launch ahead of
+time for each target with every autotune config the launch could pick, and prints registers, spills and shared
+memory per kernel.
 
 Fails (exit 1) when a kernel does not compile, when no config of a launch fits the target's shared memory, or
 when no config of a bfloat16/float16 launch runs without spilling registers (for an autotuned launch: none of
@@ -39,7 +40,11 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 
 from llm2comp_kernels.contrastive_loss.triton import contrastive_loss_triton  # noqa: E402
 from llm2comp_kernels.linear_kl_loss.triton import linear_kl_loss_triton  # noqa: E402
-from llm2comp_kernels.memory_attention.triton import memory_attention_triton  # noqa: E402
+from llm2comp_kernels.memory_attention.triton import (  # noqa: E402
+    draw_philox,
+    dropout_keep_mask,
+    memory_attention_triton,
+)
 from llm2comp_kernels.span_mean_pool.triton import span_mean_pool_triton  # noqa: E402
 
 # Shared memory a block may use (opt-in maximum), bytes.
@@ -115,13 +120,15 @@ def exercise(dtypes: list[torch.dtype], head_dims: tuple[int, ...]) -> None:
     """Forward and backward of every op's Triton entry point, over the dtypes and flags that pick kernels."""
     for dtype in dtypes:
         for d in head_dims:
-            for causal in (False, True):
+            for causal, dropout_p in itertools.product((False, True), (0.0, 0.1)):
                 # As the model passes them: transposed views of [B, L, H, d] projections.
                 q = torch.zeros(2, 64, 4, d, dtype=dtype, requires_grad=True).transpose(1, 2)
                 k = torch.zeros(2, 64, 2, d, dtype=dtype, requires_grad=True).transpose(1, 2)
                 v = torch.zeros(2, 64, 2, d, dtype=dtype, requires_grad=True).transpose(1, 2)
-                out = memory_attention_triton(q, k, v, torch.tensor([64, 20]), causal, d ** -0.5)
+                out = memory_attention_triton(q, k, v, torch.tensor([64, 20]), causal, d ** -0.5, dropout_p)
                 out.backward(torch.zeros_like(out))
+        # The dropout mask of the tests (dropout_keep_mask): a plain launch.
+        dropout_keep_mask(draw_philox("cpu"), 2, 4, 64, 0.1)
         hidden = torch.zeros(3, 10, 4096, dtype=dtype, requires_grad=True)
         pooled = span_mean_pool_triton(hidden, torch.tensor([0, 2, 5]), torch.tensor([8, 3, 5]))
         pooled.backward(torch.zeros_like(pooled))

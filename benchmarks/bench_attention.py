@@ -27,6 +27,9 @@ without the host (providers that cannot be captured say why in ``graph_status``)
 The last rows run every sequence at L/2 (50% padding: the issue's "2x SDPA-with-mask" point) for ours, cuda,
 sdpa_mask and varlen_kernel; ``vs_no_padding`` (time at full length / time at half) should approach 4 for ours
 (a quarter of the attention flops), well above 2: cost tracks the real tokens. SDPA with a mask stays near 1.
+Dropout rows (training, forward+backward, ``dropout_p`` = 0.2, at each L of the U[L/4,L] rows and on the same
+inputs): ``ours`` (the Triton kernels drawing their masks by Philox) against ``sdpa_mask`` with SDPA's own dropout;
+``vs_no_dropout`` is the provider's time without dropout over its time with it (below 1: what dropout costs).
 On CPU, ``--quick`` runs a tiny shape under the Triton interpreter to check the harness; its times mean nothing.
 """
 
@@ -43,6 +46,7 @@ from llm2comp_kernels.memory_attention import memory_attention
 from llm2comp_kernels.memory_attention.checks import padding_mask
 
 OP = "memory_attention"
+DROPOUT_P = 0.2
 CPU_NOTE = "CPU --quick harness check under the interpreter: not a timing"
 
 
@@ -62,8 +66,9 @@ def _direct(fn):
     return prepare
 
 
-def _ours(backend):
-    return _direct(lambda q, k, v, seq_lens: memory_attention(q, k, v, seq_lens, backend=backend))
+def _ours(backend, dropout_p=0.0):
+    return _direct(lambda q, k, v, seq_lens: memory_attention(q, k, v, seq_lens, dropout_p=dropout_p,
+                                                              backend=backend))
 
 
 def _cuda_warps(block_warps):
@@ -73,12 +78,18 @@ def _cuda_warps(block_warps):
     return _direct(attention)
 
 
-def _sdpa_mask(q, k, v, seq_lens):
+def _sdpa_mask(q, k, v, seq_lens, dropout_p=0.0):
     B, Hq, L, _ = q.shape
     group = Hq // k.shape[1]
     mask = padding_mask(seq_lens, L)[:, None, None, :]
     return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
-                                          attn_mask=mask)
+                                          attn_mask=mask, dropout_p=dropout_p)
+
+
+def _dropout_providers():
+    """The dropout rows' providers: ours and its peer, SDPA with a mask and its own dropout."""
+    return {"ours": _ours("triton", DROPOUT_P),
+            "sdpa_mask": _direct(lambda q, k, v, seq_lens: _sdpa_mask(q, k, v, seq_lens, DROPOUT_P))}
 
 
 def _flex():
@@ -225,7 +236,15 @@ def run(quick: bool) -> list[dict]:
     for L in lengths:
         seq_lens = torch.randint(L // 4, L + 1, (B,), generator=g, dtype=torch.int32).to(device)
         shape = f"B{B} Hq{Hq}/Hkv{Hkv} d{d} L{L} lens U[L/4,L]"
-        rows += _rows_for(shape, _inputs(B, Hq, Hkv, L, d, dtype, device, seq_lens), providers, device, modes)
+        inputs = _inputs(B, Hq, Hkv, L, d, dtype, device, seq_lens)
+        plain_rows = _rows_for(shape, inputs, providers, device, modes)
+        dropout_rows = _rows_for(f"{shape} dropout {DROPOUT_P}", inputs, _dropout_providers(), device,
+                                 ("forward+backward",), extra={"dropout_p": DROPOUT_P})
+        for row in dropout_rows:
+            base = next(r for r in plain_rows if r["provider"] == row["provider"] and r["mode"] == row["mode"])
+            if "ms" in row and "ms" in base:
+                row["vs_no_dropout"] = base["ms"] / row["ms"]
+        rows += plain_rows + dropout_rows
     L = lengths[-1]
     full = torch.full((B,), L, dtype=torch.int32, device=device)
     rows += _rows_for(f"B{B} Hq{Hq}/Hkv{Hkv} d{d} L{L} no padding", _inputs(B, Hq, Hkv, L, d, dtype, device, full),

@@ -32,19 +32,24 @@ class MemoryAttention(nn.Module):
     """`memory_attention` (bidirectional or causal attention over right-padded rows, GQA).
 
     ``forward(q [B, Hq, L, d], k [B, Hkv, L, d], v [B, Hkv, L, d], seq_lens [B]) -> [B, Hq, L, d]``.
+    `dropout`: attention-probability dropout, in training mode only (as `torch.nn.MultiheadAttention`); its masks
+    come from torch's default generator (see `memory_attention`'s ``dropout_p``).
     """
 
-    def __init__(self, *, causal: bool = False, scale: float | None = None, backend: str = "auto") -> None:
+    def __init__(self, *, causal: bool = False, scale: float | None = None, dropout: float = 0.0,
+                 backend: str = "auto") -> None:
         super().__init__()
         self.causal = v.flag("MemoryAttention", "causal", causal)
         self.scale = None if scale is None else v.positive_float("MemoryAttention", "scale", scale)
+        self.dropout = v.probability("MemoryAttention", "dropout", dropout)
         self.backend = _backend("MemoryAttention", "memory_attention", backend)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-        return memory_attention(q, k, v, seq_lens, causal=self.causal, scale=self.scale, backend=self.backend)
+        return memory_attention(q, k, v, seq_lens, causal=self.causal, scale=self.scale,
+                                dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"causal={self.causal}, scale={self.scale}, backend={self.backend!r}"
+        return f"causal={self.causal}, scale={self.scale}, dropout={self.dropout}, backend={self.backend!r}"
 
 
 class SpanMeanPool(nn.Module):

@@ -82,6 +82,8 @@ def test_backend_reaches_the_op(name, make, monkeypatch):
 @pytest.mark.parametrize("make, error, match", [
     (lambda: MemoryAttention(causal=1), TypeError, "causal must be a bool"),
     (lambda: MemoryAttention(scale=0.0), ValueError, "scale must be a finite number > 0"),
+    (lambda: MemoryAttention(dropout=1.0), ValueError, r"dropout must be in \[0, 1\)"),
+    (lambda: MemoryAttention(dropout="0.1"), TypeError, "dropout must be a number"),
     (lambda: MemoryAttention(backend="fast"), ValueError, "backend must be one of"),
     (lambda: SpanMeanPool(backend="flash"), ValueError, "backend must be one of"),
     (lambda: ContrastiveLoss(temperature=-1.0), ValueError, "temperature must be a finite number > 0"),

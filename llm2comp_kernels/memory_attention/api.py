@@ -26,7 +26,8 @@ TRITON_MAX_BATCH = 65535  # CUDA's limit on grid axes 1 and 2 (the kernels' head
 FLASH_MAX_HEAD_DIM = 256
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 LOW_PRECISION_BACKENDS = ("cuda", "flash")  # the backends that take float16/bfloat16 only
-NO_DROPOUT_BACKENDS = ("triton", "cuda", "flash")  # refuse dropout_p > 0; "auto" routes around them
+# Refuse dropout_p > 0; "auto" routes around them (on CUDA tensors to triton, whose kernels draw the masks).
+NO_DROPOUT_BACKENDS = ("cuda", "flash")
 
 
 def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> dict[str, str]:
@@ -75,13 +76,13 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
             `dropout_p` and the kept ones scaled by ``1 / (1 - dropout_p)``; masks are drawn from torch's
             default generator of the device, so restoring its state replays them. Callers pass 0 in eval mode
             (as transformers' attention modules do). Backends without it (`NO_DROPOUT_BACKENDS`) refuse it;
-            "auto" routes around them.
+            "auto" routes around them (to triton on GPUs).
         backend: ``"auto"`` (for CUDA tensors triton > cuda, but cuda > triton for a forward without
-            gradient at L <= 128; sdpa where neither runs: CPU tensors, GPUs older than Ampere, other head
-            dims), ``"torch"`` (the eager reference), ``"sdpa"`` (torch's `scaled_dot_product_attention`
-            with a padding mask), ``"triton"``, ``"cuda"`` (forward kernel; its backward runs the Triton
-            backward kernels on the log-sum-exps it saves) or ``"flash"`` (``flash_attn_varlen_func``, when
-            flash-attn is installed).
+            gradient at L <= 128, triton alone with dropout; sdpa where neither runs: CPU tensors, GPUs older
+            than Ampere, other head dims), ``"torch"`` (the eager reference), ``"sdpa"`` (torch's
+            `scaled_dot_product_attention` with a padding mask), ``"triton"``, ``"cuda"`` (forward kernel; its
+            backward runs the Triton backward kernels on the log-sum-exps it saves) or ``"flash"``
+            (``flash_attn_varlen_func``, when flash-attn is installed).
 
     Returns:
         `[B, Hq, L, d]` in q's dtype. Rows at positions ``>= seq_lens[b]`` are exactly zero and
@@ -99,7 +100,7 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
                              auto_order=auto_order(q, k, v), fallback="sdpa")
     if chosen == "triton":
         from .triton import memory_attention_triton
-        return memory_attention_triton(q, k, v, seq_lens, causal, scale)
+        return memory_attention_triton(q, k, v, seq_lens, causal, scale, dropout_p)
     if chosen == "cuda":
         from .cuda import memory_attention_cuda
         return memory_attention_cuda(q, k, v, seq_lens, causal, scale)
@@ -116,7 +117,7 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
 def backward_from_saved(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor,
                         lse: torch.Tensor, grad_out: torch.Tensor, causal: bool, scale: float):
     """(dq, dk, dv) of a forward that saved its output `out` and row log-sum-exps `lse` (fp32 `[B, Hq, L]`, log2
-    of the sum of exp2(scores * scale * log2(e)), 0 on padded rows): the Triton backward kernels. The CUDA
-    forward's backward."""
+    of the sum of exp2(scores * scale * log2(e)), 0 on padded rows): the Triton backward kernels, without
+    dropout. The CUDA forward's backward."""
     from .triton import memory_attention_triton_backward
     return memory_attention_triton_backward(q, k, v, seq_lens, out, lse, grad_out, causal, scale)

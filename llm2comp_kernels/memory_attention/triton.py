@@ -10,6 +10,16 @@ Three kernels plus a tiny preprocess, none with atomics:
   kv head's group of q heads, so the GQA sum happens in registers instead of through atomics.
 - `_memory_attention_bwd_dq_kernel`: one program per (query block, batch row, q head).
 
+And `_dropout_keep_kernel`, which writes out the dropout mask the others draw (`dropout_keep_mask`, for tests).
+
+Attention dropout (``dropout_p > 0``, a separate compile-time variant: ``DROPOUT=False`` compiles the kernels
+without a trace of it) keeps probability (b, h, i, j) when the uniform float of
+``Philox(key=seed, counter=(j, i, b * Hq + h, offset))`` is ``>= dropout_p``: a counter of the element's global
+indices, so the forward and both backward kernels draw the same number for it whatever their block sizes.
+(seed, offset) are drawn per call from torch's default generator of the device (`draw_philox`) into a two-element
+int64 tensor the kernels read: restoring torch's RNG state replays the masks, and no host sync is needed. The mask
+is never stored; the backward regenerates it. The saved log-sum-exp is that of the undropped softmax.
+
 Padding is skipped: blocks past ``seq_lens[b]`` load nothing and only write zeros, and rows past it inside a
 partial block are loaded as zeros (whatever the padding holds, even NaN, never reaches a result). The head
 dim is padded to the next power of two inside the kernels with masked loads. Block sizes are autotuned on a
@@ -58,23 +68,32 @@ _CONFIGS = {
     "dkdv": _configs([(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 3), (32, 128, 8, 2), (64, 64, 8, 2),
                       (32, 32, 8, 2)]),
 }
+# Only for dropout launches (the Philox state takes registers): at head dim 256 on sm_90 every bf16 dq config
+# above spills with dropout, and this one does not.
+_DROPOUT_CONFIGS = {
+    "fwd": [],
+    "dq": _configs([(64, 16, 8, 2)]),
+    "dkdv": [],
+}
 _FP32_CONFIGS = {
     "fwd": _configs([(32, 32, 4, 2), (32, 16, 4, 2)]),
     "dq": _configs([(32, 32, 4, 2), (32, 16, 4, 2)]),
     "dkdv": _configs([(32, 32, 4, 2), (16, 32, 4, 2)]),
 }
-_TUNE_KEY = ["BLOCK_D", "CAUSAL", "L_BUCKET"]  # the autotuner adds the tensors' dtypes to the key
+_TUNE_KEY = ["BLOCK_D", "CAUSAL", "DROPOUT", "L_BUCKET"]  # the autotuner adds the tensors' dtypes to the key
 _MAX_ACC_ELEMENTS = 128 * 128  # per accumulator tile [rows, BLOCK_D]
 
 
-def _pruner(fp32_configs):
+def _pruner(fp32_configs, dropout_configs=()):
     """`early_config_prune` that keeps the configs of the inputs' dtype (`fp32_configs` for float32, the others
-    otherwise) whose [BLOCK_M or BLOCK_N, BLOCK_D] accumulator fits; always keeps the smallest."""
-    fp32_ids = {id(c) for c in fp32_configs}
+    otherwise; `dropout_configs` only for launches with DROPOUT) whose [BLOCK_M or BLOCK_N, BLOCK_D] accumulator
+    fits; always keeps the smallest."""
+    fp32_ids, dropout_ids = {id(c) for c in fp32_configs}, {id(c) for c in dropout_configs}
 
     def prune(configs, named_args, **kwargs):
         fp32 = named_args["Q"].dtype == torch.float32
-        pool = [c for c in configs if (id(c) in fp32_ids) == fp32]
+        dropout = kwargs.get("DROPOUT", named_args.get("DROPOUT", False))
+        pool = [c for c in configs if (id(c) in fp32_ids) == fp32 and (dropout or id(c) not in dropout_ids)]
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
         def rows(c):
             return max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
@@ -100,6 +119,38 @@ def _store_rows(base, offs, stride_row, stride_d, tile, L, D, BLOCK_D: tl.conste
 
 
 @triton.jit
+def _philox(PHILOX):
+    """(seed, offset) of this call's dropout masks, from the int64 `[2]` tensor `draw_philox` filled."""
+    return tl.load(PHILOX), tl.load(PHILOX + 1)
+
+
+@triton.jit
+def _dropout_keep(seed, offset, pid_bh, rows, cols, dropout_p):
+    """Bool tile: whether probability (query `rows`, key `cols`) of head row `pid_bh` = b * Hq + h is kept.
+    `rows` and `cols` broadcast to the tile's shape. Each element's Philox counter is (j, i, b * Hq + h, offset),
+    its global indices only, so every kernel and block size draws the same number for it; 32-bit words, so the
+    tile carries no 64-bit index arithmetic (what ``tl.rand(seed, flat_index)`` costs in registers)."""
+    r, _, _, _ = tl.philox(seed, cols.to(tl.uint32), rows.to(tl.uint32), pid_bh.to(tl.uint32),
+                           offset.to(tl.uint32))
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def _dropout_keep_kernel(PHILOX, KEEP, Hq, L, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """KEEP int8 `[B, Hq, L, L]` (contiguous): the keep mask the attention kernels draw from PHILOX."""
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    pid_bh = b * Hq + h
+    seed, offset = _philox(PHILOX)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    for start_n in range(0, L, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, offset, pid_bh, offs_m[:, None], offs_n[None, :], dropout_p)
+        tl.store(KEEP + (pid_bh * L + offs_m[:, None]) * L + offs_n[None, :], keep.to(tl.int8),
+                 mask=(offs_m < L)[:, None] & (offs_n < L)[None, :])
+
+
+@triton.jit
 def _query_block(SEQ_LENS, Hq, GROUP, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
     """This program's query block (program ids: query block, q head, batch row): (b * Hq + h, b, h, the kv
     head, seq_lens[b], the block's rows, which of them are real, and the end of the keys they read: 0 for a block
@@ -118,16 +169,18 @@ def _query_block(SEQ_LENS, Hq, GROUP, CAUSAL: tl.constexpr, BLOCK_M: tl.constexp
 
 @triton.jit
 def _memory_attention_fwd_kernel(
-    Q, K, V, O, LSE, SEQ_LENS,  # Q/O [B, Hq, L, D], K/V [B, Hkv, L, D] (any strides), LSE fp32 [B, Hq, L], SEQ_LENS [B]
-    stride_qb, stride_qh, stride_ql, stride_qd,
+    Q, K, V, O, LSE, SEQ_LENS, PHILOX,  # Q/O [B, Hq, L, D], K/V [B, Hkv, L, D] (any strides), LSE fp32 [B, Hq, L],
+    stride_qb, stride_qh, stride_ql, stride_qd,  # SEQ_LENS [B], PHILOX int64 [2] (read only with DROPOUT)
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
     stride_ob, stride_oh, stride_ol, stride_od,
-    Hq, GROUP, L, D, L_BUCKET, scale_log2,
-    CAUSAL: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    Hq, GROUP, L, D, L_BUCKET, scale_log2, dropout_p,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_bh, b, h, hk, seq_len, offs_m, row_real, end_n = _query_block(SEQ_LENS, Hq, GROUP, CAUSAL, BLOCK_M)
+    if DROPOUT:
+        seed, offset = _philox(PHILOX)
     q = _rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_ql, stride_qd, row_real, D, BLOCK_D)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
@@ -148,12 +201,17 @@ def _memory_attention_fwd_kernel(
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the undropped softmax's normalizer
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, offset, pid_bh, offs_m[:, None], offs_n[None, :], dropout_p), p, 0.0)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_UPCAST)
         m_i = m_new
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    out = tl.where(row_real[:, None], acc / l_safe[:, None], 0.0)
+    norm = l_safe
+    if DROPOUT:
+        norm = l_safe * (1.0 - dropout_p)  # kept probabilities scaled by 1 / (1 - p)
+    out = tl.where(row_real[:, None], acc / norm[:, None], 0.0)
     _store_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_ol, stride_od, out, L, D, BLOCK_D)
     lse = tl.where(row_real, m_i + tl.log2(l_safe), 0.0)
     tl.store(LSE + pid_bh * L + offs_m, lse, mask=offs_m < L)
@@ -182,16 +240,16 @@ def _memory_attention_bwd_delta_kernel(
 
 @triton.jit
 def _memory_attention_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, SEQ_LENS,  # Q/DO [B, Hq, L, D], K/V/DK/DV [B, Hkv, L, D], LSE/DELTA [B, Hq, L]
-    stride_qb, stride_qh, stride_ql, stride_qd,
+    Q, K, V, DO, DK, DV, LSE, DELTA, SEQ_LENS, PHILOX,  # Q/DO [B, Hq, L, D], K/V/DK/DV [B, Hkv, L, D],
+    stride_qb, stride_qh, stride_ql, stride_qd,        # LSE/DELTA [B, Hq, L], PHILOX int64 [2]
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
     stride_dob, stride_doh, stride_dol, stride_dod,
     stride_dkb, stride_dkh, stride_dkl, stride_dkd,
     stride_dvb, stride_dvh, stride_dvl, stride_dvd,
-    Hq, Hkv, GROUP, L, D, L_BUCKET, scale, scale_log2,
-    CAUSAL: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    Hq, Hkv, GROUP, L, D, L_BUCKET, scale, scale_log2, dropout_p,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
@@ -208,6 +266,11 @@ def _memory_attention_bwd_dkdv_kernel(
     end_q = tl.where(start_n < seq_len, seq_len, 0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if DROPOUT:
+        seed, offset = _philox(PHILOX)
+        keep_scale = 1.0 / (1.0 - dropout_p)
+    # With dropout (Z: keep / (1 - p), O = (P * Z) V): dV = (P * Z)^T dO, dS = P * (Z * dO V^T - delta), where
+    # delta = rowsum(dO * O) of the dropped O (= rowsum(P * Z * dO V^T)).
     # Work in the transposed layout (keys on rows) so no [BLOCK_M, BLOCK_N] tile needs a transpose.
     for g in range(GROUP):
         h = hk * GROUP + g
@@ -226,11 +289,19 @@ def _memory_attention_bwd_dkdv_kernel(
             if CAUSAL:
                 allowed = allowed & (offs_m[None, :] >= offs_n[:, None])
             p_t = tl.where(allowed, tl.exp2(s_t - lse[None, :]), 0.0)
-            dv += dot(p_t.to(do.dtype), do, DOT_UPCAST)
+            if DROPOUT:
+                keep_t = _dropout_keep(seed, offset, b * Hq + h, offs_m[None, :], offs_n[:, None], dropout_p)
+                dv += dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, DOT_UPCAST)  # scaled after the loop
+            else:
+                dv += dot(p_t.to(do.dtype), do, DOT_UPCAST)
             dp_t = dot(v, tl.trans(do), DOT_UPCAST)
+            if DROPOUT:
+                dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
             ds_t = p_t * (dp_t - delta[None, :])
             dk += dot(ds_t.to(q.dtype), q, DOT_UPCAST)
 
+    if DROPOUT:
+        dv = dv * keep_scale
     # Padded key rows got no contribution (p_t is 0 there), so they store exact zeros.
     _store_rows(DK + b * stride_dkb + hk * stride_dkh, offs_n, stride_dkl, stride_dkd, dk * scale, L, D, BLOCK_D)
     _store_rows(DV + b * stride_dvb + hk * stride_dvh, offs_n, stride_dvl, stride_dvd, dv, L, D, BLOCK_D)
@@ -238,17 +309,20 @@ def _memory_attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _memory_attention_bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, SEQ_LENS,  # Q/DO/DQ [B, Hq, L, D], K/V [B, Hkv, L, D], LSE/DELTA fp32 [B, Hq, L]
-    stride_qb, stride_qh, stride_ql, stride_qd,
+    Q, K, V, DO, DQ, LSE, DELTA, SEQ_LENS, PHILOX,  # Q/DO/DQ [B, Hq, L, D], K/V [B, Hkv, L, D],
+    stride_qb, stride_qh, stride_ql, stride_qd,    # LSE/DELTA fp32 [B, Hq, L], PHILOX int64 [2]
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
     stride_dob, stride_doh, stride_dol, stride_dod,
     stride_dqb, stride_dqh, stride_dql, stride_dqd,
-    Hq, GROUP, L, D, L_BUCKET, scale, scale_log2,
-    CAUSAL: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    Hq, GROUP, L, D, L_BUCKET, scale, scale_log2, dropout_p,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_bh, b, h, hk, seq_len, offs_m, row_real, end_n = _query_block(SEQ_LENS, Hq, GROUP, CAUSAL, BLOCK_M)
+    if DROPOUT:
+        seed, offset = _philox(PHILOX)
+        keep_scale = 1.0 / (1.0 - dropout_p)
     q = _rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_ql, stride_qd, row_real, D, BLOCK_D)
     do = _rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dol, stride_dod, row_real, D, BLOCK_D)
     lse = tl.load(LSE + pid_bh * L + offs_m, mask=row_real, other=0.0)
@@ -267,6 +341,9 @@ def _memory_attention_bwd_dq_kernel(
             allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
         p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
         dp = dot(do, tl.trans(v), DOT_UPCAST)
+        if DROPOUT:  # dS = P * (Z * dO V^T - delta), see the dk/dv kernel
+            keep = _dropout_keep(seed, offset, pid_bh, offs_m[:, None], offs_n[None, :], dropout_p)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += dot(ds.to(k.dtype), k, DOT_UPCAST)
 
@@ -274,9 +351,9 @@ def _memory_attention_bwd_dq_kernel(
 
 
 def _tuned(name, kernel):
-    configs, fp32 = _CONFIGS[name], _FP32_CONFIGS[name]
-    return triton.autotune(configs + fp32, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner(fp32)})(
-        kernel)
+    configs, fp32, dropout = _CONFIGS[name], _FP32_CONFIGS[name], _DROPOUT_CONFIGS[name]
+    return triton.autotune(configs + dropout + fp32, key=_TUNE_KEY,
+                           prune_configs_by={"early_config_prune": _pruner(fp32, dropout)})(kernel)
 
 
 _KERNELS = {"fwd": _memory_attention_fwd_kernel, "dq": _memory_attention_bwd_dq_kernel,
@@ -291,12 +368,14 @@ def last_tuned_configs() -> dict[str, str]:
             for name, launcher in _LAUNCHERS.items() if (c := launcher.last) is not None}
 
 
-def _tune_key(q: torch.Tensor, seq_lens: torch.Tensor, block_d: int, causal: bool, l_bucket: int) -> tuple | None:
+def _tune_key(q: torch.Tensor, seq_lens: torch.Tensor, block_d: int, causal: bool, l_bucket: int,
+              dropout: bool = False) -> tuple | None:
     """The key the autotuner would compute for this call's launches (`_TUNE_KEY` and every tensor's dtype, which
-    q's and seq_lens' decide: o and the gradients have q's, lse and delta are fp32), or None when not autotuning."""
+    q's, seq_lens' and `dropout` decide: o and the gradients have q's, lse and delta are fp32, PHILOX is int64 with
+    dropout and seq_lens otherwise), or None when not autotuning."""
     if not triton_autotune():
         return None
-    return block_d, causal, l_bucket, q.dtype, seq_lens.dtype
+    return block_d, causal, dropout, l_bucket, q.dtype, seq_lens.dtype
 
 
 def _launch(name: str, rows_key: str, L: int, heads: int, B: int, key: tuple | None, *args, **constexprs) -> None:
@@ -327,23 +406,50 @@ def _block_d(d: int) -> int:
 class _AttentionParams:
     causal: bool
     scale: float
+    dropout_p: float = 0.0
 
 
-def _forward(q, k, v, seq_lens, params: _AttentionParams):
+def draw_philox(device: torch.device | str) -> torch.Tensor:
+    """int64 `[2]` on `device`: (seed, offset) of one call's dropout masks, drawn from torch's default generator
+    of `device` (as SDPA's and flash-attn's dropout draw theirs), so `torch.manual_seed` or a restored RNG state
+    replays the masks. On the device, so a launch needs no host sync (and CUDA graphs capture the draw)."""
+    return torch.randint(0, 1 << 62, (2,), dtype=torch.int64, device=device)  # the kernels use offset mod 2**32
+
+
+def dropout_keep_mask(philox: torch.Tensor, B: int, Hq: int, L: int, dropout_p: float) -> torch.Tensor:
+    """Bool `[B, Hq, L, L]` on philox's device: which attention probabilities a call drawing `philox`
+    (`draw_philox`) with these sizes keeps, for every (i, j), padding and causal future included (the kernels use
+    the allowed ones); what the reference's ``keep=`` takes to replay the kernels' dropout."""
+    keep = torch.empty(B, Hq, L, L, dtype=torch.int8, device=philox.device)
+    block = 16
+    _dropout_keep_kernel[(triton.cdiv(L, block), Hq, B)](philox, keep, Hq, L, float(dropout_p),
+                                                         BLOCK_M=block, BLOCK_N=block)
+    return keep.bool()
+
+
+def _dropout_args(seq_lens, params: _AttentionParams, philox: torch.Tensor | None) -> tuple:
+    """The kernels' (PHILOX, dropout_p) arguments and their DROPOUT flag; without dropout PHILOX is never read
+    and seq_lens stands in for it."""
+    dropout = params.dropout_p > 0
+    return (philox if dropout else seq_lens), params.dropout_p, dropout
+
+
+def _forward(q, k, v, seq_lens, params: _AttentionParams, philox: torch.Tensor | None = None):
     B, Hq, L, d = q.shape
     Hkv = k.shape[1]
     # Output as a transposed view of [B, L, Hq, d]: the model merges heads with a free reshape.
     o = q.new_empty(B, L, Hq, d).transpose(1, 2)
     lse = torch.empty(B, Hq, L, device=q.device, dtype=torch.float32)
     block_d, bucket = _block_d(d), _l_bucket(L)
-    _launch("fwd", "BLOCK_M", L, Hq, B, _tune_key(q, seq_lens, block_d, params.causal, bucket),
-            q, k, v, o, lse, seq_lens, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            Hq, Hq // Hkv, L, d, bucket, params.scale * _LOG2E,
-            CAUSAL=params.causal, DOT_UPCAST=dot_upcast(q.dtype), BLOCK_D=block_d)
+    philox_arg, dropout_p, dropout = _dropout_args(seq_lens, params, philox)
+    _launch("fwd", "BLOCK_M", L, Hq, B, _tune_key(q, seq_lens, block_d, params.causal, bucket, dropout),
+            q, k, v, o, lse, seq_lens, philox_arg, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            Hq, Hq // Hkv, L, d, bucket, params.scale * _LOG2E, dropout_p,
+            CAUSAL=params.causal, DROPOUT=dropout, DOT_UPCAST=dot_upcast(q.dtype), BLOCK_D=block_d)
     return o, lse
 
 
-def _backward(q, k, v, o, lse, seq_lens, do, params: _AttentionParams):
+def _backward(q, k, v, o, lse, seq_lens, do, params: _AttentionParams, philox: torch.Tensor | None = None):
     B, Hq, L, d = q.shape
     Hkv = k.shape[1]
     block_d = _block_d(d)
@@ -353,34 +459,37 @@ def _backward(q, k, v, o, lse, seq_lens, do, params: _AttentionParams):
         o, do, delta, seq_lens, *o.stride(), *do.stride(), Hq, L, d, BLOCK_D=block_d, BLOCK_M=delta_block)
     # empty_like keeps the inputs' strides when they are dense, so each grad matches its input's layout.
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    common = dict(CAUSAL=params.causal, DOT_UPCAST=dot_upcast(q.dtype), BLOCK_D=block_d)
+    philox_arg, dropout_p, dropout = _dropout_args(seq_lens, params, philox)
+    common = dict(CAUSAL=params.causal, DROPOUT=dropout, DOT_UPCAST=dot_upcast(q.dtype), BLOCK_D=block_d)
     bucket = _l_bucket(L)
-    key = _tune_key(q, seq_lens, block_d, params.causal, bucket)
+    key = _tune_key(q, seq_lens, block_d, params.causal, bucket, dropout)
+    # With dropout, delta = rowsum(dO * O) of the dropped output O is the backward's D (see the dk/dv kernel).
     _launch("dkdv", "BLOCK_N", L, Hkv, B, key,
-            q, k, v, do, dk, dv, lse, delta, seq_lens,
+            q, k, v, do, dk, dv, lse, delta, seq_lens, philox_arg,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-            Hq, Hkv, Hq // Hkv, L, d, bucket, params.scale, params.scale * _LOG2E, **common)
+            Hq, Hkv, Hq // Hkv, L, d, bucket, params.scale, params.scale * _LOG2E, dropout_p, **common)
     _launch("dq", "BLOCK_M", L, Hq, B, key,
-            q, k, v, do, dq, lse, delta, seq_lens,
+            q, k, v, do, dq, lse, delta, seq_lens, philox_arg,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-            Hq, Hq // Hkv, L, d, bucket, params.scale, params.scale * _LOG2E, **common)
+            Hq, Hq // Hkv, L, d, bucket, params.scale, params.scale * _LOG2E, dropout_p, **common)
     return dq, dk, dv
 
 
 class _MemoryAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, seq_lens, params: _AttentionParams):
-        o, lse = _forward(q, k, v, seq_lens, params)
-        ctx.save_for_backward(q, k, v, o, lse, seq_lens)
+    def forward(ctx, q, k, v, seq_lens, params: _AttentionParams, philox: torch.Tensor | None):
+        o, lse = _forward(q, k, v, seq_lens, params, philox)
+        # The mask is not saved: the backward regenerates it from philox (seed, offset).
+        ctx.save_for_backward(q, k, v, o, lse, seq_lens, philox)
         ctx.params = params
         return o
 
     @staticmethod
     @first_derivative_only
     def backward(ctx, do):
-        q, k, v, o, lse, seq_lens = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, seq_lens, do, ctx.params)
-        return dq, dk, dv, None, None
+        q, k, v, o, lse, seq_lens, philox = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, o, lse, seq_lens, do, ctx.params, philox)
+        return dq, dk, dv, None, None, None
 
 
 def memory_attention_triton_backward(q, k, v, seq_lens, out, lse, grad_out, causal: bool, scale: float):
@@ -389,13 +498,15 @@ def memory_attention_triton_backward(q, k, v, seq_lens, out, lse, grad_out, caus
 
 
 def memory_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor,
-                            causal: bool, scale: float) -> torch.Tensor:
+                            causal: bool, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """q `[B, Hq, L, d]`, k/v `[B, Hkv, L, d]` (any strides, float32/float16/bfloat16), seq_lens int `[B]`
     -> `[B, Hq, L, d]` in q's dtype (a transposed view of a `[B, L, Hq, d]` buffer). Differentiable in q, k, v.
+    `dropout_p > 0`: attention dropout with masks from `draw_philox` (one draw from torch's generator per call).
 
     Arguments are assumed validated by `check_memory_attention`.
     """
-    params, seq_lens = _AttentionParams(causal, scale), seq_lens.contiguous()
+    params, seq_lens = _AttentionParams(causal, scale, float(dropout_p)), seq_lens.contiguous()
+    philox = draw_philox(q.device) if dropout_p > 0 else None
     if not needs_autograd(q, k, v):
-        return _forward(q, k, v, seq_lens, params)[0]
-    return _MemoryAttentionFn.apply(q, k, v, seq_lens, params)
+        return _forward(q, k, v, seq_lens, params, philox)[0]
+    return _MemoryAttentionFn.apply(q, k, v, seq_lens, params, philox)

@@ -2,6 +2,8 @@
 it chose, the same grid and meta-parameters. Fakes stand in for the kernel and the autotuner (on a GPU the realistic
 attention tests run the real ones, autotuned)."""
 
+import itertools
+
 import pytest
 import torch
 import triton
@@ -52,13 +54,14 @@ def test_attention_key_separates_dtypes_and_length_buckets(monkeypatch):
 
     monkeypatch.setattr(backend, "triton_autotune", lambda: True)
     lens32, lens64 = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int64)
-    def key(dtype, L, seq_lens=lens32, causal=False):
-        return backend._tune_key(torch.zeros(1, 1, L, 64, dtype=dtype), seq_lens, 64, causal, backend._l_bucket(L))
+    def key(dtype, L, seq_lens=lens32, causal=False, dropout=False):
+        return backend._tune_key(torch.zeros(1, 1, L, 64, dtype=dtype), seq_lens, 64, causal, backend._l_bucket(L),
+                                 dropout)
     base = key(torch.bfloat16, 100)
     assert base == key(torch.bfloat16, 120)  # one length bucket (128)
     others = [key(torch.float16, 100), key(torch.bfloat16, 1000), key(torch.bfloat16, 100, lens64),
-              key(torch.bfloat16, 100, causal=True)]
-    assert len({base, *others}) == 5
+              key(torch.bfloat16, 100, causal=True), key(torch.bfloat16, 100, dropout=True)]
+    assert len({base, *others}) == 6
     monkeypatch.setattr(backend, "triton_autotune", lambda: False)
     assert key(torch.bfloat16, 100) is None  # fixed blocks
 
@@ -77,3 +80,24 @@ def test_attention_launchers_wrap_the_autotuned_kernels(name):
 
     launcher = backend._LAUNCHERS[name]
     assert launcher.kernel is backend._KERNELS[name] and launcher.tuned.fn is backend._KERNELS[name]
+
+
+@pytest.mark.parametrize("name", ["fwd", "dq", "dkdv"])
+def test_attention_dropout_configs_only_for_dropout_launches(name):
+    """The autotuner's pruner offers `_DROPOUT_CONFIGS` to DROPOUT launches only, and fp32 configs to fp32 inputs
+    only."""
+    from llm2comp_kernels.memory_attention import triton as backend
+
+    tuner = backend._LAUNCHERS[name].tuned
+    prune = tuner.early_config_prune
+    dropout_ids = {id(c) for c in backend._DROPOUT_CONFIGS[name]}
+    fp32_ids = {id(c) for c in backend._FP32_CONFIGS[name]}
+    for dtype, dropout in itertools.product((torch.bfloat16, torch.float32), (False, True)):
+        kept = {id(c) for c in prune(tuner.configs, {"Q": torch.zeros(1, dtype=dtype)}, BLOCK_D=256,
+                                     DROPOUT=dropout)}
+        assert kept, (dtype, dropout)
+        assert kept.isdisjoint(dropout_ids) or dropout
+        assert (kept <= fp32_ids) == (dtype == torch.float32)
+    bf16_dropout = {id(c) for c in prune(tuner.configs, {"Q": torch.zeros(1, dtype=torch.bfloat16)}, BLOCK_D=256,
+                                         DROPOUT=True)}
+    assert dropout_ids <= bf16_dropout
