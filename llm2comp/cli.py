@@ -1,4 +1,4 @@
-"""The ``llm2comp`` command: ``encode``, ``eval``, ``merge``, ``data``, ``train``, ``demo``, ``bench``.
+"""The ``llm2comp`` command: ``encode``, ``eval``, ``merge``, ``data``, ``train``, ``recipe``, ``demo``, ``bench``.
 
 Subcommands come from `COMMANDS`: ``(name, "module:function")``, where the function takes the
 argparse subparsers object, adds its parser and sets ``func`` (called with the parsed namespace;
@@ -26,6 +26,7 @@ COMMANDS = [
     ("merge", "llm2comp.cli:add_merge_parser"),
     ("data", "llm2comp.cli:add_data_parser"),
     ("train", "llm2comp.training.cli:add_train_parser"),
+    ("recipe", "llm2comp.training.cli:add_recipe_parser"),
     ("demo", "llm2comp.training.cli:add_demo_parser"),
     ("bench", "llm2comp.cli:add_bench_parser"),
 ]

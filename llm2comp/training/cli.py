@@ -11,7 +11,7 @@ import sys
 
 from .config import STAGES, ConfigError, add_config_arguments, config_from_args
 
-__all__ = ["add_train_parser", "add_demo_parser"]
+__all__ = ["add_train_parser", "add_demo_parser", "add_recipe_parser"]
 
 _STAGE_HELP = {
     "compress": "stage 1, compression pretraining: the frozen LLM continues each text from the memory "
@@ -49,6 +49,36 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         sub = stages.add_parser(stage, help=_STAGE_HELP[stage], description=_STAGE_HELP[stage])
         add_config_arguments(sub, stage)
         sub.set_defaults(func=_run_train)
+    return parser
+
+
+def _run_recipe(args: argparse.Namespace) -> int:
+    from .config import load_recipe
+    from .data import DataError
+    from .recipe import run_recipe
+
+    overrides = {k: v for k, v in (("output", args.output), ("overwrite", args.overwrite or None)) if v}
+    try:
+        configs = load_recipe(args.file, **overrides)
+        run_recipe(configs, evaluate=not args.no_eval)
+    except (ConfigError, DataError, OSError) as exc:
+        print(f"llm2comp recipe: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_recipe_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``recipe``: the stages of a recipe file in order, then the quality suite."""
+    parser = subparsers.add_parser(
+        "recipe", help="train the stages of a recipe file in order (recipes/*.toml), then score the quality suite",
+        description="Runs each stage table of a TOML recipe ([compress], [unsupervised], [supervised]; top-level "
+                    "keys apply to every stage) into <output>/<stage>, each stage starting from the one before, "
+                    "then scores the final model and its base on the quality suite (<output>/quality.json).")
+    parser.add_argument("file", help="the recipe (TOML)")
+    parser.add_argument("--output", default=None, help="the recipe's folder (default: the file's output key)")
+    parser.add_argument("--overwrite", action="store_true", help="start afresh where a stage's output holds a run")
+    parser.add_argument("--no-eval", action="store_true", help="skip the quality suite at the end")
+    parser.set_defaults(func=_run_recipe)
     return parser
 
 

@@ -20,6 +20,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 __all__ = ["DEMO_DEFAULTS", "STAGES", "ConfigError", "TrainConfig", "stage_defaults", "flag", "load_config",
+           "load_recipe",
            "add_config_arguments", "config_from_args"]
 
 STAGES = ("compress", "unsupervised", "supervised")
@@ -158,28 +159,63 @@ def _check(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def _read_toml(path: str | Path) -> dict[str, Any]:
-    """The options of a TOML config file (keys with dashes or underscores); errors name the file and key."""
+def _toml_file(path: str | Path) -> dict[str, Any]:
+    """The parsed TOML file `path`; errors name it."""
     try:
         with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
+            return tomllib.load(fh)
     except OSError as exc:
         raise ConfigError(f"--config {path}: cannot read it ({exc.strerror})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config {path}: not valid TOML ({exc})") from exc
+
+
+def _options(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """`raw` TOML keys (dashes or underscores) as TrainConfig options, each checked for its type; errors name
+    `where` and the key."""
     kinds = {f.name: _kind(f) for f in fields(TrainConfig) if f.name != "stage"}
     table = {key.replace("-", "_"): (key, value) for key, value in raw.items()}
     if "stage" in table:
-        raise ConfigError(f"{path}: 'stage' cannot be set in a config file; the command names it "
+        raise ConfigError(f"{where}: 'stage' cannot be set in a config file; the command names it "
                           "(llm2comp train <stage>)")
     unknown = sorted(set(table) - set(kinds))
     if unknown:
-        raise ConfigError(f"{path}: unknown options {unknown}; valid: {sorted(kinds)}")
+        raise ConfigError(f"{where}: unknown options {unknown}; valid: {sorted(kinds)}")
     for name, (key, value) in table.items():
         types, expected = _TYPES[kinds[name]]
         if not isinstance(value, types) or isinstance(value, bool) != (kinds[name] == "bool"):
-            raise ConfigError(f"{path}: {key} must be {expected}, got {value!r}")
+            raise ConfigError(f"{where}: {key} must be {expected}, got {value!r}")
     return {name: value for name, (_, value) in table.items()}
+
+
+def _read_toml(path: str | Path) -> dict[str, Any]:
+    """The options of a TOML config file (keys with dashes or underscores); errors name the file and key."""
+    return _options(_toml_file(path), str(path))
+
+
+def load_recipe(path: str | Path, **overrides: Any) -> list[TrainConfig]:
+    """The stages of a recipe file, in order: top-level keys apply to every stage, a ``[compress]``,
+    ``[unsupervised]`` or ``[supervised]`` table to its stage; ``output`` is the recipe's folder, each stage
+    writes ``<output>/<stage>``, and each stage after the first starts from the one before it. `overrides` (the
+    command's flags) win over the file."""
+    raw = _toml_file(path)
+    shared = _options({k: v for k, v in raw.items() if not isinstance(v, dict)}, str(path))
+    shared.update(overrides)
+    tables = {k: v for k, v in raw.items() if isinstance(v, dict)}
+    unknown = sorted(set(tables) - set(STAGES))
+    if unknown or not tables:
+        raise ConfigError(f"{path}: a recipe has one table per stage ({', '.join(f'[{s}]' for s in STAGES)}), "
+                          f"got {sorted(tables)}")
+    if not shared.get("output"):
+        raise ConfigError(f"{path}: output (the recipe's folder) is required")
+    configs: list[TrainConfig] = []
+    for stage in (s for s in STAGES if s in tables):
+        options = {**shared, **_options(tables[stage], f"{path} [{stage}]"),
+                   "output": str(Path(shared["output"]) / stage)}
+        if configs:
+            options["model"] = configs[-1].output
+        configs.append(load_config(stage, **options))
+    return configs
 
 
 def load_config(stage: str, toml_path: str | Path | None = None, **overrides: Any) -> TrainConfig:
