@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from llm2comp.evaluation.suite import cpu_name, git_commit
+
 RESULTS_DIR = Path(__file__).parent / "results"
 # A call longer than this is timed over LONG_CALL_REPEATS calls, not by do_bench, whose five estimation calls,
 # warm-up and repeats (plus ten host-time calls) cost tens of seconds per row at 32k x 32k shapes, where L2 and
@@ -361,30 +363,13 @@ def _command() -> str:
     return " ".join(shlex.quote(a) for a in argv + sys.argv[1:])
 
 
-def _cpu_name() -> str:
-    info = Path("/proc/cpuinfo")
-    model = next((line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
-                  if line.startswith("model name")), None) if info.exists() else None
-    return f"cpu: {model or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-
-
-def _git_commit() -> str | None:
-    """HEAD's hash, or None outside a git checkout (a copied tree: pass $LLM2COMP_GIT_COMMIT instead)."""
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent)
-    except OSError:
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
 def environment() -> dict:
     """Device, library versions, git commit and the exact command, stored with every result file."""
     env = {
         "command": _command(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu: {cpu_name()}",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
     }
@@ -394,7 +379,7 @@ def environment() -> dict:
             env[key] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             env[key] = None
-    env["git_commit"] = os.environ.get("LLM2COMP_GIT_COMMIT") or _git_commit()
+    env["git_commit"] = os.environ.get("LLM2COMP_GIT_COMMIT") or git_commit()
     return env
 
 

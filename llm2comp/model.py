@@ -258,21 +258,21 @@ class LLM2Comp(torch.nn.Module):
                         lora_alpha: int = 32, lora_dropout: float = 0.05, lora_targets: Sequence[str] = LORA_TARGETS,
                         pooling: str | None = None, dtype: torch.dtype | str | None = None,
                         device: torch.device | str | None = None, backend: str = "auto",
-                        base_model: str | None = None, prepend_bos: bool = True, memory_init: str = "random",
+                        base_model: str | None = None, prepend_bos: bool | None = True, memory_init: str = "random",
                         **hf_kwargs) -> LLM2Comp:
         """Load a decoder (hub id, local dir, ``gguf_file=``, or the default) or a saved LLM2Comp (local
         directory or hub repo).
 
         A new model gets `num_memory_tokens` memory tokens and fresh LoRA adapters (rank, alpha,
         dropout, targets present in the model), the memory rows initialised as `memory_init` says
-        (`llm2comp.memory_tokens.MEMORY_INITS`), and with `prepend_bos` every row starts with the token the
-        decoder starts from (`start_token_id`), as compression training's decoder and teacher do; without,
-        with what the tokenizer adds itself. A saved LLM2Comp directory (it holds
-        ``llm2comp_config.json``) restores its own settings; the LoRA arguments then apply only to
-        a merged directory, which gets fresh adapters on top; `base_model` overrides where an
-        adapter directory's base model is (when it moved since saving). `backend` picks the
-        `memory_attention` backend; `hf_kwargs` go to transformers' ``from_pretrained``. Returns the
-        model in eval mode (dropout off), like transformers.
+        (`llm2comp.memory_tokens.MEMORY_INITS`), and rows that start, with `prepend_bos` True, with the
+        token the decoder starts from (`start_token_id`, as compression training's decoder and teacher
+        rows), False with the text, None with what the tokenizer adds itself (as models saved before the
+        option). A saved LLM2Comp directory (it holds ``llm2comp_config.json``) restores its own settings;
+        the LoRA arguments then apply only to a merged directory, which gets fresh adapters on top;
+        `base_model` overrides where an adapter directory's base model is (when it moved since saving).
+        `backend` picks the `memory_attention` backend; `hf_kwargs` go to transformers' ``from_pretrained``.
+        Returns the model in eval mode (dropout off), like transformers.
         """
         if memory_init not in MEMORY_INITS:
             raise ValueError(f"memory_init must be one of {MEMORY_INITS}, got {memory_init!r}")

@@ -23,7 +23,7 @@ import numpy as np
 
 from .tasks import Task, load_tasks
 
-__all__ = ["environment", "evaluate_suite", "format_table", "write_result"]
+__all__ = ["cpu_name", "environment", "evaluate_suite", "format_table", "git_commit", "write_result"]
 
 
 def _encode_options(model, pooling: str | None, max_length: int, batch_size: int, show_progress_bar) -> dict:
@@ -73,8 +73,9 @@ def _base_model(model, baseline_model):
     reference = dict(model.base_reference) if baseline_model is None else {"name_or_path": str(baseline_model)}
     if not reference.get("name_or_path"):
         raise ValueError("the model names no base model (base_reference); pass baseline_model")
+    # rows laid out as the model under test reads them (BOS or not: it moves the base's mean pooling too)
     return LLM2Comp.from_pretrained(reference.pop("name_or_path"), num_memory_tokens=model.num_memory_tokens,
-                                    device=model.device, **reference)
+                                    device=model.device, prepend_bos=model.prepend_bos, **reference)
 
 
 def _row(label: str, pooling: str | None, tasks: list[Task], embed_for, start: float) -> dict:
@@ -153,14 +154,15 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name and core count."""
     info = Path("/proc/cpuinfo")
     name = next((line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
                  if line.startswith("model name")), None) if info.exists() else None
     return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     """HEAD of the checkout llm2comp runs from (``-dirty`` when it has uncommitted changes), or None."""
     here = Path(__file__).parent
     try:
@@ -181,8 +183,8 @@ def environment(model=None) -> dict:
     device = getattr(model, "device", None)
     return {"command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "git_commit": os.environ.get("LLM2COMP_GIT_COMMIT") or _git_commit(),
-            "machine": _cpu_name(), "device": str(device) if device is not None else None,
+            "git_commit": os.environ.get("LLM2COMP_GIT_COMMIT") or git_commit(),
+            "machine": cpu_name(), "device": str(device) if device is not None else None,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__}
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 
 import pytest
 
@@ -146,3 +147,35 @@ def test_demo_recipe_leaves_out_a_stage_without_steps_and_gives_stage_1_its_obje
     (alone,) = demo_configs(tmp_path, "corpus.txt", compress_steps=0, unsupervised_steps=5, batch_size=4,
                             max_length=64, base="some-model")
     assert (alone.stage, alone.model, alone.fresh_lora) == ("unsupervised", "some-model", True)
+
+
+def _recipe(tmp_path, tiny_dir, body):
+    path = tmp_path / "recipe.toml"
+    path.write_text(f'model = "{tiny_dir}"\ndata = "{LEE_BACKGROUND}"\noutput = "{tmp_path / "run"}"\n'
+                    'max-length = 48\nbatch-size = 4\nattention-backend = "torch"\n' + body)
+    return path
+
+
+def test_recipe_runs_its_stages_in_order_from_one_model(tiny_dir, tmp_path, capsys):
+    recipe = _recipe(tmp_path, tiny_dir, '[compress]\nobjective = "nll"\nmax-steps = 2\n'
+                                         '[unsupervised]\nmax-steps = 1\nlr = 1e-3\n')
+    assert main(["recipe", str(recipe), "--no-eval"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.index("compress: 2 steps") < printed.index("unsupervised: 1 steps")
+    first, second = (json.loads((tmp_path / "run" / s / "checkpoints" / f"step-{n}" / "meta.json").read_text())
+                     for s, n in (("compress", 2), ("unsupervised", 1)))
+    assert (first["config"]["objective"], first["config"]["max_length"]) == ("nll", 48)
+    assert second["config"]["model"] == str(tmp_path / "run" / "compress") and second["config"]["lr"] == 1e-3
+    assert (tmp_path / "run" / "unsupervised" / "merged_lora.safetensors").is_file()  # stage 1's LoRA folded
+
+
+@pytest.mark.parametrize("body, message", [
+    ("", "a recipe has one table per stage"),
+    ("[pretrain]\nmax-steps = 1\n", r"one table per stage .* got \['pretrain'\]"),
+    ("[unsupervised]\nobjective = \"kl\"\n", "--objective applies to the compress stage only, not to unsupervised"),
+    ("[compress]\nmax-stepz = 1\n", r"recipe.toml \[compress\]: unknown options \['max_stepz'\]"),
+    ("[compress]\nlr = \"fast\"\n", r"recipe.toml \[compress\]: lr must be a number, got 'fast'"),
+])
+def test_recipe_errors_name_the_file_table_and_key(body, message, tiny_dir, tmp_path, capsys):
+    assert main(["recipe", str(_recipe(tmp_path, tiny_dir, body)), "--no-eval"]) == 2
+    assert re.search(message, capsys.readouterr().err)

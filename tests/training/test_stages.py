@@ -662,3 +662,20 @@ def test_stage_two_trains_a_fresh_lora_on_the_folded_one_with_memory_rows_frozen
     assert not plain.merged_lora
     assert any(not torch.equal(p, rows[n]) for n, p in plain.named_parameters() if n in rows)
     assert not torch.allclose(torch.as_tensor(plain.encode(texts)), torch.as_tensor(out.encode(texts)))
+
+
+def test_frozen_decoder_runs_without_attention_dropout(tiny_dir, tmp_path):
+    """Stage 1's teacher and decoder are the original LLM: no attention dropout inside `frozen_decoder`, even in
+    training mode with the option on; it is back on after the block."""
+    cfg = _config("compress", tiny_dir, tmp_path, attention_dropout=0.3)
+    model = _model(cfg)
+    modeling.prepare_for_stage(model, cfg)
+    batch = model.tokenize(["Fires burned across the state for days."])
+    with modeling.frozen_decoder(model):
+        runs = [model.hidden_states(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                for _ in range(2)]
+    torch.testing.assert_close(runs[0], runs[1])
+    assert model.model.get_base_model().config.attention_dropout == 0.3
+    encoder = [model.hidden_states(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+               for _ in range(2)]
+    assert not torch.allclose(encoder[0], encoder[1])  # the encoder's forward draws masks
