@@ -1,4 +1,4 @@
-"""Markdown tables of the committed results, for the README: ``python -m benchmarks.summary [FILES...]``.
+"""Markdown tables of the committed results, for docs/benchmarks.md: ``python -m benchmarks.summary [FILES...]``.
 
 Each file becomes a heading with where it came from (device, date, command, commit) and a table of its
 measured rows; rows that only prove the harness (interpreter timings) are left out, and peers that could
