@@ -57,7 +57,8 @@ def _run_recipe(args: argparse.Namespace) -> int:
     from .data import DataError
     from .recipe import run_recipe
 
-    overrides = {k: v for k, v in (("output", args.output), ("overwrite", args.overwrite or None)) if v}
+    overrides = {k: v for k, v in (("output", args.output), ("overwrite", args.overwrite or None),
+                                   ("resume", args.resume or None)) if v}
     try:
         configs = load_recipe(args.file, **overrides)
         run_recipe(configs, evaluate=not args.no_eval)
@@ -77,6 +78,8 @@ def add_recipe_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     parser.add_argument("file", help="the recipe (TOML)")
     parser.add_argument("--output", default=None, help="the recipe's folder (default: the file's output key)")
     parser.add_argument("--overwrite", action="store_true", help="start afresh where a stage's output holds a run")
+    parser.add_argument("--resume", action="store_true", help="continue a killed recipe: each stage from its newest "
+                        "checkpoint (a finished stage only reloads its weights)")
     parser.add_argument("--no-eval", action="store_true", help="skip the quality suite at the end")
     parser.set_defaults(func=_run_recipe)
     return parser
