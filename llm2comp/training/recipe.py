@@ -26,9 +26,9 @@ def run_recipe(configs: list[TrainConfig], evaluate: bool = True) -> dict | None
     model = modeling.load_model(configs[0])
     for cfg in configs:
         records = train(cfg, model=model)
-        if is_main():
-            print(f"{cfg.stage}: {cfg.max_steps or records[-1]['step']} steps, loss {records[0]['loss']:.4f} -> "
-                  f"{records[-1]['loss']:.4f}; model in {cfg.output} ({time.perf_counter() - start:.0f} s so far)",
+        if is_main():  # no records: a resumed stage that had already finished
+            losses = f"loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}" if records else "finished before"
+            print(f"{cfg.stage}: {losses}; model in {cfg.output} ({time.perf_counter() - start:.0f} s so far)",
                   flush=True)
     if not (evaluate and is_main()):
         return None

@@ -161,12 +161,17 @@ def test_recipe_runs_its_stages_in_order_from_one_model(tiny_dir, tmp_path, caps
                                          '[unsupervised]\nmax-steps = 1\nlr = 1e-3\n')
     assert main(["recipe", str(recipe), "--no-eval"]) == 0
     printed = capsys.readouterr().out
-    assert printed.index("compress: 2 steps") < printed.index("unsupervised: 1 steps")
+    assert printed.index("compress: loss") < printed.index("unsupervised: loss")
     first, second = (json.loads((tmp_path / "run" / s / "checkpoints" / f"step-{n}" / "meta.json").read_text())
                      for s, n in (("compress", 2), ("unsupervised", 1)))
     assert (first["config"]["objective"], first["config"]["max_length"]) == ("nll", 48)
     assert second["config"]["model"] == str(tmp_path / "run" / "compress") and second["config"]["lr"] == 1e-3
     assert (tmp_path / "run" / "unsupervised" / "merged_lora.safetensors").is_file()  # stage 1's LoRA folded
+    assert main(["recipe", str(recipe), "--no-eval"]) == 2  # a finished recipe is not run over
+    assert "holds a run" in capsys.readouterr().err
+    assert main(["recipe", str(recipe), "--no-eval", "--resume"]) == 0  # nothing left to train: reloads, saves
+    printed = capsys.readouterr().out
+    assert "compress: finished before" in printed and "unsupervised: finished before" in printed
 
 
 @pytest.mark.parametrize("body, message", [
