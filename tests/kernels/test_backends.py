@@ -91,13 +91,13 @@ def _attention_inputs(B=1, d=16, dtype=torch.bfloat16, requires_grad=False):
 def test_attention_backends_say_which_inputs_they_refuse(inputs, backend, reason):
     import re
 
-    assert re.search(reason, attention_api._unsupported(*inputs)[backend])
+    assert re.search(reason, attention_api._unsupported(*inputs, 0.0)[backend])
 
 
 def test_cuda_attention_with_gradients_needs_triton(monkeypatch):
     monkeypatch.setattr(attention_api, "triton_import_error", lambda: "triton is not importable (ImportError)")
-    assert "cuda" not in attention_api._unsupported(*_attention_inputs(d=64))  # a forward alone runs without it
-    reason = attention_api._unsupported(*_attention_inputs(d=64, requires_grad=True))["cuda"]
+    assert "cuda" not in attention_api._unsupported(*_attention_inputs(d=64), 0.0)  # a forward alone runs without it
+    reason = attention_api._unsupported(*_attention_inputs(d=64, requires_grad=True), 0.0)["cuda"]
     assert reason == "its backward runs the Triton kernels, and triton is not importable (ImportError)"
 
 
