@@ -38,8 +38,9 @@ from .memory_tokens import MEMORY_INITS, add_memory_tokens, init_memory_rows
 CONFIG_NAME = "llm2comp_config.json"
 MERGED_LORA_NAME = "merged_lora.safetensors"  # earlier stages' LoRA factors, folded into the base on load
 # Lets ``SentenceTransformer(directory, trust_remote_code=True)`` load a saved model through
-# `llm2comp.interop.LLM2CompModule` (a class outside sentence-transformers, hence trust_remote_code).
-ST_MODULES = [{"idx": 0, "name": "0", "path": "", "type": "llm2comp.interop.LLM2CompModule"}]
+# `llm2comp.integrations.sentence_transformers.LLM2CompModule` (a class outside sentence-transformers, hence
+# trust_remote_code).
+ST_MODULES = [{"idx": 0, "name": "0", "path": "", "type": "llm2comp.integrations.sentence_transformers.LLM2CompModule"}]
 LORA_TARGETS = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 __all__ = ["CONFIG_NAME", "LLM2Comp", "POOLINGS"]

@@ -319,7 +319,7 @@ def test_revisions_address_the_repo_they_were_given_for(tiny_dirs, tmp_path, mon
     from huggingface_hub.errors import EntryNotFoundError
 
     from llm2comp import model as model_module
-    from llm2comp.interop import LLM2CompModule
+    from llm2comp.integrations.sentence_transformers import LLM2CompModule
 
     asked, fetched = [], []
     for auto in (model_module.AutoTokenizer, model_module.AutoModelForCausalLM):
