@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from llm2comp_kernels import linear_kl_loss
 
 from . import modeling
-from .data import DataError, TextRow, split_point
+from .rows import DataError, TextRow, split_point
 
 __all__ = ["CompressionBatch", "make_compression_batch", "usable_rows", "compression_loss"]
 

@@ -20,7 +20,7 @@ from . import modeling
 from .compress import compression_loss, make_compression_batch, usable_rows
 from .config import ConfigError, TrainConfig
 from .contrastive import embed_and_backward, in_batch_loss, text_keys, unscaled
-from .data import DataError, read_pairs, read_texts
+from .rows import DataError, read_pairs, read_texts
 
 __all__ = ["Stage", "CompressStage", "UnsupervisedStage", "SupervisedStage", "read_rows", "build_stage"]
 

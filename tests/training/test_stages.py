@@ -14,7 +14,7 @@ from llm2comp import LLM2Comp
 from llm2comp.training import load_config, modeling, train
 from llm2comp.training.compress import make_compression_batch
 from llm2comp.training.config import ConfigError
-from llm2comp.training.data import DataError
+from llm2comp.training.rows import DataError
 from llm2comp.training.stages import build_stage
 from llm2comp.training.trainer import _check_output
 
