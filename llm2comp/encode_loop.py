@@ -35,7 +35,7 @@ def encode_batches(model, texts: list[str], batch_size: int, show_progress_bar: 
         with torch.inference_mode(), torch.autocast("cuda", dtype=half_dtype(device), enabled=autocast):
             for s in starts:
                 batch = model.tokenize([texts[i] for i in order[s:s + batch_size]], instruction, max_length)
-                emb = model(**{k: v.to(device) for k, v in batch.items()}, pooling=pooling).float()
+                emb = model(**batch.to(device), pooling=pooling).float()
                 if normalize_embeddings:
                     emb = torch.nn.functional.normalize(emb, dim=-1)
                 chunks.append(emb)

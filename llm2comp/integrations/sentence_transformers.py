@@ -88,7 +88,7 @@ class LLM2CompModule(InputModule):
 
     def preprocess(self, inputs: list[str], prompt: str | None = None, **_: Any) -> dict[str, torch.Tensor]:
         """`LLM2Comp.tokenize` with the prompt as instruction."""
-        return self.encoder.tokenize(inputs, instruction=prompt or None, max_length=self.max_seq_length)
+        return dict(self.encoder.tokenize(inputs, instruction=prompt or None, max_length=self.max_seq_length))
 
     def forward(self, features: dict[str, torch.Tensor], **_: Any) -> dict[str, torch.Tensor]:
         names = ("input_ids", "attention_mask", "seq_lens", "memory_start", "text_start")
