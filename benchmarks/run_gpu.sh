@@ -94,7 +94,7 @@ for part in $PARTS; do
         tests)
             # Everything that does not need the extension, while it builds.
             pytest_run triton "$WORKERS" -m "${TEST_MARKS:-gpu or not slow}" -k "not cuda" tests/kernels
-            pytest_run others 1 -m gpu tests/model tests/integrations tests/training tests/test_nn.py
+            pytest_run others 1 -m gpu tests/llm2comp tests/integrations tests/training
             wait_build
             # Without the caching allocator every tensor is its own allocation, so memcheck sees overruns.
             ( for tool in memcheck racecheck; do

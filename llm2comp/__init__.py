@@ -3,7 +3,7 @@
 Main entry points: `LLM2Comp` (load, tokenize, encode, save), `patch_bidirectional` /
 `unpatch_bidirectional` / `causal_attention` (attention switch for any supported decoder) and
 `add_memory_tokens`. Training lives in `llm2comp.training`, evaluation in `llm2comp.evaluation`,
-sentence-transformers / MTEB wrappers in `llm2comp.interop`.
+sentence-transformers / MTEB wrappers in `llm2comp.integrations`.
 """
 
 import importlib

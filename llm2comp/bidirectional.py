@@ -19,8 +19,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
-from llm2comp_kernels import memory_attention
-from llm2comp_kernels._backends import BACKENDS
+from llm2comp_kernels import MEMORY_ATTENTION_BACKENDS, memory_attention
 
 ATTN_IMPLEMENTATION = "llm2comp"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
@@ -132,8 +131,8 @@ def patch_bidirectional(model: torch.nn.Module, *, backend: str = "auto", causal
         `model`. Inputs must be right padded; KV caches are not supported (pass ``use_cache=False``).
         `unpatch_bidirectional` restores the previous attention implementation and causality.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in ("auto", *MEMORY_ATTENTION_BACKENDS):
+        raise ValueError(f"backend must be one of {('auto', *MEMORY_ATTENTION_BACKENDS)}, got {backend!r}")
     base = _base_model(model)
     if base.config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"patch_bidirectional supports model types {SUPPORTED_MODEL_TYPES}, "

@@ -1,17 +1,14 @@
 """The ``llm2comp`` command: ``encode``, ``eval``, ``merge``, ``data``, ``train``, ``recipe``, ``demo``, ``bench``.
 
-Subcommands come from `COMMANDS`: ``(name, "module:function")``, where the function takes the
-argparse subparsers object, adds its parser and sets ``func`` (called with the parsed namespace;
-a non-zero int return is the exit code). Modules are imported when the parser is built; one that
-cannot be imported is listed as unavailable (with the reason) instead of breaking ``--help``.
-Heavy imports (torch, transformers) happen inside the ``func`` handlers, so ``--help`` is quick (tested).
+Each ``add_*_parser`` function takes the argparse subparsers object, adds its command's parser and sets
+``func`` (called with the parsed namespace; a non-zero int return is the exit code). Heavy imports (torch,
+transformers) happen inside the ``func`` handlers, so ``--help`` is quick (tested).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 import json
 import shlex
 import sys
@@ -19,17 +16,7 @@ from pathlib import Path
 
 from .data import text_lines
 from .pooling import POOLINGS
-
-COMMANDS = [
-    ("encode", "llm2comp.cli:add_encode_parser"),
-    ("eval", "llm2comp.cli:add_eval_parser"),
-    ("merge", "llm2comp.cli:add_merge_parser"),
-    ("data", "llm2comp.cli:add_data_parser"),
-    ("train", "llm2comp.training.cli:add_train_parser"),
-    ("recipe", "llm2comp.training.cli:add_recipe_parser"),
-    ("demo", "llm2comp.training.cli:add_demo_parser"),
-    ("bench", "llm2comp.cli:add_bench_parser"),
-]
+from .training.cli import add_demo_parser, add_recipe_parser, add_train_parser
 
 
 def positive_int(value: str) -> int:
@@ -246,14 +233,15 @@ def add_merge_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    checkout = Path(__file__).resolve().parents[1]
-    if not (checkout / "benchmarks" / "__main__.py").is_file():
-        print(f"llm2comp bench: no benchmarks/ next to {checkout / 'llm2comp'}; the benchmarks ship with the "
-              "repository checkout (install it editable: pip install -e .)", file=sys.stderr)
+    try:
+        from benchmarks.__main__ import main as bench_main
+    except ModuleNotFoundError as exc:
+        if exc.name != "benchmarks":  # a module the benchmarks need is missing: say which
+            raise
+        # benchmarks/ ships with the repository, not with the package: only a checkout's root can import it
+        print("llm2comp bench: the benchmarks are not importable here; from the root of a repository checkout, "
+              f"run: {shlex.join(['python', '-m', 'benchmarks', *args.bench_args])}", file=sys.stderr)
         return 2
-    # An installed script does not have the checkout on sys.path; benchmarks/ is not a package we install.
-    sys.path.insert(0, str(checkout))
-    from benchmarks.__main__ import main as bench_main
     return bench_main(args.bench_args)
 
 
@@ -265,25 +253,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def _mark_unavailable(subparsers, name: str, reason: str) -> None:
-    """Register `name` (or take over its half-built parser) as a command that explains why it cannot run."""
-    def run(_: argparse.Namespace) -> int:
-        print(f"llm2comp {name} is unavailable: {reason}", file=sys.stderr)
-        return 2
-
-    parser = subparsers.choices.get(name) or subparsers.add_parser(name, help=f"(unavailable: {reason})")
-    parser.set_defaults(func=run)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm2comp", description="LLM2Comp text encoders on fused kernels")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name, target in COMMANDS:
-        module_name, function = target.split(":")
-        try:
-            getattr(importlib.import_module(module_name), function)(subparsers)
-        except (ImportError, AttributeError) as e:
-            _mark_unavailable(subparsers, name, f"{target} could not be loaded: {e}")
+    for add_parser in (add_encode_parser, add_eval_parser, add_merge_parser, add_data_parser, add_train_parser,
+                       add_recipe_parser, add_demo_parser, add_bench_parser):
+        add_parser(subparsers)
     return parser
 
 

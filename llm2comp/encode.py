@@ -1,8 +1,5 @@
-"""`encode` for `LLM2Comp`, with sentence-transformers semantics.
-
-Texts are sorted longest first (so each batch pads little and the first batch shows the peak
-memory), embedded in inference mode (on GPU, when the model is float32: bf16 autocast, or fp16 on GPUs
-without bf16) and put back in input order.
+"""`encode` for `LLM2Comp`, with sentence-transformers semantics: checks the arguments, then encodes on one
+device (`llm2comp.encode_loop`) or hands the texts to a pool of workers (`llm2comp.multi_process`).
 """
 
 from __future__ import annotations
@@ -12,12 +9,12 @@ import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
-import numpy as np
 import torch
 
+from .encode_loop import encode_batches
 from .multi_process import EncodePool, is_device_list
 from .pooling import POOLINGS, check_pooling
-from .precision import half_dtype, has_bf16
+from .precision import has_bf16
 
 __all__ = ["POOLINGS", "check_pooling", "cosine_similarity", "encode_texts"]
 
@@ -121,37 +118,6 @@ def _warn_non_finite(out: torch.Tensor, model, autocast: bool, devices: list[tor
         cause = (" (float16 autocast, as this GPU has no bf16, overflows on some models: encode(..., "
                  "autocast=False) runs in float32)")
     warnings.warn(f"{bad} of {out.shape[0]} embeddings are not finite (NaN or inf){cause}", stacklevel=3)
-
-
-def encode_batches(model, texts: list[str], batch_size: int, show_progress_bar: bool, device, *, instruction,
-                 max_length: int, pooling: str, normalize_embeddings: bool, autocast: bool) -> torch.Tensor:
-    """float32 `[n, D]` embeddings of `texts`, in order, on the model's device (moved to `device` first): the
-    checked options of `encode_texts`, here or in a pool's worker."""
-    if device is not None:
-        model.to(device)
-    device = model.device
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    starts = range(0, len(texts), batch_size)
-    if show_progress_bar:
-        from tqdm.auto import tqdm
-        starts = tqdm(starts, desc="Batches", unit="batch")
-    autocast = autocast and device.type == "cuda" and next(model.parameters()).dtype == torch.float32
-    was_training = model.training
-    model.eval()
-    chunks = []
-    try:
-        with torch.inference_mode(), torch.autocast("cuda", dtype=half_dtype(device), enabled=autocast):
-            for s in starts:
-                batch = model.tokenize([texts[i] for i in order[s:s + batch_size]], instruction, max_length)
-                emb = model(**{k: v.to(device) for k, v in batch.items()}, pooling=pooling).float()
-                if normalize_embeddings:
-                    emb = torch.nn.functional.normalize(emb, dim=-1)
-                chunks.append(emb)
-    finally:
-        model.train(was_training)
-    if not chunks:
-        return torch.zeros(0, model.hidden_size, device=device)
-    return torch.cat(chunks)[torch.as_tensor(np.argsort(order), dtype=torch.long, device=device)]
 
 
 ENCODE_OPTIONS = tuple(p for p in inspect.signature(encode_texts).parameters if p not in ("model", "sentences"))

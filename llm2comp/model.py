@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llm2comp_kernels import span_mean_pool
 
+from . import tokenization
 from .bidirectional import patch_bidirectional, unpatch_bidirectional
 from .default_model import DEFAULT_MODEL, HUB_ID, default_model_files, is_default_model
 from .encode import POOLINGS, check_encode_kwargs, check_pooling, cosine_similarity, encode_texts
@@ -38,8 +39,9 @@ from .memory_tokens import MEMORY_INITS, add_memory_tokens, init_memory_rows
 CONFIG_NAME = "llm2comp_config.json"
 MERGED_LORA_NAME = "merged_lora.safetensors"  # earlier stages' LoRA factors, folded into the base on load
 # Lets ``SentenceTransformer(directory, trust_remote_code=True)`` load a saved model through
-# `llm2comp.interop.LLM2CompModule` (a class outside sentence-transformers, hence trust_remote_code).
-ST_MODULES = [{"idx": 0, "name": "0", "path": "", "type": "llm2comp.interop.LLM2CompModule"}]
+# `llm2comp.integrations.sentence_transformers.LLM2CompModule` (a class outside sentence-transformers, hence
+# trust_remote_code).
+ST_MODULES = [{"idx": 0, "name": "0", "path": "", "type": "llm2comp.integrations.sentence_transformers.LLM2CompModule"}]
 LORA_TARGETS = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 __all__ = ["CONFIG_NAME", "LLM2Comp", "POOLINGS"]
@@ -246,11 +248,7 @@ class LLM2Comp(torch.nn.Module):
         self.prepend_bos, self.memory_init = prepend_bos, memory_init
         # earlier stages' LoRA, folded into the base weights: module name -> (A [R, in], B [out, R] x scaling)
         self.merged_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        if prepend_bos is None:  # models saved before the option: BOS where the tokenizer adds one itself
-            bos = tokenizer.bos_token_id
-            self._bos = [bos] if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else []
-        else:
-            self._bos = [self.start_token_id] if prepend_bos else []
+        self.bos_ids = tokenization.bos_ids(tokenizer, prepend_bos)
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
@@ -436,72 +434,42 @@ class LLM2Comp(torch.nn.Module):
         return out.last_hidden_state
 
     # ----------------------------------------------------------------------------- encoding
-    def _split_ids(self, texts: list[str], instruction: str | None) -> list[tuple[list[int], list[int]]]:
-        """(instruction ids, text ids) per text, from one tokenization of ``instruction + text`` (fast
-        tokenizers): a separate one would end "Query: " in a lone space token and start the text without its
-        leading space, which is not what the model reads in running text. A token that holds any character of
-        the text belongs to the text. Special-token names inside texts are read as plain text."""
-        tok = self.tokenizer
-        if not instruction or not tok.is_fast:
-            head = tok(instruction, add_special_tokens=False)["input_ids"] if instruction else []
-            bodies = tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-            return [(head, ids) for ids in bodies]
-        joined = tok([instruction + t for t in texts], add_special_tokens=False, split_special_tokens=True,
-                     return_offsets_mapping=True)
-        rows = []
-        for ids, offsets in zip(joined["input_ids"], joined["offset_mapping"]):
-            n = sum(end <= len(instruction) for _, end in offsets)
-            rows.append((ids[:n], ids[n:]))
-        return rows
-
-    def tokenize(self, texts: Sequence[str], instruction: str | None = None,
-                 max_length: int = 512) -> dict[str, torch.Tensor]:
+    def tokenize(self, texts: Sequence[str], instruction: str | None | Sequence[str | None] = None,
+                 max_length: int = 512) -> tokenization.TokenBatch:
         """Token ids ``[BOS] instruction text <mem_0..M-1> <pad>...`` (right padded), on CPU.
 
-        Texts are truncated so the whole row fits `max_length` (at most the model's maximum position);
-        an empty text gives a row without text tokens (for memory pooling). Returns int64 tensors
+        `instruction` precedes every text, or is a list of one per text (None for none). Texts are truncated so
+        the whole row fits `max_length` (at most the model's maximum position); an empty text gives a row
+        without text tokens (for memory pooling). Returns a `TokenBatch` (a mapping too): int64
         ``input_ids`` / ``attention_mask`` `[B, L]` and int64 `[B]` ``seq_lens`` (real tokens),
-        ``memory_start`` (first memory token) and ``text_start`` (first text token, after the
-        BOS and instruction).
+        ``memory_start`` (first memory token) and ``text_start`` (first text token, after the BOS and
+        instruction).
         """
-        return self._batch(self._split_ids(list(texts), instruction), max_length)
+        texts = list(texts)
+        if instruction is None or isinstance(instruction, str):
+            rows = tokenization.split_instruction(self.tokenizer, texts, instruction)
+        else:
+            rows = tokenization.split_instructions(self.tokenizer, texts, list(instruction))
+        return self._pack(rows, max_length)
 
-    def tokenize_ids(self, token_ids: Sequence[Sequence[int]], max_length: int = 512) -> dict[str, torch.Tensor]:
+    def tokenize_ids(self, token_ids: Sequence[Sequence[int]], max_length: int = 512) -> tokenization.TokenBatch:
         """`tokenize` of texts given as token ids (no instruction): the rows read exactly these tokens, where a
         text decoded and tokenized again might not (a byte-level token cut from its character, say)."""
-        return self._batch([([], list(ids)) for ids in token_ids], max_length)
+        return self._pack([([], list(ids)) for ids in token_ids], max_length)
 
     @property
     def start_token_id(self) -> int:
-        """The token a decoder row starts from: BOS, or EOS for tokenizers without one (Qwen)."""
-        tok = self.tokenizer
-        return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        """`llm2comp.tokenization.start_token_id` of the model's tokenizer."""
+        return tokenization.start_token_id(self.tokenizer)
 
     @property
     def pad_token_id(self) -> int:
-        """The id padded positions hold (they are masked out): the tokenizer's pad token (its EOS where it has
-        none), else 0."""
-        return 0 if self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id
+        """`llm2comp.tokenization.pad_token_id` of the model's tokenizer."""
+        return tokenization.pad_token_id(self.tokenizer)
 
-    def _batch(self, rows_ids: list[tuple[list[int], list[int]]], max_length: int) -> dict[str, torch.Tensor]:
-        """The `tokenize` batch of (instruction ids, text ids) rows."""
-        max_length = min(max_length, self.max_positions)
-        rows, text_start = [], []
-        for head, ids in rows_ids:
-            prefix = self._bos + head
-            budget = max_length - len(prefix) - self.num_memory_tokens
-            if budget < 1:
-                raise ValueError(f"max_length={max_length} leaves no room for text after {len(prefix)} prefix and "
-                                 f"{self.num_memory_tokens} memory tokens")
-            rows.append(prefix + ids[:budget] + self.memory_token_ids)
-            text_start.append(len(prefix))
-        width = max(len(r) for r in rows)
-        input_ids = torch.tensor([r + [self.pad_token_id] * (width - len(r)) for r in rows], dtype=torch.long)
-        seq_lens = torch.tensor([len(r) for r in rows], dtype=torch.long)
-        attention_mask = (torch.arange(width)[None, :] < seq_lens[:, None]).long()
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "seq_lens": seq_lens,
-                "memory_start": seq_lens - self.num_memory_tokens,
-                "text_start": torch.tensor(text_start, dtype=torch.long)}
+    def _pack(self, rows: list[tuple[list[int], list[int]]], max_length: int) -> tokenization.TokenBatch:
+        return tokenization.pack(rows, bos=self.bos_ids, memory_token_ids=self.memory_token_ids,
+                                 pad_token_id=self.pad_token_id, max_length=min(max_length, self.max_positions))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seq_lens: torch.Tensor,
                 memory_start: torch.Tensor, text_start: torch.Tensor | None = None,

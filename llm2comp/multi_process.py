@@ -31,6 +31,8 @@ from multiprocessing.connection import wait
 import torch
 import torch.multiprocessing as mp
 
+from .encode_loop import encode_batches
+
 __all__ = ["EncodePool", "WorkerTraceback", "checked_device", "is_device_list"]
 
 CHUNKS_PER_WORKER = 4  # chunks per worker and call: enough to even out uneven texts, few enough to batch well
@@ -46,8 +48,6 @@ def _serve(model, device: torch.device, threads: int, conn) -> None:
     """Worker: move the model to `device`, then answer each ``(texts, batch_size, options)`` job until None (or
     the caller's end of the pipe closes). Replies: ``("ready", None)`` once, ``("done", embeddings)`` or
     ``("error", _portable(exc))``."""
-    from .encode import encode_batches
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the caller stops us
     if threads:
         torch.set_num_threads(threads)

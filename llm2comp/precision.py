@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from llm2comp_kernels._backends import MIN_CAPABILITY, compute_capability
+from llm2comp_kernels import MIN_CAPABILITY, compute_capability
 
 __all__ = ["has_bf16", "half_dtype"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backends import available_for, cuda_extension
+from ._backends import MIN_CAPABILITY, available_for, compute_capability, cuda_extension
 from .contrastive_loss import contrastive_loss
 from .linear_kl_loss import linear_kl_loss
 from .memory_attention import memory_attention
@@ -17,7 +17,8 @@ from .memory_attention.api import BACKENDS as MEMORY_ATTENTION_BACKENDS
 from .memory_attention.api import LOW_PRECISION, LOW_PRECISION_BACKENDS
 from .span_mean_pool import span_mean_pool
 
-__all__ = ["memory_attention", "span_mean_pool", "contrastive_loss", "linear_kl_loss", "available_backends"]
+__all__ = ["memory_attention", "span_mean_pool", "contrastive_loss", "linear_kl_loss", "available_backends",
+           "MEMORY_ATTENTION_BACKENDS", "MIN_CAPABILITY", "compute_capability"]
 __version__ = "0.1.0"
 
 # op name -> (backends it has, the extension op behind its cuda backend)

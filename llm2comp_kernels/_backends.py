@@ -13,7 +13,6 @@ import warnings
 
 import torch
 
-BACKENDS = ("auto", "torch", "sdpa", "triton", "cuda", "flash")
 PURE_TORCH = ("torch", "sdpa")  # backends written in PyTorch ops alone: they run on any device and dtype
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -1,4 +1,13 @@
-"""sentence-transformers losses computed by `llm2comp_kernels.contrastive_loss`.
+"""sentence-transformers with LLM2Comp: the encoder as a sentence-transformers module, and losses computed by
+`llm2comp_kernels.contrastive_loss`.
+
+`LLM2CompModule` is a sentence-transformers input module around an `LLM2Comp`. Every LLM2Comp directory
+written by `LLM2Comp.save_pretrained` also carries a ``modules.json`` naming this class, so
+``SentenceTransformer(directory, trust_remote_code=True)`` loads it and its ``encode`` gives the same embeddings
+as `LLM2Comp.encode` (prompts become the instruction, kept out of mean pooling). `sentence_transformer` wraps a
+loaded encoder.
+
+sentence-transformers losses computed by `llm2comp_kernels.contrastive_loss`.
 
 `FusedMultipleNegativesRankingLoss` is a drop-in for
 ``sentence_transformers.losses.MultipleNegativesRankingLoss``: same constructor, same inputs
@@ -26,12 +35,15 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 try:
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules.input_module import InputModule
     from sentence_transformers.util import cos_sim, dot_score
 except ImportError as exc:
     raise ImportError(
@@ -41,15 +53,74 @@ except ImportError as exc:
 
 from llm2comp_kernels.nn import ContrastiveLoss
 
+from ..model import LLM2Comp
+
 try:  # sentence-transformers >= 6 embeds candidate columns of equal width in one forward pass
     from sentence_transformers.base.losses.merged_forward import embed_columns
 except ImportError:  # older versions: one forward per column, the same embeddings
     def embed_columns(model: nn.Module, features_list: Iterable[dict[str, Tensor]]) -> list[Tensor]:
         return [model(features)["sentence_embedding"] for features in features_list]
 
-__all__ = ["FusedMultipleNegativesRankingLoss", "FusedMultipleNegativesSymmetricRankingLoss"]
+__all__ = ["LLM2CompModule", "sentence_transformer", "FusedMultipleNegativesRankingLoss",
+           "FusedMultipleNegativesSymmetricRankingLoss"]
 
 Similarity = Callable[[Tensor, Tensor], Tensor]
+
+class LLM2CompModule(InputModule):
+    """sentence-transformers module: texts -> ``features["sentence_embedding"]`` `[B, D]` from an `LLM2Comp`.
+
+    Saved in the model root, as the LLM2Comp directory itself (config JSON, tokenizer, adapter), with
+    ``max_seq_length`` in ``sentence_bert_config.json``.
+    """
+
+    save_in_root = True
+    config_file_name = "sentence_bert_config.json"
+    config_keys = ["max_seq_length"]
+
+    def __init__(self, encoder: LLM2Comp, max_seq_length: int = 512):
+        super().__init__()
+        self.encoder = encoder
+        self.max_seq_length = max_seq_length
+
+    @property
+    def tokenizer(self):
+        return self.encoder.tokenizer
+
+    def preprocess(self, inputs: list[str], prompt: str | None = None, **_: Any) -> dict[str, torch.Tensor]:
+        """`LLM2Comp.tokenize` with the prompt as instruction."""
+        return dict(self.encoder.tokenize(inputs, instruction=prompt or None, max_length=self.max_seq_length))
+
+    def forward(self, features: dict[str, torch.Tensor], **_: Any) -> dict[str, torch.Tensor]:
+        names = ("input_ids", "attention_mask", "seq_lens", "memory_start", "text_start")
+        features["sentence_embedding"] = self.encoder(**{k: features[k] for k in names})
+        return features
+
+    def get_embedding_dimension(self) -> int:
+        return self.encoder.hidden_size
+
+    def save(self, output_path: str, *_: Any, **__: Any) -> None:
+        self.encoder.save_pretrained(output_path)
+        self.save_config(output_path)
+
+    @classmethod
+    def load(cls, model_name_or_path: str, subfolder: str = "", token: bool | str | None = None,
+             cache_folder: str | None = None, revision: str | None = None, local_files_only: bool = False,
+             model_kwargs: dict[str, Any] | None = None, **_: Any) -> LLM2CompModule:
+        """The saved module, from a local directory or a hub repo (at `revision`, with `token`...); `model_kwargs`
+        (``dtype``/``torch_dtype``...) go to `LLM2Comp.from_pretrained`."""
+        hub = {"token": token, "revision": revision, "local_files_only": local_files_only}
+        kwargs = {**{k: v for k, v in hub.items() if v}, **({"cache_dir": cache_folder} if cache_folder else {}),
+                  **(model_kwargs or {})}
+        if "torch_dtype" in kwargs:
+            kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
+        config = cls.load_config(model_name_or_path, subfolder=subfolder, cache_folder=cache_folder, **hub)
+        return cls(LLM2Comp.from_pretrained(str(Path(model_name_or_path) / subfolder), **kwargs), **config)
+
+
+def sentence_transformer(encoder: LLM2Comp, max_seq_length: int = 512):
+    """A `SentenceTransformer` running `encoder` (shares its weights)."""
+    return SentenceTransformer(modules=[LLM2CompModule(encoder, max_seq_length)], device=str(encoder.device))
+
 
 _FORWARD = ("query_to_doc",)
 _SYMMETRIC = ("query_to_doc", "doc_to_query")

@@ -23,8 +23,8 @@ _STAGE_HELP = {
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .data import DataError
     from .distributed import is_main
+    from .rows import DataError
     from .trainer import train  # heavy imports only when a stage actually runs
 
     try:
@@ -54,8 +54,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 def _run_recipe(args: argparse.Namespace) -> int:
     from .config import load_recipe
-    from .data import DataError
     from .recipe import run_recipe
+    from .rows import DataError
 
     overrides = {k: v for k, v in (("output", args.output), ("overwrite", args.overwrite or None),
                                    ("resume", args.resume or None)) if v}

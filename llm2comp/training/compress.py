@@ -25,8 +25,9 @@ from torch.utils.checkpoint import checkpoint
 
 from llm2comp_kernels import linear_kl_loss
 
+from ..tokenization import TokenBatch, text_token_ids
 from . import modeling
-from .data import DataError, TextRow, split_point
+from .rows import DataError, TextRow, split_point
 
 __all__ = ["CompressionBatch", "make_compression_batch", "usable_rows", "compression_loss"]
 
@@ -36,7 +37,7 @@ CE_CHUNK_ROWS = 1024
 
 @dataclass
 class CompressionBatch:
-    encoder_inputs: dict[str, torch.Tensor]  # model.tokenize() of the prefixes (memory tokens appended)
+    encoder_inputs: TokenBatch  # model.tokenize_ids() of the prefixes (memory tokens appended)
     targets: torch.Tensor  # int64 [B, K] tokens the decoder predicts (continuation, or prefix), right padded
     target_mask: torch.Tensor  # bool [B, K]
     teacher_ids: torch.Tensor  # int64 [B, 1 + T]: BOS + full text, right padded (kl only)
@@ -44,18 +45,13 @@ class CompressionBatch:
     teacher_start: torch.Tensor  # int64 [B]: teacher position predicting targets[:, 0] (= split)
 
     def to(self, device: torch.device) -> CompressionBatch:
-        moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.encoder_inputs.items()}
-        return CompressionBatch(moved, *(getattr(self, f).to(device) for f in
-                                         ("targets", "target_mask", "teacher_ids", "teacher_mask", "teacher_start")))
+        return CompressionBatch(self.encoder_inputs.to(device), *(getattr(self, f).to(device) for f in
+                                                                  ("targets", "target_mask", "teacher_ids",
+                                                                   "teacher_mask", "teacher_start")))
 
     @property
     def num_tokens(self) -> int:
         return int(self.target_mask.sum())
-
-
-def _token_ids(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_tokens,
-                     split_special_tokens=True)["input_ids"]  # as `LLM2Comp.tokenize` reads them
 
 
 def usable_rows(tokenizer, rows: list[TextRow], path: str, min_split: int, max_tokens: int,
@@ -64,7 +60,7 @@ def usable_rows(tokenizer, rows: list[TextRow], path: str, min_split: int, max_t
 
     Raises DataError naming the first short row unless `skip_short`.
     """
-    ids = _token_ids(tokenizer, [r.text for r in rows], max_tokens)
+    ids = text_token_ids(tokenizer, [r.text for r in rows], max_tokens)
     keep = [r for r, i in zip(rows, ids) if len(i) >= 2 * min_split]
     if len(keep) < len(rows) and not skip_short:
         bad, n = next((r, len(i)) for r, i in zip(rows, ids) if len(i) < 2 * min_split)
@@ -92,7 +88,7 @@ def make_compression_batch(model, texts: list[str], *, objective: str, min_split
     `max_length`.
     """
     tokenizer, m = model.tokenizer, model.num_memory_tokens
-    ids = _token_ids(tokenizer, texts, max_length - m - 1)
+    ids = text_token_ids(tokenizer, texts, max_length - m - 1)
     splits = [split_point(len(i), min_split, seed, epoch, idx) for i, idx in zip(ids, indices)]
     # From the ids, not the prefix text tokenized again: a split between the byte tokens of one character
     # would lose its first bytes there (and some tokenizers would add a token at the cut).

@@ -11,10 +11,11 @@ import torch
 
 from ..bidirectional import causal_attention, set_attention_dropout
 from ..model import LLM2Comp
+from ..tokenization import TokenBatch
 from .config import TrainConfig
 
-__all__ = ["load_model", "prepare_for_stage", "memory_states", "frozen_decoder", "tokenize_mixed", "embed",
-           "set_lora_dropout", "enable_gradient_checkpointing"]
+__all__ = ["load_model", "prepare_for_stage", "memory_states", "frozen_decoder", "embed", "set_lora_dropout",
+           "enable_gradient_checkpointing"]
 
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,10 @@ def prepare_for_stage(model: LLM2Comp, cfg: TrainConfig) -> None:
     set_attention_dropout(model.model, cfg.attention_dropout)
 
 
-def memory_states(model: LLM2Comp, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def memory_states(model: LLM2Comp, inputs: TokenBatch) -> torch.Tensor:
     """Last hidden states of the memory tokens, `[B, M, H]`, for a `model.tokenize` batch (encoder view)."""
-    hidden = model.hidden_states(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-    positions = inputs["memory_start"][:, None] + torch.arange(model.num_memory_tokens, device=hidden.device)
+    hidden = model.hidden_states(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask)
+    positions = inputs.memory_start[:, None] + torch.arange(model.num_memory_tokens, device=hidden.device)
     return hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
@@ -78,31 +79,11 @@ def frozen_decoder(model: LLM2Comp) -> Iterator[LLM2Comp]:
             set_attention_dropout(model.model, dropout)
 
 
-def _pad_to(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
-    return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
-
-
-def tokenize_mixed(model: LLM2Comp, texts: list[str], instructions: list[str | None],
-                   max_length: int) -> dict[str, torch.Tensor]:
-    """`model.tokenize` for rows with different instructions: one call per instruction, merged in order."""
-    groups: dict[str | None, list[int]] = {}
-    for i, instruction in enumerate(instructions):
-        groups.setdefault(instruction, []).append(i)
-    if len(groups) == 1:
-        return model.tokenize(texts, next(iter(groups)), max_length)
-    parts = [model.tokenize([texts[i] for i in rows], instruction, max_length) for instruction, rows in groups.items()]
-    width = max(p["input_ids"].shape[1] for p in parts)
-    pad = {"input_ids": model.pad_token_id, "attention_mask": 0}
-    merged = {k: torch.cat([_pad_to(p[k], width, pad[k]) if k in pad else p[k] for p in parts]) for k in parts[0]}
-    order = torch.tensor([i for rows in groups.values() for i in rows]).argsort()
-    return {k: v[order] for k, v in merged.items()}
-
-
 def embed(model: LLM2Comp, texts: list[str], instructions: list[str | None], *,
           max_length: int) -> tuple[torch.Tensor, int]:
     """Embeddings `[B, D]` of `texts` (train mode: dropout on) and the number of real tokens read."""
-    inputs = {k: v.to(model.device) for k, v in tokenize_mixed(model, texts, instructions, max_length).items()}
-    return model(**inputs), int(inputs["seq_lens"].sum())
+    inputs = model.tokenize(texts, instructions, max_length).to(model.device)
+    return model(**inputs), int(inputs.seq_lens.sum())
 
 
 def set_lora_dropout(model: LLM2Comp, p: float) -> None:

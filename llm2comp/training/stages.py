@@ -16,11 +16,12 @@ from collections.abc import Callable
 
 import torch
 
+from ..tokenization import split_instruction
 from . import modeling
 from .compress import compression_loss, make_compression_batch, usable_rows
 from .config import ConfigError, TrainConfig
 from .contrastive import embed_and_backward, in_batch_loss, text_keys, unscaled
-from .data import DataError, read_pairs, read_texts
+from .rows import DataError, read_pairs, read_texts
 
 __all__ = ["Stage", "CompressStage", "UnsupervisedStage", "SupervisedStage", "read_rows", "build_stage"]
 
@@ -76,7 +77,7 @@ class CompressStage(Stage):
         # weighted by its target tokens: the step's loss is the mean over every micro-batch's and rank's
         # tokens, as one process on the whole batch
         scale(loss * batch.num_tokens).backward()
-        return loss.item(), batch.num_tokens + int(batch.encoder_inputs["attention_mask"].sum()), batch.num_tokens
+        return loss.item(), batch.num_tokens + int(batch.encoder_inputs.attention_mask.sum()), batch.num_tokens
 
 
 class _ContrastiveStage(Stage):
@@ -145,7 +146,7 @@ class SupervisedStage(_ContrastiveStage):
             if row.instruction:
                 groups.setdefault(row.instruction, []).append(row)
         for instruction, rows in groups.items():
-            heads = self.model._split_ids([r.query for r in rows], instruction)
+            heads = split_instruction(self.model.tokenizer, [r.query for r in rows], instruction)
             row = max(zip(rows, heads), key=lambda pair: len(pair[1][0]))[0]
             try:
                 self.model.tokenize([row.query], instruction, max_length=self.cfg.max_length)

@@ -33,7 +33,6 @@ from ..precision import has_bf16
 from . import modeling
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, saved_meta, writing
 from .config import ConfigError, TrainConfig, flag
-from .data import BatchOrder, DataError
 from .distributed import (
     all_mean,
     average_gradients,
@@ -45,6 +44,7 @@ from .distributed import (
     setup_distributed,
 )
 from .optim import make_optimizer
+from .rows import BatchOrder, DataError
 from .stages import build_stage, read_rows
 
 __all__ = ["resolve_precision", "autocast_for", "train"]

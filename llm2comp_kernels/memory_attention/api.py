@@ -113,11 +113,3 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
     from .reference import memory_attention_reference
     return memory_attention_reference(q, k, v, seq_lens, causal, scale, dropout_p)
 
-
-def backward_from_saved(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor,
-                        lse: torch.Tensor, grad_out: torch.Tensor, causal: bool, scale: float):
-    """(dq, dk, dv) of a forward that saved its output `out` and row log-sum-exps `lse` (fp32 `[B, Hq, L]`, log2
-    of the sum of exp2(scores * scale * log2(e)), 0 on padded rows): the Triton backward kernels, without
-    dropout. The CUDA forward's backward."""
-    from .triton import memory_attention_triton_backward
-    return memory_attention_triton_backward(q, k, v, seq_lens, out, lse, grad_out, causal, scale)

@@ -62,10 +62,10 @@ class _MemoryAttentionFn(torch.autograd.Function):
     @staticmethod
     @first_derivative_only
     def backward(ctx, grad_out):
-        from .api import backward_from_saved
+        from .triton import memory_attention_triton_backward  # imported here: triton is optional at import
 
         q, k, v, seq_lens, out, lse = ctx.saved_tensors
-        grads = backward_from_saved(q, k, v, seq_lens, out, lse, grad_out, ctx.causal, ctx.scale)
+        grads = memory_attention_triton_backward(q, k, v, seq_lens, out, lse, grad_out, ctx.causal, ctx.scale)
         return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3])), None, None, None, None)
 
 

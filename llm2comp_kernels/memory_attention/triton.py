@@ -493,7 +493,9 @@ class _MemoryAttentionFn(torch.autograd.Function):
 
 
 def memory_attention_triton_backward(q, k, v, seq_lens, out, lse, grad_out, causal: bool, scale: float):
-    """(dq, dk, dv) from a forward's output and row log-sum-exps (see `api.backward_from_saved`)."""
+    """(dq, dk, dv) of a forward that saved its output `out` and row log-sum-exps `lse` (fp32 `[B, Hq, L]`, log2
+    of the sum of exp2(scores * scale * log2(e)), 0 on padded rows), without dropout: the CUDA forward's
+    backward as well as this one's."""
     return _backward(q, k, v, out, lse, seq_lens.contiguous(), grad_out, _AttentionParams(causal, scale))
 
 

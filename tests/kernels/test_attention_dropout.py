@@ -228,12 +228,12 @@ def test_triton_replays_masks_from_torch_rng_state(backend, device):
 
 @pytest.mark.parametrize("backend", TRITON)
 @pytest.mark.parametrize("causal", [False, True])
-def test_backward_from_saved_without_dropout(backend, causal, device):
-    """The CUDA forward's backward (`backward_from_saved`: the Triton backward kernels on a saved output and
-    log-sum-exps, the dropout-free variant) gives the reference gradients; here fed the reference's output and
-    lse."""
-    from llm2comp_kernels.memory_attention.api import backward_from_saved
+def test_triton_backward_from_saved_without_dropout(backend, causal, device):
+    """The CUDA forward's backward (`memory_attention_triton_backward`: the Triton backward kernels on a saved
+    output and log-sum-exps, the dropout-free variant) gives the reference gradients; here fed the reference's
+    output and lse."""
     from llm2comp_kernels.memory_attention.reference import memory_attention_lse_reference
+    from llm2comp_kernels.memory_attention.triton import memory_attention_triton_backward
 
     B, Hq, Hkv, L, d = 2, 4, 2, 23, 16
     g = torch.Generator().manual_seed(6)
@@ -244,9 +244,9 @@ def test_backward_from_saved_without_dropout(backend, causal, device):
     ref = memory_attention_reference(*leaves, lens, causal, d ** -0.5)
     ref_grads = torch.autograd.grad(ref, leaves, grad_out)
     lse = memory_attention_lse_reference(q, k, lens, causal, d ** -0.5).float()
-    grads = backward_from_saved(*(t.float().to(device) for t in (q, k, v)), lens.to(device),
-                                ref.detach().float().to(device), lse.to(device), grad_out.float().to(device),
-                                causal, d ** -0.5)
+    grads = memory_attention_triton_backward(*(t.float().to(device) for t in (q, k, v)), lens.to(device),
+                                             ref.detach().float().to(device), lse.to(device),
+                                             grad_out.float().to(device), causal, d ** -0.5)
     for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_rel_close(got.cpu().double(), want, tol=1e-5, name=name)
 

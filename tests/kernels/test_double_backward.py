@@ -1,6 +1,7 @@
 """Second derivatives (``create_graph=True``, e.g. a gradient penalty): the kernel backends compute first
 derivatives only, so going through their backward again must raise, not quietly drop their part of the
-graph; the torch references of the elementwise-autograd ops keep working."""
+graph; the torch backends of memory_attention, span_mean_pool and contrastive_loss, which claim one, give the
+right one (float64 gradgradcheck)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,22 @@ def test_kernel_backends_refuse_a_second_derivative(op, backend):
         _second_derivative(op, backend)
 
 
-@pytest.mark.parametrize("op", ["memory_attention", "span_mean_pool", "contrastive_loss"])
-def test_torch_references_give_a_second_derivative(op):
-    _second_derivative(op, "torch")
+def _attention_fn():
+    q, k, v, seq_lens = testing.make_attention_inputs(2, 2, 1, 5, 8, dtype=torch.float64, seq_lens=torch.tensor([5, 3]))
+    return (lambda q, k, v: memory_attention(q, k, v, seq_lens, backend="torch")), (q, k, v)
+
+
+def _pool_fn():
+    hidden, start, length = testing.make_pool_inputs(3, 7, 4, dtype=torch.float64)
+    return (lambda hidden: span_mean_pool(hidden, start, length, backend="torch")), (hidden,)
+
+
+def _contrastive_fn():
+    q, d = testing.make_contrastive_inputs(3, 5, 4, dtype=torch.float64)
+    return (lambda q, d: contrastive_loss(q, d, backend="torch")), (q, d)
+
+
+@pytest.mark.parametrize("make", [_attention_fn, _pool_fn, _contrastive_fn], ids=lambda f: f.__name__[1:-3])
+def test_torch_backends_give_the_second_derivative(make):
+    fn, inputs = make()
+    assert torch.autograd.gradgradcheck(fn, inputs)

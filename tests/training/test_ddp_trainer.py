@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from llm2comp.training import load_config, train
 from llm2comp.training.config import ConfigError
-from llm2comp.training.data import DataError
+from llm2comp.training.rows import DataError
 
 
 def _free_port() -> int:

@@ -11,10 +11,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llm2comp import LLM2Comp
+from llm2comp.tokenization import split_instruction
 from llm2comp.training import load_config, modeling, train
 from llm2comp.training.compress import make_compression_batch
 from llm2comp.training.config import ConfigError
-from llm2comp.training.data import DataError
+from llm2comp.training.rows import DataError
 from llm2comp.training.stages import build_stage
 from llm2comp.training.trainer import _check_output
 
@@ -378,7 +379,7 @@ def test_the_instruction_check_reads_every_row(tiny_dir, tmp_path):
                             + "\n" for q in queries))
     cfg = _config("supervised", tiny_dir, tmp_path, data=data, num_negatives=0)
     model = _model(cfg)
-    first, second = (len(head) for head, _ in model._split_ids(queries, "Query: "))
+    first, second = (len(head) for head, _ in split_instruction(model.tokenizer, queries, "Query: "))
     assert second > first
     cfg.max_length = 1 + first + model.num_memory_tokens + 1  # BOS, instruction, one text token, memory tokens
     with pytest.raises(DataError, match=r"spaces\.jsonl:2: the instruction leaves no text token"):

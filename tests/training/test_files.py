@@ -7,8 +7,8 @@ import torch
 
 from llm2comp.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from llm2comp.training.config import ConfigError, load_config
-from llm2comp.training.data import BatchOrder, DataError, read_pairs, read_texts, split_point
 from llm2comp.training.optim import lr_lambda
+from llm2comp.training.rows import BatchOrder, DataError, read_pairs, read_texts, split_point
 
 
 def _write(tmp_path, name, lines):

@@ -1,8 +1,11 @@
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from llm2comp.interop import MTEBEncoder, e5_instruction, sentence_transformer
+from llm2comp.integrations.mteb import MTEBEncoder, e5_instruction
+from llm2comp.integrations.sentence_transformers import sentence_transformer
 
 TEXTS = ["Bushfires burned across New South Wales.", "Rain.", "The cricket team won the test match in Perth."]
 
@@ -26,6 +29,20 @@ def test_sentence_transformer_matches_encode(tiny_encoder, tmp_path):
     np.testing.assert_allclose(again.encode(TEXTS), tiny_encoder.encode(TEXTS, max_length=9), rtol=1e-5, atol=1e-6)
     bf16 = SentenceTransformer(str(tmp_path / "st"), trust_remote_code=True, model_kwargs={"torch_dtype": "bfloat16"})
     assert next(bf16[0].encoder.parameters()).dtype == torch.bfloat16
+
+
+def test_directories_naming_the_old_module_path_still_load(tiny_encoder, tmp_path):
+    """New saves name `llm2comp.integrations.sentence_transformers.LLM2CompModule` in modules.json; directories
+    naming ``llm2comp.interop.LLM2CompModule`` load as before."""
+    from sentence_transformers import SentenceTransformer
+
+    tiny_encoder.save_pretrained(tmp_path / "enc")
+    modules = json.loads((tmp_path / "enc" / "modules.json").read_text())
+    assert [m["type"] for m in modules] == ["llm2comp.integrations.sentence_transformers.LLM2CompModule"]
+    modules[0]["type"] = "llm2comp.interop.LLM2CompModule"
+    (tmp_path / "enc" / "modules.json").write_text(json.dumps(modules))
+    loaded = SentenceTransformer(str(tmp_path / "enc"), trust_remote_code=True)
+    np.testing.assert_allclose(loaded.encode(TEXTS), tiny_encoder.encode(TEXTS), rtol=1e-5, atol=1e-6)
 
 
 def test_sentence_transformers_multi_process_encoding_runs_the_module(tiny_encoder):

@@ -1,4 +1,4 @@
-"""Training data: reading and validating files, splitting texts, and a resumable batch order.
+"""Rows of training files: reading and validating them, splitting texts, and a resumable batch order.
 
 Stage 1 and 2 read a text file (one document per line) or a jsonl file with a ``text`` field;
 stage 3 reads jsonl rows ``{"query", "positive", "negatives": [...], "instruction"?}``. Every bad

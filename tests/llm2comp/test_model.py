@@ -43,6 +43,22 @@ def test_tokenize_layout(tiny_encoder):
         tiny_encoder.tokenize(["x"], max_length=m)
 
 
+def test_tokenize_with_an_instruction_per_text(tiny_encoder):
+    """A list of instructions, one per text, gives each row what tokenizing it alone with its instruction gives,
+    padded to the batch's width; `to` moves every field."""
+    texts, instructions = ["Rain fell.", "Fires burned for days.", "Floods."], ["Query: ", None, "Query: "]
+    batch = tiny_encoder.tokenize(texts, instructions)
+    width = batch.input_ids.shape[1]
+    for b, (text, instruction) in enumerate(zip(texts, instructions)):
+        alone = tiny_encoder.tokenize([text], instruction)
+        n = alone.input_ids.shape[1]
+        assert batch.input_ids[b, :n].tolist() == alone.input_ids[0].tolist()
+        assert batch.input_ids[b, n:].tolist() == [tiny_encoder.pad_token_id] * (width - n)
+        for name in ("seq_lens", "memory_start", "text_start"):
+            assert batch[name][b] == alone[name][0], name
+    assert batch.to("meta").input_ids.is_meta and sorted(dict(batch.to("meta"))) == sorted(batch.keys())
+
+
 def test_tokenize_edge_texts(tiny_encoder):
     m, mem = tiny_encoder.num_memory_tokens, tiny_encoder.memory_token_ids
     batch = tiny_encoder.tokenize(["", "see <mem_0> here"], instruction="Query: ")
@@ -319,7 +335,7 @@ def test_revisions_address_the_repo_they_were_given_for(tiny_dirs, tmp_path, mon
     from huggingface_hub.errors import EntryNotFoundError
 
     from llm2comp import model as model_module
-    from llm2comp.interop import LLM2CompModule
+    from llm2comp.integrations.sentence_transformers import LLM2CompModule
 
     asked, fetched = [], []
     for auto in (model_module.AutoTokenizer, model_module.AutoModelForCausalLM):
