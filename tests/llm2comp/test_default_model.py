@@ -22,11 +22,14 @@ def test_default_model_encodes_sensibly(default_encoder):
     texts = ["Bushfires are burning out of control near Sydney.",
              "Firefighters battle huge bush fires around Sydney.",
              "The central bank left interest rates unchanged."]
-    # Untrained, mean pooling is the sensible one (the memory rows are still their initial mean).
-    emb = default_encoder.encode(texts, pooling="mean", normalize_embeddings=True)
+    assert default_encoder.encode(texts).shape == (3, 576) and default_encoder.encode(texts[0]).shape == (576,)
+    # Untrained, mean pooling over rows without BOS is the sensible one: the memory tokens are untrained, and a
+    # leading BOS, which every token attends to bidirectionally, blurs the untrained mean (on Lee 0.4945 / 0.4848
+    # with it, 0.500 / 0.535 without).
+    plain = LLM2Comp.from_pretrained(prepend_bos=False)
+    emb = plain.encode(texts, pooling="mean", normalize_embeddings=True)
     assert emb.shape == (3, 576) and np.isfinite(emb).all()
     assert emb[0] @ emb[1] > emb[0] @ emb[2] and emb[0] @ emb[1] > emb[1] @ emb[2]
-    assert default_encoder.encode(texts[0]).shape == (576,)
 
 
 def _fetch_default_model_files(cache: str) -> bytes:
