@@ -66,7 +66,9 @@ def _llm2comp_step(base: Path, stage: str, backend: str, data: Path, out: Path, 
     extra = {"skip_short": True} if stage == "compress" else {}  # a compress-only option
     cfg = load_config(stage, model=str(base), data=str(data), output=str(out), batch_size=batch,
                       max_length=max_length, attention_backend=backend, **extra)
-    model = modeling.load_model(cfg).to(device).train()
+    model = modeling.load_model(cfg)
+    modeling.prepare_for_stage(model, cfg)  # the stage's LoRA, memory rows and dropout, as the trainer sets them
+    model.to(device).train()
     work = build_stage(cfg, model, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
