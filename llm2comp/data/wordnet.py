@@ -2,9 +2,9 @@
 
 Source: the ``wordnet-base`` Debian package (Princeton WordNet 3.0, the WordNet 3.0 license: use, copy, modify
 and distribute with its copyright notice), fetched like the quality suite's data (`llm2comp.data.debian`). About
-117k lines over every part of speech and topic: the broad text the training recipes use (the paper's stage 2
-reads a million Wikipedia sentences, which this machine cannot reach). It is training data only: no task of the
-quality suite reads WordNet.
+117k lines over every part of speech and topic: the broad text the training recipes use, from a package mirror
+where the paper's stage 2 reads a million Wikipedia sentences. It is training data only: no task of the quality
+suite reads WordNet.
 """
 
 from __future__ import annotations
