@@ -23,7 +23,8 @@ import numpy as np
 
 from .tasks import Task, load_tasks
 
-__all__ = ["cpu_name", "environment", "evaluate_suite", "format_table", "git_commit", "write_result"]
+__all__ = ["cpu_name", "environment", "evaluate_suite", "format_table", "git_commit", "tfidf_embedder",
+           "write_result"]
 
 
 def _encode_options(model, pooling: str | None, max_length: int, batch_size: int, show_progress_bar) -> dict:
@@ -46,7 +47,9 @@ def _model_embedder(model, tasks: list[Task], pooling: str | None, batch_size: i
     return lambda task: (lambda texts: np.stack([tables[task.max_length][x] for x in texts]))
 
 
-def _tfidf_embedder(task: Task):
+def tfidf_embedder(task: Task):
+    """``embed(texts) -> [n, V]`` of the TF-IDF baseline (sublinear tf, English stop words) fitted on the task's
+    `Task.tfidf_corpus`."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     vectorizer = TfidfVectorizer(sublinear_tf=True, stop_words="english").fit(task.tfidf_corpus())
@@ -127,7 +130,7 @@ def evaluate_suite(model, tasks: Sequence[str] | str | Sequence[Task] | None = N
             t0 = time.perf_counter()
             add(_row(f"base {p}", p, tasks, _model_embedder(base, tasks, p, batch_size, show_progress_bar), t0))
         t0 = time.perf_counter()
-        add(_row("tfidf", None, tasks, _tfidf_embedder, t0))
+        add(_row("tfidf", None, tasks, tfidf_embedder, t0))
     return {"tasks": {t.name: {"kind": t.kind, "metric": t.metric, "sizes": t.sizes(), "source": t.source,
                                "license": t.license, "max_length": t.max_length} for t in tasks},
             "rows": rows, "environment": environment(model), "wall_s": round(time.perf_counter() - start, 1)}

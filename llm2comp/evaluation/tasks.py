@@ -24,7 +24,7 @@ from ..data.lee import LeeBenchmark, load_lee
 from ..data.manpages import ManPageRetrieval, load_manpages
 from .metrics import kmeans_v_measure, linear_probe, pearson, retrieval_scores, spearman
 
-__all__ = ["TASKS", "Task", "evaluate_lee", "load_tasks"]
+__all__ = ["TASKS", "Task", "evaluate_lee", "lee_task", "load_tasks"]
 
 Embed = Callable[[list[str]], np.ndarray]
 SHORT_TEXT_TOKENS = 128  # every task but Lee: its texts are under 320 characters
@@ -140,7 +140,8 @@ class RetrievalTask(Task):
         return retrieval_scores(similarity, self.data.relevant, k=10)
 
 
-def _lee(data_dir: str | Path | None, bench: LeeBenchmark | None = None) -> Task:
+def lee_task(data_dir: str | Path | None, bench: LeeBenchmark | None = None) -> Task:
+    """The Lee similarity task, of `bench` when given (else read from `data_dir`)."""
     return SimilarityTask(
         "lee", "similarity", "pearson", max_length=512, data=bench if bench is not None else load_lee(data_dir),
         source="Lee, Pincombe & Welsh (2005) document similarity data, the copy in the gensim wheel (PyPI)",
@@ -169,7 +170,7 @@ def _manpages(_) -> Task:
 
 
 TASKS: dict[str, Callable[[str | Path | None], Task]] = {
-    "lee": _lee, "fortunes": _fortunes, "gcide": _gcide, "manpages": _manpages}
+    "lee": lee_task, "fortunes": _fortunes, "gcide": _gcide, "manpages": _manpages}
 
 
 def load_tasks(names: Sequence[str] | str | None = None, lee_dir: str | Path | None = None) -> list[Task]:
@@ -194,4 +195,4 @@ def evaluate_lee(model, data_dir: str | Path | None = None, pooling: str | None 
     loaded (`load_lee`), else it is read from `data_dir`.
     """
     options = {"batch_size": batch_size} if pooling is None else {"batch_size": batch_size, "pooling": pooling}
-    return _lee(data_dir, bench).score(lambda texts: model.encode(texts, **options))
+    return lee_task(data_dir, bench).score(lambda texts: model.encode(texts, **options))

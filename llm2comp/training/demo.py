@@ -12,15 +12,17 @@ recipe, shared with the ablation benchmark (`benchmarks/quality_ablation.py`).
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from ..data import lee_background_documents, load_lee
 from ..default_model import DEFAULT_MODEL
 from ..evaluation import evaluate_lee
+from ..evaluation.suite import tfidf_embedder
+from ..evaluation.tasks import lee_task
 from ..model import LLM2Comp
 from .config import DEMO_DEFAULTS, TrainConfig, load_config
 from .trainer import train
@@ -51,16 +53,12 @@ def demo_configs(output: str | Path, corpus: str | Path, *, compress_steps: int,
 
 
 def tfidf_lee(bench) -> dict[str, float] | None:
-    """TF-IDF (sublinear tf, English stop words, fitted on the documents) on the Lee benchmark `bench`: Pearson
-    and Spearman; None without scikit-learn."""
-    try:
-        from sklearn.feature_extraction.text import TfidfVectorizer
-    except ImportError:
+    """The quality suite's TF-IDF baseline on the Lee benchmark `bench`: Pearson and Spearman; None without
+    scikit-learn."""
+    if importlib.util.find_spec("sklearn") is None:
         return None
-    vectorizer = TfidfVectorizer(sublinear_tf=True, stop_words="english").fit(bench.documents)
-    return evaluate_lee(SimpleNamespace(encode=lambda texts, **_: vectorizer.transform(texts).toarray()), bench=bench)
-
-
+    task = lee_task(None, bench)
+    return task.score(tfidf_embedder(task))
 def _plot(rows: list[tuple[str, dict]], base_name: str, path: Path) -> bool:
     """The memory-token rows as lines over the stages, the mean-pooling baseline (rows[0]) as dashed levels."""
     try:
