@@ -237,7 +237,8 @@ class LLM2Comp(torch.nn.Module):
     """
 
     def __init__(self, model: PeftModel, tokenizer, memory_token_ids: Sequence[int], *, pooling: str = "memory",
-                 base_reference: dict | None = None, prepend_bos: bool | None = True, memory_init: str = "mean"):
+                 base_reference: dict | None = None, prepend_bos: bool | None = True, memory_init: str = "mean",
+                 merged_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -247,7 +248,7 @@ class LLM2Comp(torch.nn.Module):
         self.base_reference = base_reference or {}
         self.prepend_bos, self.memory_init = prepend_bos, memory_init
         # earlier stages' LoRA, folded into the base weights: module name -> (A [R, in], B [out, R] x scaling)
-        self.merged_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.merged_lora = dict(merged_lora or {})
         self.bos_ids = tokenization.bos_ids(tokenizer, prepend_bos)
 
     # ----------------------------------------------------------------------------- loading
@@ -304,10 +305,8 @@ class LLM2Comp(torch.nn.Module):
                 patch_bidirectional(base, backend=backend)
                 with _peft_deprecation_quiet():
                     model = PeftModel.from_pretrained(base, name_or_path, is_trainable=True)
-                encoder = cls(model, tokenizer, saved["memory_token_ids"], pooling=pooling,
-                              base_reference=reference, **layout)
-                encoder.merged_lora = merged_lora
-                return encoder._loaded(device)
+                return cls(model, tokenizer, saved["memory_token_ids"], pooling=pooling, base_reference=reference,
+                           merged_lora=merged_lora, **layout)._loaded(device)
         else:
             tokenizer, base, reference = _load_base(name_or_path, dtype, hf_kwargs)
             ids = add_memory_tokens(base, tokenizer, num_memory_tokens, memory_init)
