@@ -57,8 +57,8 @@ def _run_recipe(args: argparse.Namespace) -> int:
     from .recipe import run_recipe
     from .rows import DataError
 
-    overrides = {k: v for k, v in (("output", args.output), ("overwrite", args.overwrite or None),
-                                   ("resume", args.resume or None)) if v}
+    overrides = {k: v for k, v in (("output", args.output), ("overwrite", args.overwrite), ("resume", args.resume))
+                 if v}  # the flags given
     try:
         configs = load_recipe(args.file, **overrides)
         run_recipe(configs, evaluate=not args.no_eval)
