@@ -218,6 +218,7 @@ def _peft_deprecation_quiet():
 
 
 def _lora_config(model, memory_token_ids, rank, alpha, dropout, targets) -> LoraConfig:
+    """LoRA on the `targets` that `model` has, and the memory rows trained as adapter parameters."""
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     found = [t for t in targets if t in present]
     if not found:
@@ -226,6 +227,26 @@ def _lora_config(model, memory_token_ids, rank, alpha, dropout, targets) -> Lora
     # the rest of the embedding stays frozen.
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=found,
                       trainable_token_indices=list(memory_token_ids), task_type="CAUSAL_LM")
+
+
+def _saved_layout(saved: dict) -> dict:
+    """The row layout a saved model was trained with; a model saved before these options gets the earlier
+    behaviour."""
+    return {"prepend_bos": saved.get("prepend_bos"), "memory_init": saved.get("memory_init", "mean")}
+
+
+def _adapter_base(saved: dict, config_file: Path, base_model: str | None) -> tuple[str, dict]:
+    """The base model an adapter loads onto: `base_model` if given, else the one its config names, with that
+    config's loading arguments (`_BASE_KEYS`)."""
+    ref = dict(saved["base_model"])
+    base_name = ref.pop("name_or_path")
+    if base_model is not None:
+        return base_model, {}
+    if _looks_like_path(base_name) and not Path(base_name).exists():
+        raise FileNotFoundError(
+            f"the base model {base_name} named in {config_file} (base_model.name_or_path) does not "
+            "exist; pass its new location as base_model= (--base-model on the command line)")
+    return base_name, ref
 
 
 class LLM2Comp(torch.nn.Module):
@@ -275,48 +296,70 @@ class LLM2Comp(torch.nn.Module):
         """
         if memory_init not in MEMORY_INITS:
             raise ValueError(f"memory_init must be one of {MEMORY_INITS}, got {memory_init!r}")
+        lora = {"rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout, "targets": lora_targets}
         saved_dir = _saved_dir(name_or_path, hf_kwargs)
-        if saved_dir is not None:
-            name_or_path, config_file = str(saved_dir), saved_dir / CONFIG_NAME
-            hf_kwargs = {k: v for k, v in hf_kwargs.items() if k not in _REPO_KEYS}  # the repo is read now
-            saved = _read_config(config_file)
-            pooling = pooling or saved["pooling"]
-            # what the saved model was trained with; models saved before these options: the earlier behaviour
-            layout = {"prepend_bos": saved.get("prepend_bos"), "memory_init": saved.get("memory_init", "mean")}
-            if saved["merged"]:
-                tokenizer, base, reference = _load_base(name_or_path, dtype, hf_kwargs)
-                ids = saved["memory_token_ids"]
-                _check_memory_ids(saved_dir, ids, tokenizer, adapter=False)
-            else:
-                tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-                _check_memory_ids(saved_dir, saved["memory_token_ids"], tokenizer, adapter=True)
-                ref = dict(saved["base_model"])
-                base_name = ref.pop("name_or_path")
-                if base_model is not None:
-                    base_name, ref = base_model, {}
-                elif _looks_like_path(base_name) and not Path(base_name).exists():
-                    raise FileNotFoundError(
-                        f"the base model {base_name} named in {config_file} (base_model.name_or_path) does not "
-                        "exist; pass its new location as base_model= (--base-model on the command line)")
-                _, base, reference = _load_base(base_name, dtype, {**ref, **hf_kwargs})
-                init_memory_rows(base, tokenizer, saved["memory_token_ids"], layout["memory_init"])
-                merged_lora = _read_merged_lora(saved_dir) if saved.get("merged_lora") else {}
-                _fold_lora(base, merged_lora)
-                patch_bidirectional(base, backend=backend)
-                with _peft_deprecation_quiet():
-                    model = PeftModel.from_pretrained(base, name_or_path, is_trainable=True)
-                return cls(model, tokenizer, saved["memory_token_ids"], pooling=pooling, base_reference=reference,
-                           merged_lora=merged_lora, **layout)._loaded(device)
+        if saved_dir is None:
+            model = cls._new(name_or_path, num_memory_tokens, lora, pooling=pooling or "memory", dtype=dtype,
+                             backend=backend, prepend_bos=prepend_bos, memory_init=memory_init, hf_kwargs=hf_kwargs)
         else:
-            tokenizer, base, reference = _load_base(name_or_path, dtype, hf_kwargs)
-            ids = add_memory_tokens(base, tokenizer, num_memory_tokens, memory_init)
-            layout = {"prepend_bos": prepend_bos, "memory_init": memory_init}
+            hf_kwargs = {k: v for k, v in hf_kwargs.items() if k not in _REPO_KEYS}  # the repo is read now
+            saved = _read_config(saved_dir / CONFIG_NAME)
+            kwargs = {"pooling": pooling or saved["pooling"], "dtype": dtype, "backend": backend,
+                      "hf_kwargs": hf_kwargs}
+            if saved["merged"]:
+                model = cls._from_merged(saved_dir, saved, lora, **kwargs)
+            else:
+                model = cls._from_adapter(saved_dir, saved, base_model, **kwargs)
+        return model._loaded(device)
+
+    @classmethod
+    def _new(cls, name_or_path: str, num_memory_tokens: int, lora: dict, *, pooling: str, dtype, backend: str,
+             prepend_bos: bool | None, memory_init: str, hf_kwargs: dict) -> LLM2Comp:
+        """A decoder with `num_memory_tokens` new memory tokens and fresh LoRA adapters."""
+        tokenizer, base, reference = _load_base(name_or_path, dtype, hf_kwargs)
+        ids = add_memory_tokens(base, tokenizer, num_memory_tokens, memory_init)
+        return cls._with_new_lora(base, tokenizer, ids, lora, backend, pooling=pooling, base_reference=reference,
+                                  prepend_bos=prepend_bos, memory_init=memory_init)
+
+    @classmethod
+    def _from_merged(cls, saved_dir: Path, saved: dict, lora: dict, *, pooling: str, dtype, backend: str,
+                     hf_kwargs: dict) -> LLM2Comp:
+        """A saved merged model (`merge_and_save`): its weights hold the memory rows and the trained LoRA;
+        fresh adapters go on top."""
+        tokenizer, base, reference = _load_base(str(saved_dir), dtype, hf_kwargs)
+        ids = saved["memory_token_ids"]
+        _check_memory_ids(saved_dir, ids, tokenizer, adapter=False)
+        return cls._with_new_lora(base, tokenizer, ids, lora, backend, pooling=pooling, base_reference=reference,
+                                  **_saved_layout(saved))
+
+    @classmethod
+    def _from_adapter(cls, saved_dir: Path, saved: dict, base_model: str | None, *, pooling: str, dtype,
+                      backend: str, hf_kwargs: dict) -> LLM2Comp:
+        """A saved adapter (`save_pretrained`) on its base model (`base_model`: where that is now, if given),
+        with the earlier stages' LoRA folded in again."""
+        tokenizer = AutoTokenizer.from_pretrained(str(saved_dir))
+        ids = saved["memory_token_ids"]
+        _check_memory_ids(saved_dir, ids, tokenizer, adapter=True)
+        base_name, ref = _adapter_base(saved, saved_dir / CONFIG_NAME, base_model)
+        _, base, reference = _load_base(base_name, dtype, {**ref, **hf_kwargs})
+        layout = _saved_layout(saved)
+        init_memory_rows(base, tokenizer, ids, layout["memory_init"])
+        merged_lora = _read_merged_lora(saved_dir) if saved.get("merged_lora") else {}
+        _fold_lora(base, merged_lora)
         patch_bidirectional(base, backend=backend)
-        lora = _lora_config(base, ids, lora_rank, lora_alpha, lora_dropout, lora_targets)
         with _peft_deprecation_quiet():
-            model = get_peft_model(base, lora)
-        return cls(model, tokenizer, ids, pooling=pooling or "memory", base_reference=reference,
-                   **layout)._loaded(device)
+            model = PeftModel.from_pretrained(base, str(saved_dir), is_trainable=True)
+        return cls(model, tokenizer, ids, pooling=pooling, base_reference=reference, merged_lora=merged_lora,
+                   **layout)
+
+    @classmethod
+    def _with_new_lora(cls, base, tokenizer, ids: list[int], lora: dict, backend: str, **kwargs) -> LLM2Comp:
+        """`base` with bidirectional attention and fresh LoRA adapters (`_lora_config`), as an LLM2Comp."""
+        patch_bidirectional(base, backend=backend)
+        config = _lora_config(base, ids, **lora)
+        with _peft_deprecation_quiet():
+            model = get_peft_model(base, config)
+        return cls(model, tokenizer, ids, **kwargs)
 
     def _loaded(self, device: torch.device | str | None) -> LLM2Comp:
         self.eval()
