@@ -13,7 +13,7 @@ import torch
 
 from .encode_loop import encode_batches
 from .multi_process import EncodePool, is_device_list
-from .pooling import POOLINGS, check_pooling
+from .pooling import POOLINGS, check_poolable, check_pooling
 from .precision import has_bf16
 
 __all__ = ["POOLINGS", "check_pooling", "cosine_similarity", "encode_texts"]
@@ -36,9 +36,7 @@ def _check_sentences(sentences, pooling: str) -> tuple[list[str], bool]:
         if not isinstance(t, str):
             hint = "; decode it to str first" if isinstance(t, (bytes, bytearray)) else ""
             raise TypeError(f"sentences[{i}] is {type(t).__name__}, expected str{hint}")
-        if pooling != "memory" and not t.strip():
-            raise ValueError(f"sentences[{i}] is empty or whitespace only; {pooling!r} pooling has no text "
-                             "tokens to pool (memory pooling embeds it)")
+    check_poolable(texts, pooling)
     return texts, single
 
 

@@ -28,13 +28,12 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llm2comp_kernels import span_mean_pool
-
 from . import tokenization
 from .bidirectional import patch_bidirectional, unpatch_bidirectional
 from .default_model import DEFAULT_MODEL, HUB_ID, default_model_files, is_default_model
 from .encode import POOLINGS, check_encode_kwargs, check_pooling, cosine_similarity, encode_texts
 from .memory_tokens import MEMORY_INITS, add_memory_tokens, init_memory_rows
+from .pooling import pool
 
 CONFIG_NAME = "llm2comp_config.json"
 MERGED_LORA_NAME = "merged_lora.safetensors"  # earlier stages' LoRA factors, folded into the base on load
@@ -518,20 +517,14 @@ class LLM2Comp(torch.nn.Module):
                 pooling: str | None = None) -> torch.Tensor:
         """Embeddings `[B, D]` (hidden dtype) of a `tokenize` batch.
 
-        pooling: ``"memory"`` (mean over the memory span ``memory_start .. seq_lens-1``), ``"mean"``
-        (text tokens ``text_start .. memory_start-1``) or ``"last"`` (the last text token);
-        default `self.pooling`.
+        pooling: ``"memory"``, ``"mean"`` or ``"last"`` (`llm2comp.pooling`; `text_start` None: the text starts
+        the row); default `self.pooling`.
         """
         pooling = check_pooling(pooling or self.pooling)  # before the (costly) forward
         hidden = self.hidden_states(input_ids=input_ids, attention_mask=attention_mask)
-        if pooling == "memory":
-            start, length = memory_start, seq_lens - memory_start
-        elif pooling == "mean":
-            start = text_start if text_start is not None else torch.zeros_like(memory_start)
-            length = memory_start - start
-        else:  # "last"
-            start, length = memory_start - 1, torch.ones_like(memory_start)
-        return span_mean_pool(hidden, start, length)
+        text_start = text_start if text_start is not None else torch.zeros_like(memory_start)
+        return pool(hidden, tokenization.TokenBatch(input_ids, attention_mask, seq_lens, memory_start, text_start),
+                    pooling)
 
     def encode(self, sentences: str | Sequence[str], **kwargs):
         """Embed texts, sentence-transformers style: str -> `[D]`, list -> `[n, D]` (float32).

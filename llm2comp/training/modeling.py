@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import torch
 
+from .. import pooling
 from ..bidirectional import causal_attention, set_attention_dropout
 from ..model import LLM2Comp
 from ..tokenization import TokenBatch
@@ -54,8 +55,7 @@ def prepare_for_stage(model: LLM2Comp, cfg: TrainConfig) -> None:
 def memory_states(model: LLM2Comp, inputs: TokenBatch) -> torch.Tensor:
     """Last hidden states of the memory tokens, `[B, M, H]`, for a `model.tokenize` batch (encoder view)."""
     hidden = model.hidden_states(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask)
-    positions = inputs.memory_start[:, None] + torch.arange(model.num_memory_tokens, device=hidden.device)
-    return hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+    return pooling.memory_states(hidden, inputs, model.num_memory_tokens)
 
 
 _FROZEN = "_llm2comp_in_frozen_decoder"  # model attribute: True within `frozen_decoder`
