@@ -205,6 +205,112 @@ def _read_rows_on_every_rank(cfg: TrainConfig, world: int, device: torch.device,
     return data
 
 
+@dataclasses.dataclass
+class _LogWindow:
+    """The steps since the last log line, which the next line averages.
+
+    ``loss`` sums this rank's micro-batch losses times their weights and ``tokens`` the tokens it read; ``weight``
+    sums each step's weight as a mean over ranks; ``skipped`` counts the fp16 steps whose gradients overflowed;
+    ``start`` is when the window began (`time.perf_counter`).
+    """
+
+    loss: float = 0.0
+    weight: float = 0.0
+    tokens: float = 0
+    skipped: int = 0
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, weight: float, tokens: int) -> None:
+        """One micro-batch of this rank (its step's weight is added as a mean over ranks, to ``weight``)."""
+        self.loss, self.tokens = self.loss + loss * weight, self.tokens + tokens
+
+    def record(self, step: int, lr: float, scaler: torch.amp.GradScaler, device: torch.device, world: int) -> dict:
+        """The log line after `step`: mean loss, lr and tokens/s over every rank (every rank takes part), and with
+        fp16 the loss scale and the skipped steps."""
+        elapsed = time.perf_counter() - self.start
+        record = {"step": step, "loss": all_mean(self.loss, device) / self.weight, "lr": lr,
+                  "tokens_per_s": all_mean(self.tokens, device) * world / max(elapsed, 1e-9)}
+        if scaler.is_enabled():
+            record.update(loss_scale=scaler.get_scale(), skipped_steps=self.skipped)
+        return record
+
+    def saved(self, device: torch.device) -> list[float]:
+        """``[loss, weight, tokens, seconds so far]`` as means over ranks, what any rank restores (every rank takes
+        part)."""
+        return [all_mean(self.loss, device), self.weight, all_mean(self.tokens, device),
+                time.perf_counter() - self.start]
+
+
+def _running_state(window: _LogWindow, num_examples: int, scaler: torch.amp.GradScaler,
+                   device: torch.device) -> dict:
+    """What a checkpoint saves besides the weights, optimizer and schedule, for `_Resumed` (every rank takes
+    part)."""
+    return {"log_window": window.saved(device), "examples": num_examples, "grad_scaler": scaler.state_dict(),
+            "skipped_steps": window.skipped}
+
+
+@dataclasses.dataclass
+class _Resumed:
+    """Where a run starts: step 0, or the checkpoint it resumes from.
+
+    ``running`` is what that checkpoint saved besides the weights, optimizer and schedule (`_running_state`), and
+    ``world_size`` the number of processes of the run that saved it.
+    """
+
+    checkpoint: Path | None
+    step: int
+    running: dict
+    world_size: int
+
+    @classmethod
+    def load(cls, ckpt: Path | None, model, optimizer, scheduler, world: int) -> _Resumed:
+        """Restore checkpoint `ckpt` into the model, optimizer and schedule (None: a fresh run of `world`
+        processes)."""
+        if ckpt is None:
+            return cls(None, 0, {}, world)
+        step, running = load_checkpoint(ckpt, model, optimizer, scheduler)
+        return cls(ckpt, step, running, saved_meta(ckpt).get("world_size", world))
+
+    def restore_scaler(self, scaler: torch.amp.GradScaler) -> None:
+        """The fp16 loss scale where the resumed run left it."""
+        if self.running.get("grad_scaler"):
+            scaler.load_state_dict(self.running["grad_scaler"])
+
+    def check_examples(self, data: str, num_examples: int) -> None:
+        """Refuse data that gives another number of examples than the run being resumed read."""
+        if self.running.get("examples", num_examples) != num_examples:
+            raise DataError(f"--resume: {data} gives {num_examples} examples here but {self.running['examples']} "
+                            f"in the run being resumed ({self.checkpoint}): the file, or how this version reads it, "
+                            "changed")
+
+    def log_window(self, world: int) -> _LogWindow:
+        """The log window so far: a window that spans the checkpoint logs what the uninterrupted run would have.
+        It was saved as means over the ranks of the run that saved it, and is rescaled to `world` ranks."""
+        loss, weight, tokens, elapsed = self.running.get("log_window", (0.0, 0.0, 0, 0.0))
+        loss, weight, tokens = (x * self.world_size / world for x in (loss, weight, tokens))
+        return _LogWindow(loss, weight, tokens, self.running.get("skipped_steps", 0), time.perf_counter() - elapsed)
+
+
+def _begin_output(cfg: TrainConfig, stage, order: BatchOrder, total: int, start: int, world: int) -> None:
+    """Rank 0: clear an overwritten run, create the output directory and log the run's start (what the data
+    gives, what is dropped), warning of skipped rows."""
+    out = Path(cfg.output)
+    if cfg.overwrite:  # only now: bad data or options leave the old run as it was
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "log.jsonl").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    dropped = order.num_examples - order.batches_per_epoch * order.global_batch
+    # micro-batches of the last epoch too few to fill an optimizer step (steps run across epochs)
+    unused = 0 if cfg.max_steps else cfg.epochs * order.batches_per_epoch - total * cfg.grad_accum
+    _log_line(out / "log.jsonl", {"event": "start", "stage": cfg.stage, "resumed_from": start, "total_steps": total,
+                                  "examples": stage.num_examples, "skipped_rows": stage.skipped,
+                                  "dropped_per_epoch_incomplete_batch": dropped,
+                                  "dropped_at_end_incomplete_step": unused * order.global_batch, "world_size": world})
+    for reason, n in stage.skipped.items():
+        if n:
+            log.warning("%s: %d rows skipped (%s)", cfg.data, n, reason)
+
+
 def train(cfg: TrainConfig, model=None, progress: bool = True) -> list[dict]:
     """Run one stage as `cfg` says; returns the logged records (every rank computes them). The output directory
     is locked for the run: another run into it fails at once.
@@ -244,49 +350,26 @@ def _train(cfg: TrainConfig, model, progress: bool, device: torch.device) -> lis
         raise DataError(f"{cfg.data}: {stage.num_examples} examples give no optimizer step "
                          f"(batch {cfg.batch_size} x {world} ranks x {cfg.grad_accum} accumulation)")
     optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay, cfg.schedule, cfg.warmup_ratio, total)
-    out = Path(cfg.output)
-    start, running = load_checkpoint(ckpt, model, optimizer, scheduler) if ckpt is not None else (0, {})
+    resumed = _Resumed.load(ckpt, model, optimizer, scheduler, world)
     # fp16: the stage back-propagates weight x loss, so the usual initial scale of a loss, 2^16, is divided by
     # the largest weight (compress: target tokens; else 1); the scale then adapts as usual
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** (16 - math.ceil(math.log2(stage.max_weight))),
                                   enabled=precision == "fp16")
-    if running.get("grad_scaler"):
-        scaler.load_state_dict(running["grad_scaler"])
-    if running.get("examples", stage.num_examples) != stage.num_examples:
-        raise DataError(f"--resume: {cfg.data} gives {stage.num_examples} examples here but {running['examples']} "
-                        f"in the run being resumed ({ckpt}): the file, or how this version reads it, changed")
+    resumed.restore_scaler(scaler)
+    resumed.check_examples(cfg.data, stage.num_examples)
     main = is_main()
+    out = Path(cfg.output)
     log_path = out / "log.jsonl"
     if main:
-        if cfg.overwrite:  # only now: bad data or options leave the old run as it was
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            log_path.unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-        dropped = order.num_examples - order.batches_per_epoch * order.global_batch
-        # micro-batches of the last epoch too few to fill an optimizer step (steps run across epochs)
-        unused = 0 if cfg.max_steps else cfg.epochs * order.batches_per_epoch - total * cfg.grad_accum
-        _log_line(log_path, {"event": "start", "stage": cfg.stage, "resumed_from": start, "total_steps": total,
-                             "examples": stage.num_examples, "skipped_rows": stage.skipped,
-                             "dropped_per_epoch_incomplete_batch": dropped,
-                             "dropped_at_end_incomplete_step": unused * order.global_batch, "world_size": world})
-        for reason, n in stage.skipped.items():
-            if n:
-                log.warning("%s: %d rows skipped (%s)", cfg.data, n, reason)
+        _begin_output(cfg, stage, order, total, resumed.step, world)
 
     autocast = autocast_for(precision, device)
     records: list[dict] = []
-    # the log window so far (restored on resume: a window that spans the checkpoint logs what it would have),
-    # saved as means over the ranks of the run that saved it: rescaled to this run's number of ranks
-    window_loss, window_weight, window_tokens, elapsed = running.get("log_window", (0.0, 0.0, 0, 0.0))
-    ranks_then = saved_meta(ckpt).get("world_size", world) if ckpt is not None else world
-    window_loss, window_weight, window_tokens = (x * ranks_then / world for x in (window_loss, window_weight,
-                                                                                 window_tokens))
-    skipped = running.get("skipped_steps", 0)  # fp16 steps whose gradients overflowed, since the last log line
-    overflowed = 0  # of the steps just before this one (each halves the loss scale)
-    window_start = time.perf_counter() - elapsed
+    window = resumed.log_window(world)
+    overflowed = 0  # consecutive fp16 steps whose gradients overflowed (each halves the loss scale)
     # closed however the loop ends: an error prints on a line of its own
-    with tqdm(total=total, initial=start, disable=not (progress and main), desc=f"train {cfg.stage}") as bar:
-        for step in range(start, total):
+    with tqdm(total=total, initial=resumed.step, disable=not (progress and main), desc=f"train {cfg.stage}") as bar:
+        for step in range(resumed.step, total):
             # dropout masks from (seed, step, rank): a resumed run draws what the uninterrupted one did,
             # and ranks draw different masks
             torch.manual_seed(cfg.seed + 1_000_003 * (step + 1) + rank)
@@ -295,7 +378,8 @@ def _train(cfg: TrainConfig, model, progress: bool, device: torch.device) -> lis
                 epoch, indices = order.batch(step * cfg.grad_accum + micro)
                 with autocast:
                     loss, tokens, w = stage.micro_step(indices, epoch, scaler.scale)
-                window_loss, weight, window_tokens = window_loss + loss * w, weight + w, window_tokens + tokens
+                window.add(loss, w, tokens)
+                weight += w
             # divided by the mean weight over ranks, then averaged over ranks: the gradient of the weighted
             # mean loss over every rank's micro-batches
             mean_weight = all_mean(weight, device)
@@ -303,37 +387,30 @@ def _train(cfg: TrainConfig, model, progress: bool, device: torch.device) -> lis
                 if p.grad is not None:
                     p.grad /= mean_weight
             average_gradients(params)
-            window_weight += mean_weight
+            window.weight += mean_weight
             lr = scheduler.get_last_lr()[0]
             if optimizer_step(params, optimizer, scheduler, scaler, cfg.max_grad_norm):
                 overflowed = 0
             else:
-                skipped, overflowed = skipped + 1, overflowed + 1
+                window.skipped, overflowed = window.skipped + 1, overflowed + 1
                 if overflowed == MAX_OVERFLOWED_STEPS:
                     raise RuntimeError(f"fp16: the last {overflowed} steps overflowed (the loss scale is down to "
                                        f"{scaler.get_scale():g}; last loss {loss:.4g}): the forward itself overflows "
                                        "float16 on this model; train with --precision fp32")
             done = step + 1
             if done % cfg.log_every == 0 or done == total:
-                elapsed = time.perf_counter() - window_start
-                record = {"step": done, "loss": all_mean(window_loss, device) / window_weight, "lr": lr,
-                          "tokens_per_s": all_mean(window_tokens, device) * world / max(elapsed, 1e-9)}
-                if scaler.is_enabled():
-                    record.update(loss_scale=scaler.get_scale(), skipped_steps=skipped)
+                record = window.record(done, lr, scaler, device, world)
                 records.append(record)
                 if main:
                     _log_line(log_path, record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-                window_loss, window_weight, window_tokens, window_start, skipped = 0.0, 0.0, 0, time.perf_counter(), 0
+                window = _LogWindow()
             bar.update(1)
             if done % cfg.save_every == 0 or done == total:
-                # the window so far as means over ranks (what any rank restores), so every rank takes part
-                window = [all_mean(window_loss, device), window_weight, all_mean(window_tokens, device),
-                          time.perf_counter() - window_start]
+                running = _running_state(window, stage.num_examples, scaler, device)
                 if main:
                     save_checkpoint(out, model, optimizer, scheduler, done, cfg.to_dict(), world_size=world,
-                                    running={"log_window": window, "examples": stage.num_examples,
-                                             "grad_scaler": scaler.state_dict(), "skipped_steps": skipped})
+                                    running=running)
     if main:
         with writing(f"the model to {out}"):
             model.save_pretrained(out)
