@@ -11,7 +11,7 @@ model has them (transposes of `[B, L, H, d]` projections) and charged for whatev
 - ``sdpa_mask``: what llm2vec does: kv heads repeated to Hq, `F.scaled_dot_product_attention` with a
   bool key-padding mask broadcast from `[B, 1, 1, L]` (mask construction and repeats timed).
 - ``flex``: compiled `flex_attention` with a block mask from the lengths (compiled `create_block_mask`, timed:
-  lengths change every batch; uncompiled it cost 5-7 ms of host time per call in the first GPU run); GQA without
+  lengths change every batch; uncompiled it costs 5-7 ms of host time per call); GQA without
   repeating.
 - ``varlen``: `torch.nn.attention.varlen.varlen_attn` (torch's bundled FlashAttention-2 varlen kernels) after
   unpadding to `[total, H, d]` (unpad and scatter back timed), when this torch has it.

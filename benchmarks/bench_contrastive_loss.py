@@ -18,8 +18,8 @@ Providers:
 Each row also has ``loss``, the value it computed, so rows can be checked to agree: positives have cosine ~0.15
 with their query (`POSITIVE_WEIGHT`), a loss of a few nats as early in training, not the near-zero loss of
 well separated positives, whose value is a difference of two numbers near 14 and keeps few digits. Ours and Inf-CL
-return the loss in fp32 (ours returned it in bf16 until 2026-11-27): on these inputs both matched the float64
-reference to the rounding of their output (Inf-CL's kernels run on CPU under the interpreter, B=128/256, D=512/256).
+return the loss in fp32: on these inputs both matched the float64 reference to the rounding of their output
+(Inf-CL's kernels run on CPU under the interpreter, B=128/256, D=512/256).
 Ratios: ``vs_inf_cl`` and ``vs_eager`` are the peer's time over the row's. ``tflops`` counts the loss's three
 products (logits ``q @ d.T``, ``dS @ d`` and ``dS.T @ q``: ``3 * 2 B N D``; the first alone for forward rows),
 not what a provider recomputes; ``pct_peak`` is that over a large bf16 matmul measured in the same run (the

@@ -5,7 +5,7 @@ for a decoder). On CPU (`--quick`) the base is the embedded default model (SmolL
 documents: real measurements of the torch path and of auto (on CPU: sdpa attention, the other ops' torch). On a GPU
 the bases are random-init models of real shapes (SmolLM2-135M and a Llama-3-8B-like one), which time
 exactly like trained weights, on 256 Lee documents, bf16 (each provider makes at least five calls, and the
-8B-shaped model's must fit in a GPU visit's minutes).
+8B-shaped model's must fit the benchmark's time cap).
 
 Run: ``python -m benchmarks.bench_encode [--quick]``.
 """

@@ -396,8 +396,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_results(name: str, rows: list[dict], out_dir: Path | str | None, wall_s: float) -> Path:
-    """`<out_dir>/<name>_{gpu,cpu}.json`: the environment, the rows, and the run's wall time (`wall_s`, what a GPU
-    visit's time budget must hold for this benchmark)."""
+    """`<out_dir>/<name>_{gpu,cpu}.json`: the environment, the rows, and the run's wall time (`wall_s`, what a
+    time-capped run must allow this benchmark)."""
     out_dir = Path(out_dir or RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = "gpu" if torch.cuda.is_available() else "cpu"

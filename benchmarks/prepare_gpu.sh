@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Run HERE (a machine with PyPI) before a GPU visit: gathers what the offline GPU machine lacks into two
-# git-ignored folders, to name in the device call's `carry`: [".gpu-wheels", ".gpu-data"].
+# Run on a machine with PyPI before benchmarks/run_gpu.sh runs on an offline GPU machine: gathers what that
+# machine lacks into two git-ignored folders, to copy there with the checkout: .gpu-wheels and .gpu-data.
 #   .gpu-wheels/  Python 3.12 wheels of the peers and loaders (pinned: the benchmarks' peer configurations were
 #                 checked against these versions; liger-kernel < 0.8 also computes the unused hard-label term)
-#   .gpu-data/lee the Lee corpus (tests' tokenizer, end-to-end benchmarks); ../shared does not travel
-#   .gpu-data/commit  HEAD's hash, which run_gpu.sh records (the device's copy of .git is not current)
-# Then, there: OUT=$OUT bash benchmarks/run_gpu.sh
+#   .gpu-data/lee the Lee corpus (tests' tokenizer, end-to-end benchmarks); ../shared is outside the checkout
+#   .gpu-data/commit  HEAD's hash, which run_gpu.sh records (a copied checkout's .git may not be current)
+# Then, on the GPU machine: OUT=$OUT bash benchmarks/run_gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

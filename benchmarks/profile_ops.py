@@ -1,6 +1,6 @@
 """Where an op's time goes: device time per kernel, and the wall time of a call, under `torch.profiler`.
 
-The benchmarks give one time per call; this splits it, to answer what the first GPU run left open: is
+The benchmarks give one time per call; this splits it, to answer what that time leaves open: is
 `memory_attention` at L=128 bound by the host (launch and Python) or by its kernel, how the contrastive loss's
 time divides between its kernels and its cuBLAS products, what bandwidth the pooling kernels reach without the
 host in the way, and how linear-KL's time divides between the matmuls and the fused kernel. The ``launch`` group

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine with CUDA torch: build the extension, run the GPU tests and the benchmarks, and leave the
 # logs and JSON in $OUT (default ./out) as one results.tar.gz, beside this script's timestamped log run_gpu.log.
-# Prepare the offline machine's wheels and data here first with `bash benchmarks/prepare_gpu.sh`, and carry
-# .gpu-wheels and .gpu-data with the call.
+# An offline GPU machine needs the wheels and data that `bash benchmarks/prepare_gpu.sh` gathers, on a machine
+# with PyPI, into .gpu-wheels and .gpu-data: copy those folders with the checkout.
 #
 # Parts, chosen with PARTS (default: tests kernels profile e2e, run in the order given):
 #   PARTS=tests    the kernel test matrix on the GPU (TEST_MARKS, default "gpu or not slow") and every gpu-marked
@@ -16,10 +16,10 @@
 # prepare_gpu.sh wrote to .gpu-data/commit)
 # BENCH="attention profile_ops" runs these benchmarks/bench_<name>.py (and profile_ops) instead of the parts'
 # lists.
-# A device call runs at most 10 minutes, and a whole visit has about 15 minutes of device time (machine start,
-# idle time and transfers included): set DEADLINE_S from the device status's budget_left_s (minus ~45 s) for a
-# second call. Every step gets at most the time left before DEADLINE_S (default 560 s after the start), each benchmark at most BENCH_CAP_S (default 150 s); a benchmark past its cap records its
-# remaining rows as not measured and still writes its JSON ($LLM2COMP_BENCH_DEADLINE, see benchmarks/harness.py).
+# Time limits, for a GPU machine held for a fixed time: every step gets at most the time left before DEADLINE_S
+# (seconds after the start, default 560), each benchmark at most BENCH_CAP_S (default 150 s); a benchmark past its
+# cap records its remaining rows as not measured and still writes its JSON ($LLM2COMP_BENCH_DEADLINE, see
+# benchmarks/harness.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.summary", description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="*", help=f"result JSON files (default: all in {RESULTS_DIR})")
     args = parser.parse_args(argv)
-    # Benchmark files hold "rows"; others (tests_gpu.json: a GPU visit's test outcome) are not tables.
+    # Benchmark files hold "rows"; others (tests_gpu.json: the outcome of the GPU tests) are not tables.
     files = [Path(f) for f in args.files] or [f for f in sorted(RESULTS_DIR.glob("*.json"))
                                               if "rows" in json.loads(f.read_text())]
     print("\n".join(summarize(f) for f in files))

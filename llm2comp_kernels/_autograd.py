@@ -10,7 +10,7 @@ import torch
 def needs_autograd(*tensors: torch.Tensor) -> bool:
     """Whether a call must go through its `autograd.Function`: grad mode is on and an input requires grad.
     Otherwise the backends call their forward directly: `Function.apply` alone costs about 13 us of host time per
-    call (2-core CPU, torch 2.13), even under `torch.no_grad`, once per layer when `encode` runs a model."""
+    call (on CPU, torch 2.13), even under `torch.no_grad`, once per layer when `encode` runs a model."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 

