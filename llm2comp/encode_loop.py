@@ -16,7 +16,7 @@ __all__ = ["encode_batches"]
 
 
 def encode_batches(model, texts: list[str], batch_size: int, show_progress_bar: bool, device, *, instruction,
-                 max_length: int, pooling: str, normalize_embeddings: bool, autocast: bool) -> torch.Tensor:
+                 max_length: int, pooling: str, autocast: bool) -> torch.Tensor:
     """float32 `[n, D]` embeddings of `texts`, in order, on the model's device (moved to `device` first): the
     checked options of `encode_texts`, here or in a pool's worker."""
     if device is not None:
@@ -35,10 +35,7 @@ def encode_batches(model, texts: list[str], batch_size: int, show_progress_bar: 
         with torch.inference_mode(), torch.autocast("cuda", dtype=half_dtype(device), enabled=autocast):
             for s in starts:
                 batch = model.tokenize([texts[i] for i in order[s:s + batch_size]], instruction, max_length)
-                emb = model(**batch.to(device), pooling=pooling).float()
-                if normalize_embeddings:
-                    emb = torch.nn.functional.normalize(emb, dim=-1)
-                chunks.append(emb)
+                chunks.append(model(**batch.to(device), pooling=pooling).float())
     finally:
         model.train(was_training)
     if not chunks:

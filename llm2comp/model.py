@@ -17,6 +17,7 @@ import copy
 import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -31,7 +32,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from . import tokenization
 from .bidirectional import patch_bidirectional, unpatch_bidirectional
 from .default_model import DEFAULT_MODEL, HUB_ID, default_model_files, is_default_model
-from .encode import POOLINGS, check_encode_kwargs, check_pooling, cosine_similarity, encode_texts
+from .encode import (
+    POOLINGS,
+    check_encode_kwargs,
+    check_pooling,
+    check_prompts,
+    check_truncate_dim,
+    cosine_similarity,
+    encode_texts,
+)
 from .memory_tokens import MEMORY_INITS, add_memory_tokens, init_memory_rows
 from .pooling import pool
 
@@ -140,6 +149,11 @@ def _read_config(config_file: Path) -> dict:
     for key in ("prepend_bos", "merged_lora"):  # absent in models saved before them
         if saved.get(key) is not None and not isinstance(saved[key], bool):
             raise ValueError(f"{config_file}: {key!r} is not a bool")
+    try:  # absent in models saved before them
+        check_prompts(saved.get("prompts", {}), saved.get("default_prompt_name"))
+        check_truncate_dim(saved.get("truncate_dim"), sys.maxsize)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{config_file}: {exc}") from None
     if saved.get("merged_lora") and not (config_file.parent / MERGED_LORA_NAME).is_file():
         raise FileNotFoundError(f"{config_file.parent / MERGED_LORA_NAME} is missing (the LoRA of earlier stages, "
                                 "folded into the base weights)")
@@ -258,7 +272,9 @@ class LLM2Comp(torch.nn.Module):
 
     def __init__(self, model: PeftModel, tokenizer, memory_token_ids: Sequence[int], *, pooling: str = "memory",
                  base_reference: dict | None = None, prepend_bos: bool | None = True, memory_init: str = "mean",
-                 merged_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
+                 merged_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 prompts: dict[str, str] | None = None, default_prompt_name: str | None = None,
+                 truncate_dim: int | None = None):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -270,6 +286,9 @@ class LLM2Comp(torch.nn.Module):
         # earlier stages' LoRA, folded into the base weights: module name -> (A [R, in], B [out, R] x scaling)
         self.merged_lora = dict(merged_lora or {})
         self.bos_ids = tokenization.bos_ids(tokenizer, prepend_bos)
+        # encode's defaults, saved with the model (sentence-transformers' names and meaning)
+        self.prompts, self.default_prompt_name = check_prompts(prompts or {}, default_prompt_name)
+        self.truncate_dim = check_truncate_dim(truncate_dim, self.hidden_size)
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
@@ -278,7 +297,8 @@ class LLM2Comp(torch.nn.Module):
                         pooling: str | None = None, dtype: torch.dtype | str | None = None,
                         device: torch.device | str | None = None, backend: str = "auto",
                         base_model: str | None = None, prepend_bos: bool | None = True, memory_init: str = "random",
-                        **hf_kwargs) -> LLM2Comp:
+                        prompts: dict[str, str] | None = None, default_prompt_name: str | None = None,
+                        truncate_dim: int | None = None, **hf_kwargs) -> LLM2Comp:
         """Load a decoder (hub id, local dir, ``gguf_file=``, or the default) or a saved LLM2Comp (local
         directory or hub repo).
 
@@ -291,6 +311,8 @@ class LLM2Comp(torch.nn.Module):
         the LoRA arguments then apply only to a merged directory, which gets fresh adapters on top;
         `base_model` overrides where an adapter directory's base model is (when it moved since saving).
         `backend` picks the `memory_attention` backend; `hf_kwargs` go to transformers' ``from_pretrained``.
+        `prompts` (name -> text), `default_prompt_name` and `truncate_dim` are `encode`'s defaults
+        (sentence-transformers' meaning), saved with the model; given here, they replace the saved ones.
         Returns the model in eval mode (dropout off), like transformers.
         """
         if memory_init not in MEMORY_INITS:
@@ -309,6 +331,13 @@ class LLM2Comp(torch.nn.Module):
                 model = cls._from_merged(saved_dir, saved, lora, **kwargs)
             else:
                 model = cls._from_adapter(saved_dir, saved, base_model, **kwargs)
+        saved = {} if saved_dir is None else saved
+        model.prompts, model.default_prompt_name = check_prompts(
+            prompts if prompts is not None else saved.get("prompts", {}),
+            default_prompt_name if prompts is not None or default_prompt_name is not None
+            else saved.get("default_prompt_name"))
+        model.truncate_dim = check_truncate_dim(truncate_dim if truncate_dim is not None
+                                                else saved.get("truncate_dim"), model.hidden_size)
         return model._loaded(device)
 
     @classmethod
@@ -372,6 +401,8 @@ class LLM2Comp(torch.nn.Module):
                 "num_memory_tokens": self.num_memory_tokens, "memory_token_ids": self.memory_token_ids,
                 "pooling": self.pooling, "prepend_bos": self.prepend_bos, "memory_init": self.memory_init,
                 "merged_lora": bool(self.merged_lora) and not merged,
+                "prompts": self.prompts, "default_prompt_name": self.default_prompt_name,
+                "truncate_dim": self.truncate_dim,
                 "lora": {"rank": lora.r, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout,
                          "targets": sorted(lora.target_modules)}}
 
@@ -527,15 +558,31 @@ class LLM2Comp(torch.nn.Module):
                     pooling)
 
     def encode(self, sentences: str | Sequence[str], **kwargs):
-        """Embed texts, sentence-transformers style: str -> `[D]`, list -> `[n, D]` (float32).
+        """Embed texts, sentence-transformers style: str -> `[D]`, list -> `[n, D]` (float32 unless quantized).
 
-        Keyword arguments: instruction, batch_size (32), max_length (512), pooling,
-        normalize_embeddings (False), convert_to_numpy (True), convert_to_tensor (False),
-        show_progress_bar (None: on when there are more than 4 batches), device (one, or a list to encode on
-        several at once), pool (`start_multi_process_pool`), autocast (True). See `llm2comp.encode.encode_texts`.
+        Keyword arguments: prompt_name, prompt / instruction, batch_size (32), max_length (512), pooling,
+        normalize_embeddings (False), truncate_dim (the model's), precision ("float32"), convert_to_numpy (True),
+        convert_to_tensor (False), show_progress_bar (None: on for 5 batches or more), device (one, or a list to
+        encode on several at once), pool (`start_multi_process_pool`), autocast (True). See
+        `llm2comp.encode.encode_texts`.
         """
         check_encode_kwargs(kwargs)
         return encode_texts(self, sentences, **kwargs)
+
+    def encode_query(self, sentences: str | Sequence[str], **kwargs):
+        """`encode` with the model's ``"query"`` prompt, if it has one and no prompt is given."""
+        return self.encode(sentences, **self._role_prompt(kwargs, ("query",)))
+
+    def encode_document(self, sentences: str | Sequence[str], **kwargs):
+        """`encode` with the model's first prompt of ``"document"``, ``"passage"``, ``"corpus"``, if it has one
+        and no prompt is given."""
+        return self.encode(sentences, **self._role_prompt(kwargs, ("document", "passage", "corpus")))
+
+    def _role_prompt(self, kwargs: dict, names: tuple[str, ...]) -> dict:
+        if any(kwargs.get(k) is not None for k in ("prompt_name", "prompt", "instruction")):
+            return kwargs
+        name = next((n for n in names if n in self.prompts), None)
+        return kwargs if name is None else {**kwargs, "prompt_name": name}
 
     @staticmethod
     def similarity(a, b) -> torch.Tensor:

@@ -168,7 +168,7 @@ def test_encode_empty_text_and_array_inputs(tiny_encoder):
 
 
 def test_encode_unknown_kwarg(tiny_encoder):
-    with pytest.raises(TypeError, match="valid: instruction, batch_size"):
+    with pytest.raises(TypeError, match="valid: prompt_name, prompt, instruction, batch_size"):
         tiny_encoder.encode(["x"], batchsize=4)
 
 
