@@ -185,6 +185,49 @@ def _run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORT_FORMATS = ("hf", "onnx")
+
+
+@_one_line_errors
+def _run_export(args: argparse.Namespace) -> int:
+    from .outputs import require_empty
+
+    output = Path(args.output)
+    require_empty(output)
+    from .model import LLM2Comp
+
+    model = LLM2Comp.from_pretrained(args.model, device="cpu", dtype=None if args.dtype == "auto" else args.dtype,
+                                     base_model=args.base_model)
+    if args.format == "hf":
+        from .export.hf import export_hf
+
+        export_hf(model, output)
+        print(f"wrote a transformers model to {output} (AutoModel + the pooling in its README.md; checked against "
+              "llm2comp's embeddings)")
+    else:
+        from .export.onnx import export_onnx
+
+        export_onnx(model, output)
+        print(f"wrote an ONNX graph to {output} (llm2comp.export.onnx_runtime.OnnxEncoder runs it)")
+    return 0
+
+
+def add_export_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("export", help="write a trained encoder for serving without llm2comp: a "
+                                                  "transformers directory (hf) or one ONNX graph (onnx)")
+    parser.add_argument("model", help="LLM2Comp directory (what `llm2comp train` wrote)")
+    parser.add_argument("output", help="new directory to write")
+    parser.add_argument("--format", choices=EXPORT_FORMATS, default="hf",
+                        help="hf: merged weights, bidirectional via config.json's is_causal, a tokenizer that adds "
+                             "the memory tokens, the pooling in README.md; onnx: input_ids + attention_mask -> "
+                             "embeddings, float32 (default: hf)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="dtype to load and export in (default: the checkpoint's; the onnx graph is float32)")
+    _add_base_model_arg(parser)
+    parser.set_defaults(func=_run_export)
+    return parser
+
+
 CORPORA = ("wordnet", "lee-background")  # what `llm2comp data` writes
 
 
@@ -256,8 +299,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm2comp", description="LLM2Comp text encoders on fused kernels")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add_parser in (add_encode_parser, add_eval_parser, add_merge_parser, add_data_parser, add_train_parser,
-                       add_recipe_parser, add_demo_parser, add_bench_parser):
+    for add_parser in (add_encode_parser, add_eval_parser, add_merge_parser, add_export_parser, add_data_parser,
+                       add_train_parser, add_recipe_parser, add_demo_parser, add_bench_parser):
         add_parser(subparsers)
     return parser
 

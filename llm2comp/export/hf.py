@@ -1,0 +1,164 @@
+"""`export_hf`: an `LLM2Comp` encoder as a plain transformers model directory that runs without llm2comp.
+
+What makes it run anywhere transformers does, with no custom code:
+- weights: the decoder body (no LM head) with the LoRA adapters and memory-token rows folded in;
+- attention: ``"is_causal": false`` in config.json, transformers' own switch (its ``create_causal_mask`` then
+  builds a bidirectional key-padding mask from a plain 2D ``attention_mask``); the export checks this holds for
+  the model's family by comparing embeddings before it finishes;
+- tokens: the tokenizer's post-processor adds the BOS and the M memory tokens and pads on the right, so
+  ``tokenizer(texts, padding=True)`` is the encoder's input;
+- pooling: a few lines of PyTorch in the model card (`memory_pooling`: the mean of the last M real positions),
+  the source of the functions below.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..outputs import require_empty
+
+__all__ = ["export_hf", "last_pooling", "mean_pooling", "memory_pooling", "pool_hidden_states"]
+
+def memory_pooling(hidden, mask, M):
+    """The mean of the M memory tokens' final hidden states, which end each right-padded row."""
+    positions = mask.sum(1, keepdim=True) - M + torch.arange(M)  # [B, M]
+    picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+    return picked.float().mean(1)  # [B, D]
+
+
+def mean_pooling(hidden, mask, M, num_bos):
+    """The mean of the text tokens' final hidden states: no BOS, no memory tokens, no padding."""
+    text = mask.clone()
+    text[:, :num_bos] = 0
+    text[torch.arange(len(mask))[:, None], mask.sum(1, keepdim=True) - M + torch.arange(M)] = 0
+    return (hidden.float() * text[..., None]).sum(1) / text.sum(1, keepdim=True)
+
+
+def last_pooling(hidden, mask, M):
+    """The final hidden state of the last text token, just before the memory tokens."""
+    return hidden[torch.arange(len(mask)), mask.sum(1) - M - 1].float()
+
+
+POOLINGS = {"memory": (memory_pooling, "M"), "mean": (mean_pooling, "M, num_bos"), "last": (last_pooling, "M")}
+
+
+def pool_hidden_states(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, num_memory_tokens: int,
+                       num_bos: int) -> torch.Tensor:
+    """float32 `[B, D]` embeddings of final hidden states `hidden` `[B, L, D]` of right-padded rows with
+    `attention_mask` `mask` `[B, L]`, by the model card's pooling function."""
+    function = POOLINGS[pooling][0]
+    return function(hidden, mask, num_memory_tokens, num_bos) if pooling == "mean" else function(
+        hidden, mask, num_memory_tokens)
+
+
+def _set_post_processor(tokenizer, bos_ids: list[int], memory_token_ids: list[int]) -> None:
+    """Make the fast `tokenizer` add ``BOS`` before and the memory tokens after every text, padding right."""
+    from tokenizers import processors
+
+    if not tokenizer.is_fast:
+        raise ValueError("export_hf needs a fast tokenizer (tokenizer.json): its post-processor adds the memory "
+                         "tokens")
+    ids = [*bos_ids, *memory_token_ids]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    names = dict(zip(tokens, ids, strict=True))
+    single = " ".join([*tokens[:len(bos_ids)], "$A", *tokens[len(bos_ids):]])
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, pair=None, special_tokens=list(names.items()))
+    tokenizer.padding_side = "right"
+
+
+def _model_card(model, pooling: str, prompts: dict[str, str]) -> str:
+    function, arguments = POOLINGS[pooling]
+    prompt_lines = (["Prompts it was trained with (put one before each text): "
+                     + ", ".join(f"{k}: {v!r}" for k, v in prompts.items()), ""] if prompts else [])
+    return "\n".join([
+        "---", "pipeline_tag: feature-extraction", "tags: [llm2comp, text-embeddings, sentence-similarity]", "---",
+        "", "# LLM2Comp text encoder (standalone)", "",
+        f"A bidirectional text encoder: {model.num_memory_tokens} memory tokens follow each text, and the embedding "
+        f"is {'the mean of their final hidden states' if pooling == 'memory' else f'{pooling} pooling'}. It needs "
+        "only transformers: config.json sets `is_causal: false` (bidirectional attention) and the tokenizer adds "
+        "the BOS and memory tokens itself, padding on the right.", "", *prompt_lines,
+        "```python", "import torch", "from transformers import AutoModel, AutoTokenizer", "", "",
+        inspect.getsource(function).rstrip(), "", "",
+        'tokenizer = AutoTokenizer.from_pretrained("path/or/repo-id")',
+        'model = AutoModel.from_pretrained("path/or/repo-id", attn_implementation="sdpa").eval()',
+        f"M, num_bos = {model.num_memory_tokens}, {len(model.bos_ids)}  # memory tokens end each row, "
+        "BOS tokens start it",
+        'batch = tokenizer(["first text", "second text"], padding=True, truncation=True, max_length=512, '
+        'return_tensors="pt")',
+        "with torch.no_grad():",
+        "    hidden = model(**batch).last_hidden_state  # [B, L, D]",
+        f'embeddings = {function.__name__}(hidden, batch["attention_mask"], {arguments})',
+        "embeddings = torch.nn.functional.normalize(embeddings, dim=-1)", "```", "",
+        "With a transformers that has no `is_causal` switch, pass a 4D key-padding mask instead, which it uses "
+        "as given (no causal mask is added): `mask = batch[\"attention_mask\"]; model(input_ids=batch[\"input_ids\"], "
+        "attention_mask=mask[:, None, None, :].bool().expand(-1, 1, mask.shape[1], -1))`.", ""])
+
+
+def export_hf(model, directory: str | Path, *, dtype: torch.dtype | None = None, check: bool = True) -> Path:
+    """Write `model` (an `LLM2Comp`) into the new or empty `directory` as a transformers model that
+    ``AutoModel``/``AutoTokenizer`` load without llm2comp (see the module docstring); returns `directory`.
+
+    `dtype`: the weights' (default: the model's). `check`: load the written directory with plain transformers
+    and compare its embeddings, pooled as the model card says, with `model.encode` on a few texts of mixed
+    lengths; an error if they differ (a family whose transformers code ignores ``is_causal``).
+    """
+    out = Path(directory)
+    require_empty(out, "export")
+    out.mkdir(parents=True, exist_ok=True)
+    body = model.merged_copy(dtype).get_decoder()
+    body.config.is_causal = False
+    body.config.architectures = [type(body).__name__]
+    body.save_pretrained(out, safe_serialization=True)
+    tokenizer = copy.deepcopy(model.tokenizer)
+    _set_post_processor(tokenizer, model.bos_ids, model.memory_token_ids)
+    tokenizer.save_pretrained(out)
+    (out / "README.md").write_text(_model_card(model, model.pooling, model.prompts))
+    (out / "llm2comp_export.json").write_text(json.dumps({
+        "pooling": model.pooling, "num_memory_tokens": model.num_memory_tokens, "num_bos": len(model.bos_ids),
+        "prompts": model.prompts, "default_prompt_name": model.default_prompt_name,
+        "truncate_dim": model.truncate_dim}, indent=2))
+    if check:
+        try:
+            _check_export(model, out, atol=1e-4 if body.dtype == model.model.dtype == torch.float32 else 5e-2)
+        except Exception:
+            shutil.rmtree(out)  # it was new or empty: leave no export that computes something else
+            raise
+    return out
+
+
+CHECK_TEXTS = ["A short text.", "A somewhat longer text, so that the rows of this batch have different lengths.",
+               "Bidirectional attention reads every token of a row, padding excepted."]
+
+
+def _check_export(model, out: Path, atol: float) -> None:
+    """RuntimeError unless plain transformers, on the files in `out`, gives `model.encode`'s embeddings (to
+    `atol` relative to their largest entry) and `model.tokenize`'s rows."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    plain = AutoModel.from_pretrained(out, attn_implementation="sdpa", dtype=torch.float32).eval()
+    batch = tokenizer(CHECK_TEXTS, padding=True, return_tensors="pt")
+    expected = model.tokenize(CHECK_TEXTS, max_length=model.max_positions)
+    if not torch.equal(batch["input_ids"], expected.input_ids):
+        raise RuntimeError(f"the exported tokenizer in {out} does not make the encoder's rows")
+    with torch.no_grad():
+        hidden = plain(**batch).last_hidden_state
+    got = pool_hidden_states(hidden, batch["attention_mask"], model.pooling, model.num_memory_tokens,
+                             len(model.bos_ids))
+    was_training = model.training
+    try:
+        with torch.inference_mode():  # the encoder itself, without encode's defaults (prompt, truncate_dim)
+            want = model.eval()(**expected.to(model.device)).float().cpu()
+    finally:
+        model.train(was_training)
+    error = (got - want).abs().max().item()
+    if error > atol * max(1.0, want.abs().max().item()):
+        raise RuntimeError(f"the model exported to {out} does not reproduce the encoder (max difference {error:.2e}):"
+                           f" transformers' {type(plain).__name__} may not honour config.is_causal = False")
