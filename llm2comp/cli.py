@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .data import text_lines
 from .pooling import POOLINGS
+from .quantization import PRECISIONS
 from .training.cli import add_demo_parser, add_recipe_parser, add_train_parser
 
 
@@ -93,14 +94,15 @@ def _run_encode(args: argparse.Namespace) -> int:
     devices = [checked_device(d) for d in args.device.split(",") if d.strip()] if several else None
     # with several devices the model loads on the CPU, from where it is sent to the workers
     emb = _load(args, "cpu" if devices else None).encode(
-        texts, instruction=args.instruction, batch_size=args.batch_size, max_length=args.max_length,
-        pooling=args.pooling, normalize_embeddings=args.normalize, device=devices)
+        texts, prompt_name=args.prompt_name, instruction=args.instruction, batch_size=args.batch_size,
+        max_length=args.max_length, pooling=args.pooling, normalize_embeddings=args.normalize,
+        truncate_dim=args.truncate_dim, precision=args.precision, device=devices)
     if output:
         np.save(output, emb)
-        print(f"wrote {emb.shape[0]} x {emb.shape[1]} float32 embeddings to {output}")
+        print(f"wrote {emb.shape[0]} x {emb.shape[1]} {emb.dtype} embeddings to {output}")
     else:
         for row in emb:
-            print(json.dumps([round(float(x), 6) for x in row]))
+            print(json.dumps([round(float(x), 6) if emb.dtype == np.float32 else int(x) for x in row]))
     return 0
 
 
@@ -109,13 +111,17 @@ def add_encode_parser(subparsers) -> argparse.ArgumentParser:
     _add_model_args(parser, several_devices=True)
     parser.add_argument("texts", nargs="*", help="texts to embed")
     parser.add_argument("--input", help="UTF-8 file with one text per line (row i of the output is line i)")
-    parser.add_argument("--output", help="write a float32 [n, D] .npy file instead of printing (.npy appended "
-                                         "if missing)")
-    parser.add_argument("--instruction", default=None, help="prefix for every text, e.g. 'Query: '")
+    parser.add_argument("--output", help="write an [n, D] .npy file instead of printing (.npy appended if missing)")
+    parser.add_argument("--instruction", "--prompt", default=None, help="prefix for every text, e.g. 'Query: '")
+    parser.add_argument("--prompt-name", default=None, help="a prompt saved with the model, by name (e.g. query)")
     parser.add_argument("--pooling", choices=POOLINGS, default=None, help="default: the model's (memory)")
     parser.add_argument("--max-length", type=positive_int, default=512,
                         help="tokens per text, BOS, instruction and memory tokens included")
     parser.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
+    parser.add_argument("--truncate-dim", type=positive_int, default=None,
+                        help="keep the first N dimensions, before --normalize (default: the model's)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="float32",
+                        help="quantize as sentence-transformers does (int8/uint8 ranges from these texts)")
     parser.set_defaults(func=_run_encode)
     return parser
 

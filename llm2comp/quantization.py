@@ -13,8 +13,6 @@ The int8/uint8 ranges (per-dimension min and max) come from `ranges` `[2, D]`, e
 
 from __future__ import annotations
 
-import numpy as np
-
 __all__ = ["PRECISIONS", "check_precision", "quantize_embeddings"]
 
 PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
@@ -27,9 +25,10 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-def quantize_embeddings(embeddings, precision: str, ranges: np.ndarray | None = None,
-                        calibration_embeddings: np.ndarray | None = None) -> np.ndarray:
-    """`embeddings` float `[n, D]` (numpy or torch) in `precision` (see the module's table)."""
+def quantize_embeddings(embeddings, precision: str, ranges=None, calibration_embeddings=None):
+    """`embeddings` float `[n, D]` (numpy or torch) in `precision` (see the module's table), a numpy array."""
+    import numpy as np  # here: the names above import without numpy (the command line's parser offers them)
+
     check_precision(precision)
     x = np.asarray(embeddings.detach().cpu() if hasattr(embeddings, "detach") else embeddings)
     if not np.issubdtype(x.dtype, np.floating) or x.ndim != 2:

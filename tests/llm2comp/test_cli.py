@@ -159,3 +159,19 @@ def test_encode_command_finds_a_moved_base_model(tiny_encoder, tiny_dirs, tmp_pa
     assert "--base-model on the command line" in capsys.readouterr().err
     assert cli.main([*argv, "--base-model", str(tmp_path / "moved")]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "emb.npy"), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_encode_command_quantizes_truncates_and_uses_saved_prompts(tiny_encoder, tmp_path, capsys):
+    tiny_encoder.prompts = {"query": "Query: "}
+    tiny_encoder.save_pretrained(tmp_path / "m")
+    texts = ["Rain fell.", "Fires burned.", "The market rose."]
+    out = tmp_path / "emb.npy"
+    assert cli.main(["encode", "--model", str(tmp_path / "m"), "--device", "cpu", "--output", str(out),
+                     "--prompt-name", "query", "--truncate-dim", "16", "--precision", "ubinary", *texts]) == 0
+    assert "3 x 2 uint8 embeddings" in capsys.readouterr().out
+    expected = tiny_encoder.encode(texts, prompt="Query: ", truncate_dim=16, precision="ubinary")
+    np.testing.assert_array_equal(np.load(out), expected)
+    assert cli.main(["encode", "--model", str(tmp_path / "m"), "--device", "cpu", "--precision", "int8",
+                     *texts]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert len(rows) == 3 and all(isinstance(x, int) and -128 <= x <= 127 for row in rows for x in row)
