@@ -234,15 +234,15 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-CORPORA = ("wordnet", "lee-background")  # what `llm2comp data` writes
+CORPORA = ("wordnet", "lee-background", "general")  # what `llm2comp data` writes
 
 
 def _corpus_texts(name: str) -> list[str]:
     """The lines of training corpus `name` (one of `CORPORA`)."""
     from .data import lee_background_documents
-    from .data.wordnet import wordnet_texts
+    from .data.wordnet import general_texts, wordnet_texts
 
-    return {"wordnet": wordnet_texts, "lee-background": lee_background_documents}[name]()
+    return {"wordnet": wordnet_texts, "lee-background": lee_background_documents, "general": general_texts}[name]()
 
 
 @_one_line_errors
@@ -261,7 +261,8 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("data", help="write a training corpus as a text file, one text per line")
     parser.add_argument("corpus", choices=CORPORA, help="wordnet: WordNet 3.0 synsets, general English (about "
                         "117k lines; Debian's wordnet-base, fetched with apt-get download); lee-background: the 300 "
-                        "Lee background news documents (gensim's test data)")
+                        "Lee background news documents (gensim's test data); general: those 300 and 1200 WordNet "
+                        "passages of one topic each, about 100 tokens long (the CPU recipe's corpus)")
     parser.add_argument("output", help="the .txt file to write (replaced if it exists)")
     parser.add_argument("--limit", type=positive_int, default=None, help="only the first N texts (a fixed order)")
     parser.set_defaults(func=_run_data)

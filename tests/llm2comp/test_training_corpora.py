@@ -46,3 +46,25 @@ def test_ablation_table_is_mean_and_std_over_seeds(tmp_path):
         in text
     assert "| SimCSE alone (no stage 1; its steps go to SimCSE) | 0 | 0.400 | 0.100 |" in text
     assert (tmp_path / "doc.md").read_text() == text
+
+
+def test_general_corpus_joins_one_topic_per_passage(monkeypatch, tmp_path):
+    root = tmp_path / "usr/share/wordnet"
+    root.mkdir(parents=True)
+    for pos in ("noun", "verb", "adj", "adv"):
+        lines = ["  1 This software and database is being provided to you\n"]
+        for topic in ("05", "06"):
+            for i in range(40):
+                gloss = f"a {pos} thing of topic {topic} number {i} described at some length"
+                lines.append(f"{i:08d} {topic} n 01 w{topic}x{i} 0 000 | {gloss}\n")
+        (root / f"data.{pos}").write_text("".join(lines), encoding="latin-1")
+    monkeypatch.setattr(wordnet, "deb_tree", lambda package: tmp_path)
+    monkeypatch.setattr("llm2comp.data.lee.lee_background_documents", lambda: [f"news {i}" for i in range(5)])
+    texts = wordnet.general_texts()
+    assert texts == wordnet.general_texts()  # a fixed order
+    news = [t for t in texts if t.startswith("news ")]
+    passages = [t for t in texts if not t.startswith("news ")]
+    assert sorted(news) == [f"news {i}" for i in range(5)] and passages
+    for passage in passages:
+        assert len(passage) > wordnet.PASSAGE_CHARS
+        assert len({word for word in passage.split() if word in ("05", "06")}) == 1  # one topic each
