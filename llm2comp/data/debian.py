@@ -13,7 +13,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from ..default_model import cache_dir
+from ..default_model import cache_dir, fetched
 
 __all__ = ["cached_json", "deb_tree"]
 
@@ -32,18 +32,12 @@ def deb_tree(package: str) -> Path:
 
 def _download(package: str, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
-    debs = sorted(dest.glob(f"{package}_*.deb"))
-    if debs:
-        return debs[-1]
-    if shutil.which("apt-get") is None:
+    if shutil.which("apt-get") is None and not any(dest.glob(f"{package}_*.deb")):
         raise RuntimeError(f"the Debian package {package} is needed and there is no apt-get here: on another system "
                            f"fetch {package}'s .deb by hand into {dest}")
-    result = subprocess.run(["apt-get", "download", package], cwd=dest, capture_output=True, text=True)
-    debs = sorted(dest.glob(f"{package}_*.deb"))
-    if result.returncode != 0 or not debs:
-        raise RuntimeError(f"could not download the Debian package {package} (apt-get download {package}; "
-                           f"run apt-get update first if apt has no package lists):\n{result.stderr.strip()[-2000:]}")
-    return debs[-1]
+    return fetched(dest, f"{package}_*.deb", ["apt-get", "download", package],
+                   f"could not download the Debian package {package} (apt-get download {package}; run apt-get "
+                   "update first if apt has no package lists)")
 
 
 def _unpack(deb: Path, tree: Path) -> None:

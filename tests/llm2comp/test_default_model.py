@@ -68,3 +68,17 @@ def test_the_default_model_exports_to_plain_transformers(default_encoder, tmp_pa
     export_hf(default_encoder, tmp_path / "hf")  # checks plain transformers' embeddings against encode's
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["is_causal"] is False and "quantization_config" not in config  # GGUF weights were dequantized
+
+
+def test_fetched_runs_the_command_only_when_no_file_matches(tmp_path):
+    import sys
+
+    from llm2comp.default_model import fetched
+
+    make = [sys.executable, "-c", "open('pkg_2.deb', 'w').close()"]
+    assert fetched(tmp_path, "pkg_*.deb", make, "no package").name == "pkg_2.deb"
+    (tmp_path / "pkg_1.deb").touch()
+    fail = [sys.executable, "-c", "import sys; sys.exit('should not run')"]
+    assert fetched(tmp_path, "pkg_*.deb", fail, "no package").name == "pkg_2.deb"  # the newest; nothing run
+    with pytest.raises(RuntimeError, match="no wheel:\nshould not run"):
+        fetched(tmp_path, "*.whl", fail, "no wheel")
