@@ -208,10 +208,16 @@ def load_recipe(path: str | Path, **overrides: Any) -> list[TrainConfig]:
                           f"got {sorted(tables)}")
     if not shared.get("output"):
         raise ConfigError(f"{path}: output (the recipe's folder) is required")
+    return chain_stages(shared, {stage: _options(table, f"{path} [{stage}]") for stage, table in tables.items()})
+
+
+def chain_stages(shared: dict[str, Any], stages: dict[str, dict[str, Any]]) -> list[TrainConfig]:
+    """The configs of `stages` (stage -> its options), run in `STAGES` order: `shared` options (with
+    ``output``, the folder each stage writes ``<output>/<stage>`` into) under each stage's, and every stage after
+    the first starting from the one before it."""
     configs: list[TrainConfig] = []
-    for stage in (s for s in STAGES if s in tables):
-        options = {**shared, **_options(tables[stage], f"{path} [{stage}]"),
-                   "output": str(Path(shared["output"]) / stage)}
+    for stage in (s for s in STAGES if s in stages):
+        options = {**shared, **stages[stage], "output": str(Path(shared["output"]) / stage)}
         if configs:
             options["model"] = configs[-1].output
         configs.append(load_config(stage, **options))

@@ -24,7 +24,7 @@ from ..evaluation import evaluate_lee
 from ..evaluation.suite import tfidf_embedder
 from ..evaluation.tasks import lee_task
 from ..model import LLM2Comp
-from .config import DEMO_DEFAULTS, TrainConfig, load_config
+from .config import DEMO_DEFAULTS, TrainConfig, chain_stages
 from .trainer import train
 
 __all__ = ["demo_configs", "run_demo", "tfidf_lee"]
@@ -39,17 +39,13 @@ def demo_configs(output: str | Path, corpus: str | Path, *, compress_steps: int,
                  **overrides) -> list[TrainConfig]:
     """The demo's stages on `corpus`: compress (kl) then unsupervised, each writing ``output/<stage>``; a stage
     with 0 steps is left out. `overrides`: options for both stages (``objective``: stage 1 only)."""
-    out = Path(output)
-    configs = []
-    for stage, steps in (("compress", compress_steps), ("unsupervised", unsupervised_steps)):
-        if steps == 0:
-            continue
-        options = {k: v for k, v in overrides.items() if stage == "compress" or k != "objective"}
-        source = base if not configs else configs[-1].output  # recorded in the checkpoints
-        configs.append(load_config(stage, model=source, data=str(corpus), output=str(out / stage), max_steps=steps,
-                                   batch_size=batch_size, max_length=max_length, lr=DEMO_LR[stage], warmup_ratio=0.1,
-                                   save_every=10_000, overwrite=True, seed=seed, **options))
-    return configs
+    steps = {"compress": compress_steps, "unsupervised": unsupervised_steps}
+    stages = {stage: {"max_steps": n, "lr": DEMO_LR[stage],
+                      **{k: v for k, v in overrides.items() if stage == "compress" or k != "objective"}}
+              for stage, n in steps.items() if n > 0}
+    return chain_stages({"model": base, "data": str(corpus), "output": str(output), "batch_size": batch_size,
+                         "max_length": max_length, "warmup_ratio": 0.1, "save_every": 10_000, "overwrite": True,
+                         "seed": seed}, stages)
 
 
 def tfidf_lee(bench) -> dict[str, float] | None:
