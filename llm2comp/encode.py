@@ -120,8 +120,8 @@ def finish_embeddings(out: torch.Tensor, *, single: bool, truncate_dim: int | No
         out = out[:, :truncate_dim]
     if normalize_embeddings:
         out = torch.nn.functional.normalize(out, dim=-1)
-    if precision != "float32" and len(out):
-        out = torch.from_numpy(quantize_embeddings(out.float().cpu().numpy(), precision))
+    if precision != "float32":
+        out = torch.from_numpy(quantize_embeddings(out, precision))
     if single:
         out = out[0]
     if convert_to_tensor or (single and not convert_to_numpy):

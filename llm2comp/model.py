@@ -332,10 +332,10 @@ class LLM2Comp(torch.nn.Module):
             else:
                 model = cls._from_adapter(saved_dir, saved, base_model, **kwargs)
         saved = {} if saved_dir is None else saved
+        # as sentence-transformers: the prompts given join (and win over) the saved ones
         model.prompts, model.default_prompt_name = check_prompts(
-            prompts if prompts is not None else saved.get("prompts", {}),
-            default_prompt_name if prompts is not None or default_prompt_name is not None
-            else saved.get("default_prompt_name"))
+            {**saved.get("prompts", {}), **(prompts or {})},
+            default_prompt_name if default_prompt_name is not None else saved.get("default_prompt_name"))
         model.truncate_dim = check_truncate_dim(truncate_dim if truncate_dim is not None
                                                 else saved.get("truncate_dim"), model.hidden_size)
         return model._loaded(device)
@@ -443,6 +443,10 @@ class LLM2Comp(torch.nn.Module):
     def _write_configs(self, directory: Path, merged: bool) -> None:
         (directory / CONFIG_NAME).write_text(json.dumps(self._config(merged), indent=2))
         (directory / "modules.json").write_text(json.dumps(ST_MODULES, indent=2))
+        # encode's defaults for sentence-transformers, which reads them from here
+        (directory / "config_sentence_transformers.json").write_text(json.dumps(
+            {"prompts": self.prompts, "default_prompt_name": self.default_prompt_name,
+             "truncate_dim": self.truncate_dim, "similarity_fn_name": "cosine"}, indent=2))
         (directory / "README.md").write_text(self._model_card(merged))  # instead of peft's text-generation card
 
     def _model_card(self, merged: bool) -> str:
@@ -591,10 +595,12 @@ class LLM2Comp(torch.nn.Module):
         return self.encode(sentences, **self._role_prompt(kwargs, ("document", "passage", "corpus")))
 
     def _role_prompt(self, kwargs: dict, names: tuple[str, ...]) -> dict:
+        """`kwargs` with the role's prompt, or with none (not the model's default prompt) where it has no such
+        prompt, as sentence-transformers' roles whose prompts default to ""."""
         if any(kwargs.get(k) is not None for k in ("prompt_name", "prompt", "instruction")):
             return kwargs
         name = next((n for n in names if n in self.prompts), None)
-        return kwargs if name is None else {**kwargs, "prompt_name": name}
+        return {**kwargs, "prompt": ""} if name is None else {**kwargs, "prompt_name": name}
 
     @staticmethod
     def similarity(a, b) -> torch.Tensor:

@@ -30,11 +30,14 @@ def quantize_embeddings(embeddings, precision: str, ranges=None, calibration_emb
     import numpy as np  # here: the names above import without numpy (the command line's parser offers them)
 
     check_precision(precision)
-    x = np.asarray(embeddings.detach().cpu() if hasattr(embeddings, "detach") else embeddings)
+    x = np.asarray(embeddings.detach().float().cpu() if hasattr(embeddings, "detach") else embeddings)
     if not np.issubdtype(x.dtype, np.floating) or x.ndim != 2:
         raise ValueError(f"embeddings must be float [n, D], got {x.dtype} of shape {x.shape}")
     if precision == "float32":
         return x.astype(np.float32)
+    if not len(x):  # nothing to calibrate: the empty array of the precision's dtype and width
+        width = -(-x.shape[1] // 8) if precision.endswith("binary") else x.shape[1]
+        return np.zeros((0, width), dtype=np.uint8 if precision.startswith("u") else np.int8)
     if precision.endswith("binary"):
         packed = np.packbits(x > 0, axis=-1)
         return packed if precision == "ubinary" else (packed.astype(np.int16) - 128).astype(np.int8)

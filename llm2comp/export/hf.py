@@ -27,7 +27,7 @@ __all__ = ["export_hf", "last_pooling", "mean_pooling", "memory_pooling", "pool_
 
 def memory_pooling(hidden, mask, M):
     """The mean of the M memory tokens' final hidden states, which end each right-padded row."""
-    positions = mask.sum(1, keepdim=True) - M + torch.arange(M)  # [B, M]
+    positions = mask.sum(1, keepdim=True) - M + torch.arange(M, device=mask.device)  # [B, M]
     picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
     return picked.float().mean(1)  # [B, D]
 
@@ -36,13 +36,14 @@ def mean_pooling(hidden, mask, M, num_bos):
     """The mean of the text tokens' final hidden states: no BOS, no memory tokens, no padding."""
     text = mask.clone()
     text[:, :num_bos] = 0
-    text[torch.arange(len(mask))[:, None], mask.sum(1, keepdim=True) - M + torch.arange(M)] = 0
+    rows = torch.arange(len(mask), device=mask.device)[:, None]
+    text[rows, mask.sum(1, keepdim=True) - M + torch.arange(M, device=mask.device)] = 0
     return (hidden.float() * text[..., None]).sum(1) / text.sum(1, keepdim=True)
 
 
 def last_pooling(hidden, mask, M):
     """The final hidden state of the last text token, just before the memory tokens."""
-    return hidden[torch.arange(len(mask)), mask.sum(1) - M - 1].float()
+    return hidden[torch.arange(len(mask), device=mask.device), mask.sum(1) - M - 1].float()
 
 
 POOLINGS = {"memory": (memory_pooling, "M"), "mean": (mean_pooling, "M, num_bos"), "last": (last_pooling, "M")}
@@ -75,8 +76,16 @@ def _set_post_processor(tokenizer, bos_ids: list[int], memory_token_ids: list[in
 
 def _model_card(model, pooling: str, prompts: dict[str, str]) -> str:
     function, arguments = POOLINGS[pooling]
-    prompt_lines = (["Prompts it was trained with (put one before each text): "
-                     + ", ".join(f"{k}: {v!r}" for k, v in prompts.items()), ""] if prompts else [])
+    notes = []
+    if prompts:
+        notes.append("Prompts it was trained with (put one before each text"
+                     + (", counted in mean pooling here where the encoder leaves it out" if pooling == "mean" else "")
+                     + "): " + ", ".join(f"{k}: {v!r}" for k, v in prompts.items())
+                     + (f"; by default {model.default_prompt_name!r}." if model.default_prompt_name else "."))
+    if model.truncate_dim:
+        notes.append(f"It keeps the first {model.truncate_dim} dimensions by default: `embeddings[:, "
+                     f":{model.truncate_dim}]` before normalizing.")
+    prompt_lines = [line for note in notes for line in (note, "")]
     return "\n".join([
         "---", "pipeline_tag: feature-extraction", "tags: [llm2comp, text-embeddings, sentence-similarity]", "---",
         "", "# LLM2Comp text encoder (standalone)", "",
@@ -110,26 +119,32 @@ def export_hf(model, directory: str | Path, *, dtype: torch.dtype | None = None,
     lengths; an error if they differ (a family whose transformers code ignores ``is_causal``).
     """
     out = Path(directory)
-    require_empty(out, "export")
-    out.mkdir(parents=True, exist_ok=True)
-    body = model.merged_copy(dtype).get_decoder()
-    body.config.is_causal = False
-    body.config.architectures = [type(body).__name__]
-    body.save_pretrained(out, safe_serialization=True)
-    tokenizer = copy.deepcopy(model.tokenizer)
+    require_empty(out)
+    tokenizer = copy.deepcopy(model.tokenizer)  # the caller's keeps its own post-processor and padding side
     _set_post_processor(tokenizer, model.bos_ids, model.memory_token_ids)
-    tokenizer.save_pretrained(out)
-    (out / "README.md").write_text(_model_card(model, model.pooling, model.prompts))
-    (out / "llm2comp_export.json").write_text(json.dumps({
-        "pooling": model.pooling, "num_memory_tokens": model.num_memory_tokens, "num_bos": len(model.bos_ids),
-        "prompts": model.prompts, "default_prompt_name": model.default_prompt_name,
-        "truncate_dim": model.truncate_dim}, indent=2))
-    if check:
-        try:
-            _check_export(model, out, atol=1e-4 if body.dtype == model.model.dtype == torch.float32 else 5e-2)
-        except Exception:
-            shutil.rmtree(out)  # it was new or empty: leave no export that computes something else
-            raise
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        body = model.merged_copy(dtype).get_decoder()
+        body.config.is_causal = False
+        body.config.architectures = [type(body).__name__]
+        body.save_pretrained(out, safe_serialization=True)
+        exact = body.dtype == model.model.dtype == torch.float32
+        del body  # before the check loads the written copy
+        tokenizer.save_pretrained(out)
+        (out / "README.md").write_text(_model_card(model, model.pooling, model.prompts))
+        (out / "llm2comp_export.json").write_text(json.dumps({
+            "pooling": model.pooling, "num_memory_tokens": model.num_memory_tokens, "num_bos": len(model.bos_ids),
+            "prompts": model.prompts, "default_prompt_name": model.default_prompt_name,
+            "truncate_dim": model.truncate_dim}, indent=2))
+        if check:
+            _check_export(model, out, atol=1e-4 if exact else 5e-2)
+    except BaseException:
+        # the directory was new or empty: leave no partial export, nor one that computes something else
+        shutil.rmtree(out)
+        if not created:
+            out.mkdir()
+        raise
     return out
 
 

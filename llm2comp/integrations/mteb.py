@@ -57,10 +57,11 @@ class MTEBEncoder:
         self.instructions = dict(instructions or {})
         self.batch_size, self.max_length = batch_size, max_length
 
-    def instruction(self, task_metadata, prompt_type=None) -> str | None:
-        """E5-style instruction for a task, or None for the document side of retrieval-like tasks."""
+    def instruction(self, task_metadata, prompt_type=None) -> str:
+        """E5-style instruction for a task, or "" (none, not the model's default prompt) for the document side of
+        retrieval-like tasks."""
         if prompt_type is not None and str(getattr(prompt_type, "value", prompt_type)) == "document":
-            return None
+            return ""
         task = self.instructions.get(task_metadata.name) or task_metadata.description
         return e5_instruction(task.strip())
 

@@ -118,8 +118,10 @@ class LLM2CompModule(InputModule):
 
 
 def sentence_transformer(encoder: LLM2Comp, max_seq_length: int = 512):
-    """A `SentenceTransformer` running `encoder` (shares its weights)."""
-    return SentenceTransformer(modules=[LLM2CompModule(encoder, max_seq_length)], device=str(encoder.device))
+    """A `SentenceTransformer` running `encoder` (shares its weights), with its prompts and truncate_dim."""
+    return SentenceTransformer(modules=[LLM2CompModule(encoder, max_seq_length)], device=str(encoder.device),
+                               prompts=encoder.prompts, default_prompt_name=encoder.default_prompt_name,
+                               truncate_dim=encoder.truncate_dim)
 
 
 _FORWARD = ("query_to_doc",)

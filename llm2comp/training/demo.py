@@ -42,7 +42,7 @@ def demo_configs(output: str | Path, corpus: str | Path, *, compress_steps: int,
     steps = {"compress": compress_steps, "unsupervised": unsupervised_steps}
     stages = {stage: {"max_steps": n, "lr": DEMO_LR[stage],
                       **{k: v for k, v in overrides.items() if stage == "compress" or k != "objective"}}
-              for stage, n in steps.items() if n > 0}
+              for stage, n in steps.items() if n != 0}  # a negative count is refused by name (load_config)
     return chain_stages({"model": base, "data": str(corpus), "output": str(output), "batch_size": batch_size,
                          "max_length": max_length, "warmup_ratio": 0.1, "save_every": 10_000, "overwrite": True,
                          "seed": seed}, stages)

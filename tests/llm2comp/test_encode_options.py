@@ -79,6 +79,8 @@ def test_precision_errors(tiny_encoder):
         tiny_encoder.encode(TEXTS[0], precision="int8")
     assert tiny_encoder.encode(TEXTS[0], precision="ubinary").dtype == np.uint8
     assert tiny_encoder.encode([], precision="int8").shape == (0, tiny_encoder.hidden_size)
+    empty = tiny_encoder.encode([], precision="binary")
+    assert empty.shape == (0, -(-tiny_encoder.hidden_size // 8)) and empty.dtype == np.int8
 
 
 def test_prompts_by_name_and_default(tiny_encoder):
@@ -101,6 +103,21 @@ def test_prompts_by_name_and_default(tiny_encoder):
         tiny_encoder.encode(TEXTS[:1], prompt_name="query", prompt="")
 
 
+def test_a_role_without_its_prompt_gets_none_not_the_default(tiny_encoder):
+    tiny_encoder.prompts, tiny_encoder.default_prompt_name = {"query": "Query: "}, "query"
+    plain = tiny_encoder.encode(TEXTS, prompt="")
+    assert not np.allclose(plain, tiny_encoder.encode(TEXTS))  # the default prompt applies to encode
+    np.testing.assert_allclose(tiny_encoder.encode_document(TEXTS), plain, rtol=1e-5, atol=1e-6)
+    tiny_encoder.prompts, tiny_encoder.default_prompt_name = {"document": "Doc: "}, "document"
+    np.testing.assert_allclose(tiny_encoder.encode_query(TEXTS), plain, rtol=1e-5, atol=1e-6)
+
+
+def test_quantizing_a_bfloat16_tensor():
+    x = torch.randn(4, 16)
+    np.testing.assert_array_equal(quantize_embeddings(x.bfloat16(), "int8"), quantize_embeddings(x.bfloat16().float(),
+                                                                                                 "int8"))
+
+
 def test_encode_document_picks_passage_then_corpus(tiny_encoder):
     tiny_encoder.prompts = {"corpus": "Corpus: ", "passage": "Passage: "}
     np.testing.assert_allclose(tiny_encoder.encode_document(TEXTS), tiny_encoder.encode(TEXTS, prompt="Passage: "),
@@ -117,7 +134,11 @@ def test_encode_defaults_are_saved_loaded_and_overridden(tiny_encoder, tmp_path)
     assert (loaded.prompts, loaded.default_prompt_name, loaded.truncate_dim) == ({"query": "Query: "}, "query", 6)
     np.testing.assert_allclose(loaded.encode(TEXTS), tiny_encoder.encode(TEXTS), rtol=1e-5, atol=1e-6)
     other = LLM2Comp.from_pretrained(str(tmp_path / "m"), prompts={"q": "Q: "}, truncate_dim=3)
-    assert (other.prompts, other.default_prompt_name, other.truncate_dim) == ({"q": "Q: "}, None, 3)
+    # as sentence-transformers: the prompts given join the saved ones, whose default stays
+    assert (other.prompts, other.default_prompt_name, other.truncate_dim) == (
+        {"query": "Query: ", "q": "Q: "}, "query", 3)
+    assert LLM2Comp.from_pretrained(str(tmp_path / "m"), default_prompt_name="q",
+                                    prompts={"q": "Q: "}).default_prompt_name == "q"
 
 
 @pytest.mark.parametrize("key, value, message", [

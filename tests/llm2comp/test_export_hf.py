@@ -91,6 +91,20 @@ def test_a_family_that_ignores_is_causal_is_refused_and_leaves_nothing(_tiny_enc
     assert not (tmp_path / "hf").exists()
 
 
+def test_a_failed_export_leaves_nothing_behind(_tiny_encoder, tmp_path, monkeypatch):
+    model = copy.deepcopy(_tiny_encoder)
+    monkeypatch.setattr(type(model.tokenizer), "is_fast", property(lambda self: False))
+    with pytest.raises(ValueError, match="needs a fast tokenizer"):
+        export_hf(model, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    (tmp_path / "empty").mkdir()
+    monkeypatch.undo()
+    monkeypatch.setattr(type(model), "merged_copy", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        export_hf(model, tmp_path / "empty")
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
+
+
 def test_export_refuses_a_directory_in_use(_tiny_encoder, tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "keep.txt").write_text("mine")

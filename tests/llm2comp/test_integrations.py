@@ -31,6 +31,20 @@ def test_sentence_transformer_matches_encode(tiny_encoder, tmp_path):
     assert next(bf16[0].encoder.parameters()).dtype == torch.bfloat16
 
 
+def test_sentence_transformers_gets_the_saved_prompts_and_truncate_dim(tiny_encoder, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    tiny_encoder.prompts, tiny_encoder.default_prompt_name = {"query": "Query: "}, "query"
+    tiny_encoder.truncate_dim = 8
+    tiny_encoder.save_pretrained(tmp_path / "enc")
+    for st in (SentenceTransformer(str(tmp_path / "enc"), trust_remote_code=True), sentence_transformer(tiny_encoder)):
+        for ours, theirs in ((tiny_encoder.encode, st.encode), (tiny_encoder.encode_query, st.encode_query),
+                             (tiny_encoder.encode_document, st.encode_document)):
+            got, want = theirs(TEXTS), ours(TEXTS)
+            assert got.shape == want.shape == (3, 8)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_directories_naming_the_old_module_path_still_load(tiny_encoder, tmp_path):
     """New saves name `llm2comp.integrations.sentence_transformers.LLM2CompModule` in modules.json; directories
     naming ``llm2comp.interop.LLM2CompModule`` load as before."""
@@ -60,14 +74,16 @@ class _Meta:
 def test_mteb_instructions(tiny_encoder):
     enc = MTEBEncoder("tiny", model=tiny_encoder, instructions={"Toy": "Find fire reports"}, batch_size=2)
     assert enc.instruction(_Meta, "query") == "Instruct: Find fire reports\nQuery: "
-    assert enc.instruction(_Meta, "document") is None
+    assert enc.instruction(_Meta, "document") == ""
     assert enc.instruction(_Meta, None) == e5_instruction("Find fire reports")
     batches = [{"text": TEXTS[:2]}, {"text": TEXTS[2:]}]
     out = enc.encode(batches, task_metadata=_Meta, hf_split="test", hf_subset="default", prompt_type=None)
     np.testing.assert_allclose(out, tiny_encoder.encode(TEXTS, instruction=e5_instruction("Find fire reports")),
                                rtol=1e-5, atol=1e-6)
+    tiny_encoder.prompts, tiny_encoder.default_prompt_name = {"query": "Query: "}, "query"
     docs = enc.encode(batches, task_metadata=_Meta, hf_split="test", hf_subset="default", prompt_type="document")
-    np.testing.assert_allclose(docs, tiny_encoder.encode(TEXTS), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(docs, tiny_encoder.encode(TEXTS, prompt=""), rtol=1e-5, atol=1e-6)  # no prompt
+    tiny_encoder.prompts, tiny_encoder.default_prompt_name = {}, None
     sim = enc.similarity(out, out)
     assert sim.shape == (3, 3)
     np.testing.assert_allclose(np.diag(sim.numpy()), 1.0, rtol=1e-5)
