@@ -2,7 +2,7 @@
 
 Texts are sorted longest first (so each batch pads little and the first batch shows the peak memory), embedded
 in inference mode (on GPU, when the model is float32: bf16 autocast, or fp16 on GPUs without bf16) and put back
-in input order.
+in input order. On the CPU the adapted layers run on merged weights (`llm2comp.merged_weights`).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .merged_weights import merged_weights
 from .precision import half_dtype
 
 __all__ = ["encode_batches"]
@@ -32,7 +33,8 @@ def encode_batches(model, texts: list[str], batch_size: int, show_progress_bar: 
     model.eval()
     chunks = []
     try:
-        with torch.inference_mode(), torch.autocast("cuda", dtype=half_dtype(device), enabled=autocast):
+        with (torch.inference_mode(), torch.autocast("cuda", dtype=half_dtype(device), enabled=autocast),
+              merged_weights(model, keep=not was_training)):
             for s in starts:
                 batch = model.tokenize([texts[i] for i in order[s:s + batch_size]], instruction, max_length)
                 chunks.append(model(**batch.to(device), pooling=pooling).float())

@@ -49,7 +49,8 @@ def zero_padding(seq_lens: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.
     overflow in a padded row's MLP, say) would reach the real rows through masked products (0 x inf) or, from
     padded queries, the real keys' gradient."""
     valid = padding_mask(seq_lens, tensors[0].shape[2])
-    return valid, [t.masked_fill(~valid[:, None, :, None], 0) for t in tensors]
+    # `where`: one pass over each tensor (an out-of-place masked_fill is a copy, then a fill)
+    return valid, [torch.where(valid[:, None, :, None], t, 0) for t in tensors]
 
 
 def allowed_keys(valid: torch.Tensor, causal: bool) -> torch.Tensor:

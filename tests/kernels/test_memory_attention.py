@@ -224,6 +224,13 @@ def test_matches_reference(backend, case, device, poison_empty):
     _check_against_reference(backend, device, case)
 
 
+@pytest.mark.parametrize("case", DEFAULT_CASES[:4], ids=_case_id)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference_without_padding(backend, case, device):
+    """Every row full (the sdpa backend then runs SDPA without a mask on the CPU)."""
+    _check_against_reference(backend, device, case, seq_lens=torch.full((3,), case[0], dtype=torch.int32))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", FULL_CASES, ids=_case_id)
 @pytest.mark.parametrize("backend", BACKENDS)
