@@ -122,9 +122,10 @@ def export_onnx(model, directory: str | Path, *, opset: int | None = None) -> Pa
 
     Files: ``model.onnx`` (plus ``model.onnx.data`` for weights over 1 GiB), the tokenizer, and
     ``llm2comp_onnx.json`` (pooling, memory token ids, BOS ids, pad id, hidden size, the default max_length, the
-    graph's inputs and output). The graph is float32 whatever the model's dtype, and computes the embedding the
-    model's `encode` gives (its default pooling) from ``input_ids`` and ``attention_mask`` as `LLM2Comp.tokenize`
-    makes them (plus ``text_start`` for "mean" pooling). The model is copied, never changed.
+    graph's inputs and output, and the model's `encode` defaults: prompts, default_prompt_name, truncate_dim). The
+    graph is float32 whatever the model's dtype, and computes the embedding the model's `encode` gives (its default
+    pooling) from ``input_ids`` and ``attention_mask`` as `LLM2Comp.tokenize` makes them (plus ``text_start`` for
+    "mean" pooling). The model is copied, never changed.
 
     Args:
         model: the `LLM2Comp` to export.
@@ -177,6 +178,7 @@ def export_onnx(model, directory: str | Path, *, opset: int | None = None) -> Pa
         "bos_ids": list(model.bos_ids), "pad_token_id": int(model.pad_token_id),
         "hidden_size": int(model.hidden_size), "max_positions": int(model.max_positions),
         "max_length": min(512, int(model.max_positions)),
+        "prompts": model.prompts, "default_prompt_name": model.default_prompt_name, "truncate_dim": model.truncate_dim,
     }
     (directory / ONNX_CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return path

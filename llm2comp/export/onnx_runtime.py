@@ -1,7 +1,8 @@
 """`OnnxEncoder`: embeddings from a directory `llm2comp.export.onnx.export_onnx` wrote, with onnxruntime.
 
 The directory holds ``model.onnx`` (token ids and attention mask in, pooled float32 embeddings out), the tokenizer
-and ``llm2comp_onnx.json`` (pooling, memory token ids, BOS ids, pad id, sizes). Rows are built exactly as
+and ``llm2comp_onnx.json`` (pooling, memory token ids, BOS ids, pad id, sizes, and the model's `encode` defaults:
+prompts, default_prompt_name, truncate_dim). Rows are built exactly as
 `LLM2Comp.tokenize` builds them, by the same functions (`llm2comp.tokenization`) on the saved tokenizer:
 ``[BOS] instruction text <mem_0..M-1> <pad>...``, right padded. No torch model is loaded.
 """
@@ -15,9 +16,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .. import tokenization
+from ..encode import check_prompts, check_truncate_dim, finish_embeddings, resolve_prompt
 from ..pooling import POOLINGS, check_poolable
+from ..quantization import check_precision
 
 __all__ = ["ONNX_CONFIG_NAME", "ONNX_FORMAT", "ONNX_MODEL_NAME", "OnnxEncoder"]
 
@@ -57,6 +61,12 @@ def read_onnx_config(directory: Path) -> dict:
     if len(config["memory_token_ids"]) != config["num_memory_tokens"]:
         raise ValueError(f"{path}: memory_token_ids {config['memory_token_ids']} are not num_memory_tokens "
                          f"({config['num_memory_tokens']}) ids")
+    try:  # absent in exports made before them
+        config["prompts"], config["default_prompt_name"] = check_prompts(config.get("prompts", {}),
+                                                                         config.get("default_prompt_name"))
+        config["truncate_dim"] = check_truncate_dim(config.get("truncate_dim"), config["hidden_size"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
     return config
 
 
@@ -93,6 +103,10 @@ class OnnxEncoder:
         self.pad_token_id: int = self.config["pad_token_id"]
         self.hidden_size: int = self.config["hidden_size"]
         self.max_positions: int = self.config["max_positions"]
+        # `encode`'s defaults, as the exported model's
+        self.prompts: dict[str, str] = self.config["prompts"]
+        self.default_prompt_name: str | None = self.config["default_prompt_name"]
+        self.truncate_dim: int | None = self.config["truncate_dim"]
 
     def __repr__(self) -> str:
         return (f"OnnxEncoder({str(self.directory)!r}, pooling={self.pooling!r}, "
@@ -115,20 +129,30 @@ class OnnxEncoder:
         return self.session.run([self.config["output"]], feed)[0].astype(np.float32, copy=False)
 
     # ----------------------------------------------------------------------------- encoding
-    def encode(self, sentences: str | Sequence[str], *, instruction: str | None = None, batch_size: int = 32,
-               max_length: int = 512, normalize_embeddings: bool = False, convert_to_numpy: bool = True,
-               convert_to_tensor: bool = False, show_progress_bar: bool | None = None):
-        """Embed texts as `LLM2Comp.encode` does: a str gives `[D]`, n str (any iterable) give `[n, D]` float32.
+    def encode(self, sentences: str | Sequence[str], *, prompt_name: str | None = None, prompt: str | None = None,
+               instruction: str | None = None, batch_size: int = 32, max_length: int = 512,
+               normalize_embeddings: bool = False, truncate_dim: int | None = None, precision: str = "float32",
+               convert_to_numpy: bool = True, convert_to_tensor: bool = False, show_progress_bar: bool | None = None):
+        """Embed texts as `LLM2Comp.encode` does: a str gives `[D]`, n str (any iterable) give `[n, D]` (float32
+        unless quantized).
 
-        instruction: prefix of every text (not pooled over by "mean" pooling). batch_size: texts per graph run.
-        max_length: tokens per row, BOS, instruction and memory tokens included (texts are truncated).
-        normalize_embeddings: L2-normalise each embedding. convert_to_numpy (default) gives a numpy array,
-        convert_to_tensor a torch tensor; both False a list of 1-D tensors (one tensor for a str).
-        show_progress_bar: a tqdm bar; None shows it for 5 or more batches.
+        prompt_name: the exported model's prompt of this name (`prompts`) precedes every text; default its
+        `default_prompt_name`, if set. prompt, instruction: a prompt given as text (two names for one thing); it
+        wins over prompt_name, and "mean" pooling leaves it out. batch_size: texts per graph run. max_length:
+        tokens per row, BOS, prompt and memory tokens included (texts are truncated). normalize_embeddings:
+        L2-normalise each embedding (after truncate_dim). truncate_dim: keep the first dimensions; default the
+        exported model's `truncate_dim` (None: all). precision: "float32" or a quantization
+        (`llm2comp.quantization`: int8, uint8, binary, ubinary) of this call's embeddings. convert_to_numpy
+        (default) gives a numpy array, convert_to_tensor a torch tensor; both False a list of 1-D tensors (one
+        tensor for a str). show_progress_bar: a tqdm bar; None shows it for 5 or more batches.
         """
         texts, single = self._check_sentences(sentences)
-        self._check_options(instruction, batch_size, max_length, normalize_embeddings, convert_to_numpy,
-                            convert_to_tensor, show_progress_bar)
+        instruction = resolve_prompt(self, prompt_name, prompt, instruction)
+        truncate_dim = check_truncate_dim(truncate_dim if truncate_dim is not None else self.truncate_dim,
+                                          self.hidden_size)
+        check_precision(precision)
+        self._check_options(batch_size, max_length, normalize_embeddings, convert_to_numpy, convert_to_tensor,
+                            show_progress_bar)
         starts = range(0, len(texts), batch_size)
         if show_progress_bar is None:
             show_progress_bar = math.ceil(len(texts) / batch_size) >= PROGRESS_BAR_MIN_BATCHES
@@ -141,21 +165,12 @@ class OnnxEncoder:
         out = np.zeros((0, self.hidden_size), np.float32)
         if chunks:
             out = np.concatenate(chunks)[np.argsort(order)]
-        if normalize_embeddings:
-            out = out / np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
         bad = int((~np.isfinite(out).all(axis=-1)).sum()) if out.size else 0
         if bad:
             warnings.warn(f"{bad} of {out.shape[0]} embeddings are not finite (NaN or inf)", stacklevel=2)
-        if single:
-            out = out[0]
-        if convert_to_numpy and not convert_to_tensor:
-            return out
-        import torch
-
-        tensor = torch.from_numpy(np.ascontiguousarray(out))
-        if convert_to_tensor or single:
-            return tensor
-        return list(tensor)
+        return finish_embeddings(torch.from_numpy(np.ascontiguousarray(out)), single=single, truncate_dim=truncate_dim,
+                                 normalize_embeddings=normalize_embeddings, precision=precision,
+                                 convert_to_numpy=convert_to_numpy, convert_to_tensor=convert_to_tensor)
 
     def _check_sentences(self, sentences) -> tuple[list[str], bool]:
         single = isinstance(sentences, str)
@@ -175,10 +190,8 @@ class OnnxEncoder:
         return texts, single
 
     @staticmethod
-    def _check_options(instruction, batch_size, max_length, normalize_embeddings, convert_to_numpy,
-                       convert_to_tensor, show_progress_bar) -> None:
-        if instruction is not None and not isinstance(instruction, str):
-            raise TypeError(f"instruction must be a str or None, got {type(instruction).__name__}")
+    def _check_options(batch_size, max_length, normalize_embeddings, convert_to_numpy, convert_to_tensor,
+                       show_progress_bar) -> None:
         for name, value in (("batch_size", batch_size), ("max_length", max_length)):
             if not _is_int(value):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")

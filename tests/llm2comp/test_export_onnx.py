@@ -2,6 +2,9 @@
 
 import copy
 import json
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ pytest.importorskip("onnxruntime")
 from llm2comp import LLM2Comp, is_patched  # noqa: E402
 from llm2comp.export import onnx as onnx_export  # noqa: E402
 from llm2comp.export.onnx import ONNX_CONFIG_NAME, OnnxEncoder, export_onnx  # noqa: E402
+from llm2comp.quantization import PRECISIONS, quantize_embeddings  # noqa: E402
 
 TOL = 1e-4  # float32 graph vs float32 model: the same sums in another order
 TEXTS = ["Bushfires burned across New South Wales.", "Rain.",
@@ -138,6 +142,56 @@ def test_shapes_and_conversions(exported):
     assert isinstance(single, torch.Tensor) and single.shape == (64,)
 
 
+def test_encode_defaults_and_options_as_the_model(trained, tmp_path):
+    """The model's prompts, default_prompt_name and truncate_dim go with the export and are the runner's defaults;
+    prompt_name, prompt, truncate_dim (then normalize) give what `model.encode` gives with them."""
+    model = copy.deepcopy(trained)
+    model.prompts, model.default_prompt_name, model.truncate_dim = {"query": "Query: ", "doc": "Doc: "}, "query", 16
+    export_onnx(model, tmp_path)
+    config = json.loads((tmp_path / ONNX_CONFIG_NAME).read_text())
+    assert (config["prompts"], config["default_prompt_name"], config["truncate_dim"]) == (model.prompts, "query", 16)
+    runner = OnnxEncoder(tmp_path)
+    assert (runner.prompts, runner.default_prompt_name, runner.truncate_dim) == (model.prompts, "query", 16)
+    assert runner.encode(TEXTS).shape == (len(TEXTS), 16) and runner.encode(TEXTS[0]).shape == (16,)
+    for kwargs in ({}, {"prompt_name": "doc"}, {"prompt": "Other: "}, {"instruction": ""},
+                   {"truncate_dim": 8, "normalize_embeddings": True}, {"truncate_dim": 64}):
+        _assert_close(runner.encode(TEXTS, **kwargs), model.encode(TEXTS, **kwargs))
+    assert np.abs(runner.encode(TEXTS, prompt="") - runner.encode(TEXTS)).max() > 100 * TOL  # the default applies
+    with pytest.warns(UserWarning, match="prompt_name 'doc' is ignored"):
+        runner.encode(TEXTS[:1], prompt_name="doc", prompt="")
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_precision_as_the_model(exported, precision):
+    """`quantize_embeddings` of the call's float embeddings, as `model.encode` quantizes its own."""
+    model, runner = exported
+    floats = runner.encode(TEXTS, normalize_embeddings=True)
+    ours = runner.encode(TEXTS, normalize_embeddings=True, precision=precision)
+    np.testing.assert_array_equal(ours, quantize_embeddings(floats, precision))
+    theirs = model.encode(TEXTS, normalize_embeddings=True, precision=precision)
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    # float32 rounding may move a value across the edge of an int8 level
+    assert np.abs(ours.astype(np.int16) - theirs.astype(np.int16)).max() <= (1 if precision.endswith("int8") else 0)
+    tensor = runner.encode(TEXTS, normalize_embeddings=True, precision=precision, convert_to_tensor=True)
+    assert isinstance(tensor, torch.Tensor) and (tensor.numpy() == ours).all()
+
+
+def test_an_export_without_encode_defaults(exported, tmp_path):
+    """An export made before prompts and truncate_dim were saved runs without them; bad values name the file."""
+    directory = shutil.copytree(exported[1].directory, tmp_path / "old")
+    config = json.loads((directory / ONNX_CONFIG_NAME).read_text())
+    for key in ("prompts", "default_prompt_name", "truncate_dim"):
+        del config[key]
+    (directory / ONNX_CONFIG_NAME).write_text(json.dumps(config))
+    old = OnnxEncoder(directory)
+    assert (old.prompts, old.default_prompt_name, old.truncate_dim) == ({}, None, None)
+    _assert_close(old.encode(TEXTS), exported[1].encode(TEXTS), tol=0)
+    for bad in ({"truncate_dim": 65}, {"prompts": {"q": 1}}, {"default_prompt_name": "q"}):
+        (directory / ONNX_CONFIG_NAME).write_text(json.dumps({**config, **bad}))
+        with pytest.raises(ValueError, match=f"{ONNX_CONFIG_NAME}: .*(truncate_dim|prompts|default_prompt_name)"):
+            OnnxEncoder(directory)
+
+
 @pytest.mark.parametrize("sentences, kwargs, exc, match", [
     (5, {}, TypeError, "sentences must be a str"),
     (["ok", 3], {}, TypeError, r"sentences\[1\] is int"),
@@ -151,10 +205,24 @@ def test_shapes_and_conversions(exported):
     (["ok"], {"normalize_embeddings": "yes"}, TypeError, "normalize_embeddings must be a bool"),
     (["ok"], {"show_progress_bar": 1}, TypeError, "show_progress_bar must be a bool or None"),
     (["ok"], {"pooling": "mean"}, TypeError, "pooling"),
+    (["ok"], {"prompt_name": "nope"}, ValueError, "prompt_name 'nope' is not one of the model's prompts"),
+    (["ok"], {"prompt": "a: ", "instruction": "b: "}, ValueError, "not both"),
+    (["ok"], {"prompt": 3}, TypeError, "prompt must be a str"),
+    (["ok"], {"truncate_dim": 0}, ValueError, r"truncate_dim must be in 1\.\.64"),
+    (["ok"], {"truncate_dim": 2.0}, TypeError, "truncate_dim must be an int"),
+    (["ok"], {"precision": "fp8"}, ValueError, "precision must be one of"),
+    ("ok", {"precision": "int8"}, ValueError, "more than one"),
 ])
 def test_bad_arguments(exported, sentences, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         exported[1].encode(sentences, **kwargs)
+
+
+def test_the_runner_imports_no_peft_nor_transformers_until_it_loads():
+    code = ("import sys, llm2comp.export.onnx_runtime; "
+            "print(sorted(m for m in ('peft', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_bad_directories_and_models(exported, tmp_path):
