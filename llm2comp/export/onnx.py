@@ -12,7 +12,6 @@ mask). `llm2comp.export.onnx_runtime.OnnxEncoder` runs it with onnxruntime.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import warnings
@@ -21,7 +20,6 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface
 
-from ..bidirectional import is_patched, unpatch_bidirectional
 from ..pooling import check_pooling
 from .onnx_runtime import ONNX_CONFIG_NAME, ONNX_FORMAT, ONNX_MODEL_NAME, OnnxEncoder
 
@@ -83,10 +81,7 @@ class EmbeddingGraph(torch.nn.Module):
 def _merged_body(model) -> torch.nn.Module:
     """The decoder body of a float32 CPU copy of `model` (an `LLM2Comp`) with its LoRA adapters and memory rows
     folded into the weights and `EXPORT_ATTENTION` as its attention; `model` itself is left as it was."""
-    # float32 before the merge: a bf16 model's LoRA is folded in without rounding to bf16
-    merged = copy.deepcopy(model.model).to("cpu", torch.float32).merge_and_unload()
-    if is_patched(merged):
-        unpatch_bidirectional(merged)
+    merged = model.merged_copy(torch.float32).to("cpu")
     merged.set_attn_implementation(EXPORT_ATTENTION)
     for module in merged.modules():
         if hasattr(module, "is_causal") and hasattr(module, "q_proj"):

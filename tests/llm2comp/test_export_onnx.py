@@ -18,28 +18,12 @@ from llm2comp import LLM2Comp, is_patched  # noqa: E402
 from llm2comp.export import onnx as onnx_export  # noqa: E402
 from llm2comp.export.onnx import ONNX_CONFIG_NAME, OnnxEncoder, export_onnx  # noqa: E402
 from llm2comp.quantization import PRECISIONS, quantize_embeddings  # noqa: E402
+from tests.tiny_models import as_trained
 
 TOL = 1e-4  # float32 graph vs float32 model: the same sums in another order
 TEXTS = ["Bushfires burned across New South Wales.", "Rain.",
          "The cricket team won the test match in Perth after a long day in the sun. " * 4,
          "Shares fell on the stock market today after the bank raised interest rates.", "", "Fires near Sydney."]
-
-
-def _perturb(encoder, seed):
-    """Non-trivial LoRA and memory rows (a fresh LoRA's B is zero), as after training."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in encoder.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return encoder
-
-
-def _trained(encoder):
-    """A LoRA trained, folded into the base (as between stages), then a second one trained on top."""
-    _perturb(encoder, 1)
-    encoder.merge_lora_and_restart()
-    return _perturb(encoder, 2)
 
 
 def _assert_close(a, b, tol=TOL):
@@ -50,7 +34,7 @@ def _assert_close(a, b, tol=TOL):
 
 @pytest.fixture(scope="module")
 def trained(_tiny_encoder):
-    return _trained(copy.deepcopy(_tiny_encoder))
+    return as_trained(copy.deepcopy(_tiny_encoder))
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +48,7 @@ def exported(trained, tmp_path_factory):
 def test_matches_encode_and_leaves_the_model_alone(_tiny_encoder, tmp_path):
     """Embeddings equal `encode`'s in batches that pad and alone; the LoRA (folded and live) shows in them; the
     model exported is the caller's as it was."""
-    model = _trained(copy.deepcopy(_tiny_encoder))
+    model = as_trained(copy.deepcopy(_tiny_encoder))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     path = export_onnx(model, tmp_path / "out")
@@ -245,7 +229,7 @@ def test_other_poolings_and_models(tiny_dirs, tmp_path, kind, pooling):
     Gemma; both as `encode` gives them, with and without an instruction."""
     model = LLM2Comp.from_pretrained(str(tiny_dirs[kind]), num_memory_tokens=3, lora_rank=4, lora_dropout=0.0,
                                      pooling=pooling)
-    _perturb(model, 3)
+    as_trained(model, seed=3)
     export_onnx(model, tmp_path / "out")
     runner = OnnxEncoder(tmp_path / "out")
     texts = [t for t in TEXTS if t]
@@ -260,7 +244,7 @@ def test_other_poolings_and_models(tiny_dirs, tmp_path, kind, pooling):
 def test_bfloat16_model_external_data(_tiny_encoder, tmp_path, monkeypatch):
     """A bf16 model gives a float32 graph (its weights exactly, upcast); weights over the threshold go to
     model.onnx.data, which onnxruntime reads; a second export into the directory replaces the first's files."""
-    model = _trained(copy.deepcopy(_tiny_encoder)).to(torch.bfloat16)
+    model = as_trained(copy.deepcopy(_tiny_encoder)).to(torch.bfloat16)
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
     export_onnx(model, tmp_path)
     assert (tmp_path / "model.onnx.data").is_file()
