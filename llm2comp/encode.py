@@ -22,7 +22,7 @@ __all__ = ["POOLINGS", "check_pooling", "cosine_similarity", "encode_texts"]
 PROGRESS_BAR_MIN_BATCHES = 5
 
 
-def _check_sentences(sentences, pooling: str) -> tuple[list[str], bool]:
+def check_sentences(sentences, pooling: str) -> tuple[list[str], bool]:
     """(texts, single): a str, or any iterable of str (list, tuple, numpy array, pandas Series...)."""
     single = isinstance(sentences, str)
     if single:
@@ -79,7 +79,7 @@ def encode_texts(model, sentences: str | Sequence[str], *, prompt_name: str | No
     Warns when embeddings come out non-finite (NaN/inf), as fp16 overflow gives them.
     """
     pooling = check_pooling(pooling or model.pooling)
-    texts, single = _check_sentences(sentences, pooling)
+    texts, single = check_sentences(sentences, pooling)
     instruction = resolve_prompt(model, prompt_name, prompt, instruction)
     truncate_dim = check_truncate_dim(truncate_dim if truncate_dim is not None else model.truncate_dim,
                                       model.hidden_size)

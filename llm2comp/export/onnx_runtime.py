@@ -12,15 +12,15 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import tokenization
-from ..encode import check_prompts, check_truncate_dim, finish_embeddings, resolve_prompt
-from ..pooling import POOLINGS, check_poolable
+from ..encode import check_prompts, check_sentences, check_truncate_dim, finish_embeddings, resolve_prompt
+from ..pooling import POOLINGS
 from ..quantization import check_precision
 
 __all__ = ["ONNX_CONFIG_NAME", "ONNX_FORMAT", "ONNX_MODEL_NAME", "OnnxEncoder"]
@@ -146,7 +146,7 @@ class OnnxEncoder:
         (default) gives a numpy array, convert_to_tensor a torch tensor; both False a list of 1-D tensors (one
         tensor for a str). show_progress_bar: a tqdm bar; None shows it for 5 or more batches.
         """
-        texts, single = self._check_sentences(sentences)
+        texts, single = check_sentences(sentences, self.pooling)
         instruction = resolve_prompt(self, prompt_name, prompt, instruction)
         truncate_dim = check_truncate_dim(truncate_dim if truncate_dim is not None else self.truncate_dim,
                                           self.hidden_size)
@@ -171,23 +171,6 @@ class OnnxEncoder:
         return finish_embeddings(torch.from_numpy(np.ascontiguousarray(out)), single=single, truncate_dim=truncate_dim,
                                  normalize_embeddings=normalize_embeddings, precision=precision,
                                  convert_to_numpy=convert_to_numpy, convert_to_tensor=convert_to_tensor)
-
-    def _check_sentences(self, sentences) -> tuple[list[str], bool]:
-        single = isinstance(sentences, str)
-        if single:
-            texts = [sentences]
-        elif isinstance(sentences, (bytes, bytearray)):
-            raise TypeError("sentences is bytes; decode it to str first")
-        elif isinstance(sentences, Mapping) or not isinstance(sentences, Iterable):
-            raise TypeError(f"sentences must be a str or a sequence of str, got {type(sentences).__name__}")
-        else:
-            texts = list(sentences)
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                hint = "; decode it to str first" if isinstance(t, (bytes, bytearray)) else ""
-                raise TypeError(f"sentences[{i}] is {type(t).__name__}, expected str{hint}")
-        check_poolable(texts, self.pooling)
-        return texts, single
 
     @staticmethod
     def _check_options(batch_size, max_length, normalize_embeddings, convert_to_numpy, convert_to_tensor,
