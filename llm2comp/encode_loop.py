@@ -30,7 +30,9 @@ def encode_batches(model, texts: list[str], batch_size: int, show_progress_bar: 
         starts = tqdm(starts, desc="Batches", unit="batch")
     autocast = autocast and device.type == "cuda" and next(model.parameters()).dtype == torch.float32
     was_training = model.training
-    model.eval()
+    toggle = any(m.training for m in model.modules())  # eval() and back walk every module: only where one trains
+    if toggle:
+        model.eval()
     chunks = []
     try:
         with (torch.inference_mode(), torch.autocast("cuda", dtype=half_dtype(device), enabled=autocast),
@@ -39,7 +41,8 @@ def encode_batches(model, texts: list[str], batch_size: int, show_progress_bar: 
                 batch = model.tokenize([texts[i] for i in order[s:s + batch_size]], instruction, max_length)
                 chunks.append(model(**batch.to(device), pooling=pooling).float())
     finally:
-        model.train(was_training)
+        if toggle:
+            model.train(was_training)
     if not chunks:
         return torch.zeros(0, model.hidden_size, device=device)
     return torch.cat(chunks)[torch.as_tensor(np.argsort(order), dtype=torch.long, device=device)]
