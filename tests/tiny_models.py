@@ -72,18 +72,19 @@ def tiny_model_dir(kind: str, root: Path, seed: int = 0) -> Path:
     return out
 
 
-def _perturb(encoder, seed: int) -> None:
+def perturb(encoder, seed: int = 1):
+    """`encoder`'s trainable weights (LoRA, memory rows) moved by N(0, 0.05^2) noise of `seed`, in place, as
+    after training (a fresh LoRA's B is zero). Returns it."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in encoder.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return encoder
 
 
 def as_trained(encoder, seed: int = 1):
     """`encoder` (an LLM2Comp) as after two stages, in place: its trainable weights (LoRA, memory rows) moved,
     that LoRA folded into the base (`merge_lora_and_restart`), then the fresh one moved too. Returns it."""
-    _perturb(encoder, seed)
-    encoder.merge_lora_and_restart()
-    _perturb(encoder, seed + 1)
-    return encoder
+    perturb(encoder, seed).merge_lora_and_restart()
+    return perturb(encoder, seed + 1)

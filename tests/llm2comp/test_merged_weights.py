@@ -10,26 +10,19 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
 from llm2comp import merged_weights
+from tests.tiny_models import perturb
 
 TEXTS = ["Bushfires burned across New South Wales.", "Rain.", "The cricket team won the test match in Perth.",
          "Shares fell on the stock market today after the bank raised interest rates.", "Fires near Sydney."]
 
 
-def _perturb(encoder, seed):
-    """Non-trivial LoRA and memory rows (a fresh LoRA's B is zero), as after training."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in encoder.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return encoder
 
 
 @pytest.fixture
 def trained(tiny_encoder):
     """A LoRA trained and folded into the base (as between stages), a second one trained on top."""
-    _perturb(tiny_encoder, 1).merge_lora_and_restart()
-    return _perturb(tiny_encoder, 2)
+    perturb(tiny_encoder, 1).merge_lora_and_restart()
+    return perturb(tiny_encoder, 2)
 
 
 def _unmerged(model, monkeypatch, **kwargs):
@@ -69,10 +62,10 @@ def test_equal_to_the_unmerged_layers_and_the_model_unchanged(trained, monkeypat
 def test_merged_again_when_a_weight_changes(trained, monkeypatch):
     """An in-place update (an optimizer step), `load_state_dict` and a disabled adapter are seen at once."""
     first = trained.encode(TEXTS)
-    _perturb(trained, 3)
+    perturb(trained, 3)
     _assert_close(trained.encode(TEXTS), _unmerged(trained, monkeypatch))
     assert np.abs(trained.encode(TEXTS) - first).max() > 1e-3
-    other = _perturb(copy.deepcopy(trained), 4)
+    other = perturb(copy.deepcopy(trained), 4)
     trained.load_state_dict(other.state_dict())
     _assert_close(trained.encode(TEXTS), _unmerged(other, monkeypatch))
     with trained.model.disable_adapter():

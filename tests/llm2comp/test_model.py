@@ -8,20 +8,13 @@ import torch
 
 from llm2comp import LLM2Comp
 from llm2comp.model import CONFIG_NAME
+from tests.tiny_models import perturb
 from tests.utils import assert_rel_close
 
 TEXTS = ["Bushfires burned across New South Wales.", "Rain.", "The cricket team won the test match in Perth.",
          "Shares fell on the stock market today after the bank raised interest rates.", "Fires near Sydney."]
 
 
-def _perturb(encoder, seed=1):
-    """Make LoRA and memory rows non-trivial (fresh LoRA B is zero), as after training."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in encoder.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return encoder
 
 
 def test_tokenize_layout(tiny_encoder):
@@ -109,7 +102,7 @@ def test_bos_and_memory_init_saved(tiny_dirs, tmp_path):
 
 
 def test_encode_order_shapes_dtypes(tiny_encoder):
-    _perturb(tiny_encoder)
+    perturb(tiny_encoder)
     out = tiny_encoder.encode(TEXTS, batch_size=2)
     assert isinstance(out, np.ndarray) and out.shape == (5, 64) and out.dtype == np.float32
     for i, text in enumerate(TEXTS):
@@ -129,7 +122,7 @@ def test_encode_order_shapes_dtypes(tiny_encoder):
 
 
 def test_poolings_differ_and_match_manual(tiny_encoder):
-    _perturb(tiny_encoder)
+    perturb(tiny_encoder)
     batch = tiny_encoder.tokenize(TEXTS[:2])
     with torch.no_grad():
         hidden = tiny_encoder.hidden_states(batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -160,7 +153,7 @@ def test_empty_text_needs_memory_pooling(tiny_encoder, pooling):
 
 
 def test_encode_empty_text_and_array_inputs(tiny_encoder):
-    _perturb(tiny_encoder)
+    perturb(tiny_encoder)
     out = tiny_encoder.encode(["", TEXTS[0]])
     assert np.isfinite(out).all() and np.abs(out[0] - out[1]).max() > 1e-4
     np.testing.assert_array_equal(tiny_encoder.encode(np.array(TEXTS[:2])), tiny_encoder.encode(TEXTS[:2]))
@@ -188,7 +181,7 @@ def test_only_memory_rows_and_lora_train(tiny_encoder):
 
 
 def test_save_load_round_trip(tiny_encoder, tmp_path):
-    _perturb(tiny_encoder)
+    perturb(tiny_encoder)
     expected = tiny_encoder.encode(TEXTS)
     tiny_encoder.save_pretrained(tmp_path / "enc")
     files = {p.name for p in (tmp_path / "enc").iterdir()}
@@ -220,7 +213,7 @@ def test_model_card_names_the_base_models_hub_id(tiny_encoder, base, hub_id):
 def test_moved_base_model_and_bad_paths(tiny_encoder, tiny_dirs, tmp_path):
     import shutil
 
-    _perturb(tiny_encoder)
+    perturb(tiny_encoder)
     expected = tiny_encoder.encode(TEXTS[:2])
     base = shutil.copytree(tiny_dirs["llama"], tmp_path / "base")
     tiny_encoder.base_reference = {"name_or_path": str(base)}
@@ -252,7 +245,7 @@ def test_saved_model_from_a_hub_repo(tiny_encoder, tmp_path, monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError
 
-    _perturb(tiny_encoder)
+    perturb(tiny_encoder)
     tiny_encoder.save_pretrained(tmp_path / "enc")
     fetched = []
 
@@ -273,7 +266,7 @@ def test_saved_model_from_a_hub_repo(tiny_encoder, tmp_path, monkeypatch):
 
 
 def test_merge_and_save_equivalent(tiny_encoder, tmp_path):
-    _perturb(tiny_encoder)
+    perturb(tiny_encoder)
     expected = tiny_encoder.encode(TEXTS)
     tiny_encoder.merge_and_save(tmp_path / "merged")
     loaded = LLM2Comp.from_pretrained(str(tmp_path / "merged"), lora_rank=2)
@@ -286,7 +279,7 @@ def test_hidden_states_from_embeddings_and_causal_decoder(tiny_encoder, tiny_dir
 
     from llm2comp import causal_attention
 
-    _perturb(tiny_encoder)
+    perturb(tiny_encoder)
     batch = tiny_encoder.tokenize(TEXTS[:3])
     mask = batch["attention_mask"].bool()
     with torch.no_grad():
@@ -375,7 +368,7 @@ def test_revisions_address_the_repo_they_were_given_for(tiny_dirs, tmp_path, mon
 
 
 def test_a_tokenizer_without_pad_or_eos_token_pads_with_id_0(tiny_encoder):
-    _perturb(tiny_encoder)
+    perturb(tiny_encoder)
     alone = np.stack([tiny_encoder.encode(text) for text in TEXTS[:3]])  # no padding
     tiny_encoder.tokenizer.pad_token = tiny_encoder.tokenizer.eos_token = None
     assert tiny_encoder.tokenizer.pad_token_id is None and tiny_encoder.pad_token_id == 0
@@ -394,7 +387,7 @@ def test_a_save_that_fails_midway_never_leaves_a_mixed_model(tiny_encoder, tmp_p
     (out / "log.jsonl").write_text("{}\n")
     tiny_encoder.save_pretrained(out)
     before = tiny_encoder.encode(TEXTS)
-    _perturb(tiny_encoder)
+    perturb(tiny_encoder)
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -425,7 +418,7 @@ def test_a_save_that_fails_midway_never_leaves_a_mixed_model(tiny_encoder, tmp_p
 
 
 def test_similarity_is_the_cosine_matrix(tiny_encoder):
-    _perturb(tiny_encoder)
+    perturb(tiny_encoder)
     a, b = tiny_encoder.encode(TEXTS[:3]), tiny_encoder.encode(TEXTS[1:], convert_to_tensor=True)
     sims = tiny_encoder.similarity(a, b)
     assert isinstance(sims, torch.Tensor) and sims.dtype == torch.float32 and sims.shape == (3, len(TEXTS) - 1)
@@ -442,16 +435,16 @@ def test_similarity_is_the_cosine_matrix(tiny_encoder):
 def test_merge_lora_and_restart_keeps_the_function_and_saves_it(tiny_encoder, tmp_path):
     """Folding the LoRA into the weights and restarting it changes no embedding; a model trained again after
     that saves and reloads to the same embeddings (base + folded LoRA of every earlier stage + current one)."""
-    _perturb(tiny_encoder, seed=1)
+    perturb(tiny_encoder, seed=1)
     before = tiny_encoder.encode(TEXTS, convert_to_tensor=True)
     tiny_encoder.merge_lora_and_restart()
     assert all(not p.any() for n, p in tiny_encoder.named_parameters() if "lora_B" in n)  # restarted
     assert_rel_close(tiny_encoder.encode(TEXTS, convert_to_tensor=True), before, tol=1e-5)
     rank = tiny_encoder.model.peft_config["default"].r
     for seed in (2, 3):  # two more stages
-        _perturb(tiny_encoder, seed=seed)
+        perturb(tiny_encoder, seed=seed)
         tiny_encoder.merge_lora_and_restart()
-    _perturb(tiny_encoder, seed=4)
+    perturb(tiny_encoder, seed=4)
     a, b = next(iter(tiny_encoder.merged_lora.values()))
     assert a.shape[0] == b.shape[1] == 3 * rank  # the folded factors of three stages, concatenated
     trained = tiny_encoder.encode(TEXTS, convert_to_tensor=True)
