@@ -128,10 +128,11 @@ def test_merge_command_writes_a_model_that_encodes_the_same(tiny_encoder, tmp_pa
     from sentence_transformers import SentenceTransformer
 
     from llm2comp import LLM2Comp
+    from tests.tiny_models import perturb
 
-    from .test_model import TEXTS, _perturb
+    from .test_model import TEXTS
 
-    _perturb(tiny_encoder).save_pretrained(tmp_path / "trained")
+    perturb(tiny_encoder).save_pretrained(tmp_path / "trained")
     expected = tiny_encoder.encode(TEXTS)
     assert cli.main(["merge", str(tmp_path / "trained"), str(tmp_path / "merged"), "--dtype", "float32"]) == 0
     assert f"wrote the merged model (torch.float32) to {tmp_path / 'merged'}" in capsys.readouterr().out

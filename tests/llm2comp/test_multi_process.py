@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from llm2comp.multi_process import WorkerTraceback
-
-from .test_model import _perturb
+from tests.tiny_models import perturb
 
 TEXTS = [("word " * (i % 13 + 1) + str(i)).strip() for i in range(45)] + [""]
 # the caller encodes on merged LoRA weights (`llm2comp.merged_weights`), CPU workers on peft's layers (their weights
@@ -22,7 +21,7 @@ TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 @pytest.fixture
 def encoder(tiny_encoder):
-    return _perturb(tiny_encoder)
+    return perturb(tiny_encoder)
 
 
 def test_several_devices_give_the_embeddings_of_one_process(encoder):
