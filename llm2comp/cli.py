@@ -56,6 +56,13 @@ def _add_base_model_arg(parser: argparse.ArgumentParser) -> None:
                         help="where the base model of an LLM2Comp directory is now, if it moved since training")
 
 
+def _add_dtype_and_base_model_args(parser: argparse.ArgumentParser, dtype_help: str) -> None:
+    """``--dtype`` and ``--base-model`` of the commands that rewrite a trained directory (merge, export)."""
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help=dtype_help)
+    _add_base_model_arg(parser)
+
+
 def _add_model_args(parser: argparse.ArgumentParser, several_devices: bool = False) -> None:
     parser.add_argument("--model", default="smollm2-135m",
                         help="LLM2Comp directory, transformers model (hub id or local dir) or smollm2-135m")
@@ -227,43 +234,50 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
                         help="hf: merged weights, bidirectional via config.json's is_causal, a tokenizer that adds "
                              "the memory tokens, the pooling in README.md; onnx: input_ids + attention_mask -> "
                              "embeddings, float32 (default: hf)")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                        help="dtype to load and export in (default: the checkpoint's; the onnx graph is float32)")
-    _add_base_model_arg(parser)
+    _add_dtype_and_base_model_args(parser, "dtype to load and export in (default: the checkpoint's; the onnx "
+                                           "graph is float32)")
     parser.set_defaults(func=_run_export)
     return parser
 
 
-CORPORA = ("wordnet", "lee-background", "general")  # what `llm2comp data` writes
+CORPORA = ("wordnet", "lee-background", "general", "general-pairs")  # what `llm2comp data` writes
 
 
-def _corpus_texts(name: str) -> list[str]:
-    """The lines of training corpus `name` (one of `CORPORA`)."""
+def _corpus_lines(name: str) -> list[str]:
+    """The lines of training corpus `name` (one of `CORPORA`): texts, or JSON rows for general-pairs."""
     from .data import lee_background_documents
-    from .data.wordnet import general_texts, wordnet_texts
+    from .data.wordnet import general_pairs, general_texts, wordnet_texts
 
+    if name == "general-pairs":
+        return [json.dumps(row, ensure_ascii=False) for row in general_pairs()]
     return {"wordnet": wordnet_texts, "lee-background": lee_background_documents, "general": general_texts}[name]()
 
 
 @_one_line_errors
 def _run_data(args: argparse.Namespace) -> int:
-    texts = _corpus_texts(args.corpus)
-    texts = texts[:args.limit] if args.limit else texts
     output = Path(args.output)
+    if args.corpus == "general-pairs" and output.suffix != ".jsonl":
+        raise ValueError(f"output {output}: general-pairs writes jsonl rows, so name a .jsonl file")
     if not output.parent.is_dir():
         raise FileNotFoundError(f"output folder {output.parent} does not exist")
-    output.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
-    print(f"wrote {len(texts)} texts to {output}")
+    lines = _corpus_lines(args.corpus)
+    lines = lines[:args.limit] if args.limit else lines
+    output.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    print(f"wrote {len(lines)} {'rows' if args.corpus == 'general-pairs' else 'texts'} to {output}")
     return 0
 
 
 def add_data_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("data", help="write a training corpus as a text file, one text per line")
+    parser = subparsers.add_parser("data", help="write a training corpus: a text file, one text per line (a jsonl "
+                                                "file of query/positive rows for general-pairs)")
     parser.add_argument("corpus", choices=CORPORA, help="wordnet: WordNet 3.0 synsets, general English (about "
                         "117k lines; Debian's wordnet-base, fetched with apt-get download); lee-background: the 300 "
                         "Lee background news documents (gensim's test data); general: those 300 and 1200 WordNet "
-                        "passages of one topic each, about 100 tokens long (the CPU recipe's corpus)")
-    parser.add_argument("output", help="the .txt file to write (replaced if it exists)")
+                        "passages of one topic each, about 100 tokens long (the CPU recipe's corpus); "
+                        "general-pairs: stage-3 rows cut from general, a news document's first sentence -> the "
+                        "rest, a synset's definition -> the rest of its passage")
+    parser.add_argument("output", help="the .txt (.jsonl for general-pairs) file to write (replaced if it "
+                                       "exists)")
     parser.add_argument("--limit", type=positive_int, default=None, help="only the first N texts (a fixed order)")
     parser.set_defaults(func=_run_data)
     return parser
@@ -275,9 +289,7 @@ def add_merge_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("model", help="LLM2Comp directory (what `llm2comp train` wrote)")
     parser.add_argument("output", help="new directory for the merged model (loads with LLM2Comp.from_pretrained "
                                        "and sentence-transformers)")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                        help="weights' dtype (default: the checkpoint's)")
-    _add_base_model_arg(parser)
+    _add_dtype_and_base_model_args(parser, "weights' dtype (default: the checkpoint's)")
     parser.set_defaults(func=_run_merge)
     return parser
 

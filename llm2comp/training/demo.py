@@ -55,6 +55,8 @@ def tfidf_lee(bench) -> dict[str, float] | None:
         return None
     task = lee_task(None, bench)
     return task.score(tfidf_embedder(task))
+
+
 def _plot(rows: list[tuple[str, dict]], base_name: str, path: Path) -> bool:
     """The memory-token rows as lines over the stages, the mean-pooling baseline (rows[0]) as dashed levels."""
     try:

@@ -14,11 +14,12 @@ VERB = ("00001740 29 v 04 breathe 0 take_a_breath 0 respire 0 suspire 3 021 | dr
 
 
 def test_synset_lines_become_lemmas_definition_and_examples():
-    assert wordnet._synset_text(NOUN) == "life: living things collectively. The oceans are teeming with life."
-    assert wordnet._synset_text(VERB) == ("breathe, take a breath, respire: draw air into, and expel out of, the "
-                                          "lungs. I can breathe better when the air is clean. The patient is "
-                                          "respiring.")
-    assert wordnet._synset_text("  1 This software and database is being provided to you\n") is None
+    assert wordnet._synset(NOUN).text == "life: living things collectively. The oceans are teeming with life."
+    verb = wordnet._synset(VERB)
+    assert verb.definition == "breathe, take a breath, respire: draw air into, and expel out of, the lungs."
+    assert verb.text == ("breathe, take a breath, respire: draw air into, and expel out of, the lungs. I can "
+                         "breathe better when the air is clean. The patient is respiring.")
+    assert wordnet._synset("  1 This software and database is being provided to you\n") is None
 
 
 def test_data_command_writes_one_text_per_line(tmp_path, monkeypatch, capsys):
@@ -48,23 +49,54 @@ def test_ablation_table_is_mean_and_std_over_seeds(tmp_path):
     assert (tmp_path / "doc.md").read_text() == text
 
 
-def test_general_corpus_joins_one_topic_per_passage(monkeypatch, tmp_path):
+@pytest.fixture
+def fake_general(monkeypatch, tmp_path):
+    """A wordnet-base tree of two topics x 40 synsets per part of speech, and five two-sentence news documents."""
     root = tmp_path / "usr/share/wordnet"
     root.mkdir(parents=True)
     for pos in ("noun", "verb", "adj", "adv"):
         lines = ["  1 This software and database is being provided to you\n"]
         for topic in ("05", "06"):
             for i in range(40):
-                gloss = f"a {pos} thing of topic {topic} number {i} described at some length"
+                gloss = f'a {pos} thing of topic {topic} number {i} described at some length; "an example {i}"'
                 lines.append(f"{i:08d} {topic} n 01 w{topic}x{i} 0 000 | {gloss}\n")
         (root / f"data.{pos}").write_text("".join(lines), encoding="latin-1")
     monkeypatch.setattr(wordnet, "deb_tree", lambda package: tmp_path)
-    monkeypatch.setattr("llm2comp.data.lee.lee_background_documents", lambda: [f"news {i}" for i in range(5)])
+    monkeypatch.setattr("llm2comp.data.lee.lee_background_documents",
+                        lambda: [f"Lead of story {i}. The rest of story {i} follows." for i in range(5)])
+
+
+def test_general_corpus_joins_one_topic_per_passage(fake_general):
     texts = wordnet.general_texts()
     assert texts == wordnet.general_texts()  # a fixed order
-    news = [t for t in texts if t.startswith("news ")]
-    passages = [t for t in texts if not t.startswith("news ")]
-    assert sorted(news) == [f"news {i}" for i in range(5)] and passages
+    news = [t for t in texts if t.startswith("Lead of story")]
+    passages = [t for t in texts if not t.startswith("Lead of story")]
+    assert len(news) == 5 and passages
     for passage in passages:
         assert len(passage) > wordnet.PASSAGE_CHARS
         assert len({word for word in passage.split() if word in ("05", "06")}) == 1  # one topic each
+
+
+def test_general_pairs_cut_a_query_from_each_text(fake_general, tmp_path, capsys):
+    texts = wordnet.general_texts()
+    pairs = wordnet.general_pairs()
+    assert pairs == wordnet.general_pairs() and len(pairs) == len(texts)
+    for row in pairs:
+        if row["query"].startswith("Lead of story"):
+            story = row["query"].split()[-1].rstrip(".")
+            assert row == {"query": f"Lead of story {story}.", "positive": f"The rest of story {story} follows."}
+            continue
+        # a definition without its example, its passage's other synsets as the positive
+        assert row["query"].endswith("described at some length.") and "an example" not in row["query"]
+        whole = next(t for t in texts if row["query"] in t)
+        example = row["query"].split(" number ")[1].split()[0]
+        assert whole.replace(f"{row['query']} An example {example}.", "").split() == row["positive"].split()
+    out = tmp_path / "pairs.jsonl"
+    assert main(["data", "general-pairs", str(out)]) == 0
+    assert [json.loads(line) for line in out.read_text().splitlines()] == pairs
+    assert f"wrote {len(pairs)} rows" in capsys.readouterr().out
+    from llm2comp.training.rows import read_pairs
+    rows, _ = read_pairs(out, num_negatives=0)
+    assert [(r.query, r.positive, r.negatives) for r in rows] == [(p["query"], p["positive"], ()) for p in pairs]
+    assert main(["data", "general-pairs", str(tmp_path / "pairs.txt")]) == 2
+    assert "name a .jsonl file" in capsys.readouterr().err
