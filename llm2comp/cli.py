@@ -215,8 +215,9 @@ def _run_export(args: argparse.Namespace) -> int:
         from .export.hf import export_hf
 
         export_hf(model, output)
-        print(f"wrote a transformers model to {output} (AutoModel + the pooling in its README.md; checked against "
-              "llm2comp's embeddings)")
+        st = "" if model.pooling == "last" else f", or SentenceTransformer({str(output)!r})"
+        print(f"wrote a transformers model to {output} (AutoModel + the pooling in its README.md{st}; checked "
+              "against llm2comp's embeddings)")
     else:
         from .export.onnx import export_onnx
 

@@ -443,11 +443,14 @@ class LLM2Comp(torch.nn.Module):
     def _write_configs(self, directory: Path, merged: bool) -> None:
         (directory / CONFIG_NAME).write_text(json.dumps(self._config(merged), indent=2))
         (directory / "modules.json").write_text(json.dumps(ST_MODULES, indent=2))
-        # encode's defaults for sentence-transformers, which reads them from here
-        (directory / "config_sentence_transformers.json").write_text(json.dumps(
-            {"prompts": self.prompts, "default_prompt_name": self.default_prompt_name,
-             "truncate_dim": self.truncate_dim, "similarity_fn_name": "cosine"}, indent=2))
+        (directory / "config_sentence_transformers.json").write_text(
+            json.dumps(self.sentence_transformers_config(), indent=2))
         (directory / "README.md").write_text(self._model_card(merged))  # instead of peft's text-generation card
+
+    def sentence_transformers_config(self) -> dict:
+        """encode's defaults as sentence-transformers reads them (its ``config_sentence_transformers.json``)."""
+        return {"prompts": self.prompts, "default_prompt_name": self.default_prompt_name,
+                "truncate_dim": self.truncate_dim, "similarity_fn_name": "cosine"}
 
     def _model_card(self, merged: bool) -> str:
         """A model card for the hub: an embedding model (feature-extraction), its base model's hub id if it has

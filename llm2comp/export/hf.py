@@ -8,12 +8,17 @@ What makes it run anywhere transformers does, with no custom code:
 - tokens: the tokenizer's post-processor adds the BOS and the M memory tokens and pads on the right, so
   ``tokenizer(texts, padding=True)`` is the encoder's input;
 - pooling: a few lines of PyTorch in the model card (`memory_pooling`: the mean of the last M real positions),
-  the source of the functions below.
+  the source of the functions below;
+- sentence-transformers: ``modules.json`` with only its own modules (no ``trust_remote_code``): its Transformer
+  on the directory, token weights (WordWeights) that keep the pooled tokens, and their mean (Pooling). Memory
+  pooling keeps the memory tokens, mean pooling all but BOS and the memory tokens; last pooling (the token before
+  the memory tokens) has no such form and gets no sentence-transformers files.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import inspect
 import json
 import shutil
@@ -24,6 +29,7 @@ import torch
 from ..outputs import require_empty
 
 __all__ = ["export_hf", "last_pooling", "mean_pooling", "memory_pooling", "pool_hidden_states"]
+
 
 def memory_pooling(hidden, mask, M):
     """The mean of the M memory tokens' final hidden states, which end each right-padded row."""
@@ -74,6 +80,52 @@ def _set_post_processor(tokenizer, bos_ids: list[int], memory_token_ids: list[in
     tokenizer.padding_side = "right"
 
 
+def _token_weights(model, tokenizer) -> tuple[list[str], dict[str, float], float]:
+    """sentence-transformers' WordWeights arguments (vocab in id order, weights, weight of the rest) that keep
+    the tokens `model.pooling` averages: the memory tokens (memory), all but BOS and the memory tokens (mean).
+    ValueError if WordWeights would weigh some other token differently (its lower-case fallback)."""
+    vocab = [token or "" for token in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
+    memory = set(model.memory_token_ids)
+    if model.pooling == "memory":
+        weights, rest, kept = {vocab[i]: 1.0 for i in memory}, 0.0, lambda i: i in memory
+    else:
+        dropped = memory | set(model.bos_ids)
+        weights, rest, kept = {vocab[i]: 0.0 for i in dropped}, 1.0, lambda i: i not in dropped
+    for i, token in enumerate(vocab):  # WordWeights' own lookup: the token, its lower case, else the rest
+        weight = weights.get(token, weights.get(token.lower(), rest))
+        if weight != float(kept(i)):
+            raise ValueError(f"token {token!r} (id {i}) would be weighed {weight} by sentence-transformers' "
+                             "WordWeights")
+    return vocab, weights, rest
+
+
+def _write_sentence_transformers(model, tokenizer, out: Path) -> None:
+    """sentence-transformers' files in `out` (see the module docstring); memory and mean pooling only."""
+    from safetensors.torch import save_file
+
+    vocab, weights, rest = _token_weights(model, tokenizer)
+    modules = [("", "Transformer"), ("1_WordWeights", "WordWeights"), ("2_Pooling", "Pooling")]
+    (out / "modules.json").write_text(json.dumps(
+        [{"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{name}"}
+         for i, (path, name) in enumerate(modules)], indent=2))
+    (out / "sentence_bert_config.json").write_text(json.dumps(
+        {"max_seq_length": min(ST_MAX_SEQ_LENGTH, model.max_positions), "do_lower_case": False}, indent=2))
+    (out / "config_sentence_transformers.json").write_text(json.dumps(model.sentence_transformers_config(),
+                                                                      indent=2))
+    (out / "1_WordWeights").mkdir()
+    (out / "1_WordWeights" / "config.json").write_text(json.dumps(
+        {"vocab": vocab, "word_weights": weights, "unknown_word_weight": rest}))
+    table = torch.tensor([weights.get(t, weights.get(t.lower(), rest)) for t in vocab], dtype=torch.float32)
+    save_file({"emb_layer.weight": table[:, None].contiguous()}, str(out / "1_WordWeights" / "model.safetensors"))
+    (out / "2_Pooling").mkdir()
+    (out / "2_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": model.hidden_size, "pooling_mode": "mean", "include_prompt": True},
+        indent=2))
+
+
+ST_MAX_SEQ_LENGTH = 512  # encode's default max_length
+
+
 def _model_card(model, pooling: str, prompts: dict[str, str]) -> str:
     function, arguments = POOLINGS[pooling]
     notes = []
@@ -107,7 +159,20 @@ def _model_card(model, pooling: str, prompts: dict[str, str]) -> str:
         "embeddings = torch.nn.functional.normalize(embeddings, dim=-1)", "```", "",
         "With a transformers that has no `is_causal` switch, pass a 4D key-padding mask instead, which it uses "
         "as given (no causal mask is added): `mask = batch[\"attention_mask\"]; model(input_ids=batch[\"input_ids\"], "
-        "attention_mask=mask[:, None, None, :].bool().expand(-1, 1, mask.shape[1], -1))`.", ""])
+        "attention_mask=mask[:, None, None, :].bool().expand(-1, 1, mask.shape[1], -1))`.", "",
+        *_sentence_transformers_card(pooling)])
+
+
+def _sentence_transformers_card(pooling: str) -> list[str]:
+    if pooling == "last":
+        return ["sentence-transformers has no pooling for the token before the memory tokens, so this directory "
+                "has no sentence-transformers modules; use the code above.", ""]
+    kept = "the memory tokens" if pooling == "memory" else "every token but BOS and the memory tokens"
+    return [f"With sentence-transformers (its own modules only, no `trust_remote_code`: token weights that keep "
+            f"{kept}, then their mean; the prompts above are its prompts):", "", "```python",
+            "from sentence_transformers import SentenceTransformer", "",
+            'model = SentenceTransformer("path/or/repo-id")',
+            'embeddings = model.encode(["first text", "second text"], normalize_embeddings=True)', "```", ""]
 
 
 def export_hf(model, directory: str | Path, *, dtype: torch.dtype | None = None, check: bool = True) -> Path:
@@ -132,6 +197,8 @@ def export_hf(model, directory: str | Path, *, dtype: torch.dtype | None = None,
         exact = body.dtype == model.model.dtype == torch.float32
         del body  # before the check loads the written copy
         tokenizer.save_pretrained(out)
+        if model.pooling != "last":
+            _write_sentence_transformers(model, tokenizer, out)
         (out / "README.md").write_text(_model_card(model, model.pooling, model.prompts))
         (out / "llm2comp_export.json").write_text(json.dumps({
             "pooling": model.pooling, "num_memory_tokens": model.num_memory_tokens, "num_bos": len(model.bos_ids),
@@ -177,3 +244,20 @@ def _check_export(model, out: Path, atol: float) -> None:
     if error > atol * max(1.0, want.abs().max().item()):
         raise RuntimeError(f"the model exported to {out} does not reproduce the encoder (max difference {error:.2e}):"
                            f" transformers' {type(plain).__name__} may not honour config.is_causal = False")
+    del plain
+    if (out / "modules.json").exists() and importlib.util.find_spec("sentence_transformers") is not None:
+        _check_sentence_transformers(out, want, atol)
+
+
+def _check_sentence_transformers(out: Path, want: torch.Tensor, atol: float) -> None:
+    """RuntimeError unless sentence-transformers, loading `out` without remote code, gives `want` (the encoder's
+    float32 `[3, D]` embeddings of `CHECK_TEXTS`, no prompt, all dimensions)."""
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(out), device="cpu", trust_remote_code=False, model_kwargs={"dtype": torch.float32})
+    st.default_prompt_name, st.truncate_dim = None, None  # compare the encoder itself
+    got = st.encode(CHECK_TEXTS, convert_to_tensor=True).float().cpu()
+    error = (got - want).abs().max().item()
+    if error > atol * max(1.0, want.abs().max().item()):
+        raise RuntimeError(f"sentence-transformers on {out} does not reproduce the encoder (max difference "
+                           f"{error:.2e})")

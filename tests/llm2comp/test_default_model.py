@@ -65,9 +65,11 @@ def test_processes_fetching_the_default_model_at_once_wait_for_each_other(tmp_pa
 def test_the_default_model_exports_to_plain_transformers(default_encoder, tmp_path):
     from llm2comp.export.hf import export_hf
 
-    export_hf(default_encoder, tmp_path / "hf")  # checks plain transformers' embeddings against encode's
-    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    export_hf(default_encoder, tmp_path / "hf")  # checks plain transformers' (and sentence-transformers')
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())  # embeddings against encode's
     assert config["is_causal"] is False and "quantization_config" not in config  # GGUF weights were dequantized
+    modules = json.loads((tmp_path / "hf" / "modules.json").read_text())
+    assert [m["type"].rsplit(".", 1)[1] for m in modules] == ["Transformer", "WordWeights", "Pooling"]
 
 
 def test_fetched_runs_the_command_only_when_no_file_matches(tmp_path):

@@ -69,6 +69,82 @@ def test_plain_transformers_reproduce_encode(tiny_dirs, tmp_path, kind, pooling)
     assert got["causal_differs"]  # the check can tell bidirectional from causal attention
 
 
+# sentence-transformers on the export, in a fresh interpreter that never imports llm2comp and trusts no remote code
+SENTENCE_TRANSFORMERS = r'''
+import json, sys
+import torch
+from sentence_transformers import SentenceTransformer
+directory, texts = sys.argv[1], json.loads(sys.argv[2])
+st = SentenceTransformer(directory, device="cpu", trust_remote_code=False)
+out = {"plain": st.encode(texts).tolist(), "modules": [type(m).__name__ for m in st]}
+if st.prompts.get("query"):
+    out["query"] = st.encode_query(texts).tolist()
+    out["document"] = st.encode_document(texts, normalize_embeddings=True).tolist()
+assert not any(name.startswith("llm2comp") for name in sys.modules), "llm2comp was imported"
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.parametrize("kind, pooling", [("llama", "memory"), ("qwen3", "memory"), ("mistral", "mean")])
+def test_sentence_transformers_load_the_export_without_remote_code(tiny_dirs, tmp_path, kind, pooling):
+    pytest.importorskip("sentence_transformers")
+    model = as_trained(LLM2Comp.from_pretrained(str(tiny_dirs[kind]), num_memory_tokens=4, lora_rank=4,
+                                                lora_dropout=0.0, pooling=pooling))
+    if pooling == "memory":  # a prompt is read by the memory tokens; mean pooling here counts its tokens
+        model.prompts, model.truncate_dim = {"query": "Query: ", "document": "Passage: "}, 24
+    export_hf(model, tmp_path / "hf")
+    done = subprocess.run([sys.executable, "-c", SENTENCE_TRANSFORMERS, str(tmp_path / "hf"), json.dumps(TEXTS)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["modules"] == ["Transformer", "WordWeights", "Pooling"]
+    np.testing.assert_allclose(np.array(got["plain"]), model.encode(TEXTS, autocast=False), rtol=0, atol=1e-5)
+    if pooling == "memory":
+        assert np.array(got["plain"]).shape[1] == 24
+        np.testing.assert_allclose(np.array(got["query"]), model.encode_query(TEXTS), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(np.array(got["document"]),
+                                   model.encode_document(TEXTS, normalize_embeddings=True), rtol=0, atol=1e-5)
+        assert not np.allclose(got["query"], got["plain"], atol=1e-3)  # the prompt reached the encoder
+
+
+def test_last_pooling_exports_no_sentence_transformers_modules(tiny_dirs, tmp_path):
+    model = LLM2Comp.from_pretrained(str(tiny_dirs["qwen2"]), num_memory_tokens=4, lora_rank=4, pooling="last")
+    export_hf(model, tmp_path / "hf")
+    assert not (tmp_path / "hf" / "modules.json").exists()
+    assert "no sentence-transformers modules" in (tmp_path / "hf" / "README.md").read_text()
+
+
+def test_token_weights_refuse_a_vocab_that_word_weights_would_misread(_tiny_encoder):
+    from llm2comp.export.hf import _token_weights
+
+    class Tokenizer:  # the memory token's upper-case twin would get its weight through the lower-case fallback
+        tokens = ["a", "<mem_0>", "<MEM_0>"]
+
+        def __len__(self):
+            return 3
+
+        def convert_ids_to_tokens(self, ids):
+            return [self.tokens[i] for i in ids]
+
+    model = copy.copy(_tiny_encoder)
+    model.memory_token_ids, model.pooling = [1], "memory"
+    with pytest.raises(ValueError, match="'<MEM_0>' \\(id 2\\) would be weighed 1.0"):
+        _token_weights(model, Tokenizer())
+    Tokenizer.tokens[2] = "b"
+    assert _token_weights(model, Tokenizer()) == (["a", "<mem_0>", "b"], {"<mem_0>": 1.0}, 0.0)
+
+
+def test_an_export_that_sentence_transformers_misread_is_refused(_tiny_encoder, tmp_path, monkeypatch):
+    pytest.importorskip("sentence_transformers")
+    from llm2comp.export import hf
+
+    right = hf._token_weights
+    monkeypatch.setattr(hf, "_token_weights", lambda model, tokenizer: (right(model, tokenizer)[0], {}, 1.0))
+    with pytest.raises(RuntimeError, match="sentence-transformers on .* does not reproduce"):
+        export_hf(copy.deepcopy(_tiny_encoder), tmp_path / "hf")  # every token weighed: plain mean pooling
+    assert not (tmp_path / "hf").exists()
+
+
 def test_tokenizer_truncates_like_the_encoder(_tiny_encoder, tmp_path):
     from transformers import AutoTokenizer
 
