@@ -217,7 +217,7 @@ def _run_export(args: argparse.Namespace) -> int:
         export_hf(model, output)
         st = "" if model.pooling == "last" else f", or SentenceTransformer({str(output)!r})"
         print(f"wrote a transformers model to {output} (AutoModel + the pooling in its README.md{st}; checked "
-              "against llm2comp's embeddings)")
+              "against llm2comp's embeddings, with sentence-transformers too where it is installed)")
     else:
         from .export.onnx import export_onnx
 
@@ -279,7 +279,8 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
                         "rest, a synset's definition -> the rest of its passage")
     parser.add_argument("output", help="the .txt (.jsonl for general-pairs) file to write (replaced if it "
                                        "exists)")
-    parser.add_argument("--limit", type=positive_int, default=None, help="only the first N texts (a fixed order)")
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="only the first N texts (rows for general-pairs), in a fixed order")
     parser.set_defaults(func=_run_data)
     return parser
 

@@ -117,20 +117,21 @@ def general_texts() -> list[str]:
     return texts
 
 
+_SENTENCE_END = re.compile(r'(?<=[.!?"])\s+(?=["A-Z])')
+
+
 def _first_sentence(document: str) -> tuple[str, str] | None:
     """``(first sentence, the rest)`` of a news document; None when it has a single sentence."""
     parts = _SENTENCE_END.split(document.strip(), maxsplit=1)
     return (parts[0], parts[1]) if len(parts) == 2 else None
 
 
-_SENTENCE_END = re.compile(r'(?<=[.!?"])\s+(?=["A-Z])')
-
-
 def general_pairs() -> list[dict[str, str]]:
     """Stage-3 rows ``{"query", "positive"}`` cut from the general corpus itself (an inverse cloze task: a short
     piece of a text is the query, the rest of that text its positive): a news document's first sentence -> the
-    rest of the document; one synset's definition (no examples) -> the other synsets of its passage. In a fixed
-    shuffled order; no hard negatives (the batch's other rows are the negatives)."""
+    rest of the document; one synset's definition (no examples) -> the other synsets of its passage. A document
+    of one sentence and a passage of one synset have no rest and give no row. In a fixed shuffled order; no hard
+    negatives (the batch's other rows are the negatives)."""
     news, passages = _general_corpus(random.Random(0))
     rng = random.Random(1)
     pairs = [{"query": query, "positive": rest} for query, rest in filter(None, map(_first_sentence, news))]
@@ -138,4 +139,4 @@ def general_pairs() -> list[dict[str, str]]:
         k = rng.randrange(len(passage))
         pairs.append({"query": passage[k].definition, "positive": _joined(passage[:k] + passage[k + 1:])})
     rng.shuffle(pairs)
-    return pairs
+    return [pair for pair in pairs if pair["positive"]]

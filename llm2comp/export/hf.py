@@ -22,6 +22,7 @@ import importlib.util
 import inspect
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -80,10 +81,14 @@ def _set_post_processor(tokenizer, bos_ids: list[int], memory_token_ids: list[in
     tokenizer.padding_side = "right"
 
 
-def _token_weights(model, tokenizer) -> tuple[list[str], dict[str, float], float]:
+ST_MAX_SEQ_LENGTH = 512  # encode's default max_length
+
+
+def _token_weights(model, tokenizer) -> tuple[list[str], dict[str, float], float, list[float]]:
     """sentence-transformers' WordWeights arguments (vocab in id order, weights, weight of the rest) that keep
-    the tokens `model.pooling` averages: the memory tokens (memory), all but BOS and the memory tokens (mean).
-    ValueError if WordWeights would weigh some other token differently (its lower-case fallback)."""
+    the tokens `model.pooling` averages: the memory tokens (memory), all but BOS and the memory tokens (mean);
+    and the weight per id they give. ValueError if WordWeights would weigh some other token differently (its
+    lower-case fallback)."""
     vocab = [token or "" for token in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
     memory = set(model.memory_token_ids)
     if model.pooling == "memory":
@@ -91,19 +96,19 @@ def _token_weights(model, tokenizer) -> tuple[list[str], dict[str, float], float
     else:
         dropped = memory | set(model.bos_ids)
         weights, rest, kept = {vocab[i]: 0.0 for i in dropped}, 1.0, lambda i: i not in dropped
-    for i, token in enumerate(vocab):  # WordWeights' own lookup: the token, its lower case, else the rest
-        weight = weights.get(token, weights.get(token.lower(), rest))
+    table = [weights.get(token, weights.get(token.lower(), rest)) for token in vocab]  # WordWeights' own lookup
+    for i, weight in enumerate(table):
         if weight != float(kept(i)):
-            raise ValueError(f"token {token!r} (id {i}) would be weighed {weight} by sentence-transformers' "
+            raise ValueError(f"token {vocab[i]!r} (id {i}) would be weighed {weight} by sentence-transformers' "
                              "WordWeights")
-    return vocab, weights, rest
+    return vocab, weights, rest, table
 
 
 def _write_sentence_transformers(model, tokenizer, out: Path) -> None:
     """sentence-transformers' files in `out` (see the module docstring); memory and mean pooling only."""
     from safetensors.torch import save_file
 
-    vocab, weights, rest = _token_weights(model, tokenizer)
+    vocab, weights, rest, table = _token_weights(model, tokenizer)
     modules = [("", "Transformer"), ("1_WordWeights", "WordWeights"), ("2_Pooling", "Pooling")]
     (out / "modules.json").write_text(json.dumps(
         [{"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{name}"}
@@ -115,18 +120,17 @@ def _write_sentence_transformers(model, tokenizer, out: Path) -> None:
     (out / "1_WordWeights").mkdir()
     (out / "1_WordWeights" / "config.json").write_text(json.dumps(
         {"vocab": vocab, "word_weights": weights, "unknown_word_weight": rest}))
-    table = torch.tensor([weights.get(t, weights.get(t.lower(), rest)) for t in vocab], dtype=torch.float32)
-    save_file({"emb_layer.weight": table[:, None].contiguous()}, str(out / "1_WordWeights" / "model.safetensors"))
+    save_file({"emb_layer.weight": torch.tensor(table, dtype=torch.float32)[:, None].contiguous()},
+              str(out / "1_WordWeights" / "model.safetensors"))
     (out / "2_Pooling").mkdir()
     (out / "2_Pooling" / "config.json").write_text(json.dumps(
         {"word_embedding_dimension": model.hidden_size, "pooling_mode": "mean", "include_prompt": True},
         indent=2))
 
 
-ST_MAX_SEQ_LENGTH = 512  # encode's default max_length
-
-
 def _model_card(model, pooling: str, prompts: dict[str, str]) -> str:
+    import transformers
+
     function, arguments = POOLINGS[pooling]
     notes = []
     if prompts:
@@ -144,7 +148,9 @@ def _model_card(model, pooling: str, prompts: dict[str, str]) -> str:
         f"A bidirectional text encoder: {model.num_memory_tokens} memory tokens follow each text, and the embedding "
         f"is {'the mean of their final hidden states' if pooling == 'memory' else f'{pooling} pooling'}. It needs "
         "only transformers: config.json sets `is_causal: false` (bidirectional attention) and the tokenizer adds "
-        "the BOS and memory tokens itself, padding on the right.", "", *prompt_lines,
+        f"the BOS and memory tokens itself, padding on the right. Exported and checked with transformers "
+        f"{transformers.__version__}; one without the `is_causal` switch needs the 4D mask at the end.", "",
+        *prompt_lines,
         "```python", "import torch", "from transformers import AutoModel, AutoTokenizer", "", "",
         inspect.getsource(function).rstrip(), "", "",
         'tokenizer = AutoTokenizer.from_pretrained("path/or/repo-id")',
@@ -160,16 +166,17 @@ def _model_card(model, pooling: str, prompts: dict[str, str]) -> str:
         "With a transformers that has no `is_causal` switch, pass a 4D key-padding mask instead, which it uses "
         "as given (no causal mask is added): `mask = batch[\"attention_mask\"]; model(input_ids=batch[\"input_ids\"], "
         "attention_mask=mask[:, None, None, :].bool().expand(-1, 1, mask.shape[1], -1))`.", "",
-        *_sentence_transformers_card(pooling)])
+        *_sentence_transformers_card(pooling, bool(prompts))])
 
 
-def _sentence_transformers_card(pooling: str) -> list[str]:
+def _sentence_transformers_card(pooling: str, has_prompts: bool) -> list[str]:
     if pooling == "last":
         return ["sentence-transformers has no pooling for the token before the memory tokens, so this directory "
                 "has no sentence-transformers modules; use the code above.", ""]
     kept = "the memory tokens" if pooling == "memory" else "every token but BOS and the memory tokens"
     return [f"With sentence-transformers (its own modules only, no `trust_remote_code`: token weights that keep "
-            f"{kept}, then their mean; the prompts above are its prompts):", "", "```python",
+            f"{kept}, then their mean{'; the prompts above are its prompts' if has_prompts else ''}; sdpa or "
+            "eager attention: flash-attention drops the padding mask the pooling reads):", "", "```python",
             "from sentence_transformers import SentenceTransformer", "",
             'model = SentenceTransformer("path/or/repo-id")',
             'embeddings = model.encode(["first text", "second text"], normalize_embeddings=True)', "```", ""]
@@ -180,8 +187,9 @@ def export_hf(model, directory: str | Path, *, dtype: torch.dtype | None = None,
     ``AutoModel``/``AutoTokenizer`` load without llm2comp (see the module docstring); returns `directory`.
 
     `dtype`: the weights' (default: the model's). `check`: load the written directory with plain transformers
-    and compare its embeddings, pooled as the model card says, with `model.encode` on a few texts of mixed
-    lengths; an error if they differ (a family whose transformers code ignores ``is_causal``).
+    (and sentence-transformers, where it is installed) and compare its embeddings, pooled as the model card says,
+    with the encoder's on a few texts of mixed lengths; an error if they differ (a family whose transformers code
+    ignores ``is_causal``).
     """
     out = Path(directory)
     require_empty(out)
@@ -221,7 +229,8 @@ CHECK_TEXTS = ["A short text.", "A somewhat longer text, so that the rows of thi
 
 def _check_export(model, out: Path, atol: float) -> None:
     """RuntimeError unless plain transformers, on the files in `out`, gives `model.encode`'s embeddings (to
-    `atol` relative to their largest entry) and `model.tokenize`'s rows."""
+    `atol` relative to their largest entry) and `model.tokenize`'s rows; the same of sentence-transformers where
+    `out` has its modules and it is installed."""
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -251,10 +260,15 @@ def _check_export(model, out: Path, atol: float) -> None:
 
 def _check_sentence_transformers(out: Path, want: torch.Tensor, atol: float) -> None:
     """RuntimeError unless sentence-transformers, loading `out` without remote code, gives `want` (the encoder's
-    float32 `[3, D]` embeddings of `CHECK_TEXTS`, no prompt, all dimensions)."""
-    from sentence_transformers import SentenceTransformer
-
-    st = SentenceTransformer(str(out), device="cpu", trust_remote_code=False, model_kwargs={"dtype": torch.float32})
+    float32 `[3, D]` embeddings of `CHECK_TEXTS`, no prompt, all dimensions); a warning if it will not import."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:  # installed but broken (e.g. too old for this transformers): the files stay
+        warnings.warn(f"sentence-transformers does not import ({exc}); its files in {out} are unchecked",
+                      stacklevel=4)
+        return
+    st = SentenceTransformer(str(out), device="cpu", trust_remote_code=False, local_files_only=True,
+                             model_kwargs={"dtype": torch.float32})
     st.default_prompt_name, st.truncate_dim = None, None  # compare the encoder itself
     got = st.encode(CHECK_TEXTS, convert_to_tensor=True).float().cpu()
     error = (got - want).abs().max().item()

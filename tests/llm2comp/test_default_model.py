@@ -65,8 +65,9 @@ def test_processes_fetching_the_default_model_at_once_wait_for_each_other(tmp_pa
 def test_the_default_model_exports_to_plain_transformers(default_encoder, tmp_path):
     from llm2comp.export.hf import export_hf
 
-    export_hf(default_encoder, tmp_path / "hf")  # checks plain transformers' (and sentence-transformers')
-    config = json.loads((tmp_path / "hf" / "config.json").read_text())  # embeddings against encode's
+    # checks plain transformers' and sentence-transformers' embeddings against the encoder's
+    export_hf(default_encoder, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["is_causal"] is False and "quantization_config" not in config  # GGUF weights were dequantized
     modules = json.loads((tmp_path / "hf" / "modules.json").read_text())
     assert [m["type"].rsplit(".", 1)[1] for m in modules] == ["Transformer", "WordWeights", "Pooling"]

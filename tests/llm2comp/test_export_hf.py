@@ -80,6 +80,8 @@ out = {"plain": st.encode(texts).tolist(), "modules": [type(m).__name__ for m in
 if st.prompts.get("query"):
     out["query"] = st.encode_query(texts).tolist()
     out["document"] = st.encode_document(texts, normalize_embeddings=True).tolist()
+st.max_seq_length = 12  # tokens per row, BOS and memory tokens included, as encode's max_length
+out["short"] = st.encode(texts).tolist()
 assert not any(name.startswith("llm2comp") for name in sys.modules), "llm2comp was imported"
 print(json.dumps(out))
 '''
@@ -99,6 +101,7 @@ def test_sentence_transformers_load_the_export_without_remote_code(tiny_dirs, tm
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["modules"] == ["Transformer", "WordWeights", "Pooling"]
     np.testing.assert_allclose(np.array(got["plain"]), model.encode(TEXTS, autocast=False), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.array(got["short"]), model.encode(TEXTS, max_length=12), rtol=0, atol=1e-5)
     if pooling == "memory":
         assert np.array(got["plain"]).shape[1] == 24
         np.testing.assert_allclose(np.array(got["query"]), model.encode_query(TEXTS), rtol=0, atol=1e-5)
@@ -127,11 +130,16 @@ def test_token_weights_refuse_a_vocab_that_word_weights_would_misread(_tiny_enco
             return [self.tokens[i] for i in ids]
 
     model = copy.copy(_tiny_encoder)
-    model.memory_token_ids, model.pooling = [1], "memory"
+    model.memory_token_ids, model.bos_ids, model.pooling = [1], [], "memory"
     with pytest.raises(ValueError, match="'<MEM_0>' \\(id 2\\) would be weighed 1.0"):
         _token_weights(model, Tokenizer())
+    model.pooling = "mean"  # mean pooling leaves the memory tokens out: the twin would be left out too
+    with pytest.raises(ValueError, match="'<MEM_0>' \\(id 2\\) would be weighed 0.0"):
+        _token_weights(model, Tokenizer())
     Tokenizer.tokens[2] = "b"
-    assert _token_weights(model, Tokenizer()) == (["a", "<mem_0>", "b"], {"<mem_0>": 1.0}, 0.0)
+    assert _token_weights(model, Tokenizer()) == (["a", "<mem_0>", "b"], {"<mem_0>": 0.0}, 1.0, [1.0, 0.0, 1.0])
+    model.pooling = "memory"
+    assert _token_weights(model, Tokenizer()) == (["a", "<mem_0>", "b"], {"<mem_0>": 1.0}, 0.0, [0.0, 1.0, 0.0])
 
 
 def test_an_export_that_sentence_transformers_misread_is_refused(_tiny_encoder, tmp_path, monkeypatch):
@@ -139,9 +147,10 @@ def test_an_export_that_sentence_transformers_misread_is_refused(_tiny_encoder, 
     from llm2comp.export import hf
 
     right = hf._token_weights
-    monkeypatch.setattr(hf, "_token_weights", lambda model, tokenizer: (right(model, tokenizer)[0], {}, 1.0))
+    monkeypatch.setattr(hf, "_token_weights",  # every token weighed 1: plain mean pooling
+                        lambda model, tokenizer: (right(model, tokenizer)[0], {}, 1.0, [1.0] * len(tokenizer)))
     with pytest.raises(RuntimeError, match="sentence-transformers on .* does not reproduce"):
-        export_hf(copy.deepcopy(_tiny_encoder), tmp_path / "hf")  # every token weighed: plain mean pooling
+        export_hf(copy.deepcopy(_tiny_encoder), tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 
 

@@ -49,9 +49,14 @@ def test_ablation_table_is_mean_and_std_over_seeds(tmp_path):
     assert (tmp_path / "doc.md").read_text() == text
 
 
+LONE_STORY = "A lone story of one sentence."
+LONG_GLOSS = "a noun thing of topic 07 alone in its passage, " * 10  # one synset over PASSAGE_CHARS
+
+
 @pytest.fixture
 def fake_general(monkeypatch, tmp_path):
-    """A wordnet-base tree of two topics x 40 synsets per part of speech, and five two-sentence news documents."""
+    """A wordnet-base tree of two topics x 40 synsets per part of speech and a topic of one long synset; five
+    two-sentence news documents and one of a single sentence."""
     root = tmp_path / "usr/share/wordnet"
     root.mkdir(parents=True)
     for pos in ("noun", "verb", "adj", "adv"):
@@ -60,27 +65,35 @@ def fake_general(monkeypatch, tmp_path):
             for i in range(40):
                 gloss = f'a {pos} thing of topic {topic} number {i} described at some length; "an example {i}"'
                 lines.append(f"{i:08d} {topic} n 01 w{topic}x{i} 0 000 | {gloss}\n")
+        if pos == "noun":
+            lines.append(f"00000099 07 n 01 w07 0 000 | {LONG_GLOSS}\n")
         (root / f"data.{pos}").write_text("".join(lines), encoding="latin-1")
     monkeypatch.setattr(wordnet, "deb_tree", lambda package: tmp_path)
     monkeypatch.setattr("llm2comp.data.lee.lee_background_documents",
-                        lambda: [f"Lead of story {i}. The rest of story {i} follows." for i in range(5)])
+                        lambda: [f"Lead of story {i}. The rest of story {i} follows." for i in range(5)] + [LONE_STORY])
+
+
+def _is_news(text: str) -> bool:
+    return text.startswith("Lead of story") or text == LONE_STORY
 
 
 def test_general_corpus_joins_one_topic_per_passage(fake_general):
     texts = wordnet.general_texts()
     assert texts == wordnet.general_texts()  # a fixed order
-    news = [t for t in texts if t.startswith("Lead of story")]
-    passages = [t for t in texts if not t.startswith("Lead of story")]
-    assert len(news) == 5 and passages
+    news = [t for t in texts if _is_news(t)]
+    passages = [t for t in texts if not _is_news(t)]
+    assert len(news) == 6 and passages
     for passage in passages:
         assert len(passage) > wordnet.PASSAGE_CHARS
-        assert len({word for word in passage.split() if word in ("05", "06")}) == 1  # one topic each
+        assert len({word for word in passage.split() if word in ("05", "06", "07")}) == 1  # one topic each
 
 
 def test_general_pairs_cut_a_query_from_each_text(fake_general, tmp_path, capsys):
     texts = wordnet.general_texts()
     pairs = wordnet.general_pairs()
-    assert pairs == wordnet.general_pairs() and len(pairs) == len(texts)
+    # the lone story and the passage of one synset have no rest: no row
+    assert any(LONG_GLOSS.strip() in t for t in texts) and LONE_STORY in texts
+    assert pairs == wordnet.general_pairs() and len(pairs) == len(texts) - 2
     for row in pairs:
         if row["query"].startswith("Lead of story"):
             story = row["query"].split()[-1].rstrip(".")
@@ -98,5 +111,7 @@ def test_general_pairs_cut_a_query_from_each_text(fake_general, tmp_path, capsys
     from llm2comp.training.rows import read_pairs
     rows, _ = read_pairs(out, num_negatives=0)
     assert [(r.query, r.positive, r.negatives) for r in rows] == [(p["query"], p["positive"], ()) for p in pairs]
+    assert main(["data", "general-pairs", str(out), "--limit", "3"]) == 0
+    assert [json.loads(line) for line in out.read_text().splitlines()] == pairs[:3]
     assert main(["data", "general-pairs", str(tmp_path / "pairs.txt")]) == 2
     assert "name a .jsonl file" in capsys.readouterr().err
