@@ -184,3 +184,17 @@ def test_recipe_runs_its_stages_in_order_from_one_model(tiny_dir, tmp_path, caps
 def test_recipe_errors_name_the_file_table_and_key(body, message, tiny_dir, tmp_path, capsys):
     assert main(["recipe", str(_recipe(tmp_path, tiny_dir, body)), "--no-eval"]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_the_cpu_recipe_loads_and_the_training_docs_show_it_as_it_is():
+    from pathlib import Path
+
+    from llm2comp.training.config import load_recipe
+
+    root = Path(__file__).resolve().parents[2]
+    recipe = root / "recipes" / "smollm2-cpu.toml"
+    configs = load_recipe(recipe)
+    assert [c.stage for c in configs] == ["compress", "unsupervised", "supervised"]
+    assert (configs[1].data, configs[2].data, configs[2].num_negatives) == ("general.txt", "general-pairs.jsonl", 0)
+    shown = (root / "docs" / "training.md").read_text().split("```toml\n")[1].split("```")[0]
+    assert recipe.read_text().endswith(shown)  # the file is its header comments and then what the docs show
