@@ -227,6 +227,12 @@ CHECK_TEXTS = ["A short text.", "A somewhat longer text, so that the rows of thi
                "Bidirectional attention reads every token of a row, padding excepted."]
 
 
+def _excess_error(got: torch.Tensor, want: torch.Tensor, atol: float) -> float | None:
+    """The largest ``|got - want|`` when it exceeds `atol` times ``max(1, max |want|)``, else None."""
+    error = (got - want).abs().max().item()
+    return error if error > atol * max(1.0, want.abs().max().item()) else None
+
+
 def _check_export(model, out: Path, atol: float) -> None:
     """RuntimeError unless plain transformers, on the files in `out`, gives `model.encode`'s embeddings (to
     `atol` relative to their largest entry) and `model.tokenize`'s rows; the same of sentence-transformers where
@@ -249,8 +255,8 @@ def _check_export(model, out: Path, atol: float) -> None:
             want = model.eval()(**expected.to(model.device)).float().cpu()
     finally:
         model.train(was_training)
-    error = (got - want).abs().max().item()
-    if error > atol * max(1.0, want.abs().max().item()):
+    error = _excess_error(got, want, atol)
+    if error is not None:
         raise RuntimeError(f"the model exported to {out} does not reproduce the encoder (max difference {error:.2e}):"
                            f" transformers' {type(plain).__name__} may not honour config.is_causal = False")
     del plain
@@ -271,7 +277,7 @@ def _check_sentence_transformers(out: Path, want: torch.Tensor, atol: float) -> 
                              model_kwargs={"dtype": torch.float32})
     st.default_prompt_name, st.truncate_dim = None, None  # compare the encoder itself
     got = st.encode(CHECK_TEXTS, convert_to_tensor=True).float().cpu()
-    error = (got - want).abs().max().item()
-    if error > atol * max(1.0, want.abs().max().item()):
+    error = _excess_error(got, want, atol)
+    if error is not None:
         raise RuntimeError(f"sentence-transformers on {out} does not reproduce the encoder (max difference "
                            f"{error:.2e})")
