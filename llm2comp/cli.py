@@ -241,46 +241,54 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-CORPORA = ("wordnet", "lee-background", "general", "general-pairs")  # what `llm2comp data` writes
+CORPORA = ("wordnet", "lee-background", "general", "general-pairs", "package-pairs")  # what `llm2comp data` writes
+
+
+def _is_pairs(corpus: str) -> bool:
+    return corpus.endswith("-pairs")
 
 
 def _corpus_lines(name: str) -> list[str]:
-    """The lines of training corpus `name` (one of `CORPORA`): texts, or JSON rows for general-pairs."""
+    """The lines of training corpus `name` (one of `CORPORA`): texts, or JSON rows for the -pairs corpora."""
     from .data import lee_background_documents
+    from .data.packages import package_pairs
     from .data.wordnet import general_pairs, general_texts, wordnet_texts
 
-    if name == "general-pairs":
-        return [json.dumps(row, ensure_ascii=False) for row in general_pairs()]
+    if _is_pairs(name):
+        rows = {"general-pairs": general_pairs, "package-pairs": package_pairs}[name]()
+        return [json.dumps(row, ensure_ascii=False) for row in rows]
     return {"wordnet": wordnet_texts, "lee-background": lee_background_documents, "general": general_texts}[name]()
 
 
 @_one_line_errors
 def _run_data(args: argparse.Namespace) -> int:
     output = Path(args.output)
-    if args.corpus == "general-pairs" and output.suffix != ".jsonl":
-        raise ValueError(f"output {output}: general-pairs writes jsonl rows, so name a .jsonl file")
+    if _is_pairs(args.corpus) and output.suffix != ".jsonl":
+        raise ValueError(f"output {output}: {args.corpus} writes jsonl rows, so name a .jsonl file")
     if not output.parent.is_dir():
         raise FileNotFoundError(f"output folder {output.parent} does not exist")
     lines = _corpus_lines(args.corpus)
     lines = lines[:args.limit] if args.limit else lines
     output.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    print(f"wrote {len(lines)} {'rows' if args.corpus == 'general-pairs' else 'texts'} to {output}")
+    print(f"wrote {len(lines)} {'rows' if _is_pairs(args.corpus) else 'texts'} to {output}")
     return 0
 
 
 def add_data_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("data", help="write a training corpus: a text file, one text per line (a jsonl "
-                                                "file of query/positive rows for general-pairs)")
+                                                "file of query/positive rows for the -pairs corpora)")
     parser.add_argument("corpus", choices=CORPORA, help="wordnet: WordNet 3.0 synsets, general English (about "
                         "117k lines; Debian's wordnet-base, fetched with apt-get download); lee-background: the 300 "
                         "Lee background news documents (gensim's test data); general: those 300 and 1200 WordNet "
                         "passages of one topic each, about 100 tokens long (the CPU recipe's corpus); "
                         "general-pairs: stage-3 rows cut from general, a news document's first sentence -> the "
-                        "rest, a synset's definition -> the rest of its passage")
-    parser.add_argument("output", help="the .txt (.jsonl for general-pairs) file to write (replaced if it "
+                        "rest, a synset's definition -> the rest of its passage; package-pairs: 1500 Debian package "
+                        "descriptions, a synopsis -> the first paragraph of its description (downloaded once from "
+                        "the Debian mirror)")
+    parser.add_argument("output", help="the .txt (.jsonl for the -pairs corpora) file to write (replaced if it "
                                        "exists)")
     parser.add_argument("--limit", type=positive_int, default=None,
-                        help="only the first N texts (rows for general-pairs), in a fixed order")
+                        help="only the first N texts (rows for the -pairs corpora), in a fixed order")
     parser.set_defaults(func=_run_data)
     return parser
 

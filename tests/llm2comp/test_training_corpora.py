@@ -1,6 +1,8 @@
 """Training corpora: the WordNet line format, the ``llm2comp data`` command, and the ablation table renderer."""
 
+import hashlib
 import json
+import lzma
 
 import pytest
 
@@ -115,3 +117,75 @@ def test_general_pairs_cut_a_query_from_each_text(fake_general, tmp_path, capsys
     assert [json.loads(line) for line in out.read_text().splitlines()] == pairs[:3]
     assert main(["data", "general-pairs", str(tmp_path / "pairs.txt")]) == 2
     assert "name a .jsonl file" in capsys.readouterr().err
+
+
+TRANSLATIONS = """Package: alpha
+Description-md5: 0
+Description-en: fast tool to sort lines of text
+ Alpha sorts the lines of large text files quickly, in little memory.
+ It reads files or standard input and writes the sorted lines out again.
+ .
+ A second paragraph that is never read.
+
+Package: alpha-doc
+Description-md5: 1
+Description-en: fast tool to sort lines of text (documentation)
+ Alpha sorts the lines of large text files quickly, in little memory.
+ It reads files or standard input and writes the sorted lines out again.
+
+Package: beta
+Description-md5: 2
+Description-en: short synopsis
+ A paragraph long enough to keep, but the synopsis has only two words in it.
+
+Package: gamma
+Description-md5: 3
+Description-en: library for reading the gamma image format
+ This package contains the shared library, a packaging boilerplate line.
+
+Package: delta
+Description-md5: 4
+Description-en: the held out man page summary
+ A paragraph that would otherwise be kept, since it is long enough to pass.
+
+Package: epsilon
+Description-md5: 5
+Description-en: long running text with a verbatim list
+{long}
+  * a verbatim list line that ends the paragraph
+"""
+
+
+def test_package_pairs_keep_synopsis_and_first_paragraph(tmp_path, monkeypatch):
+    from llm2comp.data import manpages, packages
+
+    long = " ".join(["Epsilon does one thing well and then another thing."] * 8)
+    mirror = tmp_path / "mirror"
+    (mirror / packages.TRANSLATIONS).parent.mkdir(parents=True)
+    (mirror / packages.TRANSLATIONS).write_bytes(
+        lzma.compress(TRANSLATIONS.format(long=" " + long).encode()))
+    monkeypatch.setenv("LLM2COMP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LLM2COMP_DEBIAN_MIRROR", mirror.as_uri())
+    monkeypatch.setattr(manpages, "load_manpages", lambda: manpages.ManPageRetrieval(
+        ["the held out man page summary"], ["a document"], [0], ["x.1"]))
+    rows = packages.package_pairs()
+    alpha = {"query": "fast tool to sort lines of text",
+             "positive": "Alpha sorts the lines of large text files quickly, in little memory. It reads files or "
+                         "standard input and writes the sorted lines out again."}
+    epsilon = rows[[r["query"] for r in rows].index("long running text with a verbatim list")]
+    assert alpha in rows and len(rows) == 2  # -doc variant, two-word synopsis, boilerplate, held-out text dropped
+    assert len(epsilon["positive"]) <= 320 and epsilon["positive"].endswith("another thing.")
+    assert long.startswith(epsilon["positive"])
+    assert [r["query"] for r in rows] == sorted((r["query"] for r in rows),
+                                                key=lambda q: hashlib.sha1(q.encode()).hexdigest())
+    assert packages.package_pairs() == rows  # cached
+
+
+def test_package_pairs_name_the_mirror_when_the_download_fails(tmp_path, monkeypatch):
+    from llm2comp.data import packages
+
+    monkeypatch.setenv("LLM2COMP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LLM2COMP_DEBIAN_MIRROR", (tmp_path / "nowhere").as_uri())
+    with pytest.raises(RuntimeError, match="LLM2COMP_DEBIAN_MIRROR"):
+        packages.package_pairs()
+    assert not list((tmp_path / "cache" / "debian").glob("*.xz*"))

@@ -195,6 +195,6 @@ def test_the_cpu_recipe_loads_and_the_training_docs_show_it_as_it_is():
     recipe = root / "recipes" / "smollm2-cpu.toml"
     configs = load_recipe(recipe)
     assert [c.stage for c in configs] == ["compress", "unsupervised", "supervised"]
-    assert (configs[1].data, configs[2].data, configs[2].num_negatives) == ("general.txt", "general-pairs.jsonl", 0)
+    assert (configs[1].data, configs[2].data, configs[2].num_negatives) == ("general.txt", "package-pairs.jsonl", 0)
     shown = (root / "docs" / "training.md").read_text().split("```toml\n")[1].split("```")[0]
     assert recipe.read_text().endswith(shown)  # the file is its header comments and then what the docs show
