@@ -276,19 +276,20 @@ def _run_data(args: argparse.Namespace) -> int:
 
 def add_data_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("data", help="write a training corpus: a text file, one text per line (a jsonl "
-                                                "file of query/positive rows for the -pairs corpora)")
+                                                "file of query/positive rows for general-pairs and package-pairs)")
     parser.add_argument("corpus", choices=CORPORA, help="wordnet: WordNet 3.0 synsets, general English (about "
                         "117k lines; Debian's wordnet-base, fetched with apt-get download); lee-background: the 300 "
                         "Lee background news documents (gensim's test data); general: those 300 and 1200 WordNet "
                         "passages of one topic each, about 100 tokens long (the CPU recipe's corpus); "
                         "general-pairs: stage-3 rows cut from general, a news document's first sentence -> the "
                         "rest, a synset's definition -> the rest of its passage; package-pairs: 1500 Debian package "
-                        "descriptions, a synopsis -> the first paragraph of its description (downloaded once from "
-                        "the Debian mirror)")
-    parser.add_argument("output", help="the .txt (.jsonl for the -pairs corpora) file to write (replaced if it "
+                        "descriptions, a synopsis -> the first paragraph of its description (bookworm's "
+                        "Translation-en.xz, downloaded once from deb.debian.org or $LLM2COMP_DEBIAN_MIRROR; rows "
+                        "near the man-page task's text are left out, which needs that task's Debian packages)")
+    parser.add_argument("output", help="the .txt (.jsonl for general-pairs and package-pairs) file to write (replaced if it "
                                        "exists)")
     parser.add_argument("--limit", type=positive_int, default=None,
-                        help="only the first N texts (rows for the -pairs corpora), in a fixed order")
+                        help="only the first N texts (rows for the pairs), in a fixed order")
     parser.set_defaults(func=_run_data)
     return parser
 

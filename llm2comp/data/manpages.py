@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from .debian import cached_json, deb_tree
 from .labeled import pick
 
-__all__ = ["ManPageRetrieval", "load_manpages", "roff_text"]
+__all__ = ["ManPageRetrieval", "cut_text", "load_manpages", "roff_text"]
 
 PACKAGES = ("manpages", "manpages-dev")
 NUM_PAGES = 160
@@ -81,12 +81,14 @@ def _first_paragraph(lines: list[str]) -> list[str]:
     return out
 
 
-def _cut(text: str, limit: int) -> str:
+def cut_text(text: str, limit: int, shortest: int) -> str:
+    """`text` if it is at most `limit` characters, else its head cut at the last sentence end (``". "`` or
+    ``".) "``) at or after `shortest` characters, else at the last word end."""
     if len(text) <= limit:
         return text
     head = text[:limit]
     end = max(head.rfind(". "), head.rfind(".) "))
-    return head[:end + 1] if end >= DOCUMENT_CHARS[0] else head[:head.rfind(" ")]
+    return head[:end + 1] if end >= shortest else head[:head.rfind(" ")]
 
 
 def _page(source: str) -> tuple[str, str] | None:
@@ -96,7 +98,7 @@ def _page(source: str) -> tuple[str, str] | None:
     if " - " not in name or not description:
         return None
     summary = name.split(" - ", 1)[1].strip()
-    document = _cut(roff_text(_first_paragraph(description)), DOCUMENT_CHARS[1])
+    document = cut_text(roff_text(_first_paragraph(description)), DOCUMENT_CHARS[1], DOCUMENT_CHARS[0])
     if len(summary.split()) < 3 or len(document) < DOCUMENT_CHARS[0]:
         return None
     return summary, document

@@ -2,17 +2,22 @@
 paragraph of its long description the positive (``"Ruby parser written in pure Ruby"`` -> ``"ruby_parser (RP)
 can be used to parse and check syntax of Ruby code. ..."``), a title -> passage task over every kind of software.
 
-Source: ``Translation-en.xz`` of Debian 12 (bookworm) main, downloaded once from the Debian mirror
-(`MIRROR`, ``$LLM2COMP_DEBIAN_MIRROR`` to change it) into the llm2comp cache: about 64k descriptions, written by
-the packages' maintainers and upstreams and distributed under the licences of their packages (Debian's archive
-holds only free software). No text equal to a query or document of the quality suite's man-page task is kept.
+Source: ``Translation-en.xz`` of Debian 12 (bookworm) main, downloaded once from a Debian mirror (`MIRROR`, or
+``$LLM2COMP_DEBIAN_MIRROR``; a ``file://`` URL works offline) into ``<cache>/debian``: about 64k descriptions,
+written by the packages' maintainers and upstreams and distributed under their packages' licences (Debian main
+holds only free software). The rows are in the format of the quality suite's man-page task (a one-line summary ->
+a paragraph of 80-320 characters) but from another text: any row that contains a man-page query or shares a run
+of `SHARED_WORDS` words with a man-page document is left out, so building them reads that task (apt-get, like
+the rest of the suite's Debian data).
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import lzma
 import os
+import re
 import urllib.request
 from pathlib import Path
 
@@ -20,33 +25,42 @@ from filelock import FileLock
 
 from ..default_model import cache_dir
 from .debian import cached_json
+from .manpages import DOCUMENT_CHARS, cut_text, load_manpages
 
 __all__ = ["package_pairs"]
 
 MIRROR = "https://deb.debian.org/debian"
 TRANSLATIONS = "dists/bookworm/main/i18n/Translation-en.xz"
-POSITIVE_CHARS = (80, 320)  # a longer first paragraph is cut at its last sentence (else word) end before 320
 PACKAGE_PAIRS = 1500
+SHARED_WORDS = 8  # a row sharing this many words in a row with a man-page document is left out
 
 
 def _translations() -> Path:
-    """The downloaded ``Translation-en.xz`` (fetched whole on first use, then renamed into place)."""
+    """The downloaded ``Translation-en.xz``: fetched on first use, checked to decompress whole, then renamed into
+    place (an interrupted or failed download leaves nothing behind)."""
     root = cache_dir() / "debian"
     root.mkdir(parents=True, exist_ok=True)
     path = root / "bookworm-Translation-en.xz"
     with FileLock(root / ".translations.lock"):
-        if not path.is_file():
-            url = f"{os.environ.get('LLM2COMP_DEBIAN_MIRROR', MIRROR).rstrip('/')}/{TRANSLATIONS}"
-            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-            try:
-                with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
-                    while chunk := response.read(1 << 20):
-                        out.write(chunk)
-            except OSError as exc:
-                partial.unlink(missing_ok=True)
-                raise RuntimeError(f"could not download {url} ({exc}); set LLM2COMP_DEBIAN_MIRROR to another "
-                                   f"Debian mirror, or put the file at {path}") from exc
-            partial.rename(path)
+        if path.is_file():
+            return path
+        url = f"{os.environ.get('LLM2COMP_DEBIAN_MIRROR', MIRROR).rstrip('/')}/{TRANSLATIONS}"
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+            with lzma.open(partial) as check:  # a truncated file or an HTML page from a proxy fails here
+                while check.read(1 << 24):
+                    pass
+        except (OSError, http.client.HTTPException, lzma.LZMAError, EOFError, ValueError) as exc:
+            partial.unlink(missing_ok=True)
+            raise OSError(f"could not download {url} ({type(exc).__name__}: {exc}); set LLM2COMP_DEBIAN_MIRROR to "
+                          f"another Debian mirror (a file:// URL works), or put the file at {path}") from exc
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        partial.rename(path)
     return path
 
 
@@ -63,7 +77,8 @@ def _descriptions(path: Path) -> list[tuple[str, list[str]]]:
 
 
 def _first_paragraph(lines: list[str]) -> str:
-    """The first paragraph of running text: up to the first `` .`` separator or indented (verbatim) line."""
+    """The first run of running text: leading `` .`` separators and indented (verbatim) lines are skipped, the
+    next one ends it. A list written one space deep (``" * item"``) counts as running text."""
     words: list[str] = []
     for line in lines:
         if line.strip() == "." or line.startswith(" "):
@@ -74,26 +89,37 @@ def _first_paragraph(lines: list[str]) -> str:
     return " ".join(" ".join(words).split())
 
 
-def _cut(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    head = text[:limit]
-    end = head.rfind(". ")
-    return head[:end + 1] if end >= POSITIVE_CHARS[0] else head[:head.rfind(" ")]
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _runs(words: list[str]) -> set[tuple[str, ...]]:
+    return {tuple(words[i:i + SHARED_WORDS]) for i in range(len(words) - SHARED_WORDS + 1)}
+
+
+def _held_out_test():
+    """``test(text) -> bool``: whether `text` contains a man-page query or shares a run of `SHARED_WORDS` words
+    with a man-page document (words: lower-case letters and digits)."""
+    pages = load_manpages()
+    queries = [" ".join(_words(query)) for query in pages.queries]
+    document_runs = set().union(*(_runs(_words(document)) for document in pages.documents))
+
+    def test(text: str) -> bool:
+        words = _words(text)
+        joined = f" {' '.join(words)} "
+        return any(f" {query} " in joined for query in queries) or not document_runs.isdisjoint(_runs(words))
+    return test
 
 
 def _build() -> list[dict[str, str]]:
-    from .manpages import load_manpages
-
-    pages = load_manpages()
-    held_out = {text.lower() for text in pages.queries + pages.documents}
+    held_out = _held_out_test()
     seen: set[str] = set()
     rows = []
     for synopsis, lines in _descriptions(_translations()):
-        positive = _cut(_first_paragraph(lines), POSITIVE_CHARS[1])
+        positive = cut_text(_first_paragraph(lines), DOCUMENT_CHARS[1], DOCUMENT_CHARS[0])
         keys = (synopsis.lower(), positive.lower())
-        if (len(synopsis.split()) < 3 or len(positive) < POSITIVE_CHARS[0] or positive.startswith("This package")
-                or any(k in seen or k in held_out for k in keys)):
+        if (len(synopsis.split()) < 3 or len(positive) < DOCUMENT_CHARS[0] or positive.startswith("This package")
+                or any(k in seen for k in keys) or held_out(synopsis) or held_out(positive)):
             continue  # packaging boilerplate, variants of one package (-data, -doc: the same paragraph), eval text
         seen.update(keys)
         rows.append({"query": synopsis, "positive": positive})
@@ -103,6 +129,7 @@ def _build() -> list[dict[str, str]]:
 
 def package_pairs() -> list[dict[str, str]]:
     """`PACKAGE_PAIRS` (1500) stage-3 rows ``{"query": synopsis, "positive": first paragraph (80-320
-    characters)}``: the usable descriptions with the smallest SHA-1 of their synopsis, so the draw is the same
-    on every machine and a mirror update changes few rows."""
-    return cached_json(f"package-pairs-v1-{PACKAGE_PAIRS}", _build)
+    characters)}``: the usable descriptions with the smallest SHA-1 of their synopsis, a draw that depends on
+    the text alone (a mirror's later copy of the file changes few rows). Kept in ``<cache>/tasks`` after the
+    first call."""
+    return cached_json(f"package-pairs-v1-{PACKAGE_PAIRS}-manpages-v1", _build)

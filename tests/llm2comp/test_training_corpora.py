@@ -119,73 +119,128 @@ def test_general_pairs_cut_a_query_from_each_text(fake_general, tmp_path, capsys
     assert "name a .jsonl file" in capsys.readouterr().err
 
 
-TRANSLATIONS = """Package: alpha
-Description-md5: 0
-Description-en: fast tool to sort lines of text
- Alpha sorts the lines of large text files quickly, in little memory.
- It reads files or standard input and writes the sorted lines out again.
- .
- A second paragraph that is never read.
 
-Package: alpha-doc
-Description-md5: 1
-Description-en: fast tool to sort lines of text (documentation)
- Alpha sorts the lines of large text files quickly, in little memory.
- It reads files or standard input and writes the sorted lines out again.
-
-Package: beta
-Description-md5: 2
-Description-en: short synopsis
- A paragraph long enough to keep, but the synopsis has only two words in it.
-
-Package: gamma
-Description-md5: 3
-Description-en: library for reading the gamma image format
- This package contains the shared library, a packaging boilerplate line.
-
-Package: delta
-Description-md5: 4
-Description-en: the held out man page summary
- A paragraph that would otherwise be kept, since it is long enough to pass.
-
-Package: epsilon
-Description-md5: 5
-Description-en: long running text with a verbatim list
-{long}
-  * a verbatim list line that ends the paragraph
-"""
+def _record(package: str, synopsis: str, *lines: str) -> str:
+    body = "".join(f" {line}\n" for line in lines)
+    return f"Package: {package}\nDescription-md5: 0\nDescription-en: {synopsis}\n{body}\n"
 
 
-def test_package_pairs_keep_synopsis_and_first_paragraph(tmp_path, monkeypatch):
+LONG = " ".join(["Epsilon does one thing well and then another thing."] * 8)  # 415 characters
+ALPHA_TEXT = "Alpha sorts the lines of large text files quickly, in little memory. It reads standard input too."
+TRANSLATIONS = "".join([
+    _record("alpha", "fast tool to sort lines of text", ALPHA_TEXT, ".", "A second paragraph that is never read."),
+    _record("alpha-doc", "documentation for the alpha line sorter", ALPHA_TEXT),  # a variant: the same paragraph
+    _record("beta", "short synopsis", "A paragraph long enough to keep; only the synopsis, of two words, is too "
+                                      "short to be a query."),
+    _record("gamma", "library for reading the gamma image format",
+            "This package contains the shared library: a packaging boilerplate line, long enough to keep."),
+    _record("delta", "helper to synchronize a file's state with the disk",  # holds a man-page query
+            "Delta flushes the buffers of a file to the disk, and waits until the device reports that it is done."),
+    _record("zeta", "tool that shares eight words with a man page",
+            "Zeta copies text: one two three four five six seven eight, then its own words to pass the length."),
+    _record("eta", "tool that shares seven words with a man page",
+            "Eta copies text: one two three four five six seven, then its own different words to pass the length."),
+    _record("epsilon", "long running text cut at a sentence end", LONG),
+    _record("theta", "tool whose paragraph stops at a verbatim line",
+            "Theta runs a command and prints its output, then exits with the status of that command, always.",
+            " $ theta --run ls", "More running text after the example that is not part of the first paragraph."),
+])
+MAN_PAGES = (["synchronize a file's state"], ["one two three four five six seven eight nine ten eleven"])
+
+
+@pytest.fixture
+def fake_translations(tmp_path, monkeypatch):
+    """A mirror (file:// URL) holding `TRANSLATIONS`, an empty cache, and a man-page task of `MAN_PAGES`."""
     from llm2comp.data import manpages, packages
 
-    long = " ".join(["Epsilon does one thing well and then another thing."] * 8)
     mirror = tmp_path / "mirror"
     (mirror / packages.TRANSLATIONS).parent.mkdir(parents=True)
-    (mirror / packages.TRANSLATIONS).write_bytes(
-        lzma.compress(TRANSLATIONS.format(long=" " + long).encode()))
+    (mirror / packages.TRANSLATIONS).write_bytes(lzma.compress(TRANSLATIONS.encode()))
     monkeypatch.setenv("LLM2COMP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("LLM2COMP_DEBIAN_MIRROR", mirror.as_uri())
-    monkeypatch.setattr(manpages, "load_manpages", lambda: manpages.ManPageRetrieval(
-        ["the held out man page summary"], ["a document"], [0], ["x.1"]))
-    rows = packages.package_pairs()
-    alpha = {"query": "fast tool to sort lines of text",
-             "positive": "Alpha sorts the lines of large text files quickly, in little memory. It reads files or "
-                         "standard input and writes the sorted lines out again."}
-    epsilon = rows[[r["query"] for r in rows].index("long running text with a verbatim list")]
-    assert alpha in rows and len(rows) == 2  # -doc variant, two-word synopsis, boilerplate, held-out text dropped
-    assert len(epsilon["positive"]) <= 320 and epsilon["positive"].endswith("another thing.")
-    assert long.startswith(epsilon["positive"])
-    assert [r["query"] for r in rows] == sorted((r["query"] for r in rows),
-                                                key=lambda q: hashlib.sha1(q.encode()).hexdigest())
-    assert packages.package_pairs() == rows  # cached
+    queries, documents = MAN_PAGES
+    monkeypatch.setattr(packages, "load_manpages",
+                        lambda: manpages.ManPageRetrieval(queries, documents, [0], ["x.2"]))
+    return mirror / packages.TRANSLATIONS
 
 
-def test_package_pairs_name_the_mirror_when_the_download_fails(tmp_path, monkeypatch):
+def _sha1(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def test_package_pairs_keep_synopsis_and_first_paragraph(fake_translations, tmp_path):
     from llm2comp.data import packages
 
-    monkeypatch.setenv("LLM2COMP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("LLM2COMP_DEBIAN_MIRROR", (tmp_path / "nowhere").as_uri())
-    with pytest.raises(RuntimeError, match="LLM2COMP_DEBIAN_MIRROR"):
+    rows = packages.package_pairs()
+    by_query = {row["query"]: row["positive"] for row in rows}
+    assert by_query["fast tool to sort lines of text"] == ALPHA_TEXT  # the first paragraph only
+    assert by_query["tool whose paragraph stops at a verbatim line"].endswith("the status of that command, always.")
+    epsilon = by_query["long running text cut at a sentence end"]
+    assert len(epsilon) <= 320 and epsilon.endswith("another thing.") and LONG.startswith(epsilon)
+    assert "tool that shares seven words with a man page" in by_query
+    for dropped in ("documentation for the alpha line sorter", "short synopsis",
+                    "library for reading the gamma image format", "helper to synchronize a file's state with the disk",
+                    "tool that shares eight words with a man page"):
+        assert dropped not in by_query
+    queries = [row["query"] for row in rows]
+    assert len(rows) == 4 and queries == sorted(queries, key=_sha1)
+    file_order = sorted(queries, key=TRANSLATIONS.index)
+    assert file_order != queries  # the order is the hash's, not the file's
+    fake_translations.unlink()
+    (tmp_path / "cache" / "debian" / "bookworm-Translation-en.xz").unlink()
+    assert packages.package_pairs() == rows  # read back from the cache, nothing downloaded
+
+
+def test_package_pairs_take_the_smallest_hashes(fake_translations, monkeypatch):
+    from llm2comp.data import packages
+
+    every = packages.package_pairs()
+    monkeypatch.setattr(packages, "PACKAGE_PAIRS", 2)
+    assert packages.package_pairs() == every[:2]
+
+
+def test_package_pairs_command_writes_jsonl(fake_translations, tmp_path, capsys):
+    out = tmp_path / "pairs.jsonl"
+    assert main(["data", "package-pairs", str(out), "--limit", "2"]) == 0
+    from llm2comp.data import packages
+    assert [json.loads(line) for line in out.read_text().splitlines()] == packages.package_pairs()[:2]
+    assert "wrote 2 rows" in capsys.readouterr().out
+    assert main(["data", "package-pairs", str(tmp_path / "pairs.txt")]) == 2
+    assert "package-pairs writes jsonl rows" in capsys.readouterr().err
+
+
+class _BrokenResponse:
+    """A response that gives one chunk of `body`, then fails as a dropped connection does (or ends, if `fail`
+    is False)."""
+
+    def __init__(self, body: bytes, fail: bool):
+        self.chunks, self.fail = [body], fail
+
+    def read(self, size):
+        if self.chunks:
+            return self.chunks.pop()
+        if self.fail:
+            import http.client
+            raise http.client.IncompleteRead(b"")
+        return b""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("body, fail", [(b"\xfd7zXZ\x00 the first bytes of an xz file", True),
+                                        (b"<html>a proxy's login page</html>", False),
+                                        (lzma.compress(TRANSLATIONS.encode())[:100], False)])
+def test_a_failed_download_leaves_nothing_and_names_the_mirror(fake_translations, tmp_path, monkeypatch, capsys,
+                                                              body, fail):
+    from llm2comp.data import packages
+
+    monkeypatch.setattr(packages.urllib.request, "urlopen", lambda url, timeout: _BrokenResponse(body, fail))
+    with pytest.raises(OSError, match="LLM2COMP_DEBIAN_MIRROR"):
         packages.package_pairs()
-    assert not list((tmp_path / "cache" / "debian").glob("*.xz*"))
+    assert [p.name for p in (tmp_path / "cache" / "debian").iterdir()] == [".translations.lock"]
+    assert main(["data", "package-pairs", str(tmp_path / "pairs.jsonl")]) == 2  # one line, no traceback
+    assert "could not download" in capsys.readouterr().err
