@@ -286,8 +286,8 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
                         "descriptions, a synopsis -> the first paragraph of its description (bookworm's "
                         "Translation-en.xz, downloaded once from deb.debian.org or $LLM2COMP_DEBIAN_MIRROR; rows "
                         "near the man-page task's text are left out, which needs that task's Debian packages)")
-    parser.add_argument("output", help="the .txt (.jsonl for general-pairs and package-pairs) file to write (replaced if it "
-                                       "exists)")
+    parser.add_argument("output", help="the .txt (.jsonl for general-pairs and package-pairs) file to write "
+                                       "(replaced if it exists)")
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="only the first N texts (rows for the pairs), in a fixed order")
     parser.set_defaults(func=_run_data)
