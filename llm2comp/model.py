@@ -221,6 +221,19 @@ def _fold_lora(model: torch.nn.Module, factors: dict[str, tuple[torch.Tensor, to
             weight.copy_((weight.float() + (b.to(weight.device) @ a.to(weight.device))).to(weight.dtype))
 
 
+def _cpu_float32_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of `module` with its parameters and buffers on the CPU (floating ones in float32), copied one
+    tensor at a time, never whole on `module`'s device; tied parameters stay tied."""
+    memo = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if id(tensor) not in memo:
+            data = tensor.detach().to(device="cpu", copy=True,
+                                      dtype=torch.float32 if tensor.is_floating_point() else tensor.dtype)
+            is_parameter = isinstance(tensor, torch.nn.Parameter)
+            memo[id(tensor)] = torch.nn.Parameter(data, tensor.requires_grad) if is_parameter else data
+    return copy.deepcopy(module, memo)
+
+
 @contextlib.contextmanager
 def _peft_deprecation_quiet():
     """Without transformers 5's FutureWarning about `is_gradient_checkpointing`, which peft's wrapper reads on
@@ -420,10 +433,11 @@ class LLM2Comp(torch.nn.Module):
             self._write_configs(folder, merged=False)
 
     def merged_copy(self, dtype: torch.dtype | None = None) -> torch.nn.Module:
-        """A copy of the base causal LM with the LoRA adapters and memory rows in its weights and its own
-        (causal) attention again, in `dtype` (default: the model's); the LoRA is folded in float32."""
+        """A copy, on the CPU, of the base causal LM with the LoRA adapters and memory rows in its weights and its
+        own (causal) attention again, in `dtype` (default: the model's). The LoRA is folded in float32 on the CPU:
+        the model's own device holds no second copy."""
         dtype = dtype or self.model.dtype
-        merged = copy.deepcopy(self.model).to(torch.float32).merge_and_unload().to(dtype)
+        merged = _cpu_float32_copy(self.model).merge_and_unload().to(dtype)
         if is_patched(merged):
             unpatch_bidirectional(merged)
         quantization = getattr(merged.config, "quantization_config", None)
@@ -432,8 +446,8 @@ class LLM2Comp(torch.nn.Module):
         return merged.eval()
 
     def merge_and_save(self, directory: str | Path) -> None:
-        """Write a standalone model with the adapters merged in (copies the model in memory, in float32 while
-        folding)."""
+        """Write a standalone model with the adapters merged in (folded in a float32 copy in CPU memory: 4 bytes
+        a parameter)."""
         merged = self.merged_copy()
         with _saving_into(Path(directory)) as folder:
             merged.save_pretrained(folder, safe_serialization=True)

@@ -81,7 +81,7 @@ class EmbeddingGraph(torch.nn.Module):
 def _merged_body(model) -> torch.nn.Module:
     """The decoder body of a float32 CPU copy of `model` (an `LLM2Comp`) with its LoRA adapters and memory rows
     folded into the weights and `EXPORT_ATTENTION` as its attention; `model` itself is left as it was."""
-    merged = model.merged_copy(torch.float32).to("cpu")
+    merged = model.merged_copy(torch.float32)
     merged.set_attn_implementation(EXPORT_ATTENTION)
     for module in merged.modules():
         if hasattr(module, "is_causal") and hasattr(module, "q_proj"):

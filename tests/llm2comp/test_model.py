@@ -274,6 +274,40 @@ def test_merge_and_save_equivalent(tiny_encoder, tmp_path):
     assert tiny_encoder.encode(TEXTS[:1]).shape == (1, 64)  # the original model is untouched
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # untied and tied LM head
+def test_merged_copy_is_a_cpu_float32_fold_leaving_the_model(tiny_dirs, kind):
+    encoder = LLM2Comp.from_pretrained(str(tiny_dirs[kind]), num_memory_tokens=4, lora_rank=4, lora_dropout=0.0,
+                                       dtype=torch.bfloat16)
+    perturb(encoder)
+    before = {name: p.detach().clone() for name, p in encoder.model.named_parameters()}
+    merged = encoder.merged_copy(torch.float32)
+    assert {t.device.type for t in [*merged.parameters(), *merged.buffers()]} == {"cpu"}
+    assert {p.dtype for p in merged.parameters()} == {torch.float32}
+    assert not {p.data_ptr() for p in encoder.model.parameters()} & {p.data_ptr() for p in merged.parameters()}
+    tied = merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
+    assert tied == merged.config.tie_word_embeddings
+    for name, p in encoder.model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    # Folded in float32: each merged weight is the bf16 base weight plus its LoRA delta without a bf16 rounding.
+    layer = encoder.model.get_base_model().model.layers[0].self_attn.q_proj
+    delta = (layer.lora_B["default"].weight.float() @ layer.lora_A["default"].weight.float()) * layer.scaling["default"]
+    want = layer.base_layer.weight.float() + delta
+    torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.weight, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_merged_copy_makes_no_copy_on_the_gpu(tiny_dirs):
+    encoder = perturb(LLM2Comp.from_pretrained(str(tiny_dirs["qwen2"]), num_memory_tokens=4, lora_rank=4,
+                                               lora_dropout=0.0, device="cuda"))
+    size = sum(p.numel() * p.element_size() for p in encoder.model.parameters())
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    merged = encoder.merged_copy()
+    assert torch.cuda.max_memory_allocated() - start < size // 4  # a copy would be `size` (float32: 2 x size)
+    assert merged.device.type == "cpu"
+
+
 def test_hidden_states_from_embeddings_and_causal_decoder(tiny_encoder, tiny_dirs):
     from transformers import AutoModelForCausalLM
 
