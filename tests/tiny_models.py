@@ -79,7 +79,7 @@ def perturb(encoder, seed: int = 1):
     with torch.no_grad():
         for p in encoder.parameters():
             if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+                p.add_(torch.randn(p.shape, generator=g).to(p.device) * 0.05)
     return encoder
 
 

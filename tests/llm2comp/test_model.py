@@ -274,16 +274,18 @@ def test_merge_and_save_equivalent(tiny_encoder, tmp_path):
     assert tiny_encoder.encode(TEXTS[:1]).shape == (1, 64)  # the original model is untouched
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])  # untied and tied LM head
-def test_merged_copy_is_a_cpu_float32_fold_leaving_the_model(tiny_dirs, kind):
+def test_merged_copy_is_a_cpu_float32_fold_leaving_the_model(tiny_dirs, kind, dtype):
     encoder = LLM2Comp.from_pretrained(str(tiny_dirs[kind]), num_memory_tokens=4, lora_rank=4, lora_dropout=0.0,
-                                       dtype=torch.bfloat16)
+                                       dtype=dtype)
     perturb(encoder)
     before = {name: p.detach().clone() for name, p in encoder.model.named_parameters()}
     merged = encoder.merged_copy(torch.float32)
     assert {t.device.type for t in [*merged.parameters(), *merged.buffers()]} == {"cpu"}
     assert {p.dtype for p in merged.parameters()} == {torch.float32}
-    assert not {p.data_ptr() for p in encoder.model.parameters()} & {p.data_ptr() for p in merged.parameters()}
+    storage = {t.data_ptr() for t in [*encoder.model.parameters(), *encoder.model.buffers()]}
+    assert not storage & {t.data_ptr() for t in [*merged.parameters(), *merged.buffers()]}
     tied = merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
     assert tied == merged.config.tie_word_embeddings
     for name, p in encoder.model.named_parameters():
@@ -298,7 +300,8 @@ def test_merged_copy_is_a_cpu_float32_fold_leaving_the_model(tiny_dirs, kind):
 @pytest.mark.gpu
 def test_merged_copy_makes_no_copy_on_the_gpu(tiny_dirs):
     encoder = perturb(LLM2Comp.from_pretrained(str(tiny_dirs["qwen2"]), num_memory_tokens=4, lora_rank=4,
-                                               lora_dropout=0.0, device="cuda"))
+                                               lora_dropout=0.0, device="cuda", dtype=torch.bfloat16))
+    # bf16: a float32 cast of even the largest tensor on the GPU (the embedding) would pass size // 4
     size = sum(p.numel() * p.element_size() for p in encoder.model.parameters())
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
