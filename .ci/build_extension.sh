@@ -12,6 +12,7 @@ if grep -q "exec " "$(command -v nvcc)" 2>/dev/null; then   # nvcc may be a wrap
 fi
 site=$("$venv/bin/python" -c "import site; print(site.getsitepackages()[0])")
 build=$(mktemp -d)
+trap 'rm -rf "$build"' EXIT
 CUDA_HOME="$cuda_root" CPLUS_INCLUDE_PATH="$site/nvidia/cu13/include" TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX" \
     LLM2COMP_BUILD_CUDA=1 MAX_JOBS=2 "$venv/bin/python" setup.py -q build_ext --build-lib "$build" --build-temp "$build/tmp"
 so=$(find "$build" -name "_C*.so" | head -1)
