@@ -303,6 +303,16 @@ class LLM2Comp(torch.nn.Module):
         self.prompts, self.default_prompt_name = check_prompts(prompts or {}, default_prompt_name)
         self.truncate_dim = check_truncate_dim(truncate_dim, self.hidden_size)
 
+    def __repr__(self) -> str:
+        """One line of what the encoder is; ``print(model.model)`` shows its modules."""
+        extras = "".join([f", prompts={sorted(self.prompts)}" if self.prompts else "",
+                          f", default_prompt_name={self.default_prompt_name!r}" if self.default_prompt_name else "",
+                          f", truncate_dim={self.truncate_dim}" if self.truncate_dim else ""])
+        dtype = str(self.model.dtype).removeprefix("torch.")
+        return (f"LLM2Comp(base={self.base_reference.get('name_or_path')!r}, pooling={self.pooling!r}, "
+                f"num_memory_tokens={self.num_memory_tokens}, hidden_size={self.hidden_size}, "
+                f"lora_rank={self.model.peft_config['default'].r}, dtype={dtype}, device={self.device}{extras})")
+
     # ----------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, num_memory_tokens: int = 8, lora_rank: int = 16,

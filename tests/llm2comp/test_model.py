@@ -598,3 +598,11 @@ def test_memory_ids_outside_a_merged_models_vocabulary_are_refused(tiny_encoder,
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"llm2comp encode: error: {tmp_path / 'merged' / CONFIG_NAME}: memory_token_ids [512, 513, 514, 600] are "
         "outside the tokenizer's vocabulary (516 tokens)")  # after transformers' progress bars
+
+
+def test_repr_is_one_line_of_what_the_encoder_is(tiny_encoder, tiny_dirs):
+    text = repr(tiny_encoder)
+    assert text == (f"LLM2Comp(base={str(tiny_dirs['llama'])!r}, pooling='memory', num_memory_tokens=4, "
+                    f"hidden_size=64, lora_rank=4, dtype=float32, device=cpu)")
+    tiny_encoder.prompts, tiny_encoder.default_prompt_name, tiny_encoder.truncate_dim = {"query": "Q: "}, "query", 32
+    assert repr(tiny_encoder).endswith("device=cpu, prompts=['query'], default_prompt_name='query', truncate_dim=32)")
