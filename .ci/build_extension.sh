@@ -39,4 +39,3 @@ except RuntimeError as exc:
 else:
     raise SystemExit("the binding accepted CPU tensors")
 PY
-rm -rf "$build"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llm2comp import LLM2Comp
-from llm2comp.model import CONFIG_NAME
+from llm2comp.model import CONFIG_NAME, _cpu_float32_copy
 from tests.tiny_models import perturb
 from tests.utils import assert_rel_close
 
@@ -284,6 +284,9 @@ def test_merged_copy_is_a_cpu_float32_fold_leaving_the_model(tiny_dirs, kind, dt
     merged = encoder.merged_copy(torch.float32)
     assert {t.device.type for t in [*merged.parameters(), *merged.buffers()]} == {"cpu"}
     assert {p.dtype for p in merged.parameters()} == {torch.float32}
+    copied = _cpu_float32_copy(encoder.model)  # before the merge: every floating tensor float32 on the CPU
+    assert {(t.device.type, t.dtype) for t in [*copied.parameters(), *copied.buffers()] if t.is_floating_point()} == {
+        ("cpu", torch.float32)}
     storage = {t.data_ptr() for t in [*encoder.model.parameters(), *encoder.model.buffers()]}
     assert not storage & {t.data_ptr() for t in [*merged.parameters(), *merged.buffers()]}
     tied = merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
