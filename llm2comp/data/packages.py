@@ -54,13 +54,12 @@ def _translations() -> Path:
                 while check.read(1 << 24):
                     pass
         except (OSError, http.client.HTTPException, lzma.LZMAError, EOFError, ValueError) as exc:
-            partial.unlink(missing_ok=True)
             raise OSError(f"could not download {url} ({type(exc).__name__}: {exc}); set LLM2COMP_DEBIAN_MIRROR to "
                           f"another Debian mirror (a file:// URL works), or put the file at {path}") from exc
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        partial.rename(path)
+        else:
+            partial.rename(path)
+        finally:
+            partial.unlink(missing_ok=True)  # after a failure or an interrupt; gone already after the rename
     return path
 
 
